@@ -1,0 +1,1 @@
+"""Engine simulator and benchmarks (not imported by the service)."""

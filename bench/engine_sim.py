@@ -1,0 +1,290 @@
+"""OpenAI-compatible engine simulator, streaming the way vLLM does (DESIGN §2, bench/).
+
+    python -m bench.engine_sim --port 8000 --ttft-ms 20 --itl-ms 10
+
+A stream is: role chunk with the first token, one chunk per token, a finish chunk, a usage
+chunk (when ``stream_options.include_usage``), ``data: [DONE]``. Knobs are global (flags) and
+per request through an extra body field ``"sim": {...}`` (the gateway passes unknown fields
+through), e.g. ``{"sim": {"tokens": 5, "itl_ms": 50, "fail_status": 500, "hang": true,
+"drop_after": 3}}``. ``GET /sim/stats`` counts streams started, completed and abandoned by
+the client (the check that cancellation reaches the engine); ``POST /sim/reset`` zeroes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class SimConfig:
+    model: str = "sim-model"
+    ttft_ms: float = 20.0
+    itl_ms: float = 10.0
+    tokens: int = 64
+    max_model_len: int = 4096
+    fail_rate: float = 0.0
+    fail_status: int = 500
+
+
+@dataclass
+class SimStats:
+    requests: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_abandoned: int = 0
+    running: int = 0
+    failures_injected: int = 0
+    aborted_ids: list[str] = field(default_factory=list)
+
+
+class DroppedStream(Exception):
+    """Raised inside a stream to cut the connection mid-way (fault injection)."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": "BadRequestError" if status == 400 else "InternalServerError",
+            "param": None,
+            "code": status,
+        }
+    }
+    return JSONResponse(body, status_code=status)
+
+
+def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        text = content if isinstance(content, str) else json.dumps(content)
+        total += 4 + len(text.split())
+    return total
+
+
+class Simulator:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.stats = SimStats()
+
+    def knobs(self, body: dict[str, Any]) -> dict[str, Any]:
+        over = body.get("sim") or {}
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        tokens = int(over.get("tokens", limit or self.config.tokens))
+        if limit:
+            tokens = min(tokens, int(limit))
+        return {
+            "ttft": float(over.get("ttft_ms", self.config.ttft_ms)) / 1000,
+            "itl": float(over.get("itl_ms", self.config.itl_ms)) / 1000,
+            "tokens": tokens,
+            "finish": "length" if limit and tokens >= int(limit) else "stop",
+            "fail_status": over.get("fail_status"),
+            "hang": bool(over.get("hang", False)),
+            "drop_after": over.get("drop_after"),
+        }
+
+    async def chat(self, request: Request) -> Response:
+        self.stats.requests += 1
+        try:
+            body = json.loads(await request.body())
+            messages = body["messages"]
+        except (ValueError, KeyError):
+            return _error(400, "invalid body")
+        if body.get("model") != self.config.model:
+            return _error(404, f"The model `{body.get('model')}` does not exist.")
+        k = self.knobs(body)
+        prompt = _prompt_tokens(messages)
+        if prompt + k["tokens"] > self.config.max_model_len:
+            return _error(
+                400, f"This model's maximum context length is {self.config.max_model_len} tokens."
+            )
+        if k["fail_status"] or random.random() < self.config.fail_rate:
+            self.stats.failures_injected += 1
+            return _error(int(k["fail_status"] or self.config.fail_status), "injected failure")
+        if k["hang"]:
+            await asyncio.sleep(3600)
+        rid = "chatcmpl-sim" + str(self.stats.requests)
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                self._stream(rid, k, prompt, usage), media_type="text/event-stream"
+            )
+        return await self._complete(rid, k, prompt)
+
+    async def _complete(self, rid: str, k: dict[str, Any], prompt: int) -> Response:
+        self.stats.running += 1
+        try:
+            await asyncio.sleep(k["ttft"] + k["itl"] * max(0, k["tokens"] - 1))
+        finally:
+            self.stats.running -= 1
+        text = "".join(f"tok{i} " for i in range(k["tokens"]))
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.config.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": k["finish"],
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": k["tokens"],
+                    "total_tokens": prompt + k["tokens"],
+                },
+            }
+        )
+
+    def _chunk(self, rid: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        obj = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.config.model,
+            "choices": choices,
+            **extra,
+        }
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    async def _stream(
+        self, rid: str, k: dict[str, Any], prompt: int, usage: bool
+    ) -> AsyncIterator[bytes]:
+        self.stats.streams_started += 1
+        self.stats.running += 1
+        try:
+            await asyncio.sleep(k["ttft"])
+            for i in range(k["tokens"]):
+                if k["drop_after"] is not None and i >= int(k["drop_after"]):
+                    raise DroppedStream(rid)
+                delta: dict[str, Any] = {"content": f"tok{i} "}
+                if i == 0:
+                    delta = {"role": "assistant", **delta}
+                else:
+                    await asyncio.sleep(k["itl"])
+                yield self._chunk(
+                    rid, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+                )
+            yield self._chunk(
+                rid,
+                [
+                    {
+                        "index": 0,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": k["finish"],
+                        "stop_reason": None,
+                    }
+                ],
+            )
+            if usage:
+                yield self._chunk(
+                    rid,
+                    [],
+                    usage={
+                        "prompt_tokens": prompt,
+                        "completion_tokens": k["tokens"],
+                        "total_tokens": prompt + k["tokens"],
+                    },
+                )
+            yield b"data: [DONE]\n\n"
+            self.stats.streams_completed += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.stats.streams_abandoned += 1
+            self.stats.aborted_ids.append(rid)
+            raise
+        finally:
+            self.stats.running -= 1
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.config.model,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "sim",
+                        "max_model_len": self.config.max_model_len,
+                    }
+                ],
+            }
+        )
+
+    async def get_stats(self, request: Request) -> Response:
+        return JSONResponse(asdict(self.stats))
+
+    async def reset(self, request: Request) -> Response:
+        self.stats = SimStats(running=self.stats.running)
+        return JSONResponse({"ok": True})
+
+    async def metrics(self, request: Request) -> Response:
+        return PlainTextResponse(
+            f'vllm:num_requests_running{{model_name="{self.config.model}"}} {self.stats.running}\n'
+        )
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+
+def create_app(config: SimConfig) -> Starlette:
+    sim = Simulator(config)
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", sim.chat, methods=["POST"]),
+            Route("/v1/models", sim.models),
+            Route("/health", sim.health),
+            Route("/metrics", sim.metrics),
+            Route("/sim/stats", sim.get_stats),
+            Route("/sim/reset", sim.reset, methods=["POST"]),
+        ]
+    )
+    app.state.sim = sim
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    defaults = SimConfig()
+    ap.add_argument("--model", default=defaults.model)
+    ap.add_argument("--ttft-ms", type=float, default=defaults.ttft_ms)
+    ap.add_argument("--itl-ms", type=float, default=defaults.itl_ms)
+    ap.add_argument("--tokens", type=int, default=defaults.tokens)
+    ap.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
+    ap.add_argument("--fail-rate", type=float, default=defaults.fail_rate)
+    ap.add_argument("--fail-status", type=int, default=defaults.fail_status)
+    a = ap.parse_args(argv)
+    config = SimConfig(
+        model=a.model,
+        ttft_ms=a.ttft_ms,
+        itl_ms=a.itl_ms,
+        tokens=a.tokens,
+        max_model_len=a.max_model_len,
+        fail_rate=a.fail_rate,
+        fail_status=a.fail_status,
+    )
+    uvicorn.run(create_app(config), host=a.host, port=a.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The stateless OpenAI-compatible gateway: admission, enqueue, relay. It never calls vLLM."""

@@ -1,0 +1,36 @@
+"""``python -m gateway``: serve the OpenAI API on GATEWAY_HOST:GATEWAY_PORT."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from gateway.app import build_state, create_app
+from gateway.server import DrainingServer
+from shared.settings import load_settings
+
+
+def main() -> None:
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    state = build_state(settings)
+    app = create_app(settings, state)
+    config = uvicorn.Config(
+        app,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    DrainingServer(config, state).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""App factory and lifespan: pools live in one typed ``GatewayState``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from gateway import errors
+from gateway.admission import Admission
+from gateway.events import Subscriptions
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import GatewayMiddleware
+from gateway.registry import WorkerRegistry
+from gateway.routes import router
+from gateway.state import GatewayState
+from shared.settings import Settings
+from shared.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
+    redis = redis or Redis.from_url(
+        settings.redis_url, health_check_interval=30, socket_keepalive=True
+    )
+    store = Store(redis)
+    metrics = GatewayMetrics()
+    registry = WorkerRegistry(store, settings.registry_refresh_s)
+    return GatewayState(
+        settings=settings,
+        redis=redis,
+        store=store,
+        registry=registry,
+        subs=Subscriptions(redis),
+        admission=Admission(settings, store, registry, metrics),
+        metrics=metrics,
+    )
+
+
+def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI:
+    """The gateway app. Everything it needs comes from ``settings`` (or a prepared state)."""
+    st = state or build_state(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await st.subs.start()
+        await st.registry.refresh()
+        refresher = asyncio.create_task(st.registry.run(), name="registry")
+        logger.info(
+            "gateway up: %d live worker(s), capacity %d, mode=%s queue_max=%d",
+            len(st.registry.workers),
+            st.registry.capacity(),
+            settings.queue_mode,
+            settings.queue_max,
+        )
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            await asyncio.gather(refresher, return_exceptions=True)
+            await st.subs.stop()
+            await st.redis.aclose()
+
+    app = FastAPI(
+        title="llmq gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.gateway = st
+    app.include_router(router)
+    errors.install(app)
+    app.add_middleware(GatewayMiddleware, state=st)
+    return app

@@ -1,0 +1,53 @@
+"""Exception handlers: every error answer is an OpenAI error body (DESIGN §6)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from shared.errors import InvalidRequest, RequestTooLarge, ServiceError, UpstreamError
+
+
+def error_response(err: ServiceError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.http_status, headers=err.headers())
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return error_response(InvalidRequest(f"malformed JSON body: {first.get('ctx', {})}"))
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return error_response(InvalidRequest(message, param=param))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 413:
+        return error_response(RequestTooLarge("request body too large"))
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    err = UpstreamError(
+        exc.status_code,
+        str(exc.detail),
+        error_type="invalid_request_error",
+        code=codes.get(exc.status_code, str(exc.status_code)),
+    )
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)

@@ -1,0 +1,116 @@
+"""One pub/sub connection per gateway, fanning job events out to per-request queues.
+
+A request subscribes to its job's channel and waits for Redis' confirmation *before* the
+job is enqueued (pub/sub keeps no backlog). Many requests share one connection, so a
+thousand open streams cost one Redis connection, not a thousand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from shared.errors import UpstreamError
+from shared.protocol import Event, events_channel
+
+logger = logging.getLogger(__name__)
+
+_CONFIRM_TIMEOUT_S = 5.0
+
+
+class EventGap(UpstreamError):
+    """Events were lost between worker and gateway (sequence gap)."""
+
+    def __init__(self, job_id: str, expected: int, got: int) -> None:
+        super().__init__(
+            502,
+            f"job {job_id}: event stream interrupted (expected #{expected}, got #{got})",
+            error_type="server_error",
+            code="stream_interrupted",
+        )
+
+
+class Subscription:
+    """The events of one job, in order; ``next`` raises ``TimeoutError`` or ``EventGap``."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.channel = events_channel(job_id)
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._seq = 0
+
+    async def next(self, within: float | None) -> Event:
+        raw = await asyncio.wait_for(self.queue.get(), within)
+        event = Event.decode(raw)
+        if event.seq != self._seq + 1:
+            raise EventGap(self.job_id, self._seq + 1, event.seq)
+        self._seq = event.seq
+        return event
+
+
+class Subscriptions:
+    def __init__(self, redis: Redis) -> None:
+        self._pubsub: PubSub = redis.pubsub()
+        self._subs: dict[str, Subscription] = {}
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._pubsub.connect()  # type: ignore[no-untyped-call]
+        self._reader = asyncio.create_task(self._read(), name="pubsub-reader")
+
+    async def stop(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def subscribe(self, job_id: str) -> Subscription:
+        sub = Subscription(job_id)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._subs[sub.channel] = sub
+        self._confirm[sub.channel] = fut
+        try:
+            await self._pubsub.subscribe(sub.channel)
+            await asyncio.wait_for(fut, _CONFIRM_TIMEOUT_S)
+        except BaseException:
+            await self.unsubscribe(sub)
+            raise
+        finally:
+            self._confirm.pop(sub.channel, None)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.pop(sub.channel, None) is not None:
+            try:
+                await self._pubsub.unsubscribe(sub.channel)
+            except RedisError as exc:  # the reader resubscribes only what is still wanted
+                logger.warning("job %s: unsubscribe failed: %s", sub.job_id, exc)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=1.0)
+            except RedisError as exc:
+                logger.warning("pub/sub connection lost: %s; reconnecting", exc)
+                await asyncio.sleep(0.2)
+                continue
+            if msg is not None:
+                self._dispatch(msg)
+
+    def _dispatch(self, msg: dict[str, object]) -> None:
+        kind = msg["type"]
+        channel = msg["channel"]
+        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        if kind == "message":
+            sub = self._subs.get(name)
+            if sub is not None and isinstance(msg["data"], bytes):
+                sub.queue.put_nowait(msg["data"])
+        elif kind == "subscribe":
+            fut = self._confirm.get(name)
+            if fut is not None and not fut.done():
+                fut.set_result(None)

@@ -1,0 +1,59 @@
+"""What the gateway knows about engines: live worker heartbeats, refreshed in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.exceptions import RedisError
+
+from shared.protocol import WorkerInfo
+from shared.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerRegistry:
+    """A cached view of ``llmq:workers``; admission reads it on every request without I/O.
+
+    Stale by at most REGISTRY_REFRESH_S. Capacity only gates admission: the bound itself is
+    enforced atomically in Redis, so two gateways with the same view admit the same total.
+    """
+
+    def __init__(self, store: Store, refresh_s: float) -> None:
+        self._store = store
+        self._refresh_s = refresh_s
+        self.workers: list[WorkerInfo] = []
+        self.redis_ok = False
+        self.updated_at = 0.0
+
+    async def refresh(self) -> None:
+        try:
+            self.workers = await self._store.live_workers()
+            self.redis_ok = True
+        except RedisError as exc:
+            if self.redis_ok:
+                logger.warning("cannot read worker heartbeats: %s", exc)
+            self.redis_ok = False
+            self.workers = []
+        self.updated_at = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self._refresh_s)
+
+    def ready(self) -> list[WorkerInfo]:
+        return [w for w in self.workers if w.engine_ready]
+
+    def capacity(self, model: str | None = None) -> int:
+        """Σ MAX_ACTIVE over live workers with a ready engine (serving ``model``)."""
+        return sum(w.max_active for w in self.ready() if model is None or model in w.models)
+
+    def models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for w in self.workers:
+            for m in w.models:
+                seen.setdefault(m, None)
+        return list(seen)

@@ -1,0 +1,212 @@
+"""Relay: a job's Redis events -> the HTTP answer (SSE chunks or one JSON completion).
+
+Concurrent tasks of one streamed request (see ARCHITECTURE.md):
+  - the pub/sub reader (one per gateway) puts raw events into this request's queue;
+  - the response task runs ``sse_body``: queue -> ``data: ...`` frames, as they arrive;
+  - sse-starlette's disconnect listener cancels the response task when the client leaves,
+    and ``sse_body``'s ``finally`` then cancels the job in Redis.
+The HTTP status is held until ``open_job`` has seen the first payload event: the engine
+accepted (200 + stream) or refused (its status, OpenAI error body).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from gateway.events import Subscription, Subscriptions
+from gateway.metrics import GatewayMetrics
+from shared.errors import QueueTimeout, RequestTimeout, ServiceError
+from shared.protocol import TERMINAL, Event, EventType, JobSpec
+from shared.settings import Settings
+from shared.store import Store
+
+logger = logging.getLogger(__name__)
+
+# After a cancel found the job already running, its STARTED event is at most this far away.
+_STARTED_GRACE_S = 5.0
+# Backstop beyond REQUEST_TIMEOUT_S (which the worker enforces itself) for a worker that died.
+_WORKER_SILENCE_GRACE_S = 10.0
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Timings:
+    arrived: float = field(default_factory=time.monotonic)
+    admitted: float = 0.0
+    started: float = 0.0
+    first: float = 0.0
+
+    def report(self, completion_tokens: int, *, streamed: bool = True) -> dict[str, Any]:
+        """The ``timings`` object of the final chunk / completion (milliseconds).
+
+        ``tokens_per_s`` is the decode rate: completion tokens over the time from the first
+        token to the end (from pickup to the end when the answer came in one piece).
+        """
+        end = time.monotonic()
+        gen_s = end - ((self.first if streamed else self.started) or end)
+        return {
+            "queue_wait_ms": round((self.started - self.admitted) * 1000, 2),
+            "ttft_ms": round((self.first - self.arrived) * 1000, 2),
+            "total_ms": round((end - self.arrived) * 1000, 2),
+            "completion_tokens": completion_tokens,
+            "tokens_per_s": round(completion_tokens / gen_s, 2) if gen_s > 0 else None,
+        }
+
+
+@dataclass
+class JobRelay:
+    """Everything one admitted job's relay needs."""
+
+    spec: JobSpec
+    sub: Subscription
+    subs: Subscriptions
+    store: Store
+    settings: Settings
+    metrics: GatewayMetrics
+    timings: Timings
+    finished: bool = False
+
+    async def open(self) -> Event:
+        """Wait for pickup (QUEUE_TIMEOUT_S), then for the first payload; errors raise."""
+        s, t = self.settings, self.timings
+        try:
+            event = await self.sub.next(
+                max(0.0, s.queue_timeout_s - (time.monotonic() - t.admitted))
+            )
+        except TimeoutError:
+            if await self.store.cancel(self.spec.id):
+                self.finished = True
+                raise QueueTimeout(
+                    f"waited {s.queue_timeout_s:g}s in the queue; try again"
+                ) from None
+            event = await self.sub.next(_STARTED_GRACE_S)  # it started as we gave up
+        t.started = time.monotonic()
+        self.metrics.queue_wait.observe(t.started - t.admitted)
+        self._raise_if_error(event)
+        try:
+            event = await self.sub.next(s.request_timeout_s + _WORKER_SILENCE_GRACE_S)
+        except TimeoutError:
+            raise RequestTimeout(f"no answer within {s.request_timeout_s:g}s") from None
+        self._raise_if_error(event)
+        self.finished = event.type in TERMINAL
+        t.first = time.monotonic()
+        self.metrics.ttft.observe(t.first - t.arrived)
+        return event
+
+    def _raise_if_error(self, event: Event) -> None:
+        if event.type is EventType.ERROR:
+            self.finished = True
+            raise ServiceError.from_wire(json.loads(event.data))
+
+    async def close(self) -> None:
+        """Cancel the job unless it ended, and drop the subscription; safe under cancellation."""
+        with anyio.CancelScope(shield=True):
+            if not self.finished:
+                logger.info("job %s: client gone, cancelling", self.spec.id)
+                self.metrics.rejections.labels("client_cancelled").inc()
+                await self.store.cancel(self.spec.id)
+                self.finished = True
+            await self.subs.unsubscribe(self.sub)
+
+    def _deadline_left(self) -> float:
+        limit = self.settings.request_timeout_s + _WORKER_SILENCE_GRACE_S
+        return max(0.0, limit - (time.monotonic() - self.timings.started))
+
+    def _account(self, usage: dict[str, Any] | None) -> int:
+        usage = usage or {}
+        completion = int(usage.get("completion_tokens") or 0)
+        self.metrics.completion_tokens.inc(completion)
+        self.metrics.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0))
+        return completion
+
+    def completion(self, event: Event) -> dict[str, Any]:
+        """``stream=false``: the engine's chat.completion plus the gateway's timings."""
+        result: dict[str, Any] = json.loads(event.data)
+        usage = result.get("usage")
+        result["timings"] = self.timings.report(self._account(usage), streamed=False)
+        return result
+
+    def _finish(self, event: Event) -> list[bytes]:
+        done = json.loads(event.data)
+        final: dict[str, Any] | None = done.get("final")
+        usage: dict[str, Any] | None = done.get("usage")
+        timings = self.timings.report(self._account(usage))
+        frames = []
+        if self.spec.include_usage:
+            if final is not None:
+                frames.append(final)
+            frames.append(
+                {
+                    "id": self.spec.id,
+                    "object": "chat.completion.chunk",
+                    "created": (final or {}).get("created", int(time.time())),
+                    "model": self.spec.model,
+                    "choices": [],
+                    "usage": usage,
+                    "timings": timings,
+                }
+            )
+        else:
+            frames.append(
+                {
+                    **(
+                        final
+                        or {
+                            "id": self.spec.id,
+                            "object": "chat.completion.chunk",
+                            "model": self.spec.model,
+                            "choices": [],
+                        }
+                    ),
+                    "timings": timings,
+                }
+            )
+        return [_frame(json.dumps(f, separators=(",", ":"))) for f in frames]
+
+    async def sse_body(self, first: Event) -> AsyncIterator[bytes]:
+        """The SSE body: chunks as they come, the final chunk with timings, ``[DONE]``.
+
+        A failure after the first byte is one error event, then ``[DONE]`` (STYLE §8).
+        """
+        event = first
+        try:
+            while True:
+                if event.type is EventType.CHUNK:
+                    yield b"data: " + event.data.encode() + b"\n\n"
+                elif event.type is EventType.DONE:
+                    self.finished = True
+                    for frame in self._finish(event):
+                        yield frame
+                    yield _DONE
+                    return
+                else:  # ERROR (or an unexpected type): terminal
+                    self.finished = True
+                    yield _error_frame(ServiceError.from_wire(json.loads(event.data)))
+                    yield _DONE
+                    return
+                event = await self.sub.next(self._deadline_left())
+        except TimeoutError:
+            self.metrics.rejections.labels("request_timeout").inc()
+            yield _error_frame(RequestTimeout("the engine stopped answering"))
+            yield _DONE
+        except ServiceError as exc:  # EventGap
+            logger.warning("job %s: %s", self.spec.id, exc.message)
+            yield _error_frame(exc)
+            yield _DONE
+        finally:
+            await self.close()
+
+
+def _frame(data: str) -> bytes:
+    return b"data: " + data.encode() + b"\n\n"
+
+
+def _error_frame(err: ServiceError) -> bytes:
+    return _frame(json.dumps(err.body(), separators=(",", ":")))

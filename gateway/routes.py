@@ -1,0 +1,145 @@
+"""HTTP routes: the OpenAI surface plus /health and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse
+from starlette.types import Receive
+
+from gateway.relay import JobRelay, Timings
+from gateway.state import GatewayState, StateDep
+from shared.chat import ChatCompletionRequest, to_job_spec
+from shared.errors import ClientClosedRequest, EngineUnavailable, ShuttingDown
+from shared.protocol import Event
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+T = TypeVar("T")
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first (then raise ClientClosedRequest)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientClosedRequest("client disconnected")
+    return task.result()
+
+
+async def _open_relay(
+    st: GatewayState, request: Request, body: ChatCompletionRequest, timings: Timings
+) -> tuple[JobRelay, Event]:
+    job_id: str = request.state.request_id
+    spec = to_job_spec(body, job_id)
+    capacity = st.admission.check_ready(spec.model)
+    sub = await st.subs.subscribe(job_id)  # before enqueue: pub/sub keeps no backlog
+    relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
+    try:
+        timings.admitted = await st.admission.admit(spec, capacity)
+    except BaseException:
+        await st.subs.unsubscribe(sub)
+        raise
+    logger.info("job %s: admitted (model=%s stream=%s)", job_id, spec.model, spec.stream)
+    try:
+        first = await until_disconnect(request, relay.open())
+    except BaseException as exc:
+        if isinstance(exc, ClientClosedRequest):
+            logger.info("job %s: client left before the first token", job_id)
+        await relay.close()
+        raise
+    return relay, first
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request, st: StateDep) -> Response:
+    timings = Timings()
+    if st.draining:
+        st.metrics.rejections.labels("shutting_down").inc()
+        raise ShuttingDown("the gateway is shutting down; retry on another replica")
+    try:
+        relay, first = await _open_relay(st, request, body, timings)
+    except ClientClosedRequest:
+        return Response(status_code=499)
+    if body.stream:
+        return EventSourceResponse(
+            relay.sse_body(first), sep="\n", ping=15, headers={"Cache-Control": "no-cache"}
+        )
+    await relay.close()
+    return JSONResponse(relay.completion(first))
+
+
+@router.get("/v1/models")
+async def list_models(st: StateDep) -> dict[str, Any]:
+    if not st.registry.redis_ok:
+        raise EngineUnavailable("cannot read worker heartbeats from Redis")
+    created = int(min((w.started_at for w in st.registry.workers), default=time.time()))
+    return {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": created, "owned_by": "llmq"}
+            for m in st.registry.models()
+        ],
+    }
+
+
+@router.get("/health")
+async def health(st: StateDep) -> JSONResponse:
+    try:
+        redis_ok = bool(await st.redis.ping())
+    except RedisError:
+        redis_ok = False
+    ready = len(st.registry.ready())
+    ok = redis_ok and ready > 0 and not st.draining
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "redis": redis_ok,
+        "live_workers": len(st.registry.workers),
+        "ready_workers": ready,
+        "capacity": st.registry.capacity(),
+        "draining": st.draining,
+    }
+    if not ok:
+        body["reason"] = (
+            "draining"
+            if st.draining
+            else "redis unreachable"
+            if not redis_ok
+            else "no live worker with a ready engine"
+        )
+    return JSONResponse(
+        body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"}
+    )
+
+
+@router.get("/metrics")
+async def metrics(st: StateDep) -> Response:
+    m = st.metrics
+    try:  # read at scrape time, so every replica reports the same truth
+        m.queue_depth.set(await st.store.queue_depth())
+        m.in_system.set(await st.store.in_system())
+    except RedisError as exc:
+        logger.warning("metrics: cannot read Redis: %s", exc)
+    m.capacity.set(st.registry.capacity())
+    m.workers.set(len(st.registry.workers))
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,56 @@
+"""uvicorn with a drain: SIGTERM -> 503 for new requests, finish admitted ones, then exit.
+
+uvicorn's own SIGTERM handling stops accepting connections at once, so a load balancer's
+next request would be refused rather than answered 503; and sse-starlette ends open streams
+as soon as uvicorn's ``should_exit`` is set. Here the first SIGTERM/SIGINT only flips the
+app into draining; ``should_exit`` is set when no request is in flight any more, or after
+DRAIN_TIMEOUT_S. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import FrameType
+
+import uvicorn
+
+from gateway.state import GatewayState
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: GatewayState) -> None:
+        super().__init__(config)
+        self._state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._state.draining or self._loop is None:
+            self.force_exit = self._state.draining
+            self.should_exit = True
+            return
+        self._state.draining = True
+        logger.info(
+            "signal %d: draining %d request(s), up to %.0fs",
+            sig,
+            self._state.active,
+            self._state.settings.drain_timeout_s,
+        )
+        self._loop.call_soon_threadsafe(self._loop.create_task, self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self._state.settings.drain_timeout_s
+        while self._state.active > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if self._state.active:
+            logger.warning("drain timeout: %d request(s) still in flight", self._state.active)
+        else:
+            logger.info("drained; exiting")
+        self.should_exit = True

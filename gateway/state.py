@@ -1,0 +1,37 @@
+"""The gateway's typed state: pools and helpers made in ``lifespan``, reached via ``Depends``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from gateway.admission import Admission
+from gateway.events import Subscriptions
+from gateway.metrics import GatewayMetrics
+from gateway.registry import WorkerRegistry
+from shared.settings import Settings
+from shared.store import Store
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    redis: Redis
+    store: Store
+    registry: WorkerRegistry
+    subs: Subscriptions
+    admission: Admission
+    metrics: GatewayMetrics
+    draining: bool = False
+    active: int = 0  # requests in flight (counted by the ASGI middleware), drained on SIGTERM
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]

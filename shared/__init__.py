@@ -1,0 +1,1 @@
+"""Code shared by the gateway and the worker: settings, the Redis contract, wire models, errors."""

@@ -1,0 +1,74 @@
+"""OpenAI chat-completion request model, and its conversion to a validated ``JobSpec``.
+
+Only the fields the service acts on are validated; every other field is kept as sent and
+passed through to the engine (vLLM knows many sampling extensions the gateway need not).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.protocol import JobSpec
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` body. Unknown fields are kept (``extra="allow"``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+
+def new_job_id() -> str:
+    """OpenAI-style id: returned as the response ``id`` and the ``x-request-id`` header."""
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def to_job_spec(req: ChatCompletionRequest, job_id: str) -> JobSpec:
+    """Freeze a validated request into the job the worker runs.
+
+    The engine is always asked to stream with ``include_usage`` when the client streams, so
+    token counts are exact; whether the client sees the usage chunk is the gateway's call.
+    """
+    body = req.model_dump(mode="json", exclude_unset=True)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if req.stream:
+        options = dict(body.get("stream_options") or {})
+        options["include_usage"] = True
+        body["stream_options"] = options
+    else:
+        body.pop("stream_options", None)
+    body["stream"] = req.stream
+    return JobSpec(
+        id=job_id,
+        model=req.model,
+        stream=req.stream,
+        include_usage=include_usage,
+        body=body,
+        enqueued_at_ms=int(time.time() * 1000),
+    )

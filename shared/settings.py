@@ -1,0 +1,73 @@
+"""The one settings class, read from environment variables (names from DESIGN §3).
+
+Both processes build a ``Settings`` at start-up and pass it down explicitly
+(``create_app(settings)``, ``build_worker(settings)``); nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variable = field name in upper case."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, frozen=True, extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Backpressure (DESIGN §4).
+    max_active: int = Field(8, ge=1, le=4096, description="slots per worker")
+    queue_mode: Literal["queue", "reject"] = "queue"
+    queue_max: int = Field(64, ge=0, le=1_000_000)
+    queue_timeout_s: float = Field(30.0, gt=0, le=86_400)
+    request_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After on 429")
+
+    # Gateway.
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = Field(8080, ge=1, le=65_535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    drain_timeout_s: float = Field(60.0, ge=0, le=3600)
+    registry_refresh_s: float = Field(0.5, gt=0, le=60)
+
+    # Worker.
+    vllm_url: str = "http://127.0.0.1:8000"
+    vllm_api_key: str | None = None
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    worker_metrics_port: int = Field(9100, ge=0, le=65_535, description="0 disables")
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
+    orphan_grace_s: float = Field(10.0, gt=0, le=3600)
+    wake_fallback_s: float = Field(1.0, gt=0, le=60)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check_urls(self) -> Settings:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if not self.vllm_url.startswith(("http://", "https://")):
+            raise ValueError("VLLM_URL must start with http:// or https://")
+        return self
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        """A worker is live while its heartbeat is younger than three intervals."""
+        return self.heartbeat_interval_s * 3
+
+
+def load_settings() -> Settings:
+    """Read the environment; on a bad value exit with a message naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
+            lines.append(f"  {name}: {err['msg']} (got {err.get('input')!r})")
+        raise SystemExit("invalid configuration:\n" + "\n".join(lines)) from None

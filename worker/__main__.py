@@ -1,0 +1,31 @@
+"""``python -m worker``: run one arq worker in front of one engine (VLLM_URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shared.settings import load_settings
+from worker.app import build_worker, serve_metrics
+
+
+def main() -> None:
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine probe otherwise
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        pass
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    worker = build_worker(settings)
+    serve_metrics(worker, settings.worker_metrics_port)
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()

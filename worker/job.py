@@ -1,0 +1,140 @@
+"""The arq job function: run one chat job against the engine and publish its events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
+from shared.protocol import EventType, JobSpec
+from shared.settings import Settings
+from shared.store import Store
+from worker.engine import EngineClient
+from worker.metrics import WorkerMetrics
+from worker.publisher import ClientGone, Publisher
+
+logger = logging.getLogger(__name__)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+@dataclass
+class Runtime:
+    """What a job needs, built once per worker process and kept in arq's ``ctx``."""
+
+    settings: Settings
+    store: Store
+    engine: EngineClient
+    metrics: WorkerMetrics
+    active: int = 0
+    models: tuple[str, ...] = ()
+    engine_ready: bool = False
+    started_at: float = field(default_factory=time.time)
+
+
+async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] | None:
+    """Relay the engine's chunks; hold the finishing chunk and usage for the DONE event."""
+    t0 = time.monotonic()
+    final: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    first = True
+    async with rt.engine.stream(spec.body) as chunks:
+        async for chunk in chunks:
+            chunk["id"] = spec.id
+            choices = chunk.get("choices") or []
+            if not choices:
+                usage = chunk.get("usage") or usage
+                continue
+            if first:
+                rt.metrics.engine_ttft.observe(time.monotonic() - t0)
+                first = False
+            if any(c.get("finish_reason") for c in choices):
+                if final is not None:  # n > 1: earlier choices' finish chunks go out as-is
+                    await pub.send(EventType.CHUNK, _dumps(final))
+                final = chunk
+                continue
+            await pub.send(EventType.CHUNK, _dumps(chunk))
+    await pub.send(EventType.DONE, _dumps({"final": final, "usage": usage}))
+    return usage
+
+
+async def _complete(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] | None:
+    result = await rt.engine.complete(spec.body)
+    result["id"] = spec.id
+    await pub.send(EventType.RESULT, _dumps(result))
+    usage: dict[str, Any] | None = result.get("usage")
+    return usage
+
+
+def _count(rt: Runtime, usage: dict[str, Any] | None) -> None:
+    if usage:
+        rt.metrics.tokens.inc(int(usage.get("completion_tokens") or 0))
+        rt.metrics.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0))
+
+
+async def _fail(pub: Publisher, err: ServiceError) -> None:
+    with contextlib.suppress(ClientGone):
+        await pub.send(EventType.ERROR, _dumps(err.to_wire()))
+
+
+async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher) -> str:
+    """Run the job inside REQUEST_TIMEOUT_S; returns the outcome label."""
+    s = rt.settings
+    try:
+        async with asyncio.timeout(s.request_timeout_s):
+            run = _stream if spec.stream else _complete
+            _count(rt, await run(rt, spec, pub))
+        return "completed"
+    except TimeoutError:
+        logger.warning("job %s: request timeout after %.1fs", spec.id, s.request_timeout_s)
+        await _fail(pub, RequestTimeout(f"generation exceeded {s.request_timeout_s:g}s"))
+        return "timeout"
+    except ClientGone:
+        logger.info("job %s: no listener for %.1fs, abandoning", spec.id, s.orphan_grace_s)
+        return "client_gone"
+    except UpstreamError as exc:
+        logger.info("job %s: engine refused (%d): %s", spec.id, exc.http_status, exc.message)
+        await _fail(pub, exc)
+        return "rejected" if exc.http_status < 500 else "engine_error"
+    except ServiceError as exc:
+        logger.warning("job %s: %s", spec.id, exc.message)
+        await _fail(pub, exc)
+        return "engine_error"
+
+
+async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
+    """arq job: ``chat(spec)``. Returns a small JSON summary kept as the arq result."""
+    rt: Runtime = ctx["runtime"]
+    spec = JobSpec.model_validate(raw_spec)
+    pub = Publisher(rt.store, spec.id, rt.settings.orphan_grace_s)
+    rt.active += 1
+    rt.metrics.active.set(rt.active)
+    rt.metrics.pickup.observe(max(0.0, time.time() - spec.enqueued_at_ms / 1000))
+    outcome = "cancelled"
+    try:
+        hold = rt.settings.request_timeout_s + rt.settings.orphan_grace_s
+        await rt.store.mark_started(spec.id, hold)
+        await pub.send(EventType.STARTED, rt.settings.worker_id)
+        outcome = await _generate(rt, spec, pub)
+        return {"id": spec.id, "outcome": outcome}
+    except asyncio.CancelledError:
+        # Aborted by the client (nobody hears this) or the worker is stopping (the client
+        # learns why and may retry).
+        logger.info("job %s: cancelled", spec.id)
+        await _fail(pub, ShuttingDown("the job was cancelled (client gone or worker stopping)"))
+        raise
+    except ClientGone:
+        outcome = "client_gone"
+        return {"id": spec.id, "outcome": outcome}
+    finally:
+        await asyncio.shield(rt.store.release(spec.id))
+        rt.active -= 1
+        rt.metrics.active.set(rt.active)
+        rt.metrics.jobs.labels(outcome).inc()
