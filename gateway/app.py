@@ -66,12 +66,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
             await st.subs.stop()
             await st.redis.aclose()
 
-    app = FastAPI(
-        title="llmq gateway",
-        version="0.1.0",
-        lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
-    )
+    app = FastAPI(title="llmq gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = st
     app.include_router(router)
     errors.install(app)

@@ -1,8 +1,11 @@
-"""Pure ASGI middleware: request id, request metrics and the in-flight count.
+"""Pure ASGI middleware: request id, body-size limit, request metrics, in-flight count.
 
 Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and the
-latency histogram sees the last byte of an SSE stream, not its first. The body-size limit
-is FastAPI's own (``max_body_size``); its 413 becomes an OpenAI error in ``gateway.errors``.
+latency histogram sees the last byte of an SSE stream, not its first.
+
+The body limit is checked on ``Content-Length`` before anything is read, and counted while
+a chunked body streams in. (Starlette's ``RequestBodyLimitMiddleware`` would do the same,
+but it replaces the 413 with a plain-text body; OpenAI clients expect a JSON error.)
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import json
 import logging
 import time
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.state import GatewayState
 from shared.chat import new_job_id
-from shared.errors import ServiceError
+from shared.errors import RequestTooLarge, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +57,28 @@ class GatewayMiddleware:
                 ]
             await send(message)
 
+        limit = st.settings.max_body_bytes
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                # FastAPI re-raises HTTPException from body parsing; gateway.errors maps it.
+                raise HTTPException(413)
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            if _declared_length(scope) > limit:
+                await _send_json(send_with_id, RequestTooLarge(_too_large(limit)))
+            else:
+                await self.app(scope, receive_limited, send_with_id)
         except Exception:
             logger.exception("request %s: unhandled error", request_id)
-            if status or not await self._internal_error(send_with_id):
+            if status:
                 raise
+            await _send_json(send_with_id, ServiceError("internal error"))
         finally:
             st.active -= 1
             st.metrics.active.dec()
@@ -66,22 +86,28 @@ class GatewayMiddleware:
             st.metrics.requests.labels(scope["method"], route, str(status or 500)).inc()
             st.metrics.latency.labels(route).observe(time.monotonic() - started)
 
-    @staticmethod
-    async def _internal_error(send: Send) -> bool:
-        """Answer 500 in OpenAI shape (with the request id) when nothing was sent yet."""
-        body = json.dumps(ServiceError("internal error").body()).encode()
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-        except Exception:
-            return False
-        return True
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers") or []:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _too_large(limit: int) -> str:
+    return f"request body larger than {limit} bytes"
+
+
+async def _send_json(send: Send, err: ServiceError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": err.http_status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -127,5 +127,7 @@ async def _chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
                 )
             yield obj
     except httpx.TransportError as exc:
-        raise UpstreamError(502, f"engine stream broke off: {exc!r}") from exc
-    raise UpstreamError(502, "engine stream ended without [DONE]")
+        raise UpstreamError(
+            502, f"engine stream broke off: {exc!r}", code="engine_stream_broken"
+        ) from exc
+    raise UpstreamError(502, "engine stream ended without [DONE]", code="engine_stream_broken")

@@ -100,7 +100,7 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher) -> str:
         logger.info("job %s: no listener for %.1fs, abandoning", spec.id, s.orphan_grace_s)
         return "client_gone"
     except UpstreamError as exc:
-        logger.info("job %s: engine refused (%d): %s", spec.id, exc.http_status, exc.message)
+        logger.info("job %s: engine answered %d: %s", spec.id, exc.http_status, exc.message)
         await _fail(pub, exc)
         return "rejected" if exc.http_status < 500 else "engine_error"
     except ServiceError as exc:

@@ -42,8 +42,9 @@ def rdb(redis_server: Proc) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def stack(redis_server: Proc, sim: Proc, rdb: redis.Redis, logdir: Path,
-          request: pytest.FixtureRequest) -> Iterator[Stack]:
+def stack(
+    redis_server: Proc, sim: Proc, rdb: redis.Redis, logdir: Path, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     httpx.post(sim.url + "/sim/reset")
     s = Stack(f"redis://127.0.0.1:{redis_server.port}/0", sim.url, logdir)
     yield s

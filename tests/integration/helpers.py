@@ -12,8 +12,11 @@ MODEL = "sim-model"
 
 
 def body(stream: bool = True, **sim: Any) -> dict[str, Any]:
-    b: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}],
-                         "stream": stream}
+    b: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": stream,
+    }
     if sim:
         b["sim"] = sim
     return b
@@ -29,16 +32,20 @@ class StreamResult:
 
     @property
     def text(self) -> str:
-        return "".join((c.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
-                       for c in self.chunks if c.get("choices"))
+        return "".join(
+            (c.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
+            for c in self.chunks
+            if c.get("choices")
+        )
 
     @property
     def sse_errors(self) -> list[dict[str, Any]]:
         return [c["error"] for c in self.chunks if "error" in c]
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, payload: dict[str, Any],
-                      max_chunks: int | None = None) -> StreamResult:
+async def stream_chat(
+    client: httpx.AsyncClient, url: str, payload: dict[str, Any], max_chunks: int | None = None
+) -> StreamResult:
     """POST and read the SSE stream (or the error body); stop early after ``max_chunks``."""
     async with client.stream("POST", url + "/v1/chat/completions", json=payload) as resp:
         result = StreamResult(resp.status_code, dict(resp.headers))

@@ -71,13 +71,13 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def spawn(name: str, args: list[str], logdir: Path, env: dict[str, str] | None = None,
-          port: int = 0) -> Proc:
+def spawn(
+    name: str, args: list[str], logdir: Path, env: dict[str, str] | None = None, port: int = 0
+) -> Proc:
     log = logdir / f"{name}-{time.monotonic_ns()}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("wb") as out:  # the child keeps its own descriptor
-        popen = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out,
-                                 stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     return Proc(name, popen, log, port)
 
 
@@ -86,8 +86,24 @@ def start_redis(logdir: Path) -> Proc:
     if exe is None:
         raise RuntimeError("redis-server not found: run scripts/test.sh, which installs it")
     port = free_port()
-    proc = spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                           "--appendonly", "no", "--dir", str(logdir)], logdir, port=port)
+    proc = spawn(
+        "redis",
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(logdir),
+        ],
+        logdir,
+        port=port,
+    )
 
     def ping() -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
@@ -100,8 +116,12 @@ def start_redis(logdir: Path) -> Proc:
 
 def start_sim(logdir: Path, *extra: str) -> Proc:
     port = free_port()
-    proc = spawn("sim", [sys.executable, "-m", "bench.engine_sim", "--port", str(port), *extra],
-                 logdir, port=port)
+    proc = spawn(
+        "sim",
+        [sys.executable, "-m", "bench.engine_sim", "--port", str(port), *extra],
+        logdir,
+        port=port,
+    )
     wait_for(lambda: httpx.get(proc.url + "/health").status_code == 200, 20, "simulator")
     return proc
 
@@ -116,9 +136,14 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
 
     def env(self, **overrides: object) -> dict[str, str]:
-        base = {"REDIS_URL": self.redis_url, "VLLM_URL": self.engine_url, "LOG_LEVEL": "INFO",
-                "WORKER_METRICS_PORT": "0", "HEARTBEAT_INTERVAL_S": "0.5",
-                "REGISTRY_REFRESH_S": "0.2"}
+        base = {
+            "REDIS_URL": self.redis_url,
+            "VLLM_URL": self.engine_url,
+            "LOG_LEVEL": "INFO",
+            "WORKER_METRICS_PORT": "0",
+            "HEARTBEAT_INTERVAL_S": "0.5",
+            "REGISTRY_REFRESH_S": "0.2",
+        }
         return {**base, **{k.upper(): str(v) for k, v in overrides.items()}}
 
     def worker(self, **settings: object) -> Proc:
@@ -128,12 +153,20 @@ class Stack:
 
     def gateway(self, wait_ready: bool = True, **settings: object) -> Proc:
         port = free_port()
-        proc = spawn("gateway", [sys.executable, "-m", "gateway"], self.logdir,
-                     self.env(gateway_port=port, gateway_host="127.0.0.1", **settings), port)
+        proc = spawn(
+            "gateway",
+            [sys.executable, "-m", "gateway"],
+            self.logdir,
+            self.env(gateway_port=port, gateway_host="127.0.0.1", **settings),
+            port,
+        )
         self.procs.append(proc)
         if wait_ready:
-            wait_for(lambda: httpx.get(proc.url + "/health").status_code == 200, 20,
-                     f"gateway health ({proc.output()[-2000:]})")
+            wait_for(
+                lambda: httpx.get(proc.url + "/health").status_code == 200,
+                20,
+                f"gateway health ({proc.output()[-2000:]})",
+            )
         return proc
 
     def close(self) -> None:

@@ -29,21 +29,26 @@ async def _burst(urls: list[str], per_gateway: int, **sim: object) -> list[int]:
     return [r.status for r in results]
 
 
-@pytest.mark.parametrize(("mode", "code", "expected"), [("queue", "queue_full", 2 + 3),
-                                                        ("reject", "server_busy", 2)])
+@pytest.mark.parametrize(
+    ("mode", "code", "expected"), [("queue", "queue_full", 2 + 3), ("reject", "server_busy", 2)]
+)
 def test_burst_from_two_gateways_admits_exactly_the_bound(
-        stack: Stack, rdb: redis.Redis, mode: str, code: str, expected: int) -> None:
+    stack: Stack, rdb: redis.Redis, mode: str, code: str, expected: int
+) -> None:
     stack.worker(max_active=2)
     gws = [stack.gateway(queue_mode=mode, queue_max=3) for _ in range(2)]
     statuses = asyncio.run(_burst([g.url for g in gws], 8, tokens=8, itl_ms=100))
     assert statuses.count(200) == expected
     assert statuses.count(429) == 16 - expected
-    assert rdb.zcard("llmq:admitted") == 0 and rdb.zcard("llmq:queue") == 0
+    assert rdb.zcard("llmq:admitted") == 0
+    assert rdb.zcard("llmq:queue") == 0
 
 
 def _background(url: str, payload: dict[str, object]) -> threading.Thread:
-    t = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", json=payload,
-                                                   timeout=30), daemon=True)
+    t = threading.Thread(
+        target=lambda: httpx.post(url + "/v1/chat/completions", json=payload, timeout=30),
+        daemon=True,
+    )
     t.start()
     return t
 
@@ -61,7 +66,8 @@ def test_queue_timeout_never_reaches_the_engine(stack: Stack, rdb: redis.Redis, 
     assert 0.9 < time.monotonic() - t0 < 3
     first.join(10)
     assert sim_stats(sim.url)["requests"] == 1, "the timed-out job must never reach the engine"
-    assert rdb.zcard("llmq:admitted") == 0 and rdb.zcard("llmq:queue") == 0
+    assert rdb.zcard("llmq:admitted") == 0
+    assert rdb.zcard("llmq:queue") == 0
 
 
 def test_queued_job_payload_is_readable_json(stack: Stack, rdb: redis.Redis, sim) -> None:
@@ -71,12 +77,16 @@ def test_queued_job_payload_is_readable_json(stack: Stack, rdb: redis.Redis, sim
     wait_for(lambda: sim_stats(sim.url)["running"] == 1, 5, "first job running")
     second = _background(gw.url, body(stream=False, tokens=1))
     wait_for(lambda: rdb.zcard("llmq:queue") == 2, 5, "second job queued")
-    waiting = [j.decode() for j in rdb.zrange("llmq:queue", 0, -1)
-               if not rdb.exists(b"arq:in-progress:" + j)]
+    waiting = [
+        j.decode()
+        for j in rdb.zrange("llmq:queue", 0, -1)
+        if not rdb.exists(b"arq:in-progress:" + j)
+    ]
     assert len(waiting) == 1
     job = json.loads(rdb.get("arq:job:" + waiting[0]))
     assert job["f"] == "chat"
     spec = job["a"][0]
-    assert spec["id"] == waiting[0] and spec["model"] == "sim-model"
+    assert spec["id"] == waiting[0]
+    assert spec["model"] == "sim-model"
     assert spec["body"]["messages"][0]["content"] == "hello there"
     second.join(10)

@@ -20,16 +20,25 @@ def _client(url: str) -> openai.OpenAI:
 def test_stream_with_usage_and_timings(stack: Stack) -> None:
     stack.worker(max_active=2)
     gw = stack.gateway()
-    chunks = list(_client(gw.url).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
-        stream_options={"include_usage": True}, extra_body={"sim": {"tokens": 5}}))
+    chunks = list(
+        _client(gw.url).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"sim": {"tokens": 5}},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "tok0 tok1 tok2 tok3 tok4 "
-    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert chunks[0].id.startswith("chatcmpl-")
     assert chunks[-2].choices[0].finish_reason == "stop"
     last = chunks[-1]
-    assert last.choices == [] and last.usage is not None
-    assert last.usage.completion_tokens == 5 and last.usage.prompt_tokens == 5
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.completion_tokens == 5
+    assert last.usage.prompt_tokens == 5
     timings = last.model_extra["timings"]
     assert timings["completion_tokens"] == 5
     assert 0 <= timings["queue_wait_ms"] <= timings["ttft_ms"] <= timings["total_ms"]
@@ -38,10 +47,16 @@ def test_stream_with_usage_and_timings(stack: Stack) -> None:
 def test_stream_without_include_usage_hides_usage_chunk(stack: Stack) -> None:
     stack.worker()
     gw = stack.gateway()
-    chunks = list(_client(gw.url).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
-        extra_body={"sim": {"tokens": 3}}))
-    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    chunks = list(
+        _client(gw.url).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_body={"sim": {"tokens": 3}},
+        )
+    )
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert chunks[-1].model_extra["timings"]["completion_tokens"] == 3
 
@@ -50,12 +65,14 @@ def test_non_streaming_exact_usage_and_request_id(stack: Stack) -> None:
     stack.worker()
     gw = stack.gateway()
     raw = _client(gw.url).chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
     completion = raw.parse()
     assert raw.headers["x-request-id"] == completion.id
     assert completion.choices[0].message.content == "tok0 tok1 tok2 tok3 "
     assert completion.choices[0].finish_reason == "length"
-    assert completion.usage is not None and completion.usage.completion_tokens == 4
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 4
     assert completion.model_extra["timings"]["completion_tokens"] == 4
 
 
@@ -64,13 +81,21 @@ def test_models_health_and_metrics(stack: Stack, rdb: redis.Redis) -> None:
     gw = stack.gateway()
     assert [m.id for m in _client(gw.url).models.list().data] == [MODEL]
     health = httpx.get(gw.url + "/health")
-    assert health.status_code == 200 and health.json()["capacity"] == 3
+    assert health.status_code == 200
+    assert health.json()["capacity"] == 3
     assert health.headers["x-request-id"].startswith("chatcmpl-")
     httpx.post(gw.url + "/v1/chat/completions", json=body(stream=False, tokens=2))
     metrics = httpx.get(gw.url + "/metrics").text
-    assert 'api_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in metrics
-    for name in ("api_request_latency_seconds_bucket", "api_active_requests", "api_queue_depth",
-                 "api_time_to_first_token_seconds_bucket", "api_completion_tokens_total 2.0"):
+    assert (
+        'api_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in metrics
+    )
+    for name in (
+        "api_request_latency_seconds_bucket",
+        "api_active_requests",
+        "api_queue_depth",
+        "api_time_to_first_token_seconds_bucket",
+        "api_completion_tokens_total 2.0",
+    ):
         assert name in metrics
     assert rdb.zcard("llmq:admitted") == 0
 
@@ -84,5 +109,6 @@ def test_health_503_without_worker(stack: Stack) -> None:
     assert health.json()["reason"] == "no live worker with a ready engine"
     assert "retry-after" in health.headers
     resp = httpx.post(gw.url + "/v1/chat/completions", json=body())
-    assert resp.status_code == 503 and resp.json()["error"]["code"] == "engine_unavailable"
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "engine_unavailable"
     assert resp.headers["retry-after"]

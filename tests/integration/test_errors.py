@@ -1,0 +1,90 @@
+"""Errors in OpenAI shape from the real gateway: edge validation and engine refusals."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import redis
+
+from tests.integration.helpers import body
+from tests.integration.procs import Stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def gw(stack: Stack):
+    stack.worker()
+    return stack.gateway(max_body_bytes=4096)
+
+
+def _post(gw, **kw) -> httpx.Response:
+    return httpx.post(gw.url + "/v1/chat/completions", timeout=10, **kw)
+
+
+def _error(resp: httpx.Response) -> dict:
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert resp.headers["x-request-id"].startswith("chatcmpl-")
+    return err
+
+
+def test_malformed_json_is_400(gw, rdb: redis.Redis) -> None:
+    resp = _post(gw, content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert _error(resp)["code"] == "invalid_request"
+    assert rdb.zcard("llmq:queue") == 0
+
+
+def test_schema_violation_names_the_field(gw, rdb: redis.Redis) -> None:
+    resp = _post(gw, json={"model": "sim-model", "messages": [{"role": "wizard"}]})
+    err = _error(resp)
+    assert resp.status_code == 400
+    assert err["param"] == "messages.0.role"
+    resp = _post(gw, json={"model": "sim-model", "messages": []})
+    assert resp.status_code == 400
+    assert _error(resp)["param"] == "messages"
+    assert rdb.zcard("llmq:queue") == 0
+    assert rdb.zcard("llmq:admitted") == 0
+
+
+def test_body_over_limit_is_413(gw, rdb: redis.Redis) -> None:
+    big = body(stream=False)
+    big["messages"][0]["content"] = "x" * 10_000
+    resp = _post(gw, json=big)
+    assert resp.status_code == 413
+    assert _error(resp)["code"] == "request_too_large"
+
+    def chunked():
+        yield b'{"model": "sim-model", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}]}'
+
+    resp = _post(gw, content=chunked(), headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+    assert _error(resp)["code"] == "request_too_large"
+    assert rdb.zcard("llmq:queue") == 0
+
+
+def test_unknown_model_is_404(gw) -> None:
+    resp = _post(gw, json={**body(), "model": "gpt-9"})
+    assert resp.status_code == 404
+    err = _error(resp)
+    assert err["code"] == "model_not_found"
+    assert err["param"] == "model"
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_engine_refusal_keeps_its_status_and_message(gw, rdb: redis.Redis, status: int) -> None:
+    for stream in (True, False):
+        resp = _post(gw, json=body(stream=stream, fail_status=status))
+        assert resp.status_code == status
+        assert _error(resp)["message"] == "injected failure"
+    assert rdb.zcard("llmq:admitted") == 0
+
+
+def test_unknown_fields_reach_the_engine(gw) -> None:
+    # ``sim`` is unknown to the gateway: if it were dropped the engine would send 16 tokens.
+    resp = _post(gw, json=body(stream=False, tokens=2))
+    assert resp.json()["usage"]["completion_tokens"] == 2

@@ -1,0 +1,110 @@
+"""Process lifecycle: drain on SIGTERM, a killed gateway loses no queued job, bad config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import redis
+
+from tests.integration.helpers import body, stream_chat
+from tests.integration.procs import ROOT, Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_sigterm_drains_running_and_queued_requests(stack: Stack, rdb: redis.Redis) -> None:
+    stack.worker(max_active=1)
+    gw = stack.gateway(drain_timeout_s=20)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=20) as c:
+            streams = [
+                asyncio.create_task(stream_chat(c, gw.url, body(tokens=8, itl_ms=50)))
+                for _ in range(3)
+            ]
+            await asyncio.to_thread(
+                wait_for, lambda: rdb.zcard("llmq:admitted") == 3, 5, "three jobs admitted"
+            )
+            gw.signal(signal.SIGTERM)
+            await asyncio.sleep(0.1)
+            late = await c.post(gw.url + "/v1/chat/completions", json=body())
+            assert late.status_code == 503
+            assert late.json()["error"]["code"] == "shutting_down"
+            assert late.headers["retry-after"]
+            results = await asyncio.gather(*streams)
+        for r in results:
+            assert r.status == 200
+            assert r.done
+            assert len(r.chunks) == 9
+            assert not r.sse_errors
+
+    asyncio.run(run())
+    assert gw.popen.wait(10) == 0
+
+
+def test_killed_gateway_leaves_queued_jobs_to_be_served(stack: Stack, rdb: redis.Redis) -> None:
+    stack.worker(max_active=1)
+    gw = stack.gateway()
+    clients = [
+        threading.Thread(
+            target=lambda: _quietly_post(gw.url, body(tokens=4, itl_ms=50)), daemon=True
+        )
+        for _ in range(4)
+    ]
+    for t in clients:
+        t.start()
+    wait_for(lambda: rdb.zcard("llmq:queue") == 4, 5, "four jobs in Redis")
+    ids = [j.decode() for j in rdb.zrange("llmq:queue", 0, -1)]
+    gw.kill()
+
+    def all_completed() -> bool:
+        results = [rdb.get("arq:result:" + i) for i in ids]
+        return all(results)
+
+    wait_for(all_completed, 15, "every queued job to be served")
+    outcomes = [json.loads(rdb.get("arq:result:" + i))["r"]["outcome"] for i in ids]
+    assert outcomes == ["completed"] * 4
+    restarted = stack.gateway()
+    resp = httpx.post(restarted.url + "/v1/chat/completions", json=body(stream=False, tokens=1))
+    assert resp.status_code == 200
+    assert rdb.zcard("llmq:admitted") == 0
+
+
+def _quietly_post(url: str, payload: dict[str, object]) -> None:
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=payload, timeout=30) as r:
+            for _ in r.iter_lines():
+                pass
+    except httpx.HTTPError:
+        pass  # the gateway was killed under us: that is the point of the test
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("QUEUE_MODE", "sometimes"), ("MAX_ACTIVE", "0"), ("QUEUE_TIMEOUT_S", "soon")],
+)
+@pytest.mark.parametrize("module", ["gateway", "worker"])
+def test_invalid_setting_stops_startup_naming_the_variable(
+    module: str, var: str, value: str
+) -> None:
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={"PATH": "/usr/bin:/bin", var: value},
+    )
+    assert proc.returncode != 0
+    assert var in proc.stderr
+    assert "invalid configuration" in proc.stderr
+    assert time.monotonic() - t0 < 20
