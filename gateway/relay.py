@@ -72,6 +72,7 @@ class JobRelay:
     metrics: GatewayMetrics
     timings: Timings
     finished: bool = False
+    silence_grace_s: float = _WORKER_SILENCE_GRACE_S
 
     async def open(self) -> Event:
         """Wait for pickup (QUEUE_TIMEOUT_S), then for the first payload; errors raise."""
@@ -91,7 +92,7 @@ class JobRelay:
         self.metrics.queue_wait.observe(t.started - t.admitted)
         self._raise_if_error(event)
         try:
-            event = await self.sub.next(s.request_timeout_s + _WORKER_SILENCE_GRACE_S)
+            event = await self.sub.next(s.request_timeout_s + self.silence_grace_s)
         except TimeoutError:
             raise RequestTimeout(f"no answer within {s.request_timeout_s:g}s") from None
         self._raise_if_error(event)
@@ -116,7 +117,7 @@ class JobRelay:
             await self.subs.unsubscribe(self.sub)
 
     def _deadline_left(self) -> float:
-        limit = self.settings.request_timeout_s + _WORKER_SILENCE_GRACE_S
+        limit = self.settings.request_timeout_s + self.silence_grace_s
         return max(0.0, limit - (time.monotonic() - self.timings.started))
 
     def _account(self, usage: dict[str, Any] | None) -> int:

@@ -25,7 +25,8 @@ async def _burst(urls: list[str], per_gateway: int, **sim: object) -> list[int]:
         if r.status == 429:
             assert r.headers.get("retry-after"), "every 429 carries Retry-After"
         else:
-            assert r.status == 200 and r.done, r
+            assert r.status == 200, r
+            assert r.done, r
     return [r.status for r in results]
 
 

@@ -1,0 +1,110 @@
+"""The relay's SSE framing, fed with events by hand (no Redis needed)."""
+
+from __future__ import annotations
+
+import json
+import time
+from unittest.mock import AsyncMock
+
+from gateway.events import Subscription
+from gateway.metrics import GatewayMetrics
+from gateway.relay import JobRelay, Timings
+from shared.errors import RequestTimeout
+from shared.protocol import Event, EventType, JobSpec
+from shared.settings import Settings
+
+CHUNK = {
+    "id": "chatcmpl-x",
+    "object": "chat.completion.chunk",
+    "model": "m",
+    "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}],
+}
+FINAL = {**CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+
+
+def relay(include_usage: bool, events: list[Event]) -> tuple[JobRelay, AsyncMock]:
+    spec = JobSpec(
+        id="chatcmpl-x",
+        model="m",
+        stream=True,
+        include_usage=include_usage,
+        enqueued_at_ms=0,
+        body={},
+    )
+    sub = Subscription("chatcmpl-x")
+    for e in events:
+        sub.queue.put_nowait(e.encode().encode())
+    store = AsyncMock()
+    subs = AsyncMock()
+    now = time.monotonic()
+    r = JobRelay(
+        spec,
+        sub,
+        subs,
+        store,
+        Settings(request_timeout_s=0.2),
+        GatewayMetrics(),
+        Timings(admitted=now, started=now, first=now),
+        silence_grace_s=0.1,
+    )
+    return r, store
+
+
+async def frames(r: JobRelay, first: Event) -> list[str]:
+    out = [f.decode() async for f in r.sse_body(first)]
+    assert all(f.startswith("data: ") and f.endswith("\n\n") for f in out)
+    return [f[6:-2] for f in out]
+
+
+def done_event(seq: int) -> Event:
+    return Event(seq, EventType.DONE, json.dumps({"final": FINAL, "usage": USAGE}))
+
+
+async def test_usage_chunk_only_when_asked() -> None:
+    first = Event(2, EventType.CHUNK, json.dumps(CHUNK))
+    r, store = relay(True, [done_event(3)])
+    r.sub._seq = 2
+    out = await frames(r, first)
+    assert out[-1] == "[DONE]"
+    usage_chunk = json.loads(out[-2])
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"] == USAGE
+    assert usage_chunk["timings"]["completion_tokens"] == 1
+    assert json.loads(out[-3])["choices"][0]["finish_reason"] == "stop"
+    store.cancel.assert_not_awaited()
+
+    r, _ = relay(False, [done_event(3)])
+    r.sub._seq = 2
+    out = await frames(r, first)
+    final = json.loads(out[-2])
+    assert "usage" not in final
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["timings"]["completion_tokens"] == 1
+
+
+async def test_failure_after_first_byte_is_one_error_event_then_done() -> None:
+    err = Event(3, EventType.ERROR, json.dumps(RequestTimeout("slow").to_wire()))
+    r, store = relay(False, [err])
+    r.sub._seq = 2
+    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK)))
+    assert json.loads(out[1])["error"]["code"] == "request_timeout"
+    assert out[2:] == ["[DONE]"]
+    store.cancel.assert_not_awaited()
+
+
+async def test_lost_events_end_the_stream_and_cancel_the_job() -> None:
+    r, store = relay(False, [Event(5, EventType.CHUNK, json.dumps(CHUNK))])
+    r.sub._seq = 2
+    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK)))
+    assert json.loads(out[1])["error"]["code"] == "stream_interrupted"
+    assert out[-1] == "[DONE]"
+    store.cancel.assert_awaited_once_with("chatcmpl-x")
+
+
+async def test_silent_worker_times_out_and_cancels() -> None:
+    r, store = relay(False, [])
+    r.sub._seq = 2
+    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK)))
+    assert json.loads(out[1])["error"]["code"] == "request_timeout"
+    store.cancel.assert_awaited_once()

@@ -1,0 +1,76 @@
+"""Engine client against httpx.MockTransport (a fake at the seam)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from shared.errors import EngineUnavailable, UpstreamError
+from worker.engine import EngineClient
+
+
+def sse(*objs: object, done: bool = True) -> bytes:
+    out = b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def client(handler) -> EngineClient:
+    return EngineClient("http://engine", max_connections=2, transport=httpx.MockTransport(handler))
+
+
+async def test_stream_yields_parsed_chunks() -> None:
+    c = client(lambda r: httpx.Response(200, content=sse({"a": 1}, {"b": 2})))
+    async with c.stream({"stream": True}) as chunks:
+        assert [x async for x in chunks] == [{"a": 1}, {"b": 2}]
+
+
+async def test_refusal_keeps_vllm_status_and_message() -> None:
+    body = {"error": {"message": "context too long", "type": "BadRequestError", "code": 400}}
+    c = client(lambda r: httpx.Response(400, json=body))
+    with pytest.raises(UpstreamError) as info:
+        async with c.stream({}):
+            pass
+    assert info.value.http_status == 400
+    assert info.value.message == "context too long"
+    assert info.value.error_type == "BadRequestError"
+
+
+async def test_old_flat_error_shape_and_non_json_bodies() -> None:
+    c = client(lambda r: httpx.Response(422, json={"object": "error", "message": "bad"}))
+    with pytest.raises(UpstreamError, match="bad"):
+        await c.complete({})
+    c = client(lambda r: httpx.Response(500, text="boom"))
+    with pytest.raises(UpstreamError, match="boom"):
+        await c.complete({})
+
+
+async def test_stream_without_done_is_an_error() -> None:
+    c = client(lambda r: httpx.Response(200, content=sse({"a": 1}, done=False)))
+    with pytest.raises(UpstreamError, match=r"\[DONE\]"):
+        async with c.stream({}) as chunks:
+            [x async for x in chunks]
+
+
+async def test_error_inside_the_stream_is_raised() -> None:
+    c = client(
+        lambda r: httpx.Response(200, content=sse({"error": {"message": "oom", "code": 500}}))
+    )
+    with pytest.raises(UpstreamError, match="oom"):
+        async with c.stream({}) as chunks:
+            [x async for x in chunks]
+
+
+async def test_unreachable_engine_is_unavailable() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(EngineUnavailable):
+        await client(refuse).complete({})
+    assert await client(refuse).models() is None
+
+
+async def test_models_lists_ids() -> None:
+    c = client(lambda r: httpx.Response(200, json={"data": [{"id": "m1"}, {"id": "m2"}]}))
+    assert await c.models() == ["m1", "m2"]

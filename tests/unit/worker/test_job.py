@@ -1,0 +1,118 @@
+"""The job function on fakeredis with a mock engine: events, held final chunk, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from shared import protocol as p
+from shared.settings import Settings
+from shared.store import Store
+from tests.unit.worker.test_engine import sse
+from worker.engine import EngineClient
+from worker.job import Runtime, chat
+from worker.metrics import WorkerMetrics
+
+
+def chunk(content: str | None = None, finish: str | None = None) -> dict:
+    delta = {} if content is None else {"content": content}
+    return {
+        "id": "engine-id",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+USAGE = {
+    "id": "engine-id",
+    "choices": [],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+}
+
+
+def runtime(store: Store, handler, **settings) -> Runtime:
+    engine = EngineClient("http://e", max_connections=2, transport=httpx.MockTransport(handler))
+    return Runtime(
+        settings=Settings(**settings), store=store, engine=engine, metrics=WorkerMetrics()
+    )
+
+
+def job(stream: bool = True) -> dict:
+    return p.JobSpec(
+        id="chatcmpl-x",
+        model="m",
+        stream=stream,
+        include_usage=False,
+        enqueued_at_ms=int(time.time() * 1000),
+        body={},
+    ).model_dump()
+
+
+async def run_and_collect(store: Store, fake_redis, rt: Runtime, stream: bool = True):
+    pubsub = fake_redis.pubsub()
+    await pubsub.subscribe(p.events_channel("chatcmpl-x"))
+    await pubsub.get_message(timeout=1)
+    result = await chat({"runtime": rt}, job(stream))
+    events = []
+    while (msg := await pubsub.get_message(timeout=0.2)) is not None:
+        events.append(p.Event.decode(msg["data"]))
+    await pubsub.aclose()
+    return result, events
+
+
+async def test_stream_publishes_numbered_chunks_and_holds_the_final_one(store, fake_redis):
+    body = sse(chunk("a"), chunk("b"), chunk(finish="stop"), USAGE)
+    rt = runtime(store, lambda r: httpx.Response(200, content=body))
+    await store.admit(p.JobSpec.model_validate(job()), limit=5, hold_s=30, expire_s=30)
+    result, events = await run_and_collect(store, fake_redis, rt)
+    assert result == {"id": "chatcmpl-x", "outcome": "completed"}
+    assert [e.seq for e in events] == [1, 2, 3, 4]
+    assert [e.type for e in events] == [
+        p.EventType.STARTED,
+        p.EventType.CHUNK,
+        p.EventType.CHUNK,
+        p.EventType.DONE,
+    ]
+    assert json.loads(events[1].data)["id"] == "chatcmpl-x"  # the engine's id is replaced
+    done = json.loads(events[3].data)
+    assert done["final"]["choices"][0]["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == 2
+    assert await store.in_system() == 0, "the job's place is released"
+    assert rt.active == 0
+
+
+async def test_engine_refusal_becomes_one_error_event(store, fake_redis):
+    err = {"error": {"message": "too long", "type": "BadRequestError", "code": 400}}
+    rt = runtime(store, lambda r: httpx.Response(400, json=err))
+    result, events = await run_and_collect(store, fake_redis, rt)
+    assert result["outcome"] == "rejected"
+    assert [e.type for e in events] == [p.EventType.STARTED, p.EventType.ERROR]
+    wire = json.loads(events[1].data)
+    assert wire["status"] == 400
+    assert wire["message"] == "too long"
+
+
+async def test_non_streaming_publishes_one_result(store, fake_redis):
+    completion = {
+        "id": "e",
+        "object": "chat.completion",
+        "choices": [],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+    }
+    rt = runtime(store, lambda r: httpx.Response(200, json=completion))
+    result, events = await run_and_collect(store, fake_redis, rt, stream=False)
+    assert result["outcome"] == "completed"
+    assert json.loads(events[-1].data)["id"] == "chatcmpl-x"
+
+
+@pytest.mark.parametrize("grace", [0.0001])
+async def test_nobody_listening_past_the_grace_abandons_the_job(store, grace):
+    body = sse(*[chunk(str(i)) for i in range(5)], chunk(finish="stop"))
+    rt = runtime(store, lambda r: httpx.Response(200, content=body), orphan_grace_s=grace)
+    result = await chat({"runtime": rt}, job())
+    assert result["outcome"] == "client_gone"
+    assert rt.metrics.jobs.labels("client_gone")._value.get() == 1
