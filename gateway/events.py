@@ -44,7 +44,12 @@ class Subscription:
         self._seq = 0
 
     async def next(self, within: float | None) -> Event:
-        raw = await asyncio.wait_for(self.queue.get(), within)
+        # Hot path (once per token): no timer when the event is already here.
+        try:
+            raw = self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            async with asyncio.timeout(within):
+                raw = await self.queue.get()
         event = Event.decode(raw)
         if event.seq != self._seq + 1:
             raise EventGap(self.job_id, self._seq + 1, event.seq)

@@ -54,6 +54,7 @@ async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] 
                 continue
             if first:
                 rt.metrics.engine_ttft.observe(time.monotonic() - t0)
+                await pub.announced()
                 first = False
             if any(c.get("finish_reason") for c in choices):
                 if final is not None:  # n > 1: earlier choices' finish chunks go out as-is
@@ -61,12 +62,14 @@ async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] 
                 final = chunk
                 continue
             await pub.send(EventType.CHUNK, _dumps(chunk))
+    await pub.announced()
     await pub.send(EventType.DONE, _dumps({"final": final, "usage": usage}))
     return usage
 
 
 async def _complete(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] | None:
     result = await rt.engine.complete(spec.body)
+    await pub.announced()
     result["id"] = spec.id
     await pub.send(EventType.RESULT, _dumps(result))
     usage: dict[str, Any] | None = result.get("usage")
@@ -81,6 +84,7 @@ def _count(rt: Runtime, usage: dict[str, Any] | None) -> None:
 
 async def _fail(pub: Publisher, err: ServiceError) -> None:
     with contextlib.suppress(ClientGone):
+        await pub.announced()
         await pub.send(EventType.ERROR, _dumps(err.to_wire()))
 
 
@@ -120,8 +124,9 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     outcome = "cancelled"
     try:
         hold = rt.settings.request_timeout_s + rt.settings.orphan_grace_s
-        await rt.store.mark_started(spec.id, hold)
-        await pub.send(EventType.STARTED, rt.settings.worker_id)
+        # Announce the pickup while the engine request is already on its way: the two
+        # round trips stay off the time-to-first-token path.
+        pub.announce(rt.store.mark_started(spec.id, hold), rt.settings.worker_id)
         outcome = await _generate(rt, spec, pub)
         return {"id": spec.id, "outcome": outcome}
     except asyncio.CancelledError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 
 from shared.protocol import Event, EventType
 from shared.store import Store
@@ -19,6 +21,22 @@ class Publisher:
         self._grace = orphan_grace_s
         self._seq = 0
         self._silent_since: float | None = None
+        self._announcing: asyncio.Task[None] | None = None
+
+    def announce(self, mark_started: Awaitable[None], worker_id: str) -> None:
+        """Start publishing STARTED (event #1) in the background; see ``announced``."""
+
+        async def run() -> None:
+            await mark_started
+            await self.send(EventType.STARTED, worker_id)
+
+        self._announcing = asyncio.ensure_future(run())
+
+    async def announced(self) -> None:
+        """Wait for STARTED to be out; every later event must follow it."""
+        if self._announcing is not None:
+            task, self._announcing = self._announcing, None
+            await task
 
     async def send(self, kind: EventType, data: str) -> None:
         """Publish one event. Raises ClientGone once PUBLISH has reached no subscriber for

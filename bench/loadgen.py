@@ -1,0 +1,84 @@
+"""A small streaming load generator: N chat requests at a fixed concurrency, timed per token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    total_s: float
+    tokens: int
+    ok: bool
+
+
+@dataclass
+class RunResult:
+    samples: list[Sample]
+    wall_s: float
+
+    @property
+    def ok(self) -> list[Sample]:
+        return [s for s in self.samples if s.ok]
+
+    def pct(self, attr: str, q: float) -> float:
+        values = sorted(getattr(s, attr) for s in self.ok)
+        if not values:
+            return float("nan")
+        if len(values) == 1:
+            return values[0]
+        return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+    @property
+    def req_per_s(self) -> float:
+        return len(self.ok) / self.wall_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.ok) / self.wall_s
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return Sample(0, time.perf_counter() - t0, 0, False)
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content"):
+                tokens += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    return Sample(ttft or 0.0, time.perf_counter() - t0, tokens, ttft is not None)
+
+
+async def run(url: str, body: dict[str, Any], requests: int, concurrency: int) -> RunResult:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(requests):
+            queue.put_nowait(i)
+        samples: list[Sample] = []
+
+        async def lane() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                samples.append(await one(client, url, body))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        return RunResult(samples, time.perf_counter() - t0)

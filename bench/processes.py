@@ -1,0 +1,169 @@
+"""Start the real processes (redis-server, simulator, gateway, worker) on loopback.
+
+Used by the benchmarks and by the integration tests' fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait(5)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def spawn(
+    name: str, args: list[str], logdir: Path, env: dict[str, str] | None = None, port: int = 0
+) -> Proc:
+    log = logdir / f"{name}-{time.monotonic_ns()}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        popen = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    return Proc(name, popen, log, port)
+
+
+def start_redis(logdir: Path) -> Proc:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server not found: run scripts/test.sh, which installs it")
+    port = free_port()
+    proc = spawn(
+        "redis",
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(logdir),
+        ],
+        logdir,
+        port=port,
+    )
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    wait_for(ping, 10, "redis-server")
+    return proc
+
+
+def start_sim(logdir: Path, *extra: str) -> Proc:
+    port = free_port()
+    proc = spawn(
+        "sim",
+        [sys.executable, "-m", "bench.engine_sim", "--port", str(port), *extra],
+        logdir,
+        port=port,
+    )
+    wait_for(lambda: httpx.get(proc.url + "/health").status_code == 200, 20, "simulator")
+    return proc
+
+
+def service_env(redis_url: str, engine_url: str, **overrides: object) -> dict[str, str]:
+    base = {
+        "REDIS_URL": redis_url,
+        "VLLM_URL": engine_url,
+        "LOG_LEVEL": "INFO",
+        "WORKER_METRICS_PORT": "0",
+        "HEARTBEAT_INTERVAL_S": "0.5",
+        "REGISTRY_REFRESH_S": "0.2",
+    }
+    return {**base, **{k.upper(): str(v) for k, v in overrides.items()}}
+
+
+def start_worker(logdir: Path, env: dict[str, str]) -> Proc:
+    return spawn("worker", [sys.executable, "-m", "worker"], logdir, env)
+
+
+def start_gateway(logdir: Path, env: dict[str, str], wait_ready: bool = True) -> Proc:
+    port = free_port()
+    proc = spawn(
+        "gateway",
+        [sys.executable, "-m", "gateway"],
+        logdir,
+        {**env, "GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1"},
+        port,
+    )
+    if wait_ready:
+        wait_for(
+            lambda: httpx.get(proc.url + "/health").status_code == 200,
+            30,
+            f"gateway health ({proc.output()[-2000:]})",
+        )
+    return proc
