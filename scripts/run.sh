@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Run the whole service locally on CPU with the bundled model:
+#   bash scripts/run.sh
+# Installs what is missing (redis-server, .venv, the vLLM CPU engine venv, the model), then
+# starts Redis, vLLM, one worker and the gateway; Ctrl-C stops them all. Logs: var/log/.
+#
+# Overrides (environment):
+#   VLLM_URL=http://gpu-host:8000   use a running vLLM instead of starting one (skips the
+#                                   engine install); SERVED_MODEL_NAME must match it
+#   MODEL_DIR=/path/to/hf-folder    serve another model folder with the local vLLM
+#   SERVED_MODEL_NAME=name          the model id clients send (default SmolLM2-135M-Instruct)
+#   VLLM_ARGS="..."                 engine flags (default: --max-model-len 2048 --dtype
+#                                   float32 --enforce-eager)
+#   GATEWAY_PORT=8080 VLLM_PORT=8000 REDIS_PORT=6379 WORKER_METRICS_PORT=9100
+#   MAX_ACTIVE=4 QUEUE_MODE=queue QUEUE_MAX=64 ... (every setting of the service, see README)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+VAR_DIR="${LLMQ_VAR:-$PWD/var}"
+LOG_DIR="$VAR_DIR/log"
+export GATEWAY_PORT="${GATEWAY_PORT:-8080}"
+export WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9100}"
+export MAX_ACTIVE="${MAX_ACTIVE:-4}"
+REDIS_PORT="${REDIS_PORT:-6379}"
+VLLM_PORT="${VLLM_PORT:-8000}"
+SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
+VLLM_ARGS="${VLLM_ARGS:---max-model-len 2048 --dtype float32 --enforce-eager}"
+START_ENGINE=1
+if [ -n "${VLLM_URL:-}" ]; then START_ENGINE=0; else export VLLM_URL="http://127.0.0.1:$VLLM_PORT"; fi
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}"
+
+mkdir -p "$LOG_DIR" "$VAR_DIR/redis"
+PIDS=()
+NAMES=()
+
+stop_all() {
+  trap - INT TERM EXIT
+  step "stopping"
+  local i
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    if kill -0 "${PIDS[$i]}" 2>/dev/null; then
+      echo "  stopping ${NAMES[$i]} (pid ${PIDS[$i]})"
+      kill -TERM "${PIDS[$i]}" 2>/dev/null || true
+      for _ in $(seq 1 100); do kill -0 "${PIDS[$i]}" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "${PIDS[$i]}" 2>/dev/null || true
+    fi
+  done
+  wait 2>/dev/null || true
+  echo "  all stopped; logs are in $LOG_DIR"
+}
+trap stop_all INT TERM EXIT
+
+# start NAME CMD...: run in the background, log to $LOG_DIR/NAME.log
+start() {
+  local name=$1; shift
+  "$@" >"$LOG_DIR/$name.log" 2>&1 &
+  PIDS+=($!)
+  NAMES+=("$name")
+  echo "  $name started (pid $!, log $LOG_DIR/$name.log)"
+}
+
+fail_with_log() {
+  echo >&2; tail -n 30 "$LOG_DIR/$1.log" >&2 || true
+  die "$1 did not come up: $2 (full log: $LOG_DIR/$1.log)"
+}
+
+ensure_redis_server
+ensure_project_venv
+if [ "$START_ENGINE" = 1 ]; then
+  ensure_engine_venv
+  ensure_model
+fi
+
+step "starting the service"
+if [[ "$REDIS_URL" == "redis://127.0.0.1:$REDIS_PORT/0" ]]; then
+  if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    die "port $REDIS_PORT already has a Redis; set REDIS_PORT=... or REDIS_URL=... to use it"
+  fi
+  start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$VAR_DIR/redis" \
+    --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save ""
+  for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || fail_with_log redis "no PING answer"
+fi
+
+if [ "$START_ENGINE" = 1 ]; then
+  # shellcheck disable=SC2086  # VLLM_ARGS is a list of flags
+  start vllm env VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" \
+    "$ENGINE_VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+    --model "$MODEL_DIR" --served-model-name "$SERVED_MODEL_NAME" \
+    --host 127.0.0.1 --port "$VLLM_PORT" $VLLM_ARGS
+  echo "  waiting for vLLM to load the model (about a minute on 2 cores)..."
+  wait_http "$VLLM_URL/v1/models" 900 vllm "${PIDS[-1]}" \
+    || fail_with_log vllm "no answer on $VLLM_URL/v1/models"
+else
+  wait_http "$VLLM_URL/v1/models" 60 vllm || die "no vLLM answers on VLLM_URL=$VLLM_URL"
+fi
+
+start worker .venv/bin/python -m worker
+start gateway .venv/bin/python -m gateway
+wait_http "http://127.0.0.1:$GATEWAY_PORT/health" 60 gateway "${PIDS[-1]}" \
+  || fail_with_log gateway "/health is not 200 (is the worker up? see $LOG_DIR/worker.log)"
+
+cat <<EOT
+
+==> ready: http://127.0.0.1:$GATEWAY_PORT  (OpenAI API under /v1; health /health; metrics /metrics)
+
+Try it:
+  curl -N http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$SERVED_MODEL_NAME", "stream": true, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+
+  .venv/bin/python -c 'from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key="none"); print(c.chat.completions.create(model="$SERVED_MODEL_NAME", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
+
+Logs: $LOG_DIR/{redis,vllm,worker,gateway}.log     Ctrl-C stops everything.
+EOT
+
+# Exit (and stop the rest) as soon as any process dies; Ctrl-C lands in stop_all.
+wait -n "${PIDS[@]}" || true
+for i in "${!PIDS[@]}"; do
+  kill -0 "${PIDS[$i]}" 2>/dev/null || echo "ERROR: ${NAMES[$i]} exited; see $LOG_DIR/${NAMES[$i]}.log" >&2
+done
+exit 1

@@ -1,0 +1,46 @@
+"""Fixtures shared by the integration and e2e suites: one real redis-server per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from bench.processes import Proc, start_redis
+
+
+@pytest.fixture(scope="session")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def redis_server(logdir: Path) -> Iterator[Proc]:
+    proc = start_redis(logdir)
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+def rdb(redis_server: Proc) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep
+
+
+def dump_logs_on_failure(request: pytest.FixtureRequest, procs: list[Proc]) -> None:
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for p in procs:
+            print(f"----- {p.name} log -----\n{p.output()[-4000:]}")

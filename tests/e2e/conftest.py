@@ -1,0 +1,77 @@
+"""A real vLLM (CPU build) serving the bundled model, started once per test session.
+
+scripts/test.sh installs the engine venv and prepares the model before pytest runs;
+LLMQ_ENGINE_PYTHON and LLMQ_MODEL_DIR point elsewhere if needed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from bench.processes import ROOT, Proc, free_port, spawn, wait_for
+from tests.conftest import dump_logs_on_failure
+from tests.integration.procs import Stack
+
+MODEL = "SmolLM2-135M-Instruct"
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def vllm(logdir: Path) -> Iterator[Proc]:
+    python = Path(os.environ.get("LLMQ_ENGINE_PYTHON", ROOT / ".cache/engine-venv/bin/python"))
+    model = Path(os.environ.get("LLMQ_MODEL_DIR", ROOT / ".cache/models" / MODEL))
+    if not python.exists() or not (model / "config.json").exists():
+        pytest.fail(
+            f"no engine ({python}) or model ({model}): run `bash scripts/test.sh`, "
+            "which installs both",
+            pytrace=False,
+        )
+    port = free_port()
+    args = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-num-seqs",
+        "8",
+    ]
+    proc = spawn("vllm", args, logdir, {"VLLM_CPU_KVCACHE_SPACE": "1"}, port)
+    try:
+        wait_for(
+            lambda: proc.alive() and httpx.get(proc.url + "/v1/models").status_code == 200,
+            600,
+            "vLLM to serve the model",
+        )
+    except TimeoutError:
+        proc.kill()
+        pytest.fail(f"vLLM did not start:\n{proc.output()[-3000:]}", pytrace=False)
+    yield proc
+    proc.stop(timeout=20)
+
+
+@pytest.fixture
+def stack(
+    redis_server: Proc, vllm: Proc, rdb: redis.Redis, logdir: Path, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    s = Stack(f"redis://127.0.0.1:{redis_server.port}/0", vllm.url, logdir)
+    yield s
+    s.close()
+    dump_logs_on_failure(request, s.procs)
