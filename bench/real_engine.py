@@ -105,11 +105,9 @@ def main(argv: list[str] | None = None) -> None:
             via = asyncio.run(run(gateway.url, body, a.requests, conc))
             print(_row(f"direct      c={conc}", direct))
             print(_row(f"via gateway c={conc}", via))
-            print(
-                f"  added: ttft p50 {(via.pct('ttft_s', 50) - direct.pct('ttft_s', 50)) * 1000:+.1f}"
-                f" ms, total p50 {(via.pct('total_s', 50) - direct.pct('total_s', 50)) * 1000:+.1f}"
-                " ms"
-            )
+            ttft = (via.pct("ttft_s", 50) - direct.pct("ttft_s", 50)) * 1000
+            total = (via.pct("total_s", 50) - direct.pct("total_s", 50)) * 1000
+            print(f"  added: ttft p50 {ttft:+.1f} ms, total p50 {total:+.1f} ms")
     finally:
         for p in reversed(procs):
             p.kill()
