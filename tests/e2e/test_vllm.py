@@ -16,6 +16,7 @@ import redis
 
 from bench.processes import ROOT, Proc, wait_for
 from tests.e2e.conftest import MAX_MODEL_LEN, MODEL
+from tests.integration.helpers import assert_drained
 from tests.integration.procs import Stack
 
 # The first test also waits for vLLM to start (a minute or more on 2 cores).
@@ -104,7 +105,7 @@ def test_over_long_prompt_returns_vllm_400_in_openai_shape(
         assert isinstance(err, dict)
         assert set(err) >= {"message", "type", "param", "code"}
         assert str(MAX_MODEL_LEN) in err["message"]
-    assert rdb.zcard("llmq:admitted") == 0
+    assert_drained(rdb)
 
 
 def test_requests_beyond_max_active_wait_in_the_queue_and_all_complete(
@@ -136,7 +137,7 @@ def test_requests_beyond_max_active_wait_in_the_queue_and_all_complete(
     assert len(results) == 5
     assert all(r.usage is not None and r.usage.completion_tokens > 0 for r in results)
     assert peak >= 1, "with 2 slots and 5 requests some must have waited in the queue"
-    assert rdb.zcard("llmq:admitted") == 0
+    assert_drained(rdb)
 
 
 def test_model_preparation_is_idempotent_and_verifies(vllm: Proc) -> None:

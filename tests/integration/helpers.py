@@ -68,3 +68,15 @@ async def stream_chat(
 def sim_stats(sim_url: str) -> dict[str, Any]:
     stats: dict[str, Any] = httpx.get(sim_url + "/sim/stats").json()
     return stats
+
+
+def assert_drained(rdb: Any, within: float = 3.0) -> None:
+    """No admitted place and no queued job left. The worker releases a job's place and arq
+    removes it from the queue just after the last event went out, so allow a moment."""
+    from bench.processes import wait_for
+
+    wait_for(
+        lambda: rdb.zcard("llmq:admitted") == 0 and rdb.zcard("llmq:queue") == 0,
+        within,
+        f"Redis to drain (admitted={rdb.zcard('llmq:admitted')}, queue={rdb.zcard('llmq:queue')})",
+    )

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from tests.integration.helpers import body, sim_stats, stream_chat
+from tests.integration.helpers import assert_drained, body, sim_stats, stream_chat
 from tests.integration.procs import Stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -41,8 +41,7 @@ def test_burst_from_two_gateways_admits_exactly_the_bound(
     statuses = asyncio.run(_burst([g.url for g in gws], 8, tokens=8, itl_ms=100))
     assert statuses.count(200) == expected
     assert statuses.count(429) == 16 - expected
-    assert rdb.zcard("llmq:admitted") == 0
-    assert rdb.zcard("llmq:queue") == 0
+    assert_drained(rdb)
 
 
 def _background(url: str, payload: dict[str, object]) -> threading.Thread:
@@ -67,8 +66,7 @@ def test_queue_timeout_never_reaches_the_engine(stack: Stack, rdb: redis.Redis, 
     assert 0.9 < time.monotonic() - t0 < 3
     first.join(10)
     assert sim_stats(sim.url)["requests"] == 1, "the timed-out job must never reach the engine"
-    assert rdb.zcard("llmq:admitted") == 0
-    assert rdb.zcard("llmq:queue") == 0
+    assert_drained(rdb)
 
 
 def test_queued_job_payload_is_readable_json(stack: Stack, rdb: redis.Redis, sim) -> None:

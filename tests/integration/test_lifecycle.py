@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from tests.integration.helpers import body, stream_chat
+from tests.integration.helpers import assert_drained, body, stream_chat
 from tests.integration.procs import ROOT, Stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -75,7 +75,7 @@ def test_killed_gateway_leaves_queued_jobs_to_be_served(stack: Stack, rdb: redis
     restarted = stack.gateway()
     resp = httpx.post(restarted.url + "/v1/chat/completions", json=body(stream=False, tokens=1))
     assert resp.status_code == 200
-    assert rdb.zcard("llmq:admitted") == 0
+    assert_drained(rdb)
 
 
 def _quietly_post(url: str, payload: dict[str, object]) -> None:

@@ -9,7 +9,7 @@ import openai
 import pytest
 import redis
 
-from tests.integration.helpers import MODEL, body
+from tests.integration.helpers import MODEL, assert_drained, body
 from tests.integration.procs import Stack
 
 pytestmark = pytest.mark.integration
@@ -109,7 +109,7 @@ def test_models_health_and_metrics(stack: Stack, rdb: redis.Redis, sdk) -> None:
         "api_completion_tokens_total 2.0",
     ):
         assert name in metrics
-    assert rdb.zcard("llmq:admitted") == 0
+    assert_drained(rdb)
 
 
 def test_health_503_without_worker(stack: Stack, sdk) -> None:
