@@ -35,7 +35,8 @@ PIDS=()
 NAMES=()
 
 stop_all() {
-  trap - INT TERM EXIT
+  trap - EXIT
+  trap '' INT TERM  # a second Ctrl-C must not cut the shutdown short
   step "stopping"
   local i
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
@@ -49,7 +50,8 @@ stop_all() {
   wait 2>/dev/null || true
   echo "  all stopped; logs are in $LOG_DIR"
 }
-trap stop_all INT TERM EXIT
+trap 'exit 130' INT TERM  # Ctrl-C during set-up: stop what was started (EXIT trap)
+trap stop_all EXIT
 
 # start NAME CMD...: run in the background, log to $LOG_DIR/NAME.log
 start() {
@@ -114,8 +116,11 @@ Try it:
 Logs: $LOG_DIR/{redis,vllm,worker,gateway}.log     Ctrl-C stops everything.
 EOT
 
-# Exit (and stop the rest) as soon as any process dies; Ctrl-C lands in stop_all.
+# Stop everything (EXIT trap) on Ctrl-C, or as soon as any process dies.
+INTERRUPTED=""
+trap 'INTERRUPTED=1' INT TERM
 wait -n "${PIDS[@]}" || true
+[ -n "$INTERRUPTED" ] && exit 0
 for i in "${!PIDS[@]}"; do
   kill -0 "${PIDS[$i]}" 2>/dev/null || echo "ERROR: ${NAMES[$i]} exited; see $LOG_DIR/${NAMES[$i]}.log" >&2
 done
