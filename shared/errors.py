@@ -170,6 +170,8 @@ class UpstreamError(ServiceError):
     ) -> None:
         super().__init__(message, param=param)
         self._status = status if 400 <= status <= 599 else 502
+        if self._status in (429, 503):  # every 429/503 we send carries Retry-After
+            self.retry_after_s = 1
         self._type = error_type
         self._code = None if code is None else str(code)
 

@@ -50,6 +50,38 @@ def test_sigterm_drains_running_and_queued_requests(stack: Stack, rdb: redis.Red
     assert gw.popen.wait(10) == 0
 
 
+def test_worker_sigterm_finishes_running_jobs_and_withdraws_capacity(
+    stack: Stack, rdb: redis.Redis
+) -> None:
+    worker = stack.worker(max_active=2, drain_timeout_s=20)
+    gw = stack.gateway()
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=20) as c:
+            stream = asyncio.create_task(stream_chat(c, gw.url, body(tokens=20, itl_ms=50)))
+            running = lambda: bool(rdb.keys("arq:in-progress:*"))  # noqa: E731
+            await asyncio.to_thread(wait_for, running, 5, "the job to be running")
+            worker.signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                wait_for,
+                lambda: rdb.zcard("llmq:workers") == 0,
+                2,
+                "the worker to withdraw its heartbeat",
+            )
+            result = await stream
+        assert result.status == 200
+        assert result.done
+        assert len(result.chunks) == 21
+        assert not result.sse_errors
+
+    asyncio.run(run())
+    assert worker.popen.wait(10) == 0
+    wait_for(lambda: httpx.get(gw.url + "/health").status_code == 503, 3, "gateway sees no worker")
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=body())
+    assert resp.json()["error"]["code"] == "engine_unavailable"
+    assert_drained(rdb)
+
+
 def test_killed_gateway_leaves_queued_jobs_to_be_served(stack: Stack, rdb: redis.Redis) -> None:
     stack.worker(max_active=1)
     gw = stack.gateway()

@@ -47,3 +47,9 @@ def test_wire_round_trip_keeps_class_and_upstream_status() -> None:
 
 def test_upstream_status_outside_errors_becomes_502() -> None:
     assert UpstreamError(200, "odd").http_status == 502
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_engine_overload_passes_through_with_retry_after(status: int) -> None:
+    assert UpstreamError(status, "busy").headers() == {"Retry-After": "1"}
+    assert UpstreamError(400, "bad").headers() == {}
