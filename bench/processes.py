@@ -167,3 +167,40 @@ def start_gateway(logdir: Path, env: dict[str, str], wait_ready: bool = True) ->
             f"gateway health ({proc.output()[-2000:]})",
         )
     return proc
+
+
+BUNDLED_MODEL = "SmolLM2-135M-Instruct"
+
+
+def engine_paths() -> tuple[Path, Path]:
+    """The engine venv's python and the bundled model folder (as scripts/*.sh install them)."""
+    python = Path(os.environ.get("LLMQ_ENGINE_PYTHON", ROOT / ".cache/engine-venv/bin/python"))
+    model = Path(os.environ.get("LLMQ_MODEL_DIR", ROOT / ".cache/models" / BUNDLED_MODEL))
+    return python, model
+
+
+def spawn_vllm(logdir: Path, *, max_model_len: int, max_num_seqs: int) -> Proc:
+    """Start vLLM's CPU build serving the bundled model (float32, eager: quick to start)."""
+    python, model = engine_paths()
+    port = free_port()
+    args = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        BUNDLED_MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-num-seqs",
+        str(max_num_seqs),
+    ]
+    return spawn("vllm", args, logdir, {"VLLM_CPU_KVCACHE_SPACE": "1"}, port)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 from pathlib import Path
 
@@ -21,17 +20,16 @@ import httpx
 
 from bench.loadgen import RunResult, run
 from bench.processes import (
-    ROOT,
-    free_port,
+    BUNDLED_MODEL,
     service_env,
-    spawn,
+    spawn_vllm,
     start_gateway,
     start_redis,
     start_worker,
     wait_for,
 )
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = BUNDLED_MODEL
 
 
 def _row(label: str, r: RunResult) -> str:
@@ -48,40 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=32)
     a = ap.parse_args(argv)
-    python = os.environ.get("LLMQ_ENGINE_PYTHON", str(ROOT / ".cache/engine-venv/bin/python"))
-    model = os.environ.get("LLMQ_MODEL_DIR", str(ROOT / ".cache/models" / MODEL))
     logdir = Path(tempfile.mkdtemp(prefix="llmq-bench-"))
     procs = []
     try:
         redis = start_redis(logdir)
         procs.append(redis)
-        port = free_port()
-        vllm = spawn(
-            "vllm",
-            [
-                python,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                model,
-                "--served-model-name",
-                MODEL,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--max-model-len",
-                "2048",
-                "--dtype",
-                "float32",
-                "--enforce-eager",
-                "--max-num-seqs",
-                "4",
-            ],
-            logdir,
-            {"VLLM_CPU_KVCACHE_SPACE": "1"},
-            port,
-        )
+        vllm = spawn_vllm(logdir, max_model_len=2048, max_num_seqs=4)
         procs.append(vllm)
         wait_for(lambda: httpx.get(vllm.url + "/v1/models").status_code == 200, 600, "vLLM")
         env = service_env(

@@ -4,26 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
-_FAST_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-    300,
-)
+from shared.buckets import FAST_BUCKETS, LATENCY_BUCKETS
 
 
 class GatewayMetrics:
@@ -36,7 +17,7 @@ class GatewayMetrics:
             "api_request_latency_seconds",
             "HTTP request latency to the last byte",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.active = Gauge("api_active_requests", "Requests being served", registry=r)
@@ -55,13 +36,13 @@ class GatewayMetrics:
         self.ttft = Histogram(
             "api_time_to_first_token_seconds",
             "Request arrival to first token",
-            buckets=_FAST_BUCKETS,
+            buckets=FAST_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
             "api_queue_wait_seconds",
             "Admission to worker pickup",
-            buckets=_FAST_BUCKETS,
+            buckets=FAST_BUCKETS,
             registry=r,
         )
         self.completion_tokens = Counter(

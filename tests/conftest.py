@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import redis
 
@@ -21,6 +22,22 @@ def redis_server(logdir: Path) -> Iterator[Proc]:
     proc = start_redis(logdir)
     yield proc
     proc.kill()
+
+
+@pytest.fixture
+def sdk() -> Iterator[Callable[[str], openai.OpenAI]]:
+    """openai SDK clients by gateway/engine base URL, closed after the test."""
+    clients: list[openai.OpenAI] = []
+
+    def make(url: str) -> openai.OpenAI:
+        clients.append(
+            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        )
+        return clients[-1]
+
+    yield make
+    for c in clients:
+        c.close()
 
 
 @pytest.fixture

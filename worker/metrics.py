@@ -4,26 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_WAIT_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-    300,
-)
+from shared.buckets import FAST_BUCKETS
 
 
 class WorkerMetrics:
@@ -38,13 +19,13 @@ class WorkerMetrics:
         self.engine_ttft = Histogram(
             "worker_engine_ttft_seconds",
             "Engine time to first token, from the request to the engine",
-            buckets=_TTFT_BUCKETS,
+            buckets=FAST_BUCKETS,
             registry=r,
         )
         self.pickup = Histogram(
             "worker_pickup_latency_seconds",
             "Enqueue to job start",
-            buckets=_WAIT_BUCKETS,
+            buckets=FAST_BUCKETS,
             registry=r,
         )
         self.tokens = Counter("worker_generated_tokens", "Completion tokens generated", registry=r)

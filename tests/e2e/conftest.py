@@ -6,7 +6,6 @@ LLMQ_ENGINE_PYTHON and LLMQ_MODEL_DIR point elsewhere if needed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,46 +13,24 @@ import httpx
 import pytest
 import redis
 
-from bench.processes import ROOT, Proc, free_port, spawn, wait_for
+from bench.processes import BUNDLED_MODEL, Proc, engine_paths, spawn_vllm, wait_for
 from tests.conftest import dump_logs_on_failure
 from tests.integration.procs import Stack
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = BUNDLED_MODEL
 MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="session")
 def vllm(logdir: Path) -> Iterator[Proc]:
-    python = Path(os.environ.get("LLMQ_ENGINE_PYTHON", ROOT / ".cache/engine-venv/bin/python"))
-    model = Path(os.environ.get("LLMQ_MODEL_DIR", ROOT / ".cache/models" / MODEL))
+    python, model = engine_paths()
     if not python.exists() or not (model / "config.json").exists():
         pytest.fail(
             f"no engine ({python}) or model ({model}): run `bash scripts/test.sh`, "
             "which installs both",
             pytrace=False,
         )
-    port = free_port()
-    args = [
-        str(python),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--served-model-name",
-        MODEL,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-num-seqs",
-        "8",
-    ]
-    proc = spawn("vllm", args, logdir, {"VLLM_CPU_KVCACHE_SPACE": "1"}, port)
+    proc = spawn_vllm(logdir, max_model_len=MAX_MODEL_LEN, max_num_seqs=8)
     try:
         wait_for(
             lambda: proc.alive() and httpx.get(proc.url + "/v1/models").status_code == 200,

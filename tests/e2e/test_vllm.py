@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 
 import httpx
 import openai
 import pytest
 import redis
 
-from bench.processes import ROOT, Proc, wait_for
+from bench.processes import ROOT, Proc, engine_paths, wait_for
 from tests.e2e.conftest import MAX_MODEL_LEN, MODEL
 from tests.integration.helpers import assert_drained
 from tests.integration.procs import Stack
@@ -22,22 +20,6 @@ from tests.integration.procs import Stack
 # The first test also waits for vLLM to start (a minute or more on 2 cores).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture
-def sdk() -> Iterator[Callable[[str], openai.OpenAI]]:
-    """openai clients by base URL, closed after the test."""
-    clients: list[openai.OpenAI] = []
-
-    def make(url: str) -> openai.OpenAI:
-        clients.append(
-            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        )
-        return clients[-1]
-
-    yield make
-    for c in clients:
-        c.close()
 
 
 def running(vllm: Proc) -> float:
@@ -141,8 +123,7 @@ def test_requests_beyond_max_active_wait_in_the_queue_and_all_complete(
 
 
 def test_model_preparation_is_idempotent_and_verifies(vllm: Proc) -> None:
-    python = os.environ.get("LLMQ_ENGINE_PYTHON", str(ROOT / ".cache/engine-venv/bin/python"))
-    model = os.environ.get("LLMQ_MODEL_DIR", str(ROOT / ".cache/models" / MODEL))
+    python, model = engine_paths()
     t0 = time.monotonic()
     proc = subprocess.run(
         [python, "-m", "local.prepare_model", "--out", model, "--verify"],

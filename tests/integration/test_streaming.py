@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import httpx
-import openai
 import pytest
 import redis
 
@@ -13,20 +10,6 @@ from tests.integration.helpers import MODEL, assert_drained, body
 from tests.integration.procs import Stack
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sdk() -> Iterator[Callable[[str], openai.OpenAI]]:
-    """openai clients by base URL, closed after the test."""
-    clients: list[openai.OpenAI] = []
-
-    def make(url: str) -> openai.OpenAI:
-        clients.append(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0))
-        return clients[-1]
-
-    yield make
-    for c in clients:
-        c.close()
 
 
 def test_stream_with_usage_and_timings(stack: Stack, sdk) -> None:
