@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from gateway.metrics import GatewayMetrics
 from gateway.registry import WorkerRegistry
 from shared.errors import EngineUnavailable, ModelNotFound, QueueFull, ServerBusy, ServiceError
 from shared.protocol import JobSpec
@@ -24,25 +23,20 @@ def admission_limit(settings: Settings, capacity: int) -> int:
 
 
 class Admission:
-    def __init__(
-        self, settings: Settings, store: Store, registry: WorkerRegistry, metrics: GatewayMetrics
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, registry: WorkerRegistry) -> None:
         self._settings = settings
         self._store = store
         self._registry = registry
-        self._metrics = metrics
 
     def check_ready(self, model: str) -> int:
         """Capacity for ``model``; raises 503 when no engine is ready, 404 for unknown models."""
         reg = self._registry
         if not reg.ready():
-            self._metrics.rejections.labels("engine_unavailable").inc()
             raise EngineUnavailable("no live worker with a ready engine; try again shortly")
         if model not in reg.models():
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         capacity = reg.capacity(model)
         if capacity == 0:
-            self._metrics.rejections.labels("engine_unavailable").inc()
             raise EngineUnavailable(f"no ready engine serves `{model}` right now")
         return capacity
 
@@ -63,10 +57,8 @@ class Admission:
         if result.duplicate:  # 96 random bits: practically never, but never silently
             raise ServiceError(f"job id {spec.id} already exists; retry")
         if s.queue_mode == "queue":
-            self._metrics.rejections.labels("queue_full").inc()
             raise QueueFull(
                 f"queue full ({result.in_system} jobs admitted); retry later",
                 retry_after_s=s.retry_after_s,
             )
-        self._metrics.rejections.labels("server_busy").inc()
         raise ServerBusy(f"all {capacity} slots busy; retry later", retry_after_s=s.retry_after_s)

@@ -37,7 +37,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         store=store,
         registry=registry,
         subs=Subscriptions(redis),
-        admission=Admission(settings, store, registry, metrics),
+        admission=Admission(settings, store, registry),
         metrics=metrics,
     )
 

@@ -16,6 +16,7 @@ def error_response(err: ServiceError) -> JSONResponse:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
+    request.app.state.gateway.metrics.reject(exc.error_code)
     return error_response(exc)
 
 

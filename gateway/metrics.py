@@ -6,6 +6,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.buckets import FAST_BUCKETS, LATENCY_BUCKETS
 
+# Why a request was refused or ended early (api_rejections_total{reason}); error codes of
+# shared.errors, plus client_cancelled. Every reason is exported from the start (at 0).
+REJECTION_REASONS = (
+    "queue_full",
+    "server_busy",
+    "queue_timeout",
+    "engine_unavailable",
+    "request_timeout",
+    "shutting_down",
+    "client_cancelled",
+)
+
 
 class GatewayMetrics:
     def __init__(self) -> None:
@@ -54,3 +66,10 @@ class GatewayMetrics:
         self.rejections = Counter(
             "api_rejections", "Requests refused or ended early, by reason", ["reason"], registry=r
         )
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+
+    def reject(self, code: str | None) -> None:
+        """Count a refusal by its error code; other errors (engine refusals) are not counted."""
+        if code in REJECTION_REASONS:
+            self.rejections.labels(code).inc()

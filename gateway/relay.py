@@ -111,7 +111,7 @@ class JobRelay:
         with anyio.CancelScope(shield=True):
             if not self.finished:
                 logger.info("job %s: client gone, cancelling", self.spec.id)
-                self.metrics.rejections.labels("client_cancelled").inc()
+                self.metrics.reject("client_cancelled")
                 await self.store.cancel(self.spec.id)
                 self.finished = True
             await self.subs.unsubscribe(self.sub)
@@ -171,6 +171,10 @@ class JobRelay:
             )
         return [_frame(json.dumps(f, separators=(",", ":"))) for f in frames]
 
+    def _error_frame(self, err: ServiceError) -> bytes:
+        self.metrics.reject(err.error_code)
+        return _frame(json.dumps(err.body(), separators=(",", ":")))
+
     async def sse_body(self, first: Event) -> AsyncIterator[bytes]:
         """The SSE body: chunks as they come, the final chunk with timings, ``[DONE]``.
 
@@ -189,17 +193,16 @@ class JobRelay:
                     return
                 else:  # ERROR (or an unexpected type): terminal
                     self.finished = True
-                    yield _error_frame(ServiceError.from_wire(json.loads(event.data)))
+                    yield self._error_frame(ServiceError.from_wire(json.loads(event.data)))
                     yield _DONE
                     return
                 event = await self.sub.next(self._deadline_left())
         except TimeoutError:
-            self.metrics.rejections.labels("request_timeout").inc()
-            yield _error_frame(RequestTimeout("the engine stopped answering"))
+            yield self._error_frame(RequestTimeout("the engine stopped answering"))
             yield _DONE
         except ServiceError as exc:  # EventGap
             logger.warning("job %s: %s", self.spec.id, exc.message)
-            yield _error_frame(exc)
+            yield self._error_frame(exc)
             yield _DONE
         finally:
             await self.close()
@@ -207,7 +210,3 @@ class JobRelay:
 
 def _frame(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
-
-
-def _error_frame(err: ServiceError) -> bytes:
-    return _frame(json.dumps(err.body(), separators=(",", ":")))

@@ -75,7 +75,6 @@ async def _open_relay(
 async def chat_completions(body: ChatCompletionRequest, request: Request, st: StateDep) -> Response:
     timings = Timings()
     if st.draining:
-        st.metrics.rejections.labels("shutting_down").inc()
         raise ShuttingDown("the gateway is shutting down; retry on another replica")
     try:
         relay, first = await _open_relay(st, request, body, timings)

@@ -18,6 +18,21 @@ ensure_redis_server() {
   command -v redis-server >/dev/null || die "redis-server still not on PATH"
 }
 
+# Debian's prometheus package: promtool for the config checks, prometheus for the test that
+# evaluates every dashboard and alert query, and the local run's Prometheus.
+ensure_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return; fi
+  step "installing prometheus (Debian package)"
+  command -v apt-get >/dev/null || die "prometheus is missing and apt-get is not available"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq || die "apt-get update failed (network?)"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq prometheus >/dev/null \
+    || die "apt-get install prometheus failed"
+}
+
+ensure_prometheus_quietly() { (ensure_prometheus) >/dev/null 2>&1; }
+
 ensure_project_venv() {
   local stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
   if [ -x .venv/bin/python ] && [ -f "$stamp" ]; then return; fi

@@ -12,6 +12,7 @@
 #   VLLM_ARGS="..."                 engine flags (default: --max-model-len 2048 --dtype
 #                                   float32 --enforce-eager)
 #   GATEWAY_PORT=8080 VLLM_PORT=8000 REDIS_PORT=6379 WORKER_METRICS_PORT=9100
+#   PROMETHEUS_PORT=9090, or PROMETHEUS=0 to run without Prometheus
 #   MAX_ACTIVE=4 QUEUE_MODE=queue QUEUE_MAX=64 ... (every setting of the service, see README)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,8 @@ export GATEWAY_PORT="${GATEWAY_PORT:-8080}"
 export WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9100}"
 export MAX_ACTIVE="${MAX_ACTIVE:-4}"
 REDIS_PORT="${REDIS_PORT:-6379}"
+PROMETHEUS="${PROMETHEUS:-1}"
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 VLLM_PORT="${VLLM_PORT:-8000}"
 SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
 VLLM_ARGS="${VLLM_ARGS:---max-model-len 2048 --dtype float32 --enforce-eager}"
@@ -68,6 +71,10 @@ fail_with_log() {
 }
 
 ensure_redis_server
+if [ "$PROMETHEUS" = 1 ] && ! ensure_prometheus_quietly; then
+  echo "  (no Prometheus: could not install Debian's prometheus package; continuing without)"
+  PROMETHEUS=0
+fi
 ensure_project_venv
 if [ "$START_ENGINE" = 1 ]; then
   ensure_engine_venv
@@ -103,6 +110,19 @@ start gateway .venv/bin/python -m gateway
 wait_http "http://127.0.0.1:$GATEWAY_PORT/health" 60 gateway "${PIDS[-1]}" \
   || fail_with_log gateway "/health is not 200 (is the worker up? see $LOG_DIR/worker.log)"
 
+PROM_LINE=""
+if [ "$PROMETHEUS" = 1 ]; then
+  targets=(--target "gateway=127.0.0.1:$GATEWAY_PORT" --target "worker=127.0.0.1:$WORKER_METRICS_PORT")
+  [ "$START_ENGINE" = 1 ] && targets+=(--target "vllm=127.0.0.1:$VLLM_PORT")
+  .venv/bin/python -m local.prometheus_config --out "$VAR_DIR/prometheus/prometheus.yml" \
+    --interval 5s "${targets[@]}"
+  start prometheus prometheus --config.file="$VAR_DIR/prometheus/prometheus.yml" \
+    --storage.tsdb.path="$VAR_DIR/prometheus/data" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT"
+  wait_http "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" 30 prometheus "${PIDS[-1]}" \
+    || fail_with_log prometheus "not ready on port $PROMETHEUS_PORT"
+  PROM_LINE="Prometheus: http://127.0.0.1:$PROMETHEUS_PORT  (alerts: /alerts; try histogram_quantile(0.95, sum by (le) (rate(api_time_to_first_token_seconds_bucket[1m]))))"
+fi
+
 cat <<EOT
 
 ==> ready: http://127.0.0.1:$GATEWAY_PORT  (OpenAI API under /v1; health /health; metrics /metrics)
@@ -113,7 +133,8 @@ Try it:
 
   .venv/bin/python -c 'from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key="none"); print(c.chat.completions.create(model="$SERVED_MODEL_NAME", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
 
-Logs: $LOG_DIR/{redis,vllm,worker,gateway}.log     Ctrl-C stops everything.
+$PROM_LINE
+Logs: $LOG_DIR/*.log     Ctrl-C stops everything.
 EOT
 
 # Stop everything (EXIT trap) on Ctrl-C, or as soon as any process dies.

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ensure_redis_server
+ensure_prometheus
 ensure_project_venv
 ensure_engine_venv
 ensure_model

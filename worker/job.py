@@ -45,6 +45,7 @@ async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] 
     final: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     first = True
+    t_first = 0.0
     async with rt.engine.stream(spec.body) as chunks:
         async for chunk in chunks:
             chunk["id"] = spec.id
@@ -53,7 +54,8 @@ async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] 
                 usage = chunk.get("usage") or usage
                 continue
             if first:
-                rt.metrics.engine_ttft.observe(time.monotonic() - t0)
+                t_first = time.monotonic()
+                rt.metrics.engine_ttft.observe(t_first - t0)
                 await pub.announced()
                 first = False
             if any(c.get("finish_reason") for c in choices):
@@ -64,6 +66,9 @@ async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] 
             await pub.send(EventType.CHUNK, _dumps(chunk))
     await pub.announced()
     await pub.send(EventType.DONE, _dumps({"final": final, "usage": usage}))
+    tokens = int((usage or {}).get("completion_tokens") or 0)
+    if t_first and tokens > 1:
+        rt.metrics.decode_rate.observe((tokens - 1) / max(1e-6, time.monotonic() - t_first))
     return usage
 
 

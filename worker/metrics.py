@@ -6,6 +6,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.buckets import FAST_BUCKETS
 
+# How a job ended (worker_jobs_total{outcome}); every outcome is exported from the start.
+OUTCOMES = ("completed", "rejected", "engine_error", "timeout", "client_gone", "cancelled")
+_RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0)
+
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -33,3 +37,11 @@ class WorkerMetrics:
         self.engine_up = Gauge(
             "worker_engine_up", "1 when the engine answers /v1/models", registry=r
         )
+        self.decode_rate = Histogram(
+            "worker_decode_tokens_per_second",
+            "Per job: completion tokens over the time from first token to end of stream",
+            buckets=_RATE_BUCKETS,
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome)

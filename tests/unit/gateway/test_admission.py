@@ -7,7 +7,6 @@ import time
 import pytest
 
 from gateway.admission import Admission, admission_limit
-from gateway.metrics import GatewayMetrics
 from gateway.registry import WorkerRegistry
 from shared.errors import EngineUnavailable, ModelNotFound, QueueFull, ServerBusy
 from shared.protocol import JobSpec, WorkerInfo
@@ -30,7 +29,7 @@ def worker(wid: str, ready: bool = True, slots: int = 2, models=("m",)) -> Worke
 def admission(store: Store, workers: list[WorkerInfo], **settings) -> Admission:
     reg = WorkerRegistry(store, 1)
     reg.workers = workers
-    return Admission(Settings(**settings), store, reg, GatewayMetrics())
+    return Admission(Settings(**settings), store, reg)
 
 
 def spec(i: int) -> JobSpec:

@@ -1,0 +1,215 @@
+"""Writes the Grafana operator dashboard (grafana/dashboards/llmq-operator.json).
+
+    python monitoring/build_dashboard.py > monitoring/grafana/dashboards/llmq-operator.json
+
+Generated so that ids, grid positions and datasource references stay consistent; a test
+checks the committed file equals this script's output. Queries use the ``$datasource`` and
+``$instance`` template variables and Grafana's ``$__rate_interval``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DS = {"type": "prometheus", "uid": "${datasource}"}
+GW = 'instance=~"$instance"'  # gateway and worker series carry their scrape instance
+API = f'{GW},route!~"/metrics|/health"'
+RI = "$__rate_interval"
+SATURATION = f"sum(worker_active_jobs{{{GW}}}) / clamp_min(sum(worker_max_active{{{GW}}}), 1)"
+# "or vector(0)": no 5xx series at all means 0 %, not "No data".
+ERRORS = (
+    f'(sum(rate(api_requests_total{{{API},status=~"5.."}}[{RI}])) or vector(0)) / '
+    f"clamp_min(sum(rate(api_requests_total{{{API}}}[{RI}])), 1e-9)"
+)
+
+
+def pct(quantile: float, metric: str, sel: str = GW) -> str:
+    return f"histogram_quantile({quantile}, sum by (le) (rate({metric}_bucket{{{sel}}}[{RI}])))"
+
+
+def pcts(metric: str, sel: str = GW) -> list[tuple[str, str]]:
+    return [(pct(p / 100, metric, sel), f"p{p}") for p in (50, 95, 99)]
+
+
+def rate(metric: str, by: str = "") -> str:
+    group = f" by ({by})" if by else ""
+    return f"sum{group} (rate({metric}{{{GW}}}[{RI}]))"
+
+
+# Stat panels: title, expression, unit, thresholds (orange, red), description; 4 high.
+GLANCE: list[tuple[str, str, str, tuple[float, float] | None, str, int]] = [
+    ("Request rate", f"sum(rate(api_requests_total{{{API}}}[{RI}]))", "reqps", None,
+     "API requests per second, /metrics and /health excluded", 3),
+    ("Error rate (5xx)", ERRORS, "percentunit", (0.01, 0.05),
+     "Share of API requests answered 5xx (/metrics and /health excluded)", 4),
+    ("p95 latency", pct(0.95, "api_request_latency_seconds", API), "s", (30, 120),
+     "95th percentile of request latency to the last byte", 3),
+    ("p95 TTFT", pct(0.95, "api_time_to_first_token_seconds"), "s", (1, 2),
+     "95th percentile time to first token, as the client sees it", 3),
+    ("Queue depth", f"max(api_queue_depth{{{GW}}})", "short", (10, 50),
+     "Jobs waiting in Redis (not yet picked up)", 3),
+    ("Saturation", SATURATION, "percentunit", (0.8, 0.95),
+     "Σ active jobs / Σ MAX_ACTIVE over workers", 4),
+    ("Live workers", f"max(api_live_workers{{{GW}}})", "short", None,
+     "Workers with a fresh heartbeat, as the gateways see them", 4),
+]  # fmt: skip
+
+Series = tuple[str, list[tuple[str, str]], str, str, int]  # title, [(expr, legend)], unit, desc, w
+SECTIONS: list[tuple[str, int, list[Series]]] = [
+    ("Trends", 8, [
+        ("Requests by status", [(f"sum by (status) (rate(api_requests_total{{{API}}}[{RI}]))",
+                                 "{{status}}")], "reqps", "API request rate by HTTP status", 12),
+        ("Request latency", pcts("api_request_latency_seconds", API), "s",
+         "Latency to the last byte (streams included)", 12),
+        ("Time to first token", pcts("api_time_to_first_token_seconds"), "s",
+         "Request arrival to first token at the gateway", 12),
+        ("In flight", [(f"sum(api_active_requests{{{GW}}})", "HTTP requests in flight"),
+                       (f"max(api_jobs_in_system{{{GW}}})", "admitted jobs (running + waiting)"),
+                       (f"max(api_capacity_slots{{{GW}}})", "capacity (Σ MAX_ACTIVE)")],
+         "short", "Requests in flight against capacity", 12),
+    ]),
+    ("Bottlenecks: queue vs saturation vs latency", 8, [
+        ("Queue depth", [(f"max(api_queue_depth{{{GW}}})", "waiting jobs")], "short",
+         "Jobs waiting for a slot", 8),
+        ("Saturation", [(SATURATION, "saturation")], "percentunit", "Σ active / Σ MAX_ACTIVE", 8),
+        ("Queue wait vs engine TTFT (p95)", [
+            (pct(0.95, "api_queue_wait_seconds"), "queue wait p95"),
+            (pct(0.95, "worker_engine_ttft_seconds"), "engine TTFT p95"),
+            (pct(0.95, "worker_pickup_latency_seconds"), "enqueue→start p95")], "s",
+         "Where time to first token goes: waiting for a slot or the engine", 8),
+    ]),
+    ("Tokens and rejections", 8, [
+        ("Tokens/s", [(rate("api_completion_tokens_total"), "completion tokens/s"),
+                      (rate("api_prompt_tokens_total"), "prompt tokens/s"),
+                      (rate("worker_generated_tokens_total"), "generated (workers)")],
+         "short", "Token throughput", 8),
+        ("Decode rate per request (p50)", [(pct(0.5, "worker_decode_tokens_per_second"),
+                                            "p50 tokens/s")], "short",
+         "Completion tokens per second of each stream after its first token", 8),
+        ("Rejections by reason", [(rate("api_rejections_total", "reason"), "{{reason}}")],
+         "reqps", "429/503/504 and cancellations, by reason", 8),
+    ]),
+    ("Workers", 8, [
+        ("Jobs by outcome", [(rate("worker_jobs_total", "outcome"), "{{outcome}}")], "ops",
+         "Finished jobs per second by outcome", 8),
+        ("Active jobs per worker", [(f"sum by (instance) (worker_active_jobs{{{GW}}})",
+                                     "{{instance}}")], "short", "Jobs running on each worker", 8),
+        ("Engine up", [(f"min by (instance) (worker_engine_up{{{GW}}})", "{{instance}}")],
+         "bool", "1 when the worker's engine answers /v1/models", 8),
+    ]),
+    ("vLLM internals", 8, [
+        ("Running / waiting", [("sum(vllm:num_requests_running)", "running"),
+                               ("sum(vllm:num_requests_waiting)", "waiting")], "short",
+         "Requests inside vLLM's scheduler", 8),
+        ("KV-cache usage", [("max by (instance) (vllm:kv_cache_usage_perc)", "{{instance}}")],
+         "percentunit", "Share of KV-cache blocks in use", 8),
+        ("vLLM TTFT", [("histogram_quantile(0.95, sum by (le) "
+                        f"(rate(vllm:time_to_first_token_seconds_bucket[{RI}])))", "p95")], "s",
+         "Time to first token inside vLLM", 8),
+    ]),
+    ("GPU (DCGM)", 7, [
+        (title, [(f"{agg} by (gpu, Hostname) ({metric})", "GPU {{gpu}} {{Hostname}}")], unit,
+         f"{title} from the DCGM exporter", 8)
+        for title, agg, metric, unit in (
+            ("GPU utilisation", "avg", "DCGM_FI_DEV_GPU_UTIL", "percent"),
+            ("GPU memory used", "sum", "DCGM_FI_DEV_FB_USED", "decmbytes"),
+            ("GPU memory free", "sum", "DCGM_FI_DEV_FB_FREE", "decmbytes"),
+            ("GPU temperature", "max", "DCGM_FI_DEV_GPU_TEMP", "celsius"),
+            ("GPU power", "sum", "DCGM_FI_DEV_POWER_USAGE", "watt"))
+    ]),
+]  # fmt: skip
+
+
+class Layout:
+    """Hands out panel ids and grid positions row by row (24 columns)."""
+
+    def __init__(self) -> None:
+        self.panels: list[dict[str, Any]] = []
+        self.x = self.y = self.row_h = 0
+
+    def row(self, title: str) -> None:
+        self.y += self.row_h
+        self._place({"type": "row", "title": title, "collapsed": False, "panels": []}, 24, 1)
+        self.x, self.y, self.row_h = 0, self.y + 1, 0
+
+    def add(self, panel: dict[str, Any], w: int, h: int) -> None:
+        if self.x + w > 24:
+            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
+        panel["datasource"] = DS
+        self._place(panel, w, h)
+        self.x += w
+        self.row_h = max(self.row_h, h)
+
+    def _place(self, panel: dict[str, Any], w: int, h: int) -> None:
+        panel["id"] = len(self.panels) + 1
+        panel["gridPos"] = {
+            "x": self.x if panel["type"] != "row" else 0,
+            "y": self.y,
+            "w": w,
+            "h": h,
+        }
+        self.panels.append(panel)
+
+
+def target(expr: str, legend: str) -> dict[str, Any]:
+    return {"expr": expr, "legendFormat": legend, "datasource": DS}
+
+
+def stat(
+    title: str, expr: str, unit: str, thresholds: tuple[float, float] | None, desc: str
+) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = [{"color": "green", "value": None}]
+    if thresholds:
+        steps += [
+            {"color": "orange", "value": thresholds[0]},
+            {"color": "red", "value": thresholds[1]},
+        ]
+    return {"type": "stat", "title": title, "description": desc,
+            "targets": [target(expr, title)],
+            "fieldConfig": {"defaults": {"unit": unit,
+                                         "thresholds": {"mode": "absolute", "steps": steps}},
+                            "overrides": []},
+            "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "",
+                                          "values": False},
+                        "colorMode": "value", "graphMode": "area", "textMode": "auto"}}  # fmt: skip
+
+
+def timeseries(title: str, targets: list[tuple[str, str]], unit: str, desc: str) -> dict[str, Any]:
+    return {"type": "timeseries", "title": title, "description": desc,
+            "targets": [target(e, legend) for e, legend in targets],
+            "fieldConfig": {"defaults": {"unit": unit, "custom": {"fillOpacity": 10}},
+                            "overrides": []},
+            "options": {"legend": {"displayMode": "list", "placement": "bottom"},
+                        "tooltip": {"mode": "multi"}}}  # fmt: skip
+
+
+def dashboard() -> dict[str, Any]:
+    lay = Layout()
+    lay.row("Health at a glance")
+    for title, expr, unit, thresholds, desc, w in GLANCE:
+        lay.add(stat(title, expr, unit, thresholds, desc), w, 4)
+    for section, height, panels in SECTIONS:
+        lay.row(section)
+        for title, targets, unit, desc, w in panels:
+            lay.add(timeseries(title, targets, unit, desc), w, height)
+    instances = 'label_values(up{job=~"gateway|worker"}, instance)'
+    return {
+        "uid": "llmq-operator", "title": "LLM service — operator", "tags": ["llmq"],
+        "schemaVersion": 39, "version": 1, "editable": True, "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"}, "timezone": "", "graphTooltip": 1,
+        "annotations": {"list": []},
+        "templating": {"list": [
+            {"name": "datasource", "label": "Data source", "type": "datasource",
+             "query": "prometheus", "current": {}, "hide": 0, "refresh": 1},
+            {"name": "instance", "label": "Instance", "type": "query", "datasource": DS,
+             "query": {"query": instances, "refId": "instance"}, "definition": instances,
+             "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
+             "current": {"selected": True, "text": "All", "value": "$__all"}, "hide": 0},
+        ]},
+        "panels": lay.panels,
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    print(json.dumps(dashboard(), indent=2, ensure_ascii=False))
