@@ -44,6 +44,13 @@ def start_prometheus(logdir: Path, targets: dict[str, str]) -> Proc:
         port=port,
     )
     wait_for(lambda: httpx.get(proc.url + "/-/ready").status_code == 200, 30, "Prometheus")
+
+    def all_up() -> bool:  # static targets arrive through discovery, in up to ~5 s
+        active = httpx.get(proc.url + "/api/v1/targets").json()["data"]["activeTargets"]
+        return len(active) == len(targets) and all(t["health"] == "up" for t in active)
+
+    # Scraped before the load, so counters are seen at 0 first and rates are non-zero after.
+    wait_for(all_up, 30, "Prometheus to scrape every target")
     return proc
 
 
