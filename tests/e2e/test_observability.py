@@ -121,8 +121,13 @@ def test_every_dashboard_and_alert_query_works_on_real_data(
         30,
         "Prometheus to scrape the load",
     )
+    # Series born during the load (one per status) need two samples before rate() has any.
+    two_samples = 'min(count_over_time(api_requests_total{route="/v1/chat/completions"}[1m])) >= 2'
     wait_for(
-        lambda: bool(query(prom, "rate(api_completion_tokens_total[1m]) > 0")),
+        lambda: (
+            bool(query(prom, "rate(api_completion_tokens_total[1m]) > 0"))
+            and bool(query(prom, two_samples))
+        ),
         30,
         "two scrapes after the load",
     )
