@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 
 from gateway.registry import WorkerRegistry
-from shared.errors import EngineUnavailable, ModelNotFound, QueueFull, ServerBusy, ServiceError
+from shared.errors import (
+    EngineUnavailable,
+    ModelNotFound,
+    QueueFull,
+    QueueUnavailable,
+    ServerBusy,
+    ServiceError,
+)
 from shared.protocol import JobSpec
 from shared.settings import Settings
 from shared.store import Store
@@ -31,6 +38,8 @@ class Admission:
     def check_ready(self, model: str) -> int:
         """Capacity for ``model``; raises 503 when no engine is ready, 404 for unknown models."""
         reg = self._registry
+        if not reg.redis_ok:
+            raise QueueUnavailable("the job queue is unreachable; retry")
         if not reg.ready():
             raise EngineUnavailable("no live worker with a ready engine; try again shortly")
         if model not in reg.models():

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from shared.errors import InvalidRequest, RequestTooLarge, ServiceError, UpstreamError
+from shared.errors import (
+    InvalidRequest,
+    QueueUnavailable,
+    RequestTooLarge,
+    ServiceError,
+    UpstreamError,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def error_response(err: ServiceError) -> JSONResponse:
@@ -48,7 +59,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
 
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("Redis error on %s: %s", request.url.path, exc)
+    return await _service_error(request, QueueUnavailable("the job queue is unreachable; retry"))
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(RedisError, _redis_error)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

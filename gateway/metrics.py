@@ -13,6 +13,7 @@ REJECTION_REASONS = (
     "server_busy",
     "queue_timeout",
     "engine_unavailable",
+    "queue_unavailable",
     "request_timeout",
     "shutting_down",
     "client_cancelled",

@@ -18,7 +18,7 @@ from starlette.types import Receive
 from gateway.relay import JobRelay, Timings
 from gateway.state import GatewayState, StateDep
 from shared.chat import ChatCompletionRequest, to_job_spec
-from shared.errors import ClientClosedRequest, EngineUnavailable, ShuttingDown
+from shared.errors import ClientClosedRequest, QueueUnavailable, ShuttingDown
 from shared.protocol import Event
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: St
 @router.get("/v1/models")
 async def list_models(st: StateDep) -> dict[str, Any]:
     if not st.registry.redis_ok:
-        raise EngineUnavailable("cannot read worker heartbeats from Redis")
+        raise QueueUnavailable("cannot read worker heartbeats from Redis")
     created = int(min((w.started_at for w in st.registry.workers), default=time.time()))
     return {
         "object": "list",

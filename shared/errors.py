@@ -10,6 +10,7 @@
     ├── Unavailable                   -> 503 + Retry-After
     │   ├── EngineUnavailable         ->     engine_unavailable
     │   ├── QueueTimeout              ->     queue_timeout
+    │   ├── QueueUnavailable          ->     queue_unavailable (Redis unreachable)
     │   └── ShuttingDown              ->     shutting_down (gateway draining)
     ├── RequestTimeout                -> 504 request_timeout
     ├── ClientClosedRequest           -> 499 client_closed_request (logged, never seen)
@@ -137,6 +138,11 @@ class QueueTimeout(Unavailable):
     retry_after_s = 1
 
 
+class QueueUnavailable(Unavailable):
+    code = "queue_unavailable"
+    retry_after_s = 2
+
+
 class ShuttingDown(Unavailable):
     code = "shutting_down"
     retry_after_s = 1
@@ -198,6 +204,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         ServerBusy,
         EngineUnavailable,
         QueueTimeout,
+        QueueUnavailable,
         ShuttingDown,
         RequestTimeout,
     )

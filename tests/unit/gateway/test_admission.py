@@ -8,7 +8,13 @@ import pytest
 
 from gateway.admission import Admission, admission_limit
 from gateway.registry import WorkerRegistry
-from shared.errors import EngineUnavailable, ModelNotFound, QueueFull, ServerBusy
+from shared.errors import (
+    EngineUnavailable,
+    ModelNotFound,
+    QueueFull,
+    QueueUnavailable,
+    ServerBusy,
+)
 from shared.protocol import JobSpec, WorkerInfo
 from shared.settings import Settings
 from shared.store import Store
@@ -29,6 +35,7 @@ def worker(wid: str, ready: bool = True, slots: int = 2, models=("m",)) -> Worke
 def admission(store: Store, workers: list[WorkerInfo], **settings) -> Admission:
     reg = WorkerRegistry(store, 1)
     reg.workers = workers
+    reg.redis_ok = True
     return Admission(Settings(**settings), store, reg)
 
 
@@ -59,6 +66,13 @@ def test_capacity_counts_only_ready_workers_serving_the_model(store: Store) -> N
         ],
     )
     assert a.check_ready("m") == 5
+
+
+def test_unreachable_redis_is_503_queue_unavailable(store: Store) -> None:
+    a = admission(store, [worker("a")])
+    a._registry.redis_ok = False
+    with pytest.raises(QueueUnavailable):
+        a.check_ready("m")
 
 
 def test_no_ready_engine_is_503_unknown_model_is_404(store: Store) -> None:

@@ -1,0 +1,81 @@
+"""The app in-process on fakeredis: what clients see when Redis or the workers are missing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import build_state, create_app
+from shared.protocol import WorkerInfo
+from shared.settings import Settings
+from shared.store import Store
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def client(server: fakeredis.FakeServer) -> Iterator[TestClient]:
+    settings = Settings(registry_refresh_s=0.05)
+    state = build_state(settings, fakeredis.FakeAsyncRedis(server=server))
+    with TestClient(create_app(settings, state)) as c:
+        yield c
+
+
+def add_worker(client: TestClient, server: fakeredis.FakeServer) -> None:
+    info = WorkerInfo(
+        worker_id="w",
+        max_active=1,
+        active=0,
+        models=("m",),
+        engine_ready=True,
+        engine_url="",
+        started_at=time.time(),
+    )
+
+    async def beat() -> None:
+        await Store(fakeredis.FakeAsyncRedis(server=server)).heartbeat(info, ttl_s=30)
+
+    client.portal.call(beat)  # type: ignore[union-attr]
+    deadline = time.monotonic() + 2
+    while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_no_worker_is_503_engine_unavailable(client: TestClient) -> None:
+    resp = client.post("/v1/chat/completions", json=BODY)
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "engine_unavailable"
+    assert resp.headers["retry-after"] == "5"
+    assert client.get("/health").json()["reason"] == "no live worker with a ready engine"
+
+
+def test_redis_outage_is_503_queue_unavailable(
+    client: TestClient, server: fakeredis.FakeServer
+) -> None:
+    add_worker(client, server)
+    assert client.get("/health").status_code == 200
+    server.connected = False
+    resp = client.post("/v1/chat/completions", json=BODY)
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "queue_unavailable"
+    assert resp.headers["retry-after"] == "2"
+    assert resp.headers["x-request-id"].startswith("chatcmpl-")
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert health.json()["redis"] is False
+    assert 'api_rejections_total{reason="queue_unavailable"} 1.0' in client.get("/metrics").text
+
+
+def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:
+    resp = client.get("/v1/nothing")
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == "not_found"
