@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from shared.errors import UpstreamError
+from shared.errors import QueueUnavailable, UpstreamError
 from shared.protocol import Event, events_channel
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ class Subscriptions:
         try:
             await self._pubsub.subscribe(sub.channel)
             await asyncio.wait_for(fut, _CONFIRM_TIMEOUT_S)
+        except TimeoutError:
+            await self.unsubscribe(sub)
+            raise QueueUnavailable("Redis did not confirm the subscription; retry") from None
         except BaseException:
             await self.unsubscribe(sub)
             raise

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
 from shared.protocol import EventType, JobSpec
 from shared.settings import Settings
@@ -88,7 +90,8 @@ def _count(rt: Runtime, usage: dict[str, Any] | None) -> None:
 
 
 async def _fail(pub: Publisher, err: ServiceError) -> None:
-    with contextlib.suppress(ClientGone):
+    """Tell the client why the job ended; best effort (nobody may listen, Redis may be down)."""
+    with contextlib.suppress(ClientGone, RedisError):
         await pub.announced()
         await pub.send(EventType.ERROR, _dumps(err.to_wire()))
 
@@ -143,8 +146,16 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     except ClientGone:
         outcome = "client_gone"
         return {"id": spec.id, "outcome": outcome}
+    except Exception:
+        outcome = "error"
+        logger.exception("job %s: failed", spec.id)
+        await _fail(pub, ServiceError("the worker failed while running the job"))
+        raise
     finally:
-        await asyncio.shield(rt.store.release(spec.id))
+        try:
+            await asyncio.shield(rt.store.release(spec.id))
+        except RedisError as exc:  # its place in llmq:admitted expires by itself
+            logger.warning("job %s: could not release its place: %s", spec.id, exc)
         rt.active -= 1
         rt.metrics.active.set(rt.active)
         rt.metrics.jobs.labels(outcome).inc()

@@ -7,7 +7,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from shared.buckets import FAST_BUCKETS
 
 # How a job ended (worker_jobs_total{outcome}); every outcome is exported from the start.
-OUTCOMES = ("completed", "rejected", "engine_error", "timeout", "client_gone", "cancelled")
+OUTCOMES = (
+    "completed",
+    "rejected",
+    "engine_error",
+    "timeout",
+    "client_gone",
+    "cancelled",
+    "error",
+)
 _RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0)
 
 
