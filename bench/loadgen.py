@@ -46,6 +46,11 @@ class RunResult:
         return sum(s.tokens for s in self.ok) / self.wall_s
 
 
+def merge(results: list[RunResult]) -> RunResult:
+    """Batches run one after another, as one result (samples joined, wall times added)."""
+    return RunResult([s for r in results for s in r.samples], sum(r.wall_s for r in results))
+
+
 async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
     t0 = time.perf_counter()
     ttft = None

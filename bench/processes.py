@@ -5,6 +5,7 @@ Used by the benchmarks and by the integration tests' fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -58,16 +59,20 @@ class Proc:
             self.popen.send_signal(sig)
 
     def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM, wait, then kill whatever is left of the process group."""
         self.signal(signal.SIGTERM)
         try:
-            return self.popen.wait(timeout)
+            code: int | None = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait(5)
+            code = None
+        self.kill()
+        return code
 
     def kill(self) -> None:
-        if self.alive():
-            self.popen.kill()
+        """SIGKILL the whole process group: vLLM's engine processes die with its server."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
 
     def output(self) -> str:
@@ -86,7 +91,14 @@ def spawn(
     log = logdir / f"{name}-{time.monotonic_ns()}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("wb") as out:  # the child keeps its own descriptor
-        popen = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(  # own process group, so kill() reaches its children
+            args,
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return Proc(name, popen, log, port)
 
 
