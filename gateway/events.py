@@ -40,6 +40,7 @@ class Subscription:
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         self.channel = events_channel(job_id)
+        self.key = self.channel.encode()
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._seq = 0
 
@@ -60,8 +61,9 @@ class Subscription:
 class Subscriptions:
     def __init__(self, redis: Redis) -> None:
         self._pubsub: PubSub = redis.pubsub()
-        self._subs: dict[str, Subscription] = {}
-        self._confirm: dict[str, asyncio.Future[None]] = {}
+        # Keyed by the channel name as bytes, as messages carry it: no decoding per token.
+        self._subs: dict[bytes, Subscription] = {}
+        self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -77,8 +79,8 @@ class Subscriptions:
     async def subscribe(self, job_id: str) -> Subscription:
         sub = Subscription(job_id)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._subs[sub.channel] = sub
-        self._confirm[sub.channel] = fut
+        self._subs[sub.key] = sub
+        self._confirm[sub.key] = fut
         try:
             await self._pubsub.subscribe(sub.channel)
             await asyncio.wait_for(fut, _CONFIRM_TIMEOUT_S)
@@ -89,14 +91,14 @@ class Subscriptions:
             await self.unsubscribe(sub)
             raise
         finally:
-            self._confirm.pop(sub.channel, None)
+            self._confirm.pop(sub.key, None)
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.channel, None) is not None:
+        if self._subs.pop(sub.key, None) is not None:
             try:
                 await self._pubsub.unsubscribe(sub.channel)
-            except RedisError as exc:  # the reader resubscribes only what is still wanted
+            except RedisError as exc:  # stray messages for it are dropped by _dispatch
                 logger.warning("job %s: unsubscribe failed: %s", sub.job_id, exc)
 
     async def _read(self) -> None:
@@ -113,12 +115,13 @@ class Subscriptions:
     def _dispatch(self, msg: dict[str, object]) -> None:
         kind = msg["type"]
         channel = msg["channel"]
-        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        if not isinstance(channel, bytes):
+            return
         if kind == "message":
-            sub = self._subs.get(name)
+            sub = self._subs.get(channel)
             if sub is not None and isinstance(msg["data"], bytes):
                 sub.queue.put_nowait(msg["data"])
         elif kind == "subscribe":
-            fut = self._confirm.get(name)
+            fut = self._confirm.get(channel)
             if fut is not None and not fut.done():
                 fut.set_result(None)

@@ -184,7 +184,7 @@ class JobRelay:
         try:
             while True:
                 if event.type is EventType.CHUNK:
-                    yield b"data: " + event.data.encode() + b"\n\n"
+                    yield b"data: " + event.data + b"\n\n"
                 elif event.type is EventType.DONE:
                     self.finished = True
                     for frame in self._finish(event):

@@ -16,7 +16,7 @@ Keys and channels
 
 Event wire format: ``"<seq> <type> <data>"``, one pub/sub message each. ``data`` of a
 ``chunk`` event is the OpenAI chunk JSON exactly as the gateway sends it to the client, so the
-per-token relay path never parses JSON.
+per-token relay path neither parses JSON nor decodes text.
 """
 
 from __future__ import annotations
@@ -80,18 +80,19 @@ TERMINAL = frozenset({EventType.DONE, EventType.RESULT, EventType.ERROR})
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """One pub/sub message. ``data`` stays bytes: the gateway frames chunks without decoding."""
+
     seq: int
     type: EventType
-    data: str
+    data: bytes
 
-    def encode(self) -> str:
-        return f"{self.seq} {self.type.value} {self.data}"
+    def encode(self) -> bytes:
+        return b"%d %s %s" % (self.seq, self.type.value.encode(), self.data)
 
     @staticmethod
-    def decode(raw: bytes | str) -> Event:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        seq, kind, data = text.split(" ", 2)
-        return Event(int(seq), EventType(kind), data)
+    def decode(raw: bytes) -> Event:
+        seq, kind, data = raw.split(b" ", 2)
+        return Event(int(seq), EventType(kind.decode()), data)
 
 
 class JobSpec(BaseModel):

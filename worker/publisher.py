@@ -42,7 +42,7 @@ class Publisher:
         """Publish one event. Raises ClientGone once PUBLISH has reached no subscriber for
         longer than the grace period (DESIGN §4.8); a terminal event never raises."""
         self._seq += 1
-        receivers = await self._store.publish(self._job_id, Event(self._seq, kind, data))
+        receivers = await self._store.publish(self._job_id, Event(self._seq, kind, data.encode()))
         if receivers:
             self._silent_since = None
             return

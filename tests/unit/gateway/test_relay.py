@@ -34,7 +34,7 @@ def relay(include_usage: bool, events: list[Event]) -> tuple[JobRelay, AsyncMock
     )
     sub = Subscription("chatcmpl-x")
     for e in events:
-        sub.queue.put_nowait(e.encode().encode())
+        sub.queue.put_nowait(e.encode())
     store = AsyncMock()
     subs = AsyncMock()
     now = time.monotonic()
@@ -58,11 +58,11 @@ async def frames(r: JobRelay, first: Event) -> list[str]:
 
 
 def done_event(seq: int) -> Event:
-    return Event(seq, EventType.DONE, json.dumps({"final": FINAL, "usage": USAGE}))
+    return Event(seq, EventType.DONE, json.dumps({"final": FINAL, "usage": USAGE}).encode())
 
 
 async def test_usage_chunk_only_when_asked() -> None:
-    first = Event(2, EventType.CHUNK, json.dumps(CHUNK))
+    first = Event(2, EventType.CHUNK, json.dumps(CHUNK).encode())
     r, store = relay(True, [done_event(3)])
     r.sub._seq = 2
     out = await frames(r, first)
@@ -84,19 +84,19 @@ async def test_usage_chunk_only_when_asked() -> None:
 
 
 async def test_failure_after_first_byte_is_one_error_event_then_done() -> None:
-    err = Event(3, EventType.ERROR, json.dumps(RequestTimeout("slow").to_wire()))
+    err = Event(3, EventType.ERROR, json.dumps(RequestTimeout("slow").to_wire()).encode())
     r, store = relay(False, [err])
     r.sub._seq = 2
-    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK)))
+    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
     assert json.loads(out[1])["error"]["code"] == "request_timeout"
     assert out[2:] == ["[DONE]"]
     store.cancel.assert_not_awaited()
 
 
 async def test_lost_events_end_the_stream_and_cancel_the_job() -> None:
-    r, store = relay(False, [Event(5, EventType.CHUNK, json.dumps(CHUNK))])
+    r, store = relay(False, [Event(5, EventType.CHUNK, json.dumps(CHUNK).encode())])
     r.sub._seq = 2
-    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK)))
+    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
     assert json.loads(out[1])["error"]["code"] == "stream_interrupted"
     assert out[-1] == "[DONE]"
     store.cancel.assert_awaited_once_with("chatcmpl-x")
@@ -105,6 +105,6 @@ async def test_lost_events_end_the_stream_and_cancel_the_job() -> None:
 async def test_silent_worker_times_out_and_cancels() -> None:
     r, store = relay(False, [])
     r.sub._seq = 2
-    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK)))
+    out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
     assert json.loads(out[1])["error"]["code"] == "request_timeout"
     store.cancel.assert_awaited_once()

@@ -6,8 +6,8 @@ from shared.protocol import Event, EventType, WorkerInfo, events_channel, job_ke
 
 
 def test_event_round_trip_keeps_data_with_spaces() -> None:
-    e = Event(7, EventType.CHUNK, '{"content": "a b  c"}')
-    assert Event.decode(e.encode().encode()) == e
+    e = Event(7, EventType.CHUNK, b'{"content": "a b  c"}')
+    assert Event.decode(e.encode()) == e
 
 
 def test_event_decode_rejects_unknown_types() -> None:
