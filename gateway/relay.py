@@ -87,7 +87,10 @@ class JobRelay:
                 raise QueueTimeout(
                     f"waited {s.queue_timeout_s:g}s in the queue; try again"
                 ) from None
-            event = await self.sub.next(_STARTED_GRACE_S)  # it started as we gave up
+            try:  # it started just as we gave up: its STARTED event is on the way
+                event = await self.sub.next(_STARTED_GRACE_S)
+            except TimeoutError:
+                raise RequestTimeout("the worker took the job but sent nothing") from None
         t.started = time.monotonic()
         self.metrics.queue_wait.observe(t.started - t.admitted)
         self._raise_if_error(event)
@@ -106,12 +109,17 @@ class JobRelay:
             self.finished = True
             raise ServiceError.from_wire(json.loads(event.data))
 
-    async def close(self) -> None:
-        """Cancel the job unless it ended, and drop the subscription; safe under cancellation."""
+    async def close(self, *, client_gone: bool) -> None:
+        """Cancel the job unless it ended, and drop the subscription; safe under cancellation.
+
+        ``client_gone``: the client left (counted as ``client_cancelled``), as opposed to the
+        gateway ending the job itself after a timeout or lost events (counted where raised).
+        """
         with anyio.CancelScope(shield=True):
             if not self.finished:
-                logger.info("job %s: client gone, cancelling", self.spec.id)
-                self.metrics.reject("client_cancelled")
+                if client_gone:
+                    logger.info("job %s: client gone, cancelling", self.spec.id)
+                    self.metrics.reject("client_cancelled")
                 await self.store.cancel(self.spec.id)
                 self.finished = True
             await self.subs.unsubscribe(self.sub)
@@ -181,6 +189,7 @@ class JobRelay:
         A failure after the first byte is one error event, then ``[DONE]`` (STYLE §8).
         """
         event = first
+        client_gone = True  # unless we end the stream ourselves below
         try:
             while True:
                 if event.type is EventType.CHUNK:
@@ -198,14 +207,16 @@ class JobRelay:
                     return
                 event = await self.sub.next(self._deadline_left())
         except TimeoutError:
+            client_gone = False
             yield self._error_frame(RequestTimeout("the engine stopped answering"))
             yield _DONE
         except ServiceError as exc:  # EventGap
+            client_gone = False
             logger.warning("job %s: %s", self.spec.id, exc.message)
             yield self._error_frame(exc)
             yield _DONE
         finally:
-            await self.close()
+            await self.close(client_gone=client_gone)
 
 
 def _frame(data: str) -> bytes:

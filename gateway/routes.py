@@ -64,9 +64,10 @@ async def _open_relay(
     try:
         first = await until_disconnect(request, relay.open())
     except BaseException as exc:
-        if isinstance(exc, ClientClosedRequest):
+        gone = isinstance(exc, ClientClosedRequest | asyncio.CancelledError)
+        if gone:
             logger.info("job %s: client left before the first token", job_id)
-        await relay.close()
+        await relay.close(client_gone=gone)
         raise
     return relay, first
 
@@ -84,7 +85,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: St
         return EventSourceResponse(
             relay.sse_body(first), sep="\n", ping=15, headers={"Cache-Control": "no-cache"}
         )
-    await relay.close()
+    await relay.close(client_gone=False)  # the result is in: nothing left to cancel
     return JSONResponse(relay.completion(first))
 
 

@@ -108,3 +108,26 @@ async def test_silent_worker_times_out_and_cancels() -> None:
     out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
     assert json.loads(out[1])["error"]["code"] == "request_timeout"
     store.cancel.assert_awaited_once()
+
+
+def rejections(r: JobRelay, reason: str) -> float:
+    value: float = r.metrics.rejections.labels(reason)._value.get()
+    return value
+
+
+async def test_timeout_counts_as_request_timeout_not_client_cancel() -> None:
+    r, _ = relay(False, [])
+    r.sub._seq = 2
+    await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
+    assert rejections(r, "request_timeout") == 1
+    assert rejections(r, "client_cancelled") == 0
+
+
+async def test_client_leaving_mid_stream_cancels_the_job() -> None:
+    r, store = relay(False, [Event(3, EventType.CHUNK, json.dumps(CHUNK).encode())])
+    r.sub._seq = 2
+    body = r.sse_body(Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
+    await anext(body)
+    await body.aclose()  # what the server does when the client disconnects
+    store.cancel.assert_awaited_once_with("chatcmpl-x")
+    assert rejections(r, "client_cancelled") == 1
