@@ -97,7 +97,7 @@ if [ "$START_ENGINE" = 1 ]; then
   start vllm env VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" \
     "$ENGINE_VENV/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$MODEL_DIR" --served-model-name "$SERVED_MODEL_NAME" \
-    --host 127.0.0.1 --port "$VLLM_PORT" $VLLM_ARGS
+    --host 127.0.0.1 --port "$VLLM_PORT" --max-num-seqs "$MAX_ACTIVE" $VLLM_ARGS
   echo "  waiting for vLLM to load the model (about a minute on 2 cores)..."
   wait_http "$VLLM_URL/v1/models" 900 vllm "${PIDS[-1]}" \
     || fail_with_log vllm "no answer on $VLLM_URL/v1/models"
