@@ -62,6 +62,19 @@ end
 return waiting
 """
 
+# KEYS: queue. ARGV: in-progress prefix, now_ms, limit. Ids of jobs due and not running, oldest
+# first: what a worker with free slots should try to start.
+_WAITING_JOBS = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])) do
+  if redis.call('EXISTS', ARGV[1] .. id) == 0 then
+    table.insert(out, id)
+    if #out >= tonumber(ARGV[3]) then break end
+  end
+end
+return out
+"""
+
 # KEYS: worker hash, workers index. ARGV: worker_id, ttl_ms, field, value, field, value, ...
 _HEARTBEAT = (
     _NOW
@@ -107,6 +120,7 @@ class Store:
         self._cancel = redis.register_script(_CANCEL)
         self._touch = redis.register_script(_TOUCH)
         self._queue_depth = redis.register_script(_QUEUE_DEPTH)
+        self._waiting = redis.register_script(_WAITING_JOBS)
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._live = redis.register_script(_LIVE_WORKERS)
 
@@ -166,6 +180,13 @@ class Store:
         return out
 
     # -- worker side -------------------------------------------------------------------
+    async def waiting_jobs(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` queued jobs that are due and not running, oldest first."""
+        ids: list[bytes] = await self._waiting(
+            keys=[p.QUEUE], args=[p.IN_PROGRESS_PREFIX, int(time.time() * 1000), limit]
+        )
+        return ids
+
     async def mark_started(self, job_id: str, hold_s: float) -> None:
         await self._touch(keys=[p.ADMITTED], args=[job_id, int(hold_s * 1000)])
 

@@ -104,3 +104,12 @@ async def test_heartbeats_expire_and_workers_can_leave(store: Store) -> None:
     assert (await store.live_workers())[0] == info
     await store.remove_worker("w1")
     assert await store.live_workers() == []
+
+
+async def test_waiting_jobs_skips_running_and_not_yet_due(store: Store, fake_redis) -> None:
+    for i in range(4):
+        await store.admit(spec(f"j{i}"), limit=10, hold_s=30, expire_s=30)
+    await fake_redis.set(p.in_progress_key("j0"), b"1")
+    await fake_redis.zadd(p.QUEUE, {"later": int(time.time() * 1000) + 60_000})
+    assert await store.waiting_jobs(10) == [b"j1", b"j2", b"j3"]
+    assert await store.waiting_jobs(2) == [b"j1", b"j2"]
