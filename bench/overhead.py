@@ -55,6 +55,57 @@ def interleaved(
     return merge(direct), merge(via), (cpu[0], cpu[1])
 
 
+BODY = {
+    "model": "sim-model",
+    "stream": True,
+    "messages": [{"role": "user", "content": "Say something."}],
+}
+
+
+def start_stack(a: argparse.Namespace, logdir: Path, procs: list[Proc]) -> tuple[Proc, Proc, Proc]:
+    """redis-server, the simulator, one worker (16 slots), one gateway: (sim, gw, worker)."""
+    redis = start_redis(logdir)
+    procs.append(redis)
+    sim = start_sim(
+        logdir, "--ttft-ms", str(a.ttft_ms), "--itl-ms", str(a.itl_ms), "--tokens", str(a.tokens)
+    )
+    procs.append(sim)
+    env = service_env(
+        f"redis://127.0.0.1:{redis.port}/0",
+        sim.url,
+        max_active=16,
+        queue_max=256,
+        log_level="WARNING",
+    )
+    worker = start_worker(logdir, env)
+    procs.append(worker)
+    gateway = start_gateway(logdir, env)
+    procs.append(gateway)
+    return sim, gateway, worker
+
+
+def measure(
+    a: argparse.Namespace, sim: Proc, gateway: Proc, worker: Proc
+) -> dict[int, tuple[RunResult, RunResult]]:
+    results = {}
+    for conc in (1, 16):
+        n = a.requests if conc > 1 else max(50, a.requests // 2)
+        direct, via, cpu = interleaved(
+            sim.url, gateway.url, BODY, n, conc, a.rounds, (gateway, worker)
+        )
+        results[conc] = (direct, via)
+        print(_row(f"direct      c={conc}", direct))
+        print(_row(f"via gateway c={conc}", via))
+        added50 = (via.pct("ttft_s", 50) - direct.pct("ttft_s", 50)) * 1000
+        added99 = (via.pct("ttft_s", 99) - direct.pct("ttft_s", 99)) * 1000
+        print(
+            f"  added ttft: p50 {added50:+.2f} ms  p99 {added99:+.2f} ms;  throughput "
+            f"ratio {via.req_per_s / direct.req_per_s:.3f};  CPU s per 1000 requests: "
+            f"gateway {cpu[0] * 1000 / n:.1f}, worker {cpu[1] * 1000 / n:.1f}"
+        )
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="gateway path overhead vs direct engine")
     ap.add_argument("--requests", type=int, default=200)
@@ -63,60 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--itl-ms", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=5, help="alternating direct/gateway batches")
     a = ap.parse_args(argv)
-    logdir = Path(tempfile.mkdtemp(prefix="llmq-bench-"))
-    procs = []
+    procs: list[Proc] = []
     try:
-        redis = start_redis(logdir)
-        sim = start_sim(
-            logdir,
-            "--ttft-ms",
-            str(a.ttft_ms),
-            "--itl-ms",
-            str(a.itl_ms),
-            "--tokens",
-            str(a.tokens),
-        )
-        procs += [redis, sim]
-        env = service_env(
-            f"redis://127.0.0.1:{redis.port}/0",
-            sim.url,
-            max_active=16,
-            queue_max=256,
-            log_level="WARNING",
-        )
-        worker = start_worker(logdir, env)
-        procs.append(worker)
-        gateway = start_gateway(logdir, env)
-        procs.append(gateway)
-        body = {
-            "model": "sim-model",
-            "stream": True,
-            "messages": [{"role": "user", "content": "Say something."}],
-        }
-        asyncio.run(run(gateway.url, body, 20, 4))  # warm-up: connections, imports, caches
-        asyncio.run(run(sim.url, body, 20, 4))
+        sim, gateway, worker = start_stack(a, Path(tempfile.mkdtemp(prefix="llmq-bench-")), procs)
+        asyncio.run(run(gateway.url, BODY, 20, 4))  # warm-up: connections, imports, caches
+        asyncio.run(run(sim.url, BODY, 20, 4))
         print(
             f"engine simulator: ttft {a.ttft_ms} ms, itl {a.itl_ms} ms, {a.tokens} tokens; "
             f"{a.requests} requests per c=16 row, alternating direct and gateway batches"
         )
-        results = {}
-        for conc in (1, 16):
-            n = a.requests if conc > 1 else max(50, a.requests // 2)
-            direct, via, cpu = interleaved(
-                sim.url, gateway.url, body, n, conc, a.rounds, (gateway, worker)
-            )
-            results[conc] = (direct, via)
-            print(_row(f"direct      c={conc}", direct))
-            print(_row(f"via gateway c={conc}", via))
-            added50 = (via.pct("ttft_s", 50) - direct.pct("ttft_s", 50)) * 1000
-            added99 = (via.pct("ttft_s", 99) - direct.pct("ttft_s", 99)) * 1000
-            print(
-                f"  added ttft: p50 {added50:+.2f} ms  p99 {added99:+.2f} ms;  throughput "
-                f"ratio {via.req_per_s / direct.req_per_s:.3f};  CPU s per 1000 requests: "
-                f"gateway {cpu[0] * 1000 / n:.1f}, worker {cpu[1] * 1000 / n:.1f}"
-            )
-        d1, v1 = results[1]
-        d16, v16 = results[16]
+        results = measure(a, sim, gateway, worker)
+        (d1, v1), (d16, v16) = results[1], results[16]
         added = (v1.pct("ttft_s", 50) - d1.pct("ttft_s", 50)) * 1000
         ratio = v16.req_per_s / d16.req_per_s
         print(
