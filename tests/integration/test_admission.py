@@ -17,13 +17,15 @@ from tests.integration.procs import Stack, wait_for
 pytestmark = pytest.mark.integration
 
 
-async def _burst(urls: list[str], per_gateway: int, **sim: object) -> list[int]:
+async def _burst(urls: list[str], per_gateway: int, code: str, **sim: object) -> list[int]:
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as c:
         tasks = [stream_chat(c, url, body(**sim)) for url in urls for _ in range(per_gateway)]
         results = await asyncio.gather(*tasks)
     for r in results:
         if r.status == 429:
             assert r.headers.get("retry-after"), "every 429 carries Retry-After"
+            assert r.error_body is not None
+            assert r.error_body["error"]["code"] == code
         else:
             assert r.status == 200, r
             assert r.done, r
@@ -38,7 +40,7 @@ def test_burst_from_two_gateways_admits_exactly_the_bound(
 ) -> None:
     stack.worker(max_active=2)
     gws = [stack.gateway(queue_mode=mode, queue_max=3) for _ in range(2)]
-    statuses = asyncio.run(_burst([g.url for g in gws], 8, tokens=8, itl_ms=100))
+    statuses = asyncio.run(_burst([g.url for g in gws], 8, code, tokens=15, itl_ms=100))
     assert statuses.count(200) == expected
     assert statuses.count(429) == 16 - expected
     assert_drained(rdb)
@@ -63,7 +65,7 @@ def test_queue_timeout_never_reaches_the_engine(stack: Stack, rdb: redis.Redis, 
     assert resp.status_code == 503
     assert resp.json()["error"]["code"] == "queue_timeout"
     assert resp.headers["retry-after"]
-    assert 0.9 < time.monotonic() - t0 < 3
+    assert 0.9 < time.monotonic() - t0 < 5  # QUEUE_TIMEOUT_S=1, not more
     first.join(10)
     assert sim_stats(sim.url)["requests"] == 1, "the timed-out job must never reach the engine"
     assert_drained(rdb)
