@@ -87,7 +87,7 @@ def test_killed_gateway_leaves_queued_jobs_to_be_served(stack: Stack, rdb: redis
     gw = stack.gateway()
     clients = [
         threading.Thread(
-            target=lambda: _quietly_post(gw.url, body(tokens=4, itl_ms=50)), daemon=True
+            target=lambda: _quietly_post(gw.url, body(tokens=8, itl_ms=100)), daemon=True
         )
         for _ in range(4)
     ]
