@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
 from shared import protocol as p
@@ -133,8 +134,6 @@ class Store:
         ``hold_s`` bounds how long the job may hold its place before it starts (then the
         worker re-arms it); ``expire_s`` is the arq job key's expiry (QUEUE_TIMEOUT_S).
         """
-        from arq.jobs import serialize_job
-
         payload = serialize_job(
             p.JOB_FUNCTION,
             (spec.model_dump(mode="json"),),
