@@ -1,0 +1,42 @@
+"""One pub/sub connection fanned out to per-job queues (fakeredis pub/sub)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.events import EventGap, Subscriptions
+from shared.protocol import Event, EventType, events_channel
+
+
+async def test_events_reach_only_their_job_in_order(fake_redis) -> None:
+    subs = Subscriptions(fake_redis)
+    await subs.start()
+    try:
+        a = await subs.subscribe("job-a")  # returns once Redis confirmed the subscription
+        b = await subs.subscribe("job-b")
+        for seq in (1, 2):
+            await fake_redis.publish(
+                events_channel("job-a"), Event(seq, EventType.CHUNK, b"x y").encode()
+            )
+        await fake_redis.publish(events_channel("job-b"), Event(1, EventType.DONE, b"{}").encode())
+        assert [(await a.next(1)).seq for _ in range(2)] == [1, 2]
+        assert (await b.next(1)).type is EventType.DONE
+        await subs.unsubscribe(a)
+        await fake_redis.publish(events_channel("job-a"), Event(3, EventType.CHUNK, b"").encode())
+        with pytest.raises(TimeoutError):
+            await a.next(0.2)
+    finally:
+        await subs.stop()
+
+
+async def test_a_sequence_gap_is_reported(fake_redis) -> None:
+    subs = Subscriptions(fake_redis)
+    await subs.start()
+    try:
+        sub = await subs.subscribe("job")
+        await fake_redis.publish(events_channel("job"), Event(2, EventType.CHUNK, b"").encode())
+        with pytest.raises(EventGap) as info:
+            await sub.next(1)
+        assert info.value.error_code == "stream_interrupted"
+    finally:
+        await subs.stop()
