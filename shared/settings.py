@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENGINE_PROBE_TIMEOUT_S = 2.0
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Environment variable = field name in upper case."""
@@ -57,8 +59,9 @@ class Settings(BaseSettings):
 
     @property
     def heartbeat_ttl_s(self) -> float:
-        """A worker is live while its heartbeat is younger than three intervals."""
-        return self.heartbeat_interval_s * 3
+        """A worker is live while its heartbeat is younger than three intervals plus one
+        engine probe (each beat first asks the engine, which may take ENGINE_PROBE_TIMEOUT_S)."""
+        return self.heartbeat_interval_s * 3 + ENGINE_PROBE_TIMEOUT_S
 
 
 def load_settings() -> Settings:

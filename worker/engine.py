@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from shared.errors import EngineUnavailable, UpstreamError
+from shared.settings import ENGINE_PROBE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class EngineClient:
     async def models(self) -> list[str] | None:
         """Served model ids, or None when the engine does not answer (not ready)."""
         try:
-            resp = await self._http.get("/v1/models", timeout=2.0)
+            resp = await self._http.get("/v1/models", timeout=ENGINE_PROBE_TIMEOUT_S)
             resp.raise_for_status()
             return [m["id"] for m in resp.json().get("data", [])]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
