@@ -18,7 +18,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import uvicorn
@@ -47,7 +47,6 @@ class SimStats:
     streams_abandoned: int = 0
     running: int = 0
     failures_injected: int = 0
-    aborted_ids: list[str] = field(default_factory=list)
 
 
 class DroppedStream(Exception):
@@ -208,7 +207,6 @@ class Simulator:
             self.stats.streams_completed += 1
         except (asyncio.CancelledError, GeneratorExit):
             self.stats.streams_abandoned += 1
-            self.stats.aborted_ids.append(rid)
             raise
         finally:
             self.stats.running -= 1

@@ -106,7 +106,7 @@ _WORKER_PREFIX = p.worker_key("")
 
 
 @dataclass(frozen=True, slots=True)
-class Admission:
+class AdmitResult:
     admitted: bool
     in_system: int  # N after the attempt: admitted jobs not yet finished
     duplicate: bool = False
@@ -128,7 +128,7 @@ class Store:
     # -- gateway side ------------------------------------------------------------------
     async def admit(
         self, spec: p.JobSpec, *, limit: int, hold_s: float, expire_s: float
-    ) -> Admission:
+    ) -> AdmitResult:
         """Admit and enqueue in one atomic step: nothing is ever half-enqueued.
 
         ``hold_s`` bounds how long the job may hold its place before it starts (then the
@@ -154,7 +154,7 @@ class Store:
                 p.WAKE_CHANNEL,
             ],
         )
-        return Admission(admitted=status == 1, in_system=int(n), duplicate=status == -1)
+        return AdmitResult(admitted=status == 1, in_system=int(n), duplicate=status == -1)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job. True: it had not started and never will. False: abort requested."""
