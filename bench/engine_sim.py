@@ -1,4 +1,4 @@
-"""OpenAI-compatible engine simulator, streaming the way vLLM does (DESIGN §2, bench/).
+"""OpenAI-compatible engine simulator, streaming the way vLLM does.
 
     python -m bench.engine_sim --port 8000 --ttft-ms 20 --itl-ms 10
 

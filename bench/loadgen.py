@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from llmq.shared import sse
 
 
 @dataclass
@@ -59,15 +60,15 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Samp
         if resp.status_code != 200:
             await resp.aread()
             return Sample(0, time.perf_counter() - t0, 0, False)
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices") or []
-            if choices and choices[0].get("delta", {}).get("content"):
-                tokens += 1
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
+        try:
+            async for chunk in sse.events(resp.aiter_lines()):
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("delta", {}).get("content"):
+                    tokens += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+        except sse.StreamEndedEarly:
+            return Sample(ttft or 0.0, time.perf_counter() - t0, tokens, False)
     return Sample(ttft or 0.0, time.perf_counter() - t0, tokens, ttft is not None)
 
 

@@ -160,14 +160,14 @@ def service_env(redis_url: str, engine_url: str, **overrides: object) -> dict[st
 
 
 def start_worker(logdir: Path, env: dict[str, str]) -> Proc:
-    return spawn("worker", [sys.executable, "-m", "worker"], logdir, env)
+    return spawn("worker", [sys.executable, "-m", "llmq.worker"], logdir, env)
 
 
 def start_gateway(logdir: Path, env: dict[str, str], wait_ready: bool = True) -> Proc:
     port = free_port()
     proc = spawn(
         "gateway",
-        [sys.executable, "-m", "gateway"],
+        [sys.executable, "-m", "llmq.gateway"],
         logdir,
         {**env, "GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1"},
         port,

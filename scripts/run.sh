@@ -105,8 +105,8 @@ else
   wait_http "$VLLM_URL/v1/models" 60 vllm || die "no vLLM answers on VLLM_URL=$VLLM_URL"
 fi
 
-start worker .venv/bin/python -m worker
-start gateway .venv/bin/python -m gateway
+start worker .venv/bin/llmq-worker
+start gateway .venv/bin/llmq-gateway
 wait_http "http://127.0.0.1:$GATEWAY_PORT/health" 60 gateway "${PIDS[-1]}" \
   || fail_with_log gateway "/health is not 200 (is the worker up? see $LOG_DIR/worker.log)"
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 import redis
 
-from bench.processes import Proc, start_redis
+from tests.support.stack import Proc, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -49,15 +49,8 @@ def rdb(redis_server: Proc) -> Iterator[redis.Redis]:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     rep = yield
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
-
-
-def dump_logs_on_failure(request: pytest.FixtureRequest, procs: list[Proc]) -> None:
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for p in procs:
-            print(f"----- {p.name} log -----\n{p.output()[-4000:]}")

@@ -13,12 +13,15 @@ import httpx
 import pytest
 import redis
 
-from bench.processes import BUNDLED_MODEL, Proc, engine_paths, spawn_vllm, wait_for
-from tests.conftest import dump_logs_on_failure
-from tests.integration.procs import Stack
-
-MODEL = BUNDLED_MODEL
-MAX_MODEL_LEN = 512
+from tests.support.stack import (
+    E2E_MAX_MODEL_LEN,
+    Proc,
+    Stack,
+    dump_logs_on_failure,
+    engine_paths,
+    spawn_vllm,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +33,7 @@ def vllm(logdir: Path) -> Iterator[Proc]:
             "which installs both",
             pytrace=False,
         )
-    proc = spawn_vllm(logdir, max_model_len=MAX_MODEL_LEN, max_num_seqs=8)
+    proc = spawn_vllm(logdir, max_model_len=E2E_MAX_MODEL_LEN, max_num_seqs=8)
     try:
         wait_for(
             lambda: proc.alive() and httpx.get(proc.url + "/v1/models").status_code == 200,

@@ -13,10 +13,9 @@ import httpx
 import pytest
 import redis
 
-from bench.processes import ROOT, Proc, free_port, spawn, wait_for
 from local.prometheus_config import SOURCE, localize
-from tests.e2e.conftest import MODEL
-from tests.integration.procs import Stack
+from tests.support.stack import BUNDLED_MODEL as MODEL
+from tests.support.stack import ROOT, Proc, Stack, free_port, spawn, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 DASHBOARD = ROOT / "monitoring/grafana/dashboards/llmq-operator.json"

@@ -6,20 +6,24 @@ import asyncio
 import re
 import subprocess
 import time
+from typing import cast
 
 import httpx
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletionMessageParam
 
-from bench.processes import ROOT, Proc, engine_paths, wait_for
-from tests.e2e.conftest import MAX_MODEL_LEN, MODEL
-from tests.integration.helpers import assert_drained
-from tests.integration.procs import Stack
+from tests.support.clients import assert_drained
+from tests.support.stack import BUNDLED_MODEL as MODEL
+from tests.support.stack import E2E_MAX_MODEL_LEN as MAX_MODEL_LEN
+from tests.support.stack import ROOT, Proc, Stack, engine_paths, wait_for
 
 # The first test also waits for vLLM to start (a minute or more on 2 cores).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
 
 
 def running(vllm: Proc) -> float:
@@ -111,7 +115,8 @@ def test_requests_beyond_max_active_wait_in_the_queue_and_all_complete(
                 for _ in range(5)
             ]
             while not all(t.done() for t in tasks):
-                peak = max(peak, rdb.zcard("llmq:queue") - len(rdb.keys("arq:in-progress:*")))
+                queued = cast(int, rdb.zcard("llmq:queue"))
+                peak = max(peak, queued - len(cast(list[bytes], rdb.keys("arq:in-progress:*"))))
                 await asyncio.sleep(0.02)
             return await asyncio.gather(*tasks)
 

@@ -9,8 +9,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import dump_logs_on_failure
-from tests.integration.procs import Proc, Stack, start_sim
+from tests.support.stack import Proc, Stack, dump_logs_on_failure, start_sim
 
 
 @pytest.fixture(scope="session")

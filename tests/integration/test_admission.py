@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
 import redis
 
-from tests.integration.helpers import assert_drained, body, sim_stats, stream_chat
-from tests.integration.procs import Stack, wait_for
+from tests.support.clients import (
+    assert_drained,
+    body,
+    get_json,
+    members,
+    sim_stats,
+    stream_chat,
+)
+from tests.support.stack import Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-async def _burst(urls: list[str], per_gateway: int, code: str, **sim: object) -> list[int]:
+async def _burst(urls: list[str], per_gateway: int, code: str, **sim: Any) -> list[int]:
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as c:
         tasks = [stream_chat(c, url, body(**sim)) for url in urls for _ in range(per_gateway)]
         results = await asyncio.gather(*tasks)
@@ -78,13 +85,9 @@ def test_queued_job_payload_is_readable_json(stack: Stack, rdb: redis.Redis, sim
     wait_for(lambda: sim_stats(sim.url)["running"] == 1, 5, "first job running")
     second = _background(gw.url, body(stream=False, tokens=1))
     wait_for(lambda: rdb.zcard("llmq:queue") == 2, 5, "second job queued")
-    waiting = [
-        j.decode()
-        for j in rdb.zrange("llmq:queue", 0, -1)
-        if not rdb.exists(b"arq:in-progress:" + j)
-    ]
+    waiting = [j for j in members(rdb, "llmq:queue") if not rdb.exists("arq:in-progress:" + j)]
     assert len(waiting) == 1
-    job = json.loads(rdb.get("arq:job:" + waiting[0]))
+    job = get_json(rdb, "arq:job:" + waiting[0])
     assert job["f"] == "chat"
     spec = job["a"][0]
     assert spec["id"] == waiting[0]

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import redis
 
-from tests.integration.helpers import assert_drained, body, sim_stats, stream_chat
-from tests.integration.procs import Stack, wait_for
+from tests.support.clients import assert_drained, body, sim_stats, stream_chat
+from tests.support.stack import Stack, wait_for
 
 pytestmark = pytest.mark.integration
 

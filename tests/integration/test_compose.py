@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 
-from bench.processes import ROOT
-from shared.settings import Settings
+from llmq.shared.settings import Settings
+from tests.support.stack import ROOT
 
 COMPOSE = ROOT / "compose/docker-compose.yaml"
 ENV_EXAMPLE = ROOT / "compose/.env.example"
@@ -153,15 +154,16 @@ def test_mounted_paths_exist_in_the_repo() -> None:
 
 def test_image_commands_are_the_entry_points() -> None:
     services = stack()["services"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for name in ("gateway", "worker"):
         cmd = services[name]["command"]
-        assert cmd == ["python", "-m", name]
-        assert (ROOT / name / "__main__.py").exists()
+        assert cmd == [f"llmq-{name}"]
+        assert scripts[cmd[0]] == f"llmq.{name}.__main__:main"
+        assert (ROOT / "llmq" / name / "__main__.py").exists()
         assert services[name]["build"]["context"] == ".."
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert 'CMD ["python", "-m", "gateway"]' in dockerfile
+    assert 'CMD ["llmq-gateway"]' in dockerfile
     assert "USER llmq" in dockerfile
     assert "HEALTHCHECK" in dockerfile
     assert "pip install --no-cache-dir ." in dockerfile
-    for package in ("shared", "gateway", "worker"):
-        assert f"COPY {package} ./{package}" in dockerfile
+    assert "COPY llmq ./llmq" in dockerfile

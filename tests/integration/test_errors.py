@@ -6,8 +6,8 @@ import httpx
 import pytest
 import redis
 
-from tests.integration.helpers import assert_drained, body
-from tests.integration.procs import Stack
+from tests.support.clients import assert_drained, body
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import httpx
 import pytest
 import redis
 
-from tests.integration.helpers import assert_drained, body, stream_chat
-from tests.integration.procs import ROOT, Stack, wait_for
+from tests.support.clients import assert_drained, body, get_json, members, stream_chat
+from tests.support.stack import ROOT, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +93,7 @@ def test_killed_gateway_leaves_queued_jobs_to_be_served(stack: Stack, rdb: redis
     for t in clients:
         t.start()
     wait_for(lambda: rdb.zcard("llmq:queue") == 4, 5, "four jobs in Redis")
-    ids = [j.decode() for j in rdb.zrange("llmq:queue", 0, -1)]
+    ids = members(rdb, "llmq:queue")
     gw.kill()
 
     def all_completed() -> bool:
@@ -102,7 +101,7 @@ def test_killed_gateway_leaves_queued_jobs_to_be_served(stack: Stack, rdb: redis
         return all(results)
 
     wait_for(all_completed, 15, "every queued job to be served")
-    outcomes = [json.loads(rdb.get("arq:result:" + i))["r"]["outcome"] for i in ids]
+    outcomes = [get_json(rdb, "arq:result:" + i)["r"]["outcome"] for i in ids]
     assert outcomes == ["completed"] * 4
     restarted = stack.gateway()
     resp = httpx.post(restarted.url + "/v1/chat/completions", json=body(stream=False, tokens=1))
@@ -123,11 +122,10 @@ def _quietly_post(url: str, payload: dict[str, object]) -> None:
     ("var", "value"),
     [("QUEUE_MODE", "sometimes"), ("MAX_ACTIVE", "0"), ("QUEUE_TIMEOUT_S", "soon")],
 )
-@pytest.mark.parametrize("module", ["gateway", "worker"])
+@pytest.mark.parametrize("module", ["llmq.gateway", "llmq.worker"])
 def test_invalid_setting_stops_startup_naming_the_variable(
     module: str, var: str, value: str
 ) -> None:
-    t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", module],
         cwd=ROOT,
@@ -139,4 +137,3 @@ def test_invalid_setting_stops_startup_naming_the_variable(
     assert proc.returncode != 0
     assert var in proc.stderr
     assert "invalid configuration" in proc.stderr
-    assert time.monotonic() - t0 < 20

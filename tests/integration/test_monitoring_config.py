@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.processes import ROOT
 from local.prometheus_config import SOURCE, localize
+from tests.support.stack import ROOT
 
 DASHBOARD = ROOT / "monitoring/grafana/dashboards/llmq-operator.json"
 RULES = sorted((ROOT / "monitoring/prometheus/rules").glob("*.yml"))

@@ -6,8 +6,8 @@ import httpx
 import pytest
 import redis
 
-from tests.integration.helpers import MODEL, assert_drained, body
-from tests.integration.procs import Stack
+from tests.support.clients import MODEL, assert_drained, body
+from tests.support.stack import Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -97,8 +97,6 @@ def test_models_health_and_metrics(stack: Stack, rdb: redis.Redis, sdk) -> None:
 
 def test_health_503_without_worker(stack: Stack, sdk) -> None:
     gw = stack.gateway(wait_ready=False)
-    from tests.integration.procs import wait_for
-
     wait_for(lambda: httpx.get(gw.url + "/health").status_code == 503, 20, "gateway up")
     health = httpx.get(gw.url + "/health")
     assert health.json()["reason"] == "no live worker with a ready engine"

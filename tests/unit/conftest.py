@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import fakeredis
 import pytest
 
-from shared.store import Store
+from llmq.shared.store import Store
 
 
 @pytest.fixture

@@ -6,18 +6,19 @@ import time
 
 import pytest
 
-from gateway.admission import Admission, admission_limit
-from gateway.registry import WorkerRegistry
-from shared.errors import (
+from llmq.gateway.admission import Admission, admission_limit
+from llmq.gateway.registry import WorkerRegistry
+from llmq.shared.errors import (
     EngineUnavailable,
     ModelNotFound,
     QueueFull,
     QueueUnavailable,
     ServerBusy,
+    ServiceError,
 )
-from shared.protocol import JobSpec, WorkerInfo
-from shared.settings import Settings
-from shared.store import Store
+from llmq.shared.protocol import JobSpec, WorkerInfo
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
 
 
 def worker(wid: str, ready: bool = True, slots: int = 2, models=("m",)) -> WorkerInfo:
@@ -93,4 +94,5 @@ async def test_bound_per_mode(store: Store, mode: str, error: type, admitted: in
         await a.admit(spec(i), 2)
     with pytest.raises(error) as info:
         await a.admit(spec(99), 2)
+    assert isinstance(info.value, ServiceError)
     assert info.value.headers() == {"Retry-After": "2"}

@@ -9,10 +9,10 @@ import fakeredis
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import build_state, create_app
-from shared.protocol import WorkerInfo
-from shared.settings import Settings
-from shared.store import Store
+from llmq.gateway.app import build_state, create_app
+from llmq.shared.protocol import WorkerInfo
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.events import EventGap, Subscriptions
-from shared.protocol import Event, EventType, events_channel
+from llmq.gateway.events import Subscriptions
+from llmq.shared.errors import StreamInterrupted
+from llmq.shared.protocol import Event, EventType, events_channel
 
 
 async def test_events_reach_only_their_job_in_order(fake_redis) -> None:
@@ -35,8 +36,8 @@ async def test_a_sequence_gap_is_reported(fake_redis) -> None:
     try:
         sub = await subs.subscribe("job")
         await fake_redis.publish(events_channel("job"), Event(2, EventType.CHUNK, b"").encode())
-        with pytest.raises(EventGap) as info:
+        with pytest.raises(StreamInterrupted) as info:
             await sub.next(1)
-        assert info.value.error_code == "stream_interrupted"
+        assert info.value.code == "stream_interrupted"
     finally:
         await subs.stop()

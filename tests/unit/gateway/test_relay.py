@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncGenerator
+from typing import cast
 from unittest.mock import AsyncMock
 
-from gateway.events import Subscription
-from gateway.metrics import GatewayMetrics
-from gateway.relay import JobRelay, Timings
-from shared.errors import RequestTimeout
-from shared.protocol import Event, EventType, JobSpec
-from shared.settings import Settings
+from llmq.gateway.events import Subscription
+from llmq.gateway.metrics import GatewayMetrics
+from llmq.gateway.relay import JobRelay, Timings
+from llmq.shared.errors import RequestTimeout
+from llmq.shared.protocol import Event, EventType, JobSpec
+from llmq.shared.settings import Settings
 
 CHUNK = {
     "id": "chatcmpl-x",
@@ -126,7 +128,10 @@ async def test_timeout_counts_as_request_timeout_not_client_cancel() -> None:
 async def test_client_leaving_mid_stream_cancels_the_job() -> None:
     r, store = relay(False, [Event(3, EventType.CHUNK, json.dumps(CHUNK).encode())])
     r.sub._seq = 2
-    body = r.sse_body(Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
+    body = cast(
+        AsyncGenerator[bytes, None],
+        r.sse_body(Event(2, EventType.CHUNK, json.dumps(CHUNK).encode())),
+    )
     await anext(body)
     await body.aclose()  # what the server does when the client disconnects
     store.cancel.assert_awaited_once_with("chatcmpl-x")

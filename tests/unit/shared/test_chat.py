@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from shared.chat import ChatCompletionRequest, new_job_id, to_job_spec
+from llmq.shared.chat import ChatCompletionRequest, new_job_id, to_job_spec
 
 MSG = [{"role": "user", "content": "hi"}]
 

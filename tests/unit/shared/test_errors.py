@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.errors import (
+from llmq.shared.errors import (
     EngineUnavailable,
     InvalidRequest,
     QueueFull,
@@ -26,7 +26,7 @@ from shared.errors import (
     ],
 )
 def test_mapping(err: ServiceError, status: int, code: str, retry: str | None) -> None:
-    assert err.http_status == status
+    assert err.status == status
     assert err.body()["error"]["code"] == code
     assert err.headers().get("Retry-After") == retry
 
@@ -39,14 +39,14 @@ def test_wire_round_trip_keeps_class_and_upstream_status() -> None:
         UpstreamError(400, "too long", error_type="BadRequestError", code=400).to_wire()
     )
     assert isinstance(up, UpstreamError)
-    assert up.http_status == 400
+    assert up.status == 400
     assert up.body() == {
         "error": {"message": "too long", "type": "BadRequestError", "param": None, "code": "400"}
     }
 
 
 def test_upstream_status_outside_errors_becomes_502() -> None:
-    assert UpstreamError(200, "odd").http_status == 502
+    assert UpstreamError(200, "odd").status == 502
 
 
 @pytest.mark.parametrize("status", [429, 503])

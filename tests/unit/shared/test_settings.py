@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.settings import Settings, load_settings
+from llmq.shared.settings import Settings, load_settings
 
 
 def test_defaults() -> None:

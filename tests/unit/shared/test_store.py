@@ -6,8 +6,8 @@ import asyncio
 import json
 import time
 
-from shared import protocol as p
-from shared.store import Store
+from llmq.shared import protocol as p
+from llmq.shared.store import Store
 
 
 def spec(job_id: str) -> p.JobSpec:

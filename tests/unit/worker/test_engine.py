@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 
-from shared.errors import EngineUnavailable, UpstreamError
-from worker.engine import EngineClient
-
-
-def sse(*objs: object, done: bool = True) -> bytes:
-    out = b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs)
-    return out + (b"data: [DONE]\n\n" if done else b"")
+from llmq.shared.errors import EngineUnavailable, UpstreamError
+from llmq.worker.engine import EngineClient
+from tests.support.clients import sse_bytes as sse
 
 
 def client(handler) -> EngineClient:
@@ -32,9 +26,9 @@ async def test_refusal_keeps_vllm_status_and_message() -> None:
     with pytest.raises(UpstreamError) as info:
         async with c.stream({}):
             pass
-    assert info.value.http_status == 400
+    assert info.value.status == 400
     assert info.value.message == "context too long"
-    assert info.value.error_type == "BadRequestError"
+    assert info.value.type == "BadRequestError"
 
 
 async def test_old_flat_error_shape_and_non_json_bodies() -> None:

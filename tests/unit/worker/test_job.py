@@ -8,13 +8,13 @@ import time
 import httpx
 import pytest
 
-from shared import protocol as p
-from shared.settings import Settings
-from shared.store import Store
-from tests.unit.worker.test_engine import sse
-from worker.engine import EngineClient
-from worker.job import Runtime, chat
-from worker.metrics import WorkerMetrics
+from llmq.shared import protocol as p
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
+from llmq.worker.engine import EngineClient
+from llmq.worker.job import Runtime, chat
+from llmq.worker.metrics import WorkerMetrics
+from tests.support.clients import sse_bytes as sse
 
 
 def chunk(content: str | None = None, finish: str | None = None) -> dict:

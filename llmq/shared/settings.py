@@ -1,4 +1,4 @@
-"""The one settings class, read from environment variables (names from DESIGN §3).
+"""The one settings class, read from environment variables (names fixed by the original design).
 
 Both processes build a ``Settings`` at start-up and pass it down explicitly
 (``create_app(settings)``, ``build_worker(settings)``); nothing reads the environment later.
@@ -23,7 +23,7 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
 
-    # Backpressure (DESIGN §4).
+    # Backpressure (ARCHITECTURE.md, "Admission and the bound").
     max_active: int = Field(8, ge=1, le=4096, description="slots per worker")
     queue_mode: Literal["queue", "reject"] = "queue"
     queue_max: int = Field(64, ge=0, le=1_000_000)

@@ -17,9 +17,9 @@ import time
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.state import GatewayState
-from shared.chat import new_job_id
-from shared.errors import RequestTooLarge, ServiceError
+from llmq.gateway.state import GatewayState
+from llmq.shared.chat import new_job_id
+from llmq.shared.errors import RequestTooLarge, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ async def _send_json(send: Send, err: ServiceError) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": err.http_status,
+            "status": err.status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx
 
-from shared.errors import EngineUnavailable, UpstreamError
-from shared.settings import ENGINE_PROBE_TIMEOUT_S
+from llmq.shared import sse
+from llmq.shared.errors import EngineUnavailable, UpstreamError
+from llmq.shared.settings import ENGINE_PROBE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +114,7 @@ class EngineClient:
 
 async def _chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     try:
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            obj = json.loads(data)
+        async for obj in sse.events(resp.aiter_lines()):
             if "error" in obj:  # vLLM reports a failure after the first byte this way
                 err = obj["error"]
                 raise UpstreamError(
@@ -131,4 +126,7 @@ async def _chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         raise UpstreamError(
             502, f"engine stream broke off: {exc!r}", code="engine_stream_broken"
         ) from exc
-    raise UpstreamError(502, "engine stream ended without [DONE]", code="engine_stream_broken")
+    except sse.StreamEndedEarly:
+        raise UpstreamError(
+            502, "engine stream ended without [DONE]", code="engine_stream_broken"
+        ) from None

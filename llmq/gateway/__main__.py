@@ -1,4 +1,5 @@
-"""``python -m gateway``: serve the OpenAI API on GATEWAY_HOST:GATEWAY_PORT."""
+"""``python -m llmq.gateway`` (console script ``llmq-gateway``): the OpenAI API on
+GATEWAY_HOST:GATEWAY_PORT."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import logging
 
 import uvicorn
 
-from gateway.app import build_state, create_app
-from gateway.server import DrainingServer
-from shared.settings import load_settings
+from llmq.gateway.app import build_state, create_app
+from llmq.gateway.server import DrainingServer
+from llmq.shared.settings import load_settings
 
 
 def main() -> None:

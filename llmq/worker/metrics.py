@@ -1,10 +1,10 @@
-"""Worker metrics (DESIGN §7), on their own registry, served on WORKER_METRICS_PORT."""
+"""Worker metrics, on their own registry, served on WORKER_METRICS_PORT."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shared.buckets import FAST_BUCKETS
+from llmq.shared.buckets import FAST_BUCKETS
 
 # How a job ended (worker_jobs_total{outcome}); every outcome is exported from the start.
 OUTCOMES = (

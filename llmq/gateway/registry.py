@@ -8,8 +8,8 @@ import time
 
 from redis.exceptions import RedisError
 
-from shared.protocol import WorkerInfo
-from shared.store import Store
+from llmq.shared.protocol import WorkerInfo
+from llmq.shared.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,17 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive
 
-from gateway.relay import JobRelay, Timings
-from gateway.state import GatewayState, StateDep
-from shared.chat import ChatCompletionRequest, to_job_spec
-from shared.errors import ClientClosedRequest, QueueUnavailable, ShuttingDown
-from shared.protocol import Event
+from llmq.gateway.relay import JobRelay, Timings
+from llmq.gateway.state import GatewayState, StateDep
+from llmq.shared.chat import ChatCompletionRequest, to_job_spec
+from llmq.shared.errors import (
+    ClientClosedRequest,
+    EngineUnavailable,
+    QueueUnavailable,
+    ServiceError,
+    ShuttingDown,
+)
+from llmq.shared.protocol import Event
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -110,26 +116,25 @@ async def health(st: StateDep) -> JSONResponse:
     except RedisError:
         redis_ok = False
     ready = len(st.registry.ready())
-    ok = redis_ok and ready > 0 and not st.draining
-    body = {
-        "status": "ok" if ok else "unavailable",
+    body: dict[str, Any] = {
+        "status": "ok",
         "redis": redis_ok,
         "live_workers": len(st.registry.workers),
         "ready_workers": ready,
         "capacity": st.registry.capacity(),
         "draining": st.draining,
     }
-    if not ok:
-        body["reason"] = (
-            "draining"
-            if st.draining
-            else "redis unreachable"
-            if not redis_ok
-            else "no live worker with a ready engine"
-        )
-    return JSONResponse(
-        body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"}
-    )
+    problem: ServiceError | None = None
+    if st.draining:
+        problem = ShuttingDown("draining")
+    elif not redis_ok:
+        problem = QueueUnavailable("redis unreachable")
+    elif ready == 0:
+        problem = EngineUnavailable("no live worker with a ready engine")
+    if problem is None:
+        return JSONResponse(body)
+    body.update(status="unavailable", reason=problem.message)
+    return JSONResponse(body, status_code=problem.status, headers=problem.headers())
 
 
 @router.get("/metrics")

@@ -1,12 +1,13 @@
-"""``python -m worker``: run one arq worker in front of one engine (VLLM_URL)."""
+"""``python -m llmq.worker`` (console script ``llmq-worker``): one arq worker in front of
+one engine (VLLM_URL)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from shared.settings import load_settings
-from worker.app import build_worker, serve_metrics
+from llmq.shared.settings import load_settings
+from llmq.worker.app import build_worker, serve_metrics
 
 
 def main() -> None:

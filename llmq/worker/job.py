@@ -12,13 +12,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
-from shared.protocol import EventType, JobSpec
-from shared.settings import Settings
-from shared.store import Store
-from worker.engine import EngineClient
-from worker.metrics import WorkerMetrics
-from worker.publisher import ClientGone, Publisher
+from llmq.shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
+from llmq.shared.protocol import EventType, JobSpec
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
+from llmq.worker.engine import EngineClient
+from llmq.worker.metrics import WorkerMetrics
+from llmq.worker.publisher import ClientGone, Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +112,9 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher) -> str:
         logger.info("job %s: no listener for %.1fs, abandoning", spec.id, s.orphan_grace_s)
         return "client_gone"
     except UpstreamError as exc:
-        logger.info("job %s: engine answered %d: %s", spec.id, exc.http_status, exc.message)
+        logger.info("job %s: engine answered %d: %s", spec.id, exc.status, exc.message)
         await _fail(pub, exc)
-        return "rejected" if exc.http_status < 500 else "engine_error"
+        return "rejected" if exc.status < 500 else "engine_error"
     except ServiceError as exc:
         logger.warning("job %s: %s", spec.id, exc.message)
         await _fail(pub, exc)

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from shared.protocol import WAKE_CHANNEL, WorkerInfo
-from worker.job import Runtime
+from llmq.shared.protocol import WAKE_CHANNEL, WorkerInfo
+from llmq.worker.job import Runtime
 
 logger = logging.getLogger(__name__)
 

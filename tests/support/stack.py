@@ -1,15 +1,25 @@
-"""A per-test stack of real gateway and worker processes (helpers in bench.processes)."""
+"""Per-test stacks of real processes, and the one place tests reach the process harness.
+
+The harness itself (``bench.processes``: spawn, redis-server, simulator, gateway, worker,
+vLLM) is shared with the benchmarks; tests import it only through this module.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from bench.processes import (
+    BUNDLED_MODEL,
     ROOT,
     Proc,
+    engine_paths,
     free_port,
     service_env,
+    spawn,
+    spawn_vllm,
     start_gateway,
     start_redis,
     start_sim,
@@ -17,7 +27,23 @@ from bench.processes import (
     wait_for,
 )
 
-__all__ = ["ROOT", "Proc", "Stack", "free_port", "start_redis", "start_sim", "wait_for"]
+E2E_MAX_MODEL_LEN = 512  # the e2e vLLM's context length: small, so overflow is cheap to test
+
+__all__ = [
+    "BUNDLED_MODEL",
+    "E2E_MAX_MODEL_LEN",
+    "ROOT",
+    "Proc",
+    "Stack",
+    "dump_logs_on_failure",
+    "engine_paths",
+    "free_port",
+    "spawn",
+    "spawn_vllm",
+    "start_redis",
+    "start_sim",
+    "wait_for",
+]
 
 
 @dataclass
@@ -43,3 +69,11 @@ class Stack:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.kill()
+
+
+def dump_logs_on_failure(request: pytest.FixtureRequest, procs: list[Proc]) -> None:
+    """Print the tail of every process log when the test's call phase failed."""
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for p in procs:
+            print(f"----- {p.name} log -----\n{p.output()[-4000:]}")

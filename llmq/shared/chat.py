@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.protocol import JobSpec
+from llmq.shared.protocol import JobSpec
 
 
 class StreamOptions(BaseModel):

@@ -8,12 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from redis.asyncio import Redis
 
-from gateway.admission import Admission
-from gateway.events import Subscriptions
-from gateway.metrics import GatewayMetrics
-from gateway.registry import WorkerRegistry
-from shared.settings import Settings
-from shared.store import Store
+from llmq.gateway.admission import Admission
+from llmq.gateway.events import Subscriptions
+from llmq.gateway.metrics import GatewayMetrics
+from llmq.gateway.registry import WorkerRegistry
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
 
 
 @dataclass

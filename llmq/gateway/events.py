@@ -14,28 +14,16 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from shared.errors import QueueUnavailable, UpstreamError
-from shared.protocol import Event, events_channel
+from llmq.shared.errors import QueueUnavailable, StreamInterrupted
+from llmq.shared.protocol import Event, events_channel
 
 logger = logging.getLogger(__name__)
 
 _CONFIRM_TIMEOUT_S = 5.0
 
 
-class EventGap(UpstreamError):
-    """Events were lost between worker and gateway (sequence gap)."""
-
-    def __init__(self, job_id: str, expected: int, got: int) -> None:
-        super().__init__(
-            502,
-            f"job {job_id}: event stream interrupted (expected #{expected}, got #{got})",
-            error_type="server_error",
-            code="stream_interrupted",
-        )
-
-
 class Subscription:
-    """The events of one job, in order; ``next`` raises ``TimeoutError`` or ``EventGap``."""
+    """The events of one job, in order; ``next`` raises TimeoutError or StreamInterrupted."""
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
@@ -53,7 +41,10 @@ class Subscription:
                 raw = await self.queue.get()
         event = Event.decode(raw)
         if event.seq != self._seq + 1:
-            raise EventGap(self.job_id, self._seq + 1, event.seq)
+            raise StreamInterrupted(
+                f"job {self.job_id}: event stream interrupted "
+                f"(expected #{self._seq + 1}, got #{event.seq})"
+            )
         self._seq = event.seq
         return event
 

@@ -1,10 +1,11 @@
-"""Gateway metrics (DESIGN §7) on a per-app registry, so tests can build several apps."""
+"""Gateway metrics (names kept from the original design) on a per-app registry, so tests
+can build several apps."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shared.buckets import FAST_BUCKETS, LATENCY_BUCKETS
+from llmq.shared.buckets import FAST_BUCKETS, LATENCY_BUCKETS
 
 # Why a request was refused or ended early (api_rejections_total{reason}); error codes of
 # shared.errors, plus client_cancelled. Every reason is exported from the start (at 0).

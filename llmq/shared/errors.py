@@ -2,8 +2,10 @@
 
     ServiceError                      -> 500 internal_error
     ├── InvalidRequest                -> 400 invalid_request       (param names the field)
-    ├── RequestTooLarge               -> 413 request_too_large
-    ├── ModelNotFound                 -> 404 model_not_found
+    │   ├── NotFound                  -> 404 not_found             (no such route)
+    │   ├── MethodNotAllowed          -> 405 method_not_allowed
+    │   ├── RequestTooLarge           -> 413 request_too_large
+    │   └── ModelNotFound             -> 404 model_not_found
     ├── Overloaded                    -> 429 + Retry-After
     │   ├── QueueFull                 ->     queue_full   (QUEUE_MODE=queue)
     │   └── ServerBusy                ->     server_busy  (QUEUE_MODE=reject)
@@ -12,9 +14,16 @@
     │   ├── QueueTimeout              ->     queue_timeout
     │   ├── QueueUnavailable          ->     queue_unavailable (Redis unreachable)
     │   └── ShuttingDown              ->     shutting_down (gateway draining)
+    ├── StreamInterrupted             -> 502 stream_interrupted (events lost between worker
+    │                                        and gateway: a sequence gap)
     ├── RequestTimeout                -> 504 request_timeout
     ├── ClientClosedRequest           -> 499 client_closed_request (logged, never seen)
     └── UpstreamError                 -> the engine's own status and message
+
+Each fact has one attribute: ``status``, ``code``, ``type``, ``retry_after_s``, ``message``,
+``param``. Subclasses set the first four as class defaults; an instance may override one
+(``UpstreamError`` takes the engine's). Every 429 and 503 carries ``Retry-After``: the
+class default, or ``RETRY_AFTER_BY_STATUS`` for statuses passed through from the engine.
 
 Errors cross Redis (worker -> gateway) as ``to_wire()`` dicts and come back with
 ``ServiceError.from_wire``; the gateway turns any of them into a response with ``status``,
@@ -23,15 +32,18 @@ Errors cross Redis (worker -> gateway) as ``to_wire()`` dicts and come back with
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
+
+# Retry-After for a 429/503 that did not come from one of our own classes (engine refusals).
+RETRY_AFTER_BY_STATUS = {429: 1, 503: 1}
 
 
 class ServiceError(Exception):
     """Base of every error the service answers with deliberately."""
 
-    status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
-    type: ClassVar[str] = "server_error"
+    status: int = 500
+    code: str | None = "internal_error"
+    type: str = "server_error"
     retry_after_s: int | None = None
 
     def __init__(
@@ -43,26 +55,14 @@ class ServiceError(Exception):
         if retry_after_s is not None:
             self.retry_after_s = retry_after_s
 
-    @property
-    def http_status(self) -> int:
-        return self.status
-
-    @property
-    def error_code(self) -> str | None:
-        return self.code
-
-    @property
-    def error_type(self) -> str:
-        return self.type
-
     def body(self) -> dict[str, Any]:
         """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
         return {
             "error": {
                 "message": self.message,
-                "type": self.error_type,
+                "type": self.type,
                 "param": self.param,
-                "code": self.error_code,
+                "code": self.code,
             }
         }
 
@@ -72,7 +72,7 @@ class ServiceError(Exception):
         return {"Retry-After": str(self.retry_after_s)}
 
     def to_wire(self) -> dict[str, Any]:
-        return {**self.body()["error"], "status": self.http_status}
+        return {**self.body()["error"], "status": self.status}
 
     @staticmethod
     def from_wire(data: dict[str, Any]) -> ServiceError:
@@ -97,16 +97,24 @@ class InvalidRequest(ServiceError):
     type = "invalid_request_error"
 
 
-class RequestTooLarge(ServiceError):
+class NotFound(InvalidRequest):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
+
+
+class RequestTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
-    type = "invalid_request_error"
 
 
-class ModelNotFound(ServiceError):
+class ModelNotFound(InvalidRequest):
     status = 404
     code = "model_not_found"
-    type = "invalid_request_error"
 
 
 class Overloaded(ServiceError):
@@ -148,6 +156,13 @@ class ShuttingDown(Unavailable):
     retry_after_s = 1
 
 
+class StreamInterrupted(ServiceError):
+    """Events of a job were lost between worker and gateway (a sequence gap)."""
+
+    status = 502
+    code = "stream_interrupted"
+
+
 class RequestTimeout(ServiceError):
     status = 504
     code = "request_timeout"
@@ -165,6 +180,9 @@ class ClientClosedRequest(ServiceError):
 class UpstreamError(ServiceError):
     """The engine refused or failed the request; its status and message pass through."""
 
+    type = "upstream_error"
+    code = None
+
     def __init__(
         self,
         status: int,
@@ -175,29 +193,35 @@ class UpstreamError(ServiceError):
         param: str | None = None,
     ) -> None:
         super().__init__(message, param=param)
-        self._status = status if 400 <= status <= 599 else 502
-        if self._status in (429, 503):  # every 429/503 we send carries Retry-After
-            self.retry_after_s = 1
-        self._type = error_type
-        self._code = None if code is None else str(code)
+        self.status = status if 400 <= status <= 599 else 502
+        self.retry_after_s = RETRY_AFTER_BY_STATUS.get(self.status)
+        self.type = error_type
+        self.code = None if code is None else str(code)
 
-    @property
-    def http_status(self) -> int:
-        return self._status
 
-    @property
-    def error_code(self) -> str | None:
-        return self._code
+def for_http_status(status: int, message: str) -> ServiceError:
+    """The error for a status raised by the HTTP framework itself (no route, bad method)."""
+    cls = _BY_HTTP_STATUS.get(status)
+    if cls is not None:
+        return cls(message)
+    err = InvalidRequest(message) if status < 500 else ServiceError(message)
+    err.status = status
+    return err
 
-    @property
-    def error_type(self) -> str:
-        return self._type
 
+_BY_HTTP_STATUS: dict[int, type[ServiceError]] = {
+    400: InvalidRequest,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: RequestTooLarge,
+}
 
 _BY_CODE: dict[str, type[ServiceError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest,
+        NotFound,
+        MethodNotAllowed,
         RequestTooLarge,
         ModelNotFound,
         QueueFull,
@@ -206,6 +230,9 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         QueueTimeout,
         QueueUnavailable,
         ShuttingDown,
+        StreamInterrupted,
         RequestTimeout,
+        ClientClosedRequest,
     )
+    if cls.code is not None
 }

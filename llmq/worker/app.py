@@ -13,13 +13,13 @@ from arq.worker import Worker
 from prometheus_client import start_http_server
 from redis.asyncio import ConnectionPool
 
-from shared import protocol
-from shared.settings import Settings
-from shared.store import Store
-from worker.engine import EngineClient
-from worker.heartbeat import beat_once, heartbeat_loop, wake_listener
-from worker.job import Runtime, chat
-from worker.metrics import WorkerMetrics
+from llmq.shared import protocol
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
+from llmq.worker.engine import EngineClient
+from llmq.worker.heartbeat import beat_once, heartbeat_loop, wake_listener
+from llmq.worker.job import Runtime, chat
+from llmq.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -10,16 +10,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from gateway import errors
-from gateway.admission import Admission
-from gateway.events import Subscriptions
-from gateway.metrics import GatewayMetrics
-from gateway.middleware import GatewayMiddleware
-from gateway.registry import WorkerRegistry
-from gateway.routes import router
-from gateway.state import GatewayState
-from shared.settings import Settings
-from shared.store import Store
+from llmq.gateway import errors
+from llmq.gateway.admission import Admission
+from llmq.gateway.events import Subscriptions
+from llmq.gateway.metrics import GatewayMetrics
+from llmq.gateway.middleware import GatewayMiddleware
+from llmq.gateway.registry import WorkerRegistry
+from llmq.gateway.routes import router
+from llmq.gateway.state import GatewayState
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
 
 logger = logging.getLogger(__name__)
 

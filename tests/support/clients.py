@@ -1,14 +1,24 @@
-"""Small clients for the integration tests."""
+"""Small HTTP clients for the tests: request bodies, an SSE reader, simulator controls."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
+import redis
+
+from llmq.shared import sse
+from tests.support.stack import wait_for
 
 MODEL = "sim-model"
+
+
+def sse_bytes(*objs: object, done: bool = True) -> bytes:
+    """An engine's SSE body: one ``data:`` event per object, then ``[DONE]``."""
+    out = b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs)
+    return out + (b"data: [DONE]\n\n" if done else b"")
 
 
 def body(stream: bool = True, **sim: Any) -> dict[str, Any]:
@@ -52,17 +62,27 @@ async def stream_chat(
         if resp.status_code != 200:
             result.error_body = json.loads(await resp.aread())
             return result
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                result.done = True
-                break
-            result.chunks.append(json.loads(data))
-            if max_chunks is not None and len(result.chunks) >= max_chunks:
-                break
+        try:
+            async for chunk in sse.events(resp.aiter_lines()):
+                result.chunks.append(chunk)
+                if max_chunks is not None and len(result.chunks) >= max_chunks:
+                    return result
+        except sse.StreamEndedEarly:
+            return result
+        result.done = True
         return result
+
+
+def members(rdb: redis.Redis, key: str) -> list[str]:
+    """A sorted set's members, decoded (redis-py's sync typing says "maybe awaitable")."""
+    raw = cast(list[bytes], rdb.zrange(key, 0, -1))
+    return [m.decode() for m in raw]
+
+
+def get_json(rdb: redis.Redis, key: str) -> Any:
+    """A JSON string value, parsed; None when the key does not exist."""
+    raw = cast(bytes | None, rdb.get(key))
+    return None if raw is None else json.loads(raw)
 
 
 def sim_stats(sim_url: str) -> dict[str, Any]:
@@ -73,8 +93,6 @@ def sim_stats(sim_url: str) -> dict[str, Any]:
 def assert_drained(rdb: Any, within: float = 3.0) -> None:
     """No admitted place and no queued job left. The worker releases a job's place and arq
     removes it from the queue just after the last event went out, so allow a moment."""
-    from bench.processes import wait_for
-
     wait_for(
         lambda: rdb.zcard("llmq:admitted") == 0 and rdb.zcard("llmq:queue") == 0,
         within,

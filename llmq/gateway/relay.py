@@ -20,12 +20,12 @@ from typing import Any
 
 import anyio
 
-from gateway.events import Subscription, Subscriptions
-from gateway.metrics import GatewayMetrics
-from shared.errors import QueueTimeout, RequestTimeout, ServiceError
-from shared.protocol import TERMINAL, Event, EventType, JobSpec
-from shared.settings import Settings
-from shared.store import Store
+from llmq.gateway.events import Subscription, Subscriptions
+from llmq.gateway.metrics import GatewayMetrics
+from llmq.shared.errors import QueueTimeout, RequestTimeout, ServiceError
+from llmq.shared.protocol import TERMINAL, Event, EventType, JobSpec
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -180,13 +180,14 @@ class JobRelay:
         return [_frame(json.dumps(f, separators=(",", ":"))) for f in frames]
 
     def _error_frame(self, err: ServiceError) -> bytes:
-        self.metrics.reject(err.error_code)
+        self.metrics.reject(err.code)
         return _frame(json.dumps(err.body(), separators=(",", ":")))
 
     async def sse_body(self, first: Event) -> AsyncIterator[bytes]:
         """The SSE body: chunks as they come, the final chunk with timings, ``[DONE]``.
 
-        A failure after the first byte is one error event, then ``[DONE]`` (STYLE §8).
+        A failure after the first byte is one error event, then ``[DONE]``, as vLLM's own
+        server does.
         """
         event = first
         client_gone = True  # unless we end the stream ourselves below
@@ -210,7 +211,7 @@ class JobRelay:
             client_gone = False
             yield self._error_frame(RequestTimeout("the engine stopped answering"))
             yield _DONE
-        except ServiceError as exc:  # EventGap
+        except ServiceError as exc:  # StreamInterrupted
             client_gone = False
             logger.warning("job %s: %s", self.spec.id, exc.message)
             yield self._error_frame(exc)

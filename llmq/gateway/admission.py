@@ -1,11 +1,11 @@
-"""Admission before work (DESIGN §4.2-4.3): readiness, model, then the atomic bound in Redis."""
+"""Admission before work: readiness, model, then the atomic bound in Redis."""
 
 from __future__ import annotations
 
 import time
 
-from gateway.registry import WorkerRegistry
-from shared.errors import (
+from llmq.gateway.registry import WorkerRegistry
+from llmq.shared.errors import (
     EngineUnavailable,
     ModelNotFound,
     QueueFull,
@@ -13,9 +13,9 @@ from shared.errors import (
     ServerBusy,
     ServiceError,
 )
-from shared.protocol import JobSpec
-from shared.settings import Settings
-from shared.store import Store
+from llmq.shared.protocol import JobSpec
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
 
 # How long an admitted job may hold its place past QUEUE_TIMEOUT_S before the bound
 # forgets it (its gateway died); a started job is re-armed by its worker.

@@ -6,8 +6,8 @@ import asyncio
 import time
 from collections.abc import Awaitable
 
-from shared.protocol import Event, EventType
-from shared.store import Store
+from llmq.shared.protocol import Event, EventType
+from llmq.shared.store import Store
 
 
 class ClientGone(Exception):
@@ -40,7 +40,7 @@ class Publisher:
 
     async def send(self, kind: EventType, data: str) -> None:
         """Publish one event. Raises ClientGone once PUBLISH has reached no subscriber for
-        longer than the grace period (DESIGN §4.8); a terminal event never raises."""
+        longer than the grace period (the client is gone); a terminal event never raises."""
         self._seq += 1
         receivers = await self._store.publish(self._job_id, Event(self._seq, kind, data.encode()))
         if receivers:

@@ -16,7 +16,7 @@ from types import FrameType
 
 import uvicorn
 
-from gateway.state import GatewayState
+from llmq.gateway.state import GatewayState
 
 logger = logging.getLogger(__name__)
 

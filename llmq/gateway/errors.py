@@ -1,4 +1,4 @@
-"""Exception handlers: every error answer is an OpenAI error body (DESIGN §6)."""
+"""Exception handlers: every error answer is an OpenAI error body."""
 
 from __future__ import annotations
 
@@ -10,24 +10,23 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from shared.errors import (
+from llmq.shared.errors import (
     InvalidRequest,
     QueueUnavailable,
-    RequestTooLarge,
     ServiceError,
-    UpstreamError,
+    for_http_status,
 )
 
 logger = logging.getLogger(__name__)
 
 
 def error_response(err: ServiceError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.http_status, headers=err.headers())
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    request.app.state.gateway.metrics.reject(exc.error_code)
+    request.app.state.gateway.metrics.reject(exc.code)
     return error_response(exc)
 
 
@@ -47,16 +46,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 413:
-        return error_response(RequestTooLarge("request body too large"))
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    err = UpstreamError(
-        exc.status_code,
-        str(exc.detail),
-        error_type="invalid_request_error",
-        code=codes.get(exc.status_code, str(exc.status_code)),
+    message = "request body too large" if exc.status_code == 413 else str(exc.detail)
+    err = for_http_status(exc.status_code, message)
+    return JSONResponse(
+        err.body(), status_code=err.status, headers={**(exc.headers or {}), **err.headers()}
     )
-    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The Redis contract: every key, channel and message that crosses Redis (DESIGN §5).
+"""The Redis contract: every key, channel and message that crosses Redis.
 
 No other module writes a key string; they call the functions here.
 

@@ -3,7 +3,7 @@
 Times that decide admission, liveness and deadlines come from Redis' own clock (``TIME``), so
 gateways and workers on different hosts agree on them. Keys come from ``shared.protocol``.
 Scripts that visit keys named inside other keys (workers, in-progress markers) need a single
-Redis, not a cluster: the deployment has one Redis with AOF (DESIGN §1).
+Redis, not a cluster: the deployment has one Redis with AOF.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
-from shared import protocol as p
+from llmq.shared import protocol as p
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
