@@ -8,6 +8,14 @@ per request through an extra body field ``"sim": {...}`` (the gateway passes unk
 through), e.g. ``{"sim": {"tokens": 5, "itl_ms": 50, "fail_status": 500, "hang": true,
 "drop_after": 3}}``. ``GET /sim/stats`` counts streams started, completed and abandoned by
 the client (the check that cancellation reaches the engine); ``POST /sim/reset`` zeroes them.
+
+Holds let a test decide when a job ends instead of racing durations:
+``{"sim": {"hold": "a"}}`` streams ``hold_after`` tokens (default 1; 0 holds before the
+first one, a non-streamed answer holds before it is sent) and then waits until
+``POST /sim/release/a`` (the rest of the stream follows) or ``POST /sim/fail/a`` (the stream
+breaks off, as an engine crash would). ``GET /sim/stats`` shows ``held`` per name, so a
+test polls for "held" instead of sleeping. A release or fail that comes first is kept: a
+later hold of that name passes (or fails) at once. ``POST /sim/reset`` forgets them.
 """
 
 from __future__ import annotations
@@ -53,6 +61,37 @@ class DroppedStream(Exception):
     """Raised inside a stream to cut the connection mid-way (fault injection)."""
 
 
+class Holds:
+    """Named gates: ``wait(name)`` blocks until ``release(name)`` or ``fail(name)``."""
+
+    def __init__(self) -> None:
+        self._gates: dict[str, asyncio.Event] = {}
+        self._failed: set[str] = set()
+        self.held: dict[str, int] = {}
+
+    def _gate(self, name: str) -> asyncio.Event:
+        return self._gates.setdefault(name, asyncio.Event())
+
+    async def wait(self, name: str) -> None:
+        """Returns when released; raises DroppedStream when failed."""
+        self.held[name] = self.held.get(name, 0) + 1
+        try:
+            await self._gate(name).wait()
+        finally:
+            self.held[name] -= 1
+            if not self.held[name]:
+                del self.held[name]
+        if name in self._failed:
+            raise DroppedStream(name)
+
+    def release(self, name: str) -> None:
+        self._gate(name).set()
+
+    def fail(self, name: str) -> None:
+        self._failed.add(name)
+        self._gate(name).set()
+
+
 def _error(status: int, message: str) -> JSONResponse:
     body = {
         "error": {
@@ -78,6 +117,7 @@ class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.stats = SimStats()
+        self.holds = Holds()
 
     def knobs(self, body: dict[str, Any]) -> dict[str, Any]:
         over = body.get("sim") or {}
@@ -93,6 +133,8 @@ class Simulator:
             "fail_status": over.get("fail_status"),
             "hang": bool(over.get("hang", False)),
             "drop_after": over.get("drop_after"),
+            "hold": over.get("hold"),
+            "hold_after": int(over.get("hold_after", 1)),
         }
 
     async def chat(self, request: Request) -> Response:
@@ -127,6 +169,10 @@ class Simulator:
         self.stats.running += 1
         try:
             await asyncio.sleep(k["ttft"] + k["itl"] * max(0, k["tokens"] - 1))
+            if k["hold"]:
+                await self.holds.wait(str(k["hold"]))
+        except DroppedStream:
+            return _error(500, "held job failed by the test")
         finally:
             self.stats.running -= 1
         text = "".join(f"tok{i} " for i in range(k["tokens"]))
@@ -173,6 +219,8 @@ class Simulator:
             for i in range(k["tokens"]):
                 if k["drop_after"] is not None and i >= int(k["drop_after"]):
                     raise DroppedStream(rid)
+                if k["hold"] and i == k["hold_after"]:
+                    await self.holds.wait(str(k["hold"]))
                 delta: dict[str, Any] = {"content": f"tok{i} "}
                 if i == 0:
                     delta = {"role": "assistant", **delta}
@@ -181,6 +229,8 @@ class Simulator:
                 yield self._chunk(
                     rid, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
                 )
+            if k["hold"] and k["hold_after"] >= k["tokens"]:
+                await self.holds.wait(str(k["hold"]))
             yield self._chunk(
                 rid,
                 [
@@ -228,10 +278,21 @@ class Simulator:
         )
 
     async def get_stats(self, request: Request) -> Response:
-        return JSONResponse(asdict(self.stats))
+        return JSONResponse({**asdict(self.stats), "held": dict(self.holds.held)})
 
     async def reset(self, request: Request) -> Response:
         self.stats = SimStats(running=self.stats.running)
+        for name in list(self.holds.held):
+            self.holds.fail(name)  # a test that ended without releasing must not leak streams
+        self.holds = Holds()
+        return JSONResponse({"ok": True})
+
+    async def release(self, request: Request) -> Response:
+        self.holds.release(request.path_params["name"])
+        return JSONResponse({"ok": True})
+
+    async def fail(self, request: Request) -> Response:
+        self.holds.fail(request.path_params["name"])
         return JSONResponse({"ok": True})
 
     async def metrics(self, request: Request) -> Response:
@@ -253,6 +314,8 @@ def create_app(config: SimConfig) -> Starlette:
             Route("/metrics", sim.metrics),
             Route("/sim/stats", sim.get_stats),
             Route("/sim/reset", sim.reset, methods=["POST"]),
+            Route("/sim/release/{name}", sim.release, methods=["POST"]),
+            Route("/sim/fail/{name}", sim.fail, methods=["POST"]),
         ]
     )
     app.state.sim = sim

@@ -26,6 +26,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._state = state
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
@@ -43,7 +44,16 @@ class DrainingServer(uvicorn.Server):
             self._state.active,
             self._state.settings.drain_timeout_s,
         )
-        self._loop.call_soon_threadsafe(self._loop.create_task, self._drain())
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+        self._drain_task.add_done_callback(self._drained)
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("drain failed; exiting now", exc_info=task.exception())
+            self.should_exit = True
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self._state.settings.drain_timeout_s

@@ -27,6 +27,11 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+# The one key of arq's per-worker ``ctx`` dict this service uses: arq hands ``ctx`` to every
+# job function, and the job finds the worker's Runtime under it.
+RUNTIME = "llmq_runtime"
+
+
 @dataclass
 class Runtime:
     """What a job needs, built once per worker process and kept in arq's ``ctx``."""
@@ -121,9 +126,16 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher) -> str:
         return "engine_error"
 
 
+def runtime_of(ctx: dict[str, Any]) -> Runtime:
+    rt = ctx[RUNTIME]
+    if not isinstance(rt, Runtime):  # pragma: no cover - a wiring error, not a job error
+        raise TypeError(f"ctx[{RUNTIME!r}] is {type(rt).__name__}, not Runtime")
+    return rt
+
+
 async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     """arq job: ``chat(spec)``. Returns a small JSON summary kept as the arq result."""
-    rt: Runtime = ctx["runtime"]
+    rt = runtime_of(ctx)
     spec = JobSpec.model_validate(raw_spec)
     pub = Publisher(rt.store, spec.id, rt.settings.orphan_grace_s)
     rt.active += 1

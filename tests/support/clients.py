@@ -90,6 +90,25 @@ def sim_stats(sim_url: str) -> dict[str, Any]:
     return stats
 
 
+def release(sim_url: str, name: str) -> None:
+    """Let the simulator's streams held under ``name`` go on (see bench.engine_sim)."""
+    httpx.post(f"{sim_url}/sim/release/{name}").raise_for_status()
+
+
+def fail(sim_url: str, name: str) -> None:
+    """Break off the simulator's streams held under ``name``, as a crashing engine would."""
+    httpx.post(f"{sim_url}/sim/fail/{name}").raise_for_status()
+
+
+def held(sim_url: str, name: str) -> int:
+    return int(sim_stats(sim_url)["held"].get(name, 0))
+
+
+def wait_held(sim_url: str, name: str, count: int, within: float = 10.0) -> None:
+    """Poll until exactly ``count`` engine requests are held under ``name``."""
+    wait_for(lambda: held(sim_url, name) == count, within, f"{count} request(s) held as {name!r}")
+
+
 def assert_drained(rdb: Any, within: float = 3.0) -> None:
     """No admitted place and no queued job left. The worker releases a job's place and arq
     removes it from the queue just after the last event went out, so allow a moment."""

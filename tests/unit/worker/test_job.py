@@ -12,7 +12,7 @@ from llmq.shared import protocol as p
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker.engine import EngineClient
-from llmq.worker.job import Runtime, chat
+from llmq.worker.job import RUNTIME, Runtime, chat
 from llmq.worker.metrics import WorkerMetrics
 from tests.support.clients import sse_bytes as sse
 
@@ -56,7 +56,7 @@ async def run_and_collect(store: Store, fake_redis, rt: Runtime, stream: bool = 
     pubsub = fake_redis.pubsub()
     await pubsub.subscribe(p.events_channel("chatcmpl-x"))
     await pubsub.get_message(timeout=1)
-    result = await chat({"runtime": rt}, job(stream))
+    result = await chat({RUNTIME: rt}, job(stream))
     events = []
     while (msg := await pubsub.get_message(timeout=0.2)) is not None:
         events.append(p.Event.decode(msg["data"]))
@@ -113,6 +113,6 @@ async def test_non_streaming_publishes_one_result(store, fake_redis):
 async def test_nobody_listening_past_the_grace_abandons_the_job(store, grace):
     body = sse(*[chunk(str(i)) for i in range(5)], chunk(finish="stop"))
     rt = runtime(store, lambda r: httpx.Response(200, content=body), orphan_grace_s=grace)
-    result = await chat({"runtime": rt}, job())
+    result = await chat({RUNTIME: rt}, job())
     assert result["outcome"] == "client_gone"
     assert rt.metrics.jobs.labels("client_gone")._value.get() == 1

@@ -1,0 +1,226 @@
+"""``WakeableWorker``: arq's Worker, woken instead of polled, with its state as attributes.
+
+arq's main loop calls ``_poll_iteration`` every ``poll_delay`` (0.5 s by default), which
+would add up to half a second to time-to-first-token. Here ``poll_delay`` is 0 and each
+iteration first waits for a wake-up: a message on ``llmq:wake`` (a job was enqueued or an
+abort requested) or a slot freeing, with WAKE_FALLBACK_S as a safety net.
+
+arq's iteration also reads the first 100 queue entries and tries each, running ones
+included (arq keeps running jobs in the queue): three Redis round trips per running job
+before it reaches a waiting one, tens of milliseconds with a few dozen slots busy. Here one
+Lua call returns only the waiting jobs, as many as there are free slots. The rest of the
+iteration (aborts, finished tasks, arq's health key) is arq's, step by step.
+
+This is the one module that touches arq's internals. ``ARQ_SEAM`` lists every member of
+``arq.worker.Worker`` it relies on, with its signature and, for the methods it overrides or
+whose behaviour it depends on, a hash of arq's source. ``seam_problems()`` compares them
+with the installed arq: ``build_worker`` refuses to start when a member is missing or its
+signature changed, and a unit test (the tripwire) also checks the hashes, so an arq upgrade
+fails loudly instead of silently falling back to the WAKE_FALLBACK_S re-check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from arq.worker import Worker
+
+from llmq.worker.heartbeat import beat_once, heartbeat_loop, wake_listener
+from llmq.worker.job import RUNTIME, Runtime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One arq member this module relies on."""
+
+    signature: str | None = None  # str(inspect.signature(member)); None for plain attributes
+    source_sha256: str | None = None  # of inspect.getsource(member): behaviour we depend on
+    why: str = ""
+
+
+# Pinned against arq 0.28.0 (pyproject: >=0.28,<0.29). After an upgrade, read arq's new
+# source of each hashed member, adapt this module if needed, then update the hash.
+ARQ_SEAM: dict[str, Pin] = {
+    "__init__": Pin(signature=None, why="keyword arguments passed by build_worker (checked)"),
+    "main": Pin(
+        "(self) -> None",
+        "45ca1591c9717466eec76e17fa958f84acf6085103d692a84ee25d9904e7f8fc",
+        "calls on_startup, then _poll_iteration in a loop sleeping poll_delay (0 here)",
+    ),
+    "_poll_iteration": Pin(
+        "(self) -> None",
+        "f8d39d823a0a59f27a45f1c0e80bee44e16219d5072235fbc81866402298322f",
+        "overridden: ours must do what arq's does, apart from picking jobs",
+    ),
+    "start_jobs": Pin(
+        "(self, job_ids: list[bytes]) -> None",
+        "b45797cfa40bed7fe6e9b8b8100c5f5b4144fe85112155c4e355df6ed8521f5f",
+        "claims each job (in-progress key) and calls _release_sem_dec_counter_on_complete "
+        "when its task ends",
+    ),
+    "_release_sem_dec_counter_on_complete": Pin(
+        "(self) -> None",
+        "0ed101482e942c33a64ccbe19eb3c4d29da9497258b1ffb1380da300da9bc481",
+        "overridden: a freed slot wakes the loop",
+    ),
+    "_cancel_aborted_jobs": Pin("(self) -> None", None, "called from our _poll_iteration"),
+    "heart_beat": Pin("(self) -> None", None, "called from our _poll_iteration"),
+    "handle_sig_wait_for_completion": Pin(
+        "(self, signum: signal.Signals) -> None",
+        "8f161d86834cc74ee2293cf004c5456c4c01614d651e6daa03f5d7d81863435f",
+        "overridden: withdraw the heartbeat first, then arq's drain",
+    ),
+    "max_jobs": Pin(why="slots (read)"),
+    "job_counter": Pin(why="running jobs (read)"),
+    "allow_pick_jobs": Pin(why="False once draining (read)"),
+    "allow_abort_jobs": Pin(why="read"),
+    "tasks": Pin(why="job id -> task, reaped in _poll_iteration"),
+    "loop": Pin(why="the worker's event loop (signal handler schedules on it)"),
+    "ctx": Pin(why="passed to every job; carries the Runtime under RUNTIME"),
+}
+
+# Keyword arguments of Worker.__init__ that build_worker passes.
+INIT_KWARGS = (
+    "functions",
+    "queue_name",
+    "redis_pool",
+    "max_jobs",
+    "job_timeout",
+    "keep_result",
+    "max_tries",
+    "retry_jobs",
+    "allow_abort_jobs",
+    "job_serializer",
+    "job_deserializer",
+    "handle_signals",
+    "job_completion_wait",
+    "health_check_interval",
+    "on_startup",
+    "on_shutdown",
+    "ctx",
+    "poll_delay",
+)
+
+
+def source_sha256(member: Any) -> str:
+    return hashlib.sha256(inspect.getsource(member).encode()).hexdigest()
+
+
+def seam_problems(
+    worker_cls: type, instance: object | None = None, *, check_source: bool = True
+) -> list[str]:
+    """What no longer matches between ``ARQ_SEAM`` and ``worker_cls`` (arq's Worker).
+
+    Attributes set in ``__init__`` are looked up on ``instance`` when one is given.
+    """
+    problems = []
+    init = getattr(worker_cls, "__init__", None)
+    params = inspect.signature(init).parameters if init else {}
+    problems += [f"__init__ lost keyword {k!r}" for k in INIT_KWARGS if k not in params]
+    for name, pin in ARQ_SEAM.items():
+        if name == "__init__":
+            continue
+        if pin.signature is None:
+            if instance is not None and not hasattr(instance, name):
+                problems.append(f"attribute {name!r} is gone")
+            continue
+        member = inspect.getattr_static(worker_cls, name, None)
+        if member is None:
+            problems.append(f"method {name!r} is gone ({pin.why})")
+            continue
+        if str(inspect.signature(member)) != pin.signature:
+            problems.append(f"{name}{inspect.signature(member)} != pinned {pin.signature}")
+        elif check_source and pin.source_sha256 and source_sha256(member) != pin.source_sha256:
+            problems.append(f"arq's {name} changed ({pin.why}): review, then re-pin its hash")
+    return problems
+
+
+class WakeableWorker(Worker):
+    """arq's Worker, woken by pub/sub or a freed slot; see the module docstring."""
+
+    def __init__(self, runtime: Runtime, *, wake_fallback_s: float, **kwargs: Any) -> None:
+        super().__init__(
+            poll_delay=0,
+            ctx={RUNTIME: runtime},
+            on_startup=self._startup,
+            on_shutdown=self._shutdown,
+            **kwargs,
+        )
+        self.runtime = runtime
+        self.background: list[asyncio.Task[None]] = []
+        self._wake_event = asyncio.Event()
+        self._wake_event.set()
+        self._fallback_s = wake_fallback_s
+        self._withdrawing: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._wake_event.set()
+
+    async def _poll_iteration(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake_event.wait(), self._fallback_s)
+        self._wake_event.clear()
+        free = self.max_jobs - self.job_counter
+        if self.allow_pick_jobs and free > 0:
+            await self.start_jobs(await self.runtime.store.waiting_jobs(free))
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # as arq does: errors in run_job surface here
+        await self.heart_beat()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self.wake()  # a slot is free: look at the queue again now
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        # Stop advertising capacity at once so gateways stop admitting for this worker.
+        for task in self.background:
+            task.cancel()
+        rt = self.runtime
+        self._withdrawing = self.loop.create_task(rt.store.remove_worker(rt.settings.worker_id))
+        self._withdrawing.add_done_callback(_log_failure)
+        super().handle_sig_wait_for_completion(signum)
+
+    async def _startup(self, ctx: dict[str, Any]) -> None:
+        rt = self.runtime
+        await beat_once(rt)
+        self.background = [
+            asyncio.create_task(heartbeat_loop(rt), name="heartbeat"),
+            asyncio.create_task(wake_listener(rt, self.wake), name="wake-listener"),
+        ]
+        for task in self.background:
+            task.add_done_callback(_log_failure)
+        logger.info(
+            "worker %s ready: %d slots, engine %s (%s)",
+            rt.settings.worker_id,
+            rt.settings.max_active,
+            rt.engine.base_url,
+            "ready" if rt.engine_ready else "not ready",
+        )
+
+    async def _shutdown(self, ctx: dict[str, Any]) -> None:
+        rt = self.runtime
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await rt.store.remove_worker(rt.settings.worker_id)
+        await rt.engine.aclose()
+        logger.info("worker %s stopped", rt.settings.worker_id)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Done-callback for fire-and-forget tasks: a failure is logged, never lost."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
