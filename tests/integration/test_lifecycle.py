@@ -12,31 +12,46 @@ import httpx
 import pytest
 import redis
 
-from tests.support.clients import assert_drained, body, get_json, members, stream_chat
-from tests.support.stack import ROOT, Stack, wait_for
+from tests.support.clients import (
+    assert_drained,
+    body,
+    get_json,
+    members,
+    release,
+    stream_chat,
+    wait_held,
+)
+from tests.support.stack import ROOT, Proc, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def test_sigterm_drains_running_and_queued_requests(stack: Stack, rdb: redis.Redis) -> None:
+def test_sigterm_drains_running_and_queued_requests(
+    stack: Stack, rdb: redis.Redis, sim: Proc
+) -> None:
     stack.worker(max_active=1)
-    gw = stack.gateway(drain_timeout_s=20)
+    gw = stack.gateway(drain_timeout_s=60)
+
+    def draining() -> bool:
+        return bool(httpx.get(gw.url + "/health").json()["draining"])
 
     async def run() -> None:
-        async with httpx.AsyncClient(timeout=20) as c:
+        async with httpx.AsyncClient(timeout=60) as c:
             streams = [
-                asyncio.create_task(stream_chat(c, gw.url, body(tokens=8, itl_ms=50)))
+                asyncio.create_task(stream_chat(c, gw.url, body(tokens=8, hold="drain")))
                 for _ in range(3)
             ]
+            await asyncio.to_thread(wait_held, sim.url, "drain", 1)  # one runs, two queued
             await asyncio.to_thread(
-                wait_for, lambda: rdb.zcard("llmq:admitted") == 3, 5, "three jobs admitted"
+                wait_for, lambda: rdb.zcard("llmq:admitted") == 3, 10, "three jobs admitted"
             )
             gw.signal(signal.SIGTERM)
-            await asyncio.sleep(0.1)
+            await asyncio.to_thread(wait_for, draining, 10, "the gateway to drain")
             late = await c.post(gw.url + "/v1/chat/completions", json=body())
             assert late.status_code == 503
             assert late.json()["error"]["code"] == "shutting_down"
             assert late.headers["retry-after"]
+            await asyncio.to_thread(release, sim.url, "drain")
             results = await asyncio.gather(*streams)
         for r in results:
             assert r.status == 200
@@ -49,23 +64,24 @@ def test_sigterm_drains_running_and_queued_requests(stack: Stack, rdb: redis.Red
 
 
 def test_worker_sigterm_finishes_running_jobs_and_withdraws_capacity(
-    stack: Stack, rdb: redis.Redis
+    stack: Stack, rdb: redis.Redis, sim: Proc
 ) -> None:
-    worker = stack.worker(max_active=2, drain_timeout_s=20)
+    worker = stack.worker(max_active=2, drain_timeout_s=60)
     gw = stack.gateway()
 
     async def run() -> None:
-        async with httpx.AsyncClient(timeout=20) as c:
-            stream = asyncio.create_task(stream_chat(c, gw.url, body(tokens=20, itl_ms=50)))
-            running = lambda: bool(rdb.keys("arq:in-progress:*"))  # noqa: E731
-            await asyncio.to_thread(wait_for, running, 5, "the job to be running")
+        async with httpx.AsyncClient(timeout=60) as c:
+            stream = asyncio.create_task(stream_chat(c, gw.url, body(tokens=20, hold="stop")))
+            await asyncio.to_thread(wait_held, sim.url, "stop", 1)
             worker.signal(signal.SIGTERM)
             await asyncio.to_thread(
                 wait_for,
                 lambda: rdb.zcard("llmq:workers") == 0,
-                2,
+                10,
                 "the worker to withdraw its heartbeat",
             )
+            assert worker.alive(), "the running job holds the worker"
+            await asyncio.to_thread(release, sim.url, "stop")
             result = await stream
         assert result.status == 200
         assert result.done
@@ -73,33 +89,37 @@ def test_worker_sigterm_finishes_running_jobs_and_withdraws_capacity(
         assert not result.sse_errors
 
     asyncio.run(run())
-    assert worker.popen.wait(10) == 0
-    wait_for(lambda: httpx.get(gw.url + "/health").status_code == 503, 3, "gateway sees no worker")
+    assert worker.popen.wait(20) == 0
+    wait_for(lambda: httpx.get(gw.url + "/health").status_code == 503, 10, "gateway sees no worker")
     resp = httpx.post(gw.url + "/v1/chat/completions", json=body())
     assert resp.json()["error"]["code"] == "engine_unavailable"
     assert_drained(rdb)
 
 
-def test_killed_gateway_leaves_queued_jobs_to_be_served(stack: Stack, rdb: redis.Redis) -> None:
+def test_killed_gateway_leaves_queued_jobs_to_be_served(
+    stack: Stack, rdb: redis.Redis, sim: Proc
+) -> None:
     stack.worker(max_active=1)
     gw = stack.gateway()
     clients = [
         threading.Thread(
-            target=lambda: _quietly_post(gw.url, body(tokens=8, itl_ms=100)), daemon=True
+            target=lambda: _quietly_post(gw.url, body(tokens=8, hold="gone")), daemon=True
         )
         for _ in range(4)
     ]
     for t in clients:
         t.start()
-    wait_for(lambda: rdb.zcard("llmq:queue") == 4, 5, "four jobs in Redis")
+    wait_for(lambda: rdb.zcard("llmq:queue") == 4, 10, "four jobs in Redis")
+    wait_held(sim.url, "gone", 1)
     ids = members(rdb, "llmq:queue")
     gw.kill()
+    release(sim.url, "gone")
 
     def all_completed() -> bool:
         results = [rdb.get("arq:result:" + i) for i in ids]
         return all(results)
 
-    wait_for(all_completed, 15, "every queued job to be served")
+    wait_for(all_completed, 30, "every queued job to be served")
     outcomes = [get_json(rdb, "arq:result:" + i)["r"]["outcome"] for i in ids]
     assert outcomes == ["completed"] * 4
     restarted = stack.gateway()

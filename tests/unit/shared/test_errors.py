@@ -11,6 +11,7 @@ from llmq.shared.errors import (
     ServerBusy,
     ServiceError,
     UpstreamError,
+    for_http_status,
 )
 
 
@@ -53,3 +54,63 @@ def test_upstream_status_outside_errors_becomes_502() -> None:
 def test_engine_overload_passes_through_with_retry_after(status: int) -> None:
     assert UpstreamError(status, "busy").headers() == {"Retry-After": "1"}
     assert UpstreamError(400, "bad").headers() == {}
+
+
+def test_upstream_status_is_the_status() -> None:
+    err = UpstreamError(400, "too long", code=400)
+    assert err.status == 400
+    assert err.code == "400"
+    assert err.type == "upstream_error"
+
+
+def _all_subclasses(cls: type[ServiceError]) -> list[type[ServiceError]]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_all_subclasses(sub)]
+    return out
+
+
+# Leaves of the tree: the classes raised (Overloaded and Unavailable only group them).
+LEAVES = [c for c in _all_subclasses(ServiceError) if not c.__subclasses__()]
+
+
+@pytest.mark.parametrize("cls", [c for c in LEAVES if c is not UpstreamError])
+def test_every_error_crosses_redis_and_every_429_503_has_retry_after(
+    cls: type[ServiceError],
+) -> None:
+    err = cls("m", param="p")
+    back = ServiceError.from_wire(err.to_wire())
+    assert type(back) is cls
+    assert (back.status, back.code, back.type, back.param) == (
+        err.status,
+        err.code,
+        err.type,
+        "p",
+    )
+    if err.status in (429, 503):
+        assert err.headers()["Retry-After"].isdigit()
+
+
+def test_the_tree_in_the_docstring_names_every_class() -> None:
+    import llmq.shared.errors as module
+
+    assert module.__doc__ is not None
+    for cls in _all_subclasses(ServiceError):
+        assert cls.__name__ in module.__doc__, cls.__name__
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "invalid_request"),
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+        (413, "request_too_large"),
+        (418, "invalid_request"),
+        (500, "internal_error"),
+    ],
+)
+def test_framework_statuses_map_into_the_tree(status: int, code: str) -> None:
+    err = for_http_status(status, "x")
+    assert err.status == status
+    assert err.code == code
