@@ -1,13 +1,44 @@
-"""The Redis contract's atomic operations, on fakeredis with Lua."""
+"""The Redis contract's atomic operations, each run on fakeredis (with Lua) and on a real
+redis-server: the Lua scripts' semantics are Redis', not the fake's.
+
+Expiry is made to happen by moving a deadline into the past (the scores are deadlines on
+Redis' clock), not by sleeping past it.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
 
 from llmq.shared import protocol as p
 from llmq.shared.store import Store
+from tests.support.stack import Proc
+
+PAST = 1  # a deadline long gone (ms since the epoch)
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+async def fake_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """Named as the unit tier's fixture it overrides; here it is fake or real, in turn."""
+    if request.param == "fakeredis":
+        client: Any = fakeredis.FakeAsyncRedis()
+    else:
+        server: Proc = request.getfixturevalue("redis_server")
+        client = Redis(port=server.port)
+        await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def store(fake_redis: Any) -> Store:
+    return Store(fake_redis)
 
 
 def spec(job_id: str) -> p.JobSpec:
@@ -39,20 +70,22 @@ async def test_admit_refuses_a_duplicate_id(store: Store) -> None:
     assert not again.admitted
 
 
-async def test_places_of_dead_jobs_heal_after_their_hold(store: Store) -> None:
-    await store.admit(spec("a"), limit=1, hold_s=0.05, expire_s=30)
+async def test_places_of_dead_jobs_heal_after_their_hold(store: Store, fake_redis) -> None:
+    await store.admit(spec("a"), limit=1, hold_s=30, expire_s=30)
     assert not (await store.admit(spec("b"), limit=1, hold_s=30, expire_s=30)).admitted
-    await asyncio.sleep(0.1)
+    await fake_redis.zadd(p.ADMITTED, {"a": PAST})  # its hold ran out (its gateway died)
     assert (await store.admit(spec("b"), limit=1, hold_s=30, expire_s=30)).admitted
+    assert await fake_redis.zrange(p.ADMITTED, 0, -1) == [b"b"]
 
 
 async def test_mark_started_rearms_only_admitted_jobs(store: Store, fake_redis) -> None:
-    await store.admit(spec("a"), limit=5, hold_s=0.05, expire_s=30)
-    await store.mark_started("a", hold_s=30)
-    await store.mark_started("ghost", hold_s=30)
-    await asyncio.sleep(0.1)
-    assert await store.in_system() == 1
+    await store.admit(spec("a"), limit=5, hold_s=1, expire_s=30)
+    held_until = await fake_redis.zscore(p.ADMITTED, "a")
+    await store.mark_started("a", hold_s=300)
+    await store.mark_started("ghost", hold_s=300)
+    assert await fake_redis.zscore(p.ADMITTED, "a") >= held_until + 250_000
     assert await fake_redis.zscore(p.ADMITTED, "ghost") is None
+    assert await store.in_system() == 1
 
 
 async def test_cancel_before_start_removes_every_trace(store: Store, fake_redis) -> None:
@@ -86,7 +119,7 @@ async def test_queue_depth_counts_only_waiting_jobs(store: Store, fake_redis) ->
     assert await store.in_system() == 4
 
 
-async def test_heartbeats_expire_and_workers_can_leave(store: Store) -> None:
+async def test_heartbeats_expire_and_workers_can_leave(store: Store, fake_redis) -> None:
     info = p.WorkerInfo(
         worker_id="w1",
         max_active=4,
@@ -97,10 +130,12 @@ async def test_heartbeats_expire_and_workers_can_leave(store: Store) -> None:
         started_at=1.0,
     )
     await store.heartbeat(info, ttl_s=30)
-    await store.heartbeat(info.model_copy(update={"worker_id": "w2"}), ttl_s=0.05)
+    await store.heartbeat(info.model_copy(update={"worker_id": "w2"}), ttl_s=30)
     assert {w.worker_id for w in await store.live_workers()} == {"w1", "w2"}
-    await asyncio.sleep(0.1)
+    assert 0 < await fake_redis.pttl(p.worker_key("w2")) <= 30_000
+    await fake_redis.zadd(p.WORKERS, {"w2": PAST})  # w2 stopped beating
     assert [w.worker_id for w in await store.live_workers()] == ["w1"]
+    assert await fake_redis.zscore(p.WORKERS, "w2") is None
     assert (await store.live_workers())[0] == info
     await store.remove_worker("w1")
     assert await store.live_workers() == []
