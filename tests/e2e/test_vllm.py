@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import time
@@ -14,7 +15,7 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.support.clients import assert_drained
+from tests.support.clients import assert_drained, stream_chat
 from tests.support.stack import BUNDLED_MODEL as MODEL
 from tests.support.stack import E2E_MAX_MODEL_LEN as MAX_MODEL_LEN
 from tests.support.stack import ROOT, Proc, Stack, engine_paths, wait_for
@@ -141,3 +142,29 @@ def test_model_preparation_is_idempotent_and_verifies(vllm: Proc) -> None:
     assert "already prepared" in proc.stderr
     assert "verified: LlamaForCausalLM" in proc.stderr
     print(f"re-run with verification took {time.monotonic() - t0:.1f}s")
+
+
+def _readme_curl_body() -> dict[str, object]:
+    """The JSON body of the README's first curl sample, as a reader would paste it."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(
+        r"curl -N http://127\.0\.0\.1:8080/v1/chat/completions.*?-d '(.*?)'", readme, re.S
+    )
+    assert match, "the README has a curl sample"
+    body: dict[str, object] = json.loads(match.group(1))
+    return body
+
+
+async def test_readme_sample_answers_paris(stack: Stack) -> None:
+    """The first impression: the README's sample, default sampling, through the gateway."""
+    stack.worker()
+    gw = stack.gateway()
+    payload = _readme_curl_body()
+    assert payload["model"] == MODEL
+    assert "temperature" not in payload, "the sample relies on the model's default sampling"
+    async with httpx.AsyncClient(timeout=120) as client:
+        for _ in range(3):
+            result = await stream_chat(client, gw.url, payload)
+            assert result.status == 200
+            assert result.done
+            assert "Paris" in result.text, result.text

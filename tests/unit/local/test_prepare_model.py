@@ -52,14 +52,16 @@ def test_main_reports_errors_with_exit_code_2(
     assert "ERROR" in capsys.readouterr().err
 
 
-def test_generation_config_gets_the_recommended_sampling(tmp_path: Path) -> None:
-    (tmp_path / pm.GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": 2}))
+def test_generation_config_gets_the_default_sampling(tmp_path: Path) -> None:
+    (tmp_path / pm.GENERATION_CONFIG).write_text(
+        json.dumps({"eos_token_id": 2, "_from_model_config": True, "top_p": 0.9})
+    )
     assert pm.write_generation_config(tmp_path)
     written = json.loads((tmp_path / pm.GENERATION_CONFIG).read_text())
-    assert written == {"eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.9}
+    assert written == {"eos_token_id": 2, "do_sample": False, "temperature": 0.0}
     assert not pm.write_generation_config(tmp_path), "idempotent: nothing to change"
 
 
 def test_generation_config_is_created_when_missing(tmp_path: Path) -> None:
     assert pm.write_generation_config(tmp_path)
-    assert json.loads((tmp_path / pm.GENERATION_CONFIG).read_text())["temperature"] == 0.2
+    assert json.loads((tmp_path / pm.GENERATION_CONFIG).read_text())["temperature"] == 0.0
