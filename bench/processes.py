@@ -138,7 +138,6 @@ def service_env(redis_url: str, engine_url: str, **overrides: object) -> dict[st
         "VLLM_URL": engine_url,
         "LOG_LEVEL": "INFO",
         "WORKER_METRICS_PORT": "0",
-        "HEARTBEAT_INTERVAL_S": "0.5",
         "REGISTRY_REFRESH_S": "0.2",
     }
     return {**base, **{k.upper(): str(v) for k, v in overrides.items()}}

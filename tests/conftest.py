@@ -1,15 +1,17 @@
-"""Fixtures shared by the integration and e2e suites: one real redis-server per session."""
+"""Fixtures shared by the suites: one real redis-server and one engine simulator per session,
+a fresh stack of gateway/worker processes per test (e2e overrides ``stack`` with vLLM)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import redis
 
-from tests.support.stack import Proc, start_redis
+from tests.support.stack import Proc, Stack, dump_logs_on_failure, start_redis, start_sim
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +56,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
+
+
+@pytest.fixture(scope="session")
+def sim(logdir: Path) -> Iterator[Proc]:
+    proc = start_sim(logdir, "--ttft-ms", "10", "--itl-ms", "5", "--tokens", "16")
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+def stack(
+    redis_server: Proc, sim: Proc, rdb: redis.Redis, logdir: Path, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    httpx.post(sim.url + "/sim/reset")
+    s = Stack(f"redis://127.0.0.1:{redis_server.port}/0", sim.url, logdir)
+    yield s
+    s.close()
+    dump_logs_on_failure(request, s.procs)

@@ -15,7 +15,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from llmq.shared.errors import QueueUnavailable, StreamInterrupted
-from llmq.shared.protocol import Event, events_channel
+from llmq.shared.protocol import OUT_OF_BAND, Event, events_channel
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class Subscription:
             async with asyncio.timeout(within):
                 raw = await self.queue.get()
         event = Event.decode(raw)
+        if event.seq == OUT_OF_BAND:  # terminal, from the reaper: no place in the sequence
+            return event
         if event.seq != self._seq + 1:
             raise StreamInterrupted(
                 f"job {self.job_id}: event stream interrupted "

@@ -9,13 +9,16 @@ import time
 from redis.exceptions import RedisError
 
 from llmq.shared.protocol import WorkerInfo
-from llmq.shared.store import Store
+from llmq.shared.store import Store, log_reaped
 
 logger = logging.getLogger(__name__)
 
 
 class WorkerRegistry:
     """A cached view of ``llmq:workers``; admission reads it on every request without I/O.
+
+    Each refresh first runs the reaper: a worker whose heartbeat expired has its started
+    jobs ended with ``worker_lost`` and their places reclaimed (idempotent, any process).
 
     Stale by at most REGISTRY_REFRESH_S. Capacity only gates admission: the bound itself is
     enforced atomically in Redis, so two gateways with the same view admit the same total.
@@ -30,6 +33,7 @@ class WorkerRegistry:
 
     async def refresh(self) -> None:
         try:
+            log_reaped(logger, *await self._store.reap())
             self.workers = await self._store.live_workers()
             self.redis_ok = True
         except RedisError as exc:

@@ -16,6 +16,7 @@
     │   └── ShuttingDown              ->     shutting_down (gateway draining)
     ├── StreamInterrupted             -> 502 stream_interrupted (events lost between worker
     │                                        and gateway: a sequence gap)
+    ├── WorkerLost                    -> 502 worker_lost (the job's worker stopped beating)
     ├── RequestTimeout                -> 504 request_timeout
     ├── ClientClosedRequest           -> 499 client_closed_request (logged, never seen)
     └── UpstreamError                 -> the engine's own status and message
@@ -163,6 +164,13 @@ class StreamInterrupted(ServiceError):
     code = "stream_interrupted"
 
 
+class WorkerLost(ServiceError):
+    """The worker running the job died (its heartbeat expired); the job will not resume."""
+
+    status = 502
+    code = "worker_lost"
+
+
 class RequestTimeout(ServiceError):
     status = 504
     code = "request_timeout"
@@ -231,6 +239,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         QueueUnavailable,
         ShuttingDown,
         StreamInterrupted,
+        WorkerLost,
         RequestTimeout,
         ClientClosedRequest,
     )

@@ -11,12 +11,15 @@ Keys and channels
     llmq:admitted           zset    admitted, unfinished jobs; score = deadline (ms, Redis clock)
     llmq:workers            zset    live-worker index; score = heartbeat expiry (ms, Redis clock)
     llmq:worker:<id>        hash    heartbeat of one worker (WorkerInfo), with a TTL
+    llmq:worker-jobs:<id>   set     ids of the jobs a worker has started and not yet ended
     llmq:events:<id>        pubsub  the job's events, sequence-numbered (Event)
     llmq:wake               pubsub  "a job was enqueued or aborted": wakes idle workers
 
 Event wire format: ``"<seq> <type> <data>"``, one pub/sub message each. ``data`` of a
 ``chunk`` event is the OpenAI chunk JSON exactly as the gateway sends it to the client, so the
-per-token relay path neither parses JSON nor decodes text.
+per-token relay path neither parses JSON nor decodes text. The job's worker numbers its
+events from 1; sequence number 0 (``OUT_OF_BAND``) marks a terminal event published by
+someone else (the reaper's ``worker_lost``), which the gateway accepts whatever it has seen.
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ def events_channel(job_id: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return f"llmq:worker:{worker_id}"
+
+
+WORKER_JOBS_PREFIX = "llmq:worker-jobs:"
+
+
+def worker_jobs_key(worker_id: str) -> str:
+    return WORKER_JOBS_PREFIX + worker_id
+
+
+OUT_OF_BAND = 0  # sequence number of a terminal event not sent by the job's worker
 
 
 def json_dumps(obj: Any) -> bytes:

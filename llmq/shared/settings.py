@@ -59,9 +59,10 @@ class Settings(BaseSettings):
 
     @property
     def heartbeat_ttl_s(self) -> float:
-        """A worker is live while its heartbeat is younger than three intervals plus one
-        engine probe (each beat first asks the engine, which may take ENGINE_PROBE_TIMEOUT_S)."""
-        return self.heartbeat_interval_s * 3 + ENGINE_PROBE_TIMEOUT_S
+        """A worker is live while its heartbeat is younger than three intervals. The beat
+        never waits for the engine probe (that runs on its own), so only a stalled process
+        or a lost Redis connection misses three in a row."""
+        return self.heartbeat_interval_s * 3
 
 
 def load_settings() -> Settings:

@@ -8,6 +8,8 @@ Redis, not a cluster: the deployment has one Redis with AOF.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,7 @@ from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
 from llmq.shared import protocol as p
+from llmq.shared.errors import WorkerLost
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
@@ -50,8 +53,49 @@ redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 0
 """
 
-# KEYS: admitted. ARGV: job_id, hold_ms. Re-arms a running job's deadline (self-healing N).
-_TOUCH = _NOW + "return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])\n"
+# KEYS: admitted, the worker's job set. ARGV: job_id, hold_ms. A job starts: re-arm its
+# deadline (self-healing N) and record which worker runs it (for the reaper).
+_START = (
+    _NOW
+    + """
+redis.call('SADD', KEYS[2], ARGV[1])
+return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+"""
+)
+
+# KEYS: admitted, the worker's job set. ARGV: job_id. A job ended, whatever the outcome.
+_RELEASE = """
+redis.call('SREM', KEYS[2], ARGV[1])
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+# KEYS: workers index, admitted, queue. ARGV: worker key prefix, worker-jobs prefix, job key
+# prefix, in-progress prefix, events prefix, the out-of-band error event's head ("0 error "),
+# its JSON body. Workers whose heartbeat expired are dead: each job they had started loses
+# its place, queue entry, in-progress marker and payload (it never runs again: at most
+# once), and its client is told (an out-of-band error event). Idempotent; any process may
+# run it. Returns {dead worker ids..., reaped job count}.
+_REAP = (
+    _NOW
+    + """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+local jobs = 0
+for _, w in ipairs(dead) do
+  local set = ARGV[2] .. w
+  for _, id in ipairs(redis.call('SMEMBERS', set)) do
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('DEL', ARGV[3] .. id, ARGV[4] .. id)
+    redis.call('PUBLISH', ARGV[5] .. id, ARGV[6] .. ARGV[7])
+    jobs = jobs + 1
+  end
+  redis.call('DEL', set, ARGV[1] .. w)
+  redis.call('ZREM', KEYS[1], w)
+end
+table.insert(dead, jobs)
+return dead
+"""
+)
 
 # KEYS: queue. ARGV: in-progress prefix, scan limit. Jobs in the queue that are not running.
 _QUEUE_DEPTH = """
@@ -88,13 +132,13 @@ return 1
 """
 )
 
-# KEYS: workers index. ARGV: worker key prefix. Drops expired workers, returns live hashes.
+# KEYS: workers index. ARGV: worker key prefix. Hashes of live workers (expired ones are left
+# in the index for the reaper, which needs them to find their jobs).
 _LIVE_WORKERS = (
     _NOW
     + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
   local h = redis.call('HGETALL', ARGV[1] .. id)
   if #h > 0 then table.insert(out, h) end
 end
@@ -103,6 +147,15 @@ return out
 )
 
 _WORKER_PREFIX = p.worker_key("")
+
+
+def log_reaped(logger: logging.Logger, dead: list[str], jobs: int) -> None:
+    if dead:
+        logger.warning(
+            "worker(s) %s lost their heartbeat: %d started job(s) ended with worker_lost",
+            ", ".join(dead),
+            jobs,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +172,9 @@ class Store:
         self.redis = redis
         self._admit = redis.register_script(_ADMIT)
         self._cancel = redis.register_script(_CANCEL)
-        self._touch = redis.register_script(_TOUCH)
+        self._start = redis.register_script(_START)
+        self._release = redis.register_script(_RELEASE)
+        self._reap = redis.register_script(_REAP)
         self._queue_depth = redis.register_script(_QUEUE_DEPTH)
         self._waiting = redis.register_script(_WAITING_JOBS)
         self._heartbeat = redis.register_script(_HEARTBEAT)
@@ -186,11 +241,33 @@ class Store:
         )
         return ids
 
-    async def mark_started(self, job_id: str, hold_s: float) -> None:
-        await self._touch(keys=[p.ADMITTED], args=[job_id, int(hold_s * 1000)])
+    async def mark_started(self, job_id: str, worker_id: str, hold_s: float) -> None:
+        await self._start(
+            keys=[p.ADMITTED, p.worker_jobs_key(worker_id)], args=[job_id, int(hold_s * 1000)]
+        )
 
-    async def release(self, job_id: str) -> None:
-        await self.redis.zrem(p.ADMITTED, job_id)
+    async def release(self, job_id: str, worker_id: str) -> None:
+        await self._release(keys=[p.ADMITTED, p.worker_jobs_key(worker_id)], args=[job_id])
+
+    async def reap(self) -> tuple[list[str], int]:
+        """Reclaim what dead workers held (see ``_REAP``); returns (dead worker ids, jobs).
+
+        Each reclaimed job's client gets ``worker_lost`` as an out-of-band error event."""
+        lost = WorkerLost("the worker running this job stopped (its heartbeat expired)")
+        head = p.Event(p.OUT_OF_BAND, p.EventType.ERROR, b"").encode()
+        out: list[Any] = await self._reap(
+            keys=[p.WORKERS, p.ADMITTED, p.QUEUE],
+            args=[
+                _WORKER_PREFIX,
+                p.WORKER_JOBS_PREFIX,
+                p.job_key(""),
+                p.IN_PROGRESS_PREFIX,
+                p.EVENTS_PREFIX,
+                head,
+                json.dumps(lost.to_wire(), separators=(",", ":")),
+            ],
+        )
+        return [w.decode() for w in out[:-1]], int(out[-1])
 
     async def publish(self, job_id: str, event: p.Event) -> int:
         """Publish one event; returns how many subscribers got it (0: nobody listens)."""

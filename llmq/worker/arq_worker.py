@@ -32,7 +32,7 @@ from typing import Any
 
 from arq.worker import Worker
 
-from llmq.worker.heartbeat import beat_once, heartbeat_loop, wake_listener
+from llmq.worker.heartbeat import beat_once, heartbeat_loop, probe_loop, wake_listener
 from llmq.worker.job import RUNTIME, Runtime
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ class WakeableWorker(Worker):
         await beat_once(rt)
         self.background = [
             asyncio.create_task(heartbeat_loop(rt), name="heartbeat"),
+            asyncio.create_task(probe_loop(rt), name="engine-probe"),
             asyncio.create_task(wake_listener(rt, self.wake), name="wake-listener"),
         ]
         for task in self.background:

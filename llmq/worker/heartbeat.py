@@ -1,4 +1,10 @@
-"""Background tasks of a worker: the heartbeat (with engine discovery) and the wake listener."""
+"""Background tasks of a worker: heartbeat, engine probe, reaper, wake listener.
+
+The heartbeat is written every HEARTBEAT_INTERVAL_S with the engine state the probe last
+saw; the probe runs on its own so a slow engine never delays a beat (a missed beat is how
+other processes decide this worker is dead). Each beat also runs the reaper, so workers
+reclaim what a dead peer held even when no gateway runs.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,23 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from llmq.shared.protocol import WAKE_CHANNEL, WorkerInfo
+from llmq.shared.store import log_reaped
 from llmq.worker.job import Runtime
 
 logger = logging.getLogger(__name__)
 
+# How often a silent wake-listener connection is pinged, and how long without an answer
+# makes it reconnect.
+_WAKE_PING_S = 1.0
+_BACKOFF_MAX_S = 5.0
 
-async def beat_once(rt: Runtime) -> None:
-    """Probe the engine, then publish this worker's capacity, load and models."""
+
+async def probe_engine(rt: Runtime) -> None:
+    """Ask the engine for its models; record whether it is ready."""
     models = await rt.engine.models()
     ready = models is not None
     if ready != rt.engine_ready:
@@ -23,42 +36,87 @@ async def beat_once(rt: Runtime) -> None:
     rt.engine_ready = ready
     rt.models = tuple(models or rt.models)
     rt.metrics.engine_up.set(1 if ready else 0)
+
+
+async def write_heartbeat(rt: Runtime) -> None:
+    """Publish this worker's capacity, load and models."""
     s = rt.settings
     info = WorkerInfo(
         worker_id=s.worker_id,
         max_active=s.max_active,
         active=rt.active,
         models=rt.models,
-        engine_ready=ready,
+        engine_ready=rt.engine_ready,
         engine_url=rt.engine.base_url,
         started_at=rt.started_at,
     )
     await rt.store.heartbeat(info, s.heartbeat_ttl_s)
 
 
+async def beat_once(rt: Runtime) -> None:
+    """Start-up: probe, then beat, so the first heartbeat already tells the truth."""
+    await probe_engine(rt)
+    await write_heartbeat(rt)
+
+
 async def heartbeat_loop(rt: Runtime) -> None:
+    failing = False
     while True:
         try:
-            await beat_once(rt)
+            await write_heartbeat(rt)
+            log_reaped(logger, *await rt.store.reap())
+            if failing:
+                logger.info("heartbeat restored")
+            failing = False
         except RedisError as exc:
-            logger.warning("heartbeat failed: %s", exc)
+            if not failing:
+                logger.warning("heartbeat failed (Redis: %s); retrying", exc)
+            failing = True
+        await asyncio.sleep(rt.settings.heartbeat_interval_s)
+
+
+async def probe_loop(rt: Runtime) -> None:
+    while True:
+        await probe_engine(rt)
         await asyncio.sleep(rt.settings.heartbeat_interval_s)
 
 
 async def wake_listener(rt: Runtime, wake: Callable[[], None]) -> None:
-    """Call ``wake()`` for every message on the wake channel; resubscribe after errors.
+    """Call ``wake()`` for every message on the wake channel; reconnect after errors.
 
-    Missing a wake-up only costs latency: the worker also re-checks every WAKE_FALLBACK_S.
+    The connection is pinged when silent, so a Redis that restarted (or froze) is noticed
+    and the subscription re-created. Missing a wake-up only costs latency: the worker also
+    re-checks every WAKE_FALLBACK_S.
     """
+    backoff = 0.1
     while True:
         pubsub = rt.store.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(WAKE_CHANNEL)
             wake()  # anything enqueued while we were not subscribed
-            async for _message in pubsub.listen():
-                wake()
-        except RedisError as exc:
-            logger.warning("wake listener lost Redis (%s); resubscribing", exc)
-            await asyncio.sleep(0.5)
+            backoff = 0.1
+            await _listen(pubsub, wake)
+        except (RedisError, OSError) as exc:
+            logger.warning("wake listener lost Redis (%s); resubscribing in %.1fs", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(_BACKOFF_MAX_S, backoff * 2)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _listen(pubsub: PubSub, wake: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    heard = loop.time()
+    pinged = False
+    while True:
+        msg = await pubsub.get_message(timeout=_WAKE_PING_S)
+        now = loop.time()
+        if msg is not None:
+            heard, pinged = now, False
+            if msg.get("type") == "message":
+                wake()
+        elif not pinged and now - heard >= _WAKE_PING_S:
+            await pubsub.ping()
+            pinged = True
+        elif pinged and now - heard >= 3 * _WAKE_PING_S:
+            raise ConnectionError("no answer to PING on the wake channel")

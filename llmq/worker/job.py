@@ -146,7 +146,8 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         hold = rt.settings.request_timeout_s + rt.settings.orphan_grace_s
         # Announce the pickup while the engine request is already on its way: the two
         # round trips stay off the time-to-first-token path.
-        pub.announce(rt.store.mark_started(spec.id, hold), rt.settings.worker_id)
+        worker_id = rt.settings.worker_id
+        pub.announce(rt.store.mark_started(spec.id, worker_id, hold), worker_id)
         outcome = await _generate(rt, spec, pub)
         return {"id": spec.id, "outcome": outcome}
     except asyncio.CancelledError:
@@ -165,7 +166,7 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         try:
-            await asyncio.shield(rt.store.release(spec.id))
+            await asyncio.shield(rt.store.release(spec.id, rt.settings.worker_id))
         except RedisError as exc:  # its place in llmq:admitted expires by itself
             logger.warning("job %s: could not release its place: %s", spec.id, exc)
         rt.active -= 1

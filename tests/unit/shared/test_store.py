@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from llmq.shared import protocol as p
+from llmq.shared.errors import ServiceError, WorkerLost
 from llmq.shared.store import Store
 from tests.support.stack import Proc
 
@@ -81,8 +82,8 @@ async def test_places_of_dead_jobs_heal_after_their_hold(store: Store, fake_redi
 async def test_mark_started_rearms_only_admitted_jobs(store: Store, fake_redis) -> None:
     await store.admit(spec("a"), limit=5, hold_s=1, expire_s=30)
     held_until = await fake_redis.zscore(p.ADMITTED, "a")
-    await store.mark_started("a", hold_s=300)
-    await store.mark_started("ghost", hold_s=300)
+    await store.mark_started("a", "w1", hold_s=300)
+    await store.mark_started("ghost", "w1", hold_s=300)
     assert await fake_redis.zscore(p.ADMITTED, "a") >= held_until + 250_000
     assert await fake_redis.zscore(p.ADMITTED, "ghost") is None
     assert await store.in_system() == 1
@@ -135,7 +136,7 @@ async def test_heartbeats_expire_and_workers_can_leave(store: Store, fake_redis)
     assert 0 < await fake_redis.pttl(p.worker_key("w2")) <= 30_000
     await fake_redis.zadd(p.WORKERS, {"w2": PAST})  # w2 stopped beating
     assert [w.worker_id for w in await store.live_workers()] == ["w1"]
-    assert await fake_redis.zscore(p.WORKERS, "w2") is None
+    assert await fake_redis.zscore(p.WORKERS, "w2") == PAST, "left for the reaper"
     assert (await store.live_workers())[0] == info
     await store.remove_worker("w1")
     assert await store.live_workers() == []
@@ -148,3 +149,62 @@ async def test_waiting_jobs_skips_running_and_not_yet_due(store: Store, fake_red
     await fake_redis.zadd(p.QUEUE, {"later": int(time.time() * 1000) + 60_000})
     assert await store.waiting_jobs(10) == [b"j1", b"j2", b"j3"]
     assert await store.waiting_jobs(2) == [b"j1", b"j2"]
+
+
+def _worker(worker_id: str) -> p.WorkerInfo:
+    return p.WorkerInfo(
+        worker_id=worker_id,
+        max_active=2,
+        active=1,
+        models=("m",),
+        engine_ready=True,
+        engine_url="http://e",
+        started_at=1.0,
+    )
+
+
+async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(
+    store: Store, fake_redis
+) -> None:
+    await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
+    await store.mark_started("a", "w1", hold_s=300)
+    assert await fake_redis.smembers(p.worker_jobs_key("w1")) == {b"a"}
+    await store.release("a", "w1")
+    assert await fake_redis.smembers(p.worker_jobs_key("w1")) == set()
+    assert await store.in_system() == 0
+
+
+async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
+    store: Store, fake_redis
+) -> None:
+    for job in ("run1", "run2", "queued", "other"):
+        await store.admit(spec(job), limit=10, hold_s=30, expire_s=30)
+    await store.heartbeat(_worker("dead"), ttl_s=30)
+    await store.heartbeat(_worker("alive"), ttl_s=30)
+    for job, worker in (("run1", "dead"), ("run2", "dead"), ("other", "alive")):
+        await fake_redis.set(p.in_progress_key(job), b"1")
+        await store.mark_started(job, worker, hold_s=300)
+    pubsub = fake_redis.pubsub()
+    await pubsub.subscribe(p.events_channel("run1"))
+    await pubsub.get_message(timeout=1)
+
+    assert await store.reap() == ([], 0), "nobody is dead yet"
+    await fake_redis.zadd(p.WORKERS, {"dead": PAST})  # its heartbeat expired
+    assert [w.worker_id for w in await store.live_workers()] == ["alive"]
+    assert await store.reap() == (["dead"], 2)
+
+    assert sorted(await fake_redis.zrange(p.ADMITTED, 0, -1)) == [b"other", b"queued"]
+    assert sorted(await fake_redis.zrange(p.QUEUE, 0, -1)) == [b"other", b"queued"]
+    for job in ("run1", "run2"):  # started jobs never run again
+        assert await fake_redis.exists(p.in_progress_key(job), p.job_key(job)) == 0
+    assert await fake_redis.exists(p.job_key("queued")) == 1, "a queued job still runs"
+    assert await fake_redis.exists(p.worker_jobs_key("dead"), p.worker_key("dead")) == 0
+    assert await fake_redis.zscore(p.WORKERS, "dead") is None
+    msg = await pubsub.get_message(timeout=1)
+    assert msg is not None
+    event = p.Event.decode(msg["data"])
+    assert (event.seq, event.type) == (p.OUT_OF_BAND, p.EventType.ERROR)
+    lost = ServiceError.from_wire(json.loads(event.data))
+    assert (type(lost), lost.status) == (WorkerLost, 502)
+    await pubsub.aclose()
+    assert await store.reap() == ([], 0), "idempotent"
