@@ -25,8 +25,19 @@ logger = logging.getLogger(__name__)
 
 
 def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
+    """Pools and helpers. ``redis`` (tests pass fakeredis) serves both commands and pub/sub;
+    otherwise pub/sub gets a client of its own, without redis-py's health check (see
+    ``gateway.events``), and every command is bounded by REDIS_TIMEOUT_S."""
+    pubsub_redis = redis or Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_keepalive=True,
+    )
     redis = redis or Redis.from_url(
-        settings.redis_url, health_check_interval=30, socket_keepalive=True
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_keepalive=True,
     )
     store = Store(redis)
     metrics = GatewayMetrics()
@@ -36,7 +47,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         redis=redis,
         store=store,
         registry=registry,
-        subs=Subscriptions(redis),
+        subs=Subscriptions(pubsub_redis),
         admission=Admission(settings, store, registry),
         metrics=metrics,
     )
@@ -64,6 +75,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
             refresher.cancel()
             await asyncio.gather(refresher, return_exceptions=True)
             await st.subs.stop()
+            await st.subs.redis.aclose()
             await st.redis.aclose()
 
     app = FastAPI(title="llmq gateway", version="0.1.0", lifespan=lifespan)

@@ -3,11 +3,25 @@
 A request subscribes to its job's channel and waits for Redis' confirmation *before* the
 job is enqueued (pub/sub keeps no backlog). Many requests share one connection, so a
 thousand open streams cost one Redis connection, not a thousand.
+
+The connection is supervised by its one reader task:
+- Only the reader reads. redis-py's ``health_check_interval`` must be off on this
+  connection: its check makes whichever coroutine sends the next command (a request's
+  SUBSCRIBE) also *read* the PING reply, racing the reader ("read() called while another
+  coroutine is already waiting"): after an idle spell, one request in a few got a 500.
+  Liveness is checked by the reader itself instead: when the connection has been silent
+  for ``PING_S`` it sends PING, and no answer within ``DEAD_AFTER_S`` counts as lost (a
+  frozen Redis never closes the socket).
+- When the connection is lost, subscriptions that have seen events fail at once with
+  ``queue_unavailable`` (events may have been lost; their clients get an error event), and
+  subscriptions still waiting for their job to start are kept and re-subscribed on a fresh
+  connection: no job can start while Redis is away, so nothing of theirs was missed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from redis.asyncio import Redis
@@ -19,11 +33,16 @@ from llmq.shared.protocol import OUT_OF_BAND, Event, events_channel
 
 logger = logging.getLogger(__name__)
 
-_CONFIRM_TIMEOUT_S = 5.0
+CONFIRM_TIMEOUT_S = 2.0
+PING_S = 1.0
+DEAD_AFTER_S = 3.0
+_BACKOFF_MAX_S = 2.0
+_LOST = b""  # queued to a subscription whose events may have been lost
 
 
 class Subscription:
-    """The events of one job, in order; ``next`` raises TimeoutError or StreamInterrupted."""
+    """The events of one job, in order; ``next`` raises TimeoutError, StreamInterrupted
+    (a sequence gap) or QueueUnavailable (the connection to Redis was lost)."""
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
@@ -32,6 +51,11 @@ class Subscription:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._seq = 0
 
+    @property
+    def heard(self) -> bool:
+        """Whether any event of the job arrived (it started)."""
+        return self._seq > 0
+
     async def next(self, within: float | None) -> Event:
         # Hot path (once per token): no timer when the event is already here.
         try:
@@ -39,6 +63,8 @@ class Subscription:
         except asyncio.QueueEmpty:
             async with asyncio.timeout(within):
                 raw = await self.queue.get()
+        if raw is _LOST:
+            raise QueueUnavailable("lost the connection to Redis mid-stream; retry")
         event = Event.decode(raw)
         if event.seq == OUT_OF_BAND:  # terminal, from the reaper: no place in the sequence
             return event
@@ -53,14 +79,18 @@ class Subscription:
 
 class Subscriptions:
     def __init__(self, redis: Redis) -> None:
+        """``redis`` must not have ``health_check_interval`` set (see the module docstring)."""
+        self.redis = redis
         self._pubsub: PubSub = redis.pubsub()
         # Keyed by the channel name as bytes, as messages carry it: no decoding per token.
         self._subs: dict[bytes, Subscription] = {}
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
 
     async def start(self) -> None:
         await self._pubsub.connect()  # type: ignore[no-untyped-call]
+        self.connected.set()
         self._reader = asyncio.create_task(self._read(), name="pubsub-reader")
 
     async def stop(self) -> None:
@@ -70,13 +100,15 @@ class Subscriptions:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, job_id: str) -> Subscription:
+        if not self.connected.is_set():
+            raise QueueUnavailable("the connection to Redis is being re-established; retry")
         sub = Subscription(job_id)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._subs[sub.key] = sub
         self._confirm[sub.key] = fut
         try:
             await self._pubsub.subscribe(sub.channel)
-            await asyncio.wait_for(fut, _CONFIRM_TIMEOUT_S)
+            await asyncio.wait_for(fut, CONFIRM_TIMEOUT_S)
         except TimeoutError:
             await self.unsubscribe(sub)
             raise QueueUnavailable("Redis did not confirm the subscription; retry") from None
@@ -91,25 +123,70 @@ class Subscriptions:
         if self._subs.pop(sub.key, None) is not None:
             try:
                 await self._pubsub.unsubscribe(sub.channel)
-            except RedisError as exc:  # stray messages for it are dropped by _dispatch
+            except (RedisError, OSError) as exc:  # stray messages are dropped by _dispatch
                 logger.warning("job %s: unsubscribe failed: %s", sub.job_id, exc)
 
     async def _read(self) -> None:
         while True:
             try:
-                msg = await self._pubsub.get_message(timeout=1.0)
-            except RedisError as exc:
-                logger.warning("pub/sub connection lost: %s; reconnecting", exc)
-                await asyncio.sleep(0.2)
-                continue
+                await self._pump()
+            except (RedisError, OSError) as exc:
+                logger.warning("pub/sub connection lost (%s); reconnecting", exc)
+                await self._lost()
+                backoff = 0.1
+                while not await self._reconnect():
+                    await asyncio.sleep(backoff)
+                    backoff = min(_BACKOFF_MAX_S, backoff * 2)
+
+    async def _pump(self) -> None:
+        """Read and dispatch until the connection fails or stops answering PING."""
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        pinged = False
+        while True:
+            msg = await self._pubsub.get_message(timeout=PING_S)
+            now = loop.time()
             if msg is not None:
+                heard, pinged = now, False
                 self._dispatch(msg)
+            elif now - heard >= DEAD_AFTER_S:
+                raise ConnectionError(f"no answer from Redis for {now - heard:.1f}s")
+            elif not pinged and now - heard >= PING_S:
+                await self._pubsub.ping()
+                pinged = True
+
+    async def _lost(self) -> None:
+        """Fail the subscriptions that may have missed events; start a fresh connection."""
+        self.connected.clear()
+        old, self._pubsub = self._pubsub, self.redis.pubsub()
+        with contextlib.suppress(RedisError, OSError):  # the socket is closed either way
+            await old.aclose()  # type: ignore[no-untyped-call]
+        for key, sub in list(self._subs.items()):
+            if sub.heard:
+                del self._subs[key]
+                sub.queue.put_nowait(_LOST)
+        for fut in self._confirm.values():
+            if not fut.done():
+                fut.set_exception(QueueUnavailable("lost the connection to Redis; retry"))
+
+    async def _reconnect(self) -> bool:
+        """Connect the fresh pub/sub and re-subscribe the jobs still waiting to start."""
+        try:
+            await self._pubsub.connect()  # type: ignore[no-untyped-call]
+            if self._subs:
+                await self._pubsub.subscribe(*(sub.channel for sub in self._subs.values()))
+        except (RedisError, OSError) as exc:
+            logger.info("Redis still unreachable: %s", exc)
+            return False
+        self.connected.set()
+        logger.info("pub/sub reconnected; %d waiting job(s) re-subscribed", len(self._subs))
+        return True
 
     def _dispatch(self, msg: dict[str, object]) -> None:
         kind = msg["type"]
         channel = msg["channel"]
         if not isinstance(channel, bytes):
-            return
+            return  # a PING reply
         if kind == "message":
             sub = self._subs.get(channel)
             if sub is not None and isinstance(msg["data"], bytes):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from redis.exceptions import RedisError
 
 from llmq.gateway.events import Subscription, Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
@@ -120,7 +121,10 @@ class JobRelay:
                 if client_gone:
                     logger.info("job %s: client gone, cancelling", self.spec.id)
                     self.metrics.reject("client_cancelled")
-                await self.store.cancel(self.spec.id)
+                try:
+                    await self.store.cancel(self.spec.id)
+                except RedisError as exc:  # the worker's orphan check stops it instead
+                    logger.warning("job %s: cannot cancel (Redis: %s)", self.spec.id, exc)
                 self.finished = True
             await self.subs.unsubscribe(self.sub)
 

@@ -29,6 +29,7 @@ from llmq.shared.protocol import Event
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
+_HEALTH_PING_S = 0.5
 T = TypeVar("T")
 
 
@@ -111,9 +112,10 @@ async def list_models(st: StateDep) -> dict[str, Any]:
 
 @router.get("/health")
 async def health(st: StateDep) -> JSONResponse:
-    try:
-        redis_ok = bool(await st.redis.ping())
-    except RedisError:
+    try:  # bounded: /health answers within a second even while Redis is frozen
+        async with asyncio.timeout(_HEALTH_PING_S):
+            redis_ok = bool(await st.redis.ping())
+    except (RedisError, TimeoutError):
         redis_ok = False
     ready = len(st.registry.ready())
     body: dict[str, Any] = {

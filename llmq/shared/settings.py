@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, frozen=True, extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(
+        1.0, gt=0, le=60, description="bound on one Redis command (a frozen Redis: 503 fast)"
+    )
 
     # Backpressure (ARCHITECTURE.md, "Admission and the bound").
     max_active: int = Field(8, ge=1, le=4096, description="slots per worker")

@@ -69,6 +69,15 @@ redis.call('SREM', KEYS[2], ARGV[1])
 return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
+# KEYS: admitted, the worker's job set, queue, job key, in-progress key. ARGV: job_id. A job
+# that ended while Redis was unreachable: every trace arq and the worker could not remove.
+_FORGET = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return redis.call('DEL', KEYS[4], KEYS[5])
+"""
+
 # KEYS: workers index, admitted, queue. ARGV: worker key prefix, worker-jobs prefix, job key
 # prefix, in-progress prefix, events prefix, the out-of-band error event's head ("0 error "),
 # its JSON body. Workers whose heartbeat expired are dead: each job they had started loses
@@ -175,6 +184,7 @@ class Store:
         self._start = redis.register_script(_START)
         self._release = redis.register_script(_RELEASE)
         self._reap = redis.register_script(_REAP)
+        self._forget = redis.register_script(_FORGET)
         self._queue_depth = redis.register_script(_QUEUE_DEPTH)
         self._waiting = redis.register_script(_WAITING_JOBS)
         self._heartbeat = redis.register_script(_HEARTBEAT)
@@ -248,6 +258,19 @@ class Store:
 
     async def release(self, job_id: str, worker_id: str) -> None:
         await self._release(keys=[p.ADMITTED, p.worker_jobs_key(worker_id)], args=[job_id])
+
+    async def forget(self, job_id: str, worker_id: str) -> None:
+        """Remove every trace of a job that ended while Redis was unreachable."""
+        await self._forget(
+            keys=[
+                p.ADMITTED,
+                p.worker_jobs_key(worker_id),
+                p.QUEUE,
+                p.job_key(job_id),
+                p.in_progress_key(job_id),
+            ],
+            args=[job_id],
+        )
 
     async def reap(self) -> tuple[list[str], int]:
         """Reclaim what dead workers held (see ``_REAP``); returns (dead worker ids, jobs).

@@ -32,7 +32,12 @@ def build_worker(
     if problems:
         raise RuntimeError("incompatible arq version: " + "; ".join(problems))
     redis = ArqRedis(
-        ConnectionPool.from_url(settings.redis_url, health_check_interval=30),
+        ConnectionPool.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            socket_keepalive=True,
+        ),
         job_serializer=protocol.json_dumps,
         job_deserializer=protocol.json_loads,
         default_queue_name=protocol.QUEUE,

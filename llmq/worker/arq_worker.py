@@ -31,11 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from arq.worker import Worker
+from redis.exceptions import RedisError
 
 from llmq.worker.heartbeat import beat_once, heartbeat_loop, probe_loop, wake_listener
 from llmq.worker.job import RUNTIME, Runtime
 
 logger = logging.getLogger(__name__)
+
+_BACKOFF_MAX_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -161,14 +164,31 @@ class WakeableWorker(Worker):
         self._wake_event.set()
         self._fallback_s = wake_fallback_s
         self._withdrawing: asyncio.Task[None] | None = None
+        self._redis_failures = 0
 
     def wake(self) -> None:
         self._wake_event.set()
 
     async def _poll_iteration(self) -> None:
+        """One turn of arq's loop. Redis errors are ridden out here: arq would end its main
+        loop (and the process) on the first one; this backs off and tries again."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake_event.wait(), self._fallback_s)
         self._wake_event.clear()
+        try:
+            await self._pick_and_reap()
+        except (RedisError, OSError) as exc:
+            if not self._redis_failures:
+                logger.warning("Redis unreachable (%s); retrying with backoff", exc)
+            self._redis_failures += 1
+            await asyncio.sleep(min(_BACKOFF_MAX_S, 0.1 * 2**self._redis_failures))
+            self.wake()
+            return
+        if self._redis_failures:
+            logger.info("Redis reachable again after %d failed turn(s)", self._redis_failures)
+            self._redis_failures = 0
+
+    async def _pick_and_reap(self) -> None:
         free = self.max_jobs - self.job_counter
         if self.allow_pick_jobs and free > 0:
             await self.start_jobs(await self.runtime.store.waiting_jobs(free))
@@ -177,7 +197,10 @@ class WakeableWorker(Worker):
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
-                task.result()  # as arq does: errors in run_job surface here
+                try:
+                    task.result()  # as arq does: errors in run_job surface here
+                except (RedisError, OSError) as exc:  # arq could not record the outcome
+                    logger.warning("job %s: arq lost Redis while finishing it: %s", job_id, exc)
         await self.heart_beat()
 
     def _release_sem_dec_counter_on_complete(self) -> None:

@@ -65,6 +65,7 @@ async def heartbeat_loop(rt: Runtime) -> None:
         try:
             await write_heartbeat(rt)
             log_reaped(logger, *await rt.store.reap())
+            await _forget_unreleased(rt)
             if failing:
                 logger.info("heartbeat restored")
             failing = False
@@ -73,6 +74,13 @@ async def heartbeat_loop(rt: Runtime) -> None:
                 logger.warning("heartbeat failed (Redis: %s); retrying", exc)
             failing = True
         await asyncio.sleep(rt.settings.heartbeat_interval_s)
+
+
+async def _forget_unreleased(rt: Runtime) -> None:
+    for job_id in list(rt.unreleased):
+        await rt.store.forget(job_id, rt.settings.worker_id)
+        rt.unreleased.discard(job_id)
+        logger.info("job %s: its traces removed now that Redis is back", job_id)
 
 
 async def probe_loop(rt: Runtime) -> None:

@@ -43,6 +43,8 @@ class Runtime:
     active: int = 0
     models: tuple[str, ...] = ()
     engine_ready: bool = False
+    # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
+    unreleased: set[str] = field(default_factory=set)
     started_at: float = field(default_factory=time.time)
 
 
@@ -159,6 +161,12 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     except ClientGone:
         outcome = "client_gone"
         return {"id": spec.id, "outcome": outcome}
+    except RedisError as exc:
+        # Its events cannot be delivered: stop (leaving the engine stream aborts the
+        # request inside the engine). The gateway tells the client (queue_unavailable).
+        outcome = "redis_error"
+        logger.warning("job %s: lost Redis (%s); stopped", spec.id, exc)
+        return {"id": spec.id, "outcome": outcome}
     except Exception:
         outcome = "error"
         logger.exception("job %s: failed", spec.id)
@@ -167,8 +175,9 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         try:
             await asyncio.shield(rt.store.release(spec.id, rt.settings.worker_id))
-        except RedisError as exc:  # its place in llmq:admitted expires by itself
-            logger.warning("job %s: could not release its place: %s", spec.id, exc)
+        except RedisError as exc:  # the heartbeat retries once Redis is back
+            logger.warning("job %s: could not release its place yet: %s", spec.id, exc)
+            rt.unreleased.add(spec.id)
         rt.active -= 1
         rt.metrics.active.set(rt.active)
         rt.metrics.jobs.labels(outcome).inc()

@@ -15,6 +15,7 @@ OUTCOMES = (
     "client_gone",
     "cancelled",
     "error",
+    "redis_error",
 )
 _RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0)
 
