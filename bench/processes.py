@@ -105,11 +105,16 @@ def spawn(
     return Proc(name, popen, log, port)
 
 
-def start_redis(logdir: Path) -> Proc:
+def start_redis(
+    logdir: Path, *, port: int = 0, data_dir: Path | None = None, persistent: bool = False
+) -> Proc:
+    """A redis-server on loopback (``port`` 0: a free one); ``persistent``: AOF in
+    ``data_dir``, so a restart on the same port and folder finds the queue again."""
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server not found: run scripts/test.sh, which installs it")
-    port = free_port()
-    proc = spawn("redis", redis_argv(port, str(logdir), persistent=False), logdir, port=port)
+    port = port or free_port()
+    folder = str(data_dir or logdir)
+    proc = spawn("redis", redis_argv(port, folder, persistent=persistent), logdir, port=port)
 
     def ping() -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:

@@ -1,0 +1,106 @@
+"""Redis restarted (AOF) or frozen under load: no process exits, nobody hangs, no queued
+job is lost, and service comes back by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+import redis
+
+from tests.chaos.conftest import OwnRedis
+from tests.support.clients import body, release, sim_stats, stream_chat, wait_held
+from tests.support.stack import Proc, Stack, wait_for
+
+pytestmark = pytest.mark.chaos
+
+BOUND_S = 15  # generous for a loaded 2-core machine; bench.chaos reports real figures
+
+
+async def _first_200_after(c: httpx.AsyncClient, url: str) -> float:
+    """Seconds until a request through the gateway succeeds again (polling, bounded)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < BOUND_S:
+        resp = await c.post(url + "/v1/chat/completions", json=body(stream=False, tokens=1))
+        if resp.status_code == 200:
+            return time.monotonic() - t0
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] in {"queue_unavailable", "engine_unavailable"}
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no 200 within {BOUND_S}s of Redis coming back")
+
+
+def test_redis_restart_keeps_queued_jobs_and_every_process(
+    own_stack: Stack, own_redis: OwnRedis, sim: Proc
+) -> None:
+    worker = own_stack.worker(max_active=1)
+    gw = own_stack.gateway()
+    rdb = redis.Redis(port=own_redis.proc.port)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            running = asyncio.create_task(stream_chat(c, gw.url, body(tokens=5, hold="r")))
+            await asyncio.to_thread(wait_held, sim.url, "r", 1)
+            queued = [asyncio.create_task(stream_chat(c, gw.url, body(tokens=3))) for _ in range(2)]
+            await asyncio.to_thread(
+                wait_for, lambda: rdb.zcard("llmq:queue") == 3, 10, "two jobs queued"
+            )
+            rdb.close()
+            own_redis.proc.stop()  # SIGTERM: Redis writes its AOF and exits
+            told = await asyncio.wait_for(running, BOUND_S)
+            assert told.status == 200
+            assert told.done
+            assert [e["code"] for e in told.sse_errors] == ["queue_unavailable"]
+            refused = await c.post(gw.url + "/v1/chat/completions", json=body())
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "queue_unavailable"
+            assert refused.headers["retry-after"]
+
+            own_redis.restart()
+            release(sim.url, "r")
+            await _first_200_after(c, gw.url)
+            for r in await asyncio.wait_for(asyncio.gather(*queued), BOUND_S * 2):
+                assert r.status == 200, r
+                assert r.text == "tok0 tok1 tok2 ", "a queued job survived the restart"
+
+    asyncio.run(run())
+    assert worker.alive(), worker.output()[-2000:]
+    assert gw.alive(), gw.output()[-2000:]
+
+
+def test_frozen_redis_gets_bounded_answers_and_recovers(
+    own_stack: Stack, own_redis: OwnRedis, sim: Proc
+) -> None:
+    worker = own_stack.worker(max_active=2)
+    gw = own_stack.gateway()
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            stream = asyncio.create_task(stream_chat(c, gw.url, body(tokens=5, hold="f")))
+            await asyncio.to_thread(wait_held, sim.url, "f", 1)
+            own_redis.proc.signal(signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                health = await c.get(gw.url + "/health")
+                assert health.status_code == 503
+                assert time.monotonic() - t0 < BOUND_S
+                t0 = time.monotonic()
+                refused = await c.post(gw.url + "/v1/chat/completions", json=body())
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "queue_unavailable"
+                assert time.monotonic() - t0 < BOUND_S
+                told = await asyncio.wait_for(stream, BOUND_S)
+                assert [e["code"] for e in told.sse_errors] == ["queue_unavailable"]
+                assert told.done
+            finally:
+                own_redis.proc.signal(signal.SIGCONT)
+            release(sim.url, "f")
+            await _first_200_after(c, gw.url)
+
+    asyncio.run(run())
+    assert worker.alive(), worker.output()[-2000:]
+    assert gw.alive(), gw.output()[-2000:]
+    assert sim_stats(sim.url)["requests"] >= 2
