@@ -6,7 +6,8 @@ A stream is: role chunk with the first token, one chunk per token, a finish chun
 chunk (when ``stream_options.include_usage``), ``data: [DONE]``. Knobs are global (flags) and
 per request through an extra body field ``"sim": {...}`` (the gateway passes unknown fields
 through), e.g. ``{"sim": {"tokens": 5, "itl_ms": 50, "fail_status": 500, "hang": true,
-"drop_after": 3}}``. ``GET /sim/stats`` counts streams started, completed and abandoned by
+"drop_after": 3, "pad": 4000}}`` (``pad``: bytes added to each token, for big
+streams). ``GET /sim/stats`` counts streams started, completed and abandoned by
 the client (the check that cancellation reaches the engine); ``POST /sim/reset`` zeroes them.
 
 Holds let a test decide when a job ends instead of racing durations:
@@ -135,6 +136,7 @@ class Simulator:
             "drop_after": over.get("drop_after"),
             "hold": over.get("hold"),
             "hold_after": int(over.get("hold_after", 1)),
+            "pad": int(over.get("pad", 0)),
         }
 
     async def chat(self, request: Request) -> Response:
@@ -221,7 +223,7 @@ class Simulator:
                     raise DroppedStream(rid)
                 if k["hold"] and i == k["hold_after"]:
                     await self.holds.wait(str(k["hold"]))
-                delta: dict[str, Any] = {"content": f"tok{i} "}
+                delta: dict[str, Any] = {"content": f"tok{i} " + "x" * k["pad"]}
                 if i == 0:
                     delta = {"role": "assistant", **delta}
                 else:

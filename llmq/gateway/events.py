@@ -38,6 +38,9 @@ PING_S = 1.0
 DEAD_AFTER_S = 3.0
 _BACKOFF_MAX_S = 2.0
 _LOST = b""  # queued to a subscription whose events may have been lost
+# Events buffered per stream while its client reads slower than the engine writes. Beyond
+# it the stream is dropped (its job stops: nobody listens), so memory stays bounded.
+MAX_BUFFERED_EVENTS = 4096
 
 
 class Subscription:
@@ -48,7 +51,8 @@ class Subscription:
         self.job_id = job_id
         self.channel = events_channel(job_id)
         self.key = self.channel.encode()
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(MAX_BUFFERED_EVENTS)
+        self.overflowed = False
         self._seq = 0
 
     @property
@@ -57,6 +61,11 @@ class Subscription:
         return self._seq > 0
 
     async def next(self, within: float | None) -> Event:
+        if self.overflowed:
+            raise StreamInterrupted(
+                f"job {self.job_id}: the client read too slowly; "
+                f"more than {MAX_BUFFERED_EVENTS} events were waiting"
+            )
         # Hot path (once per token): no timer when the event is already here.
         try:
             raw = self.queue.get_nowait()
@@ -86,6 +95,7 @@ class Subscriptions:
         self._subs: dict[bytes, Subscription] = {}
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
@@ -182,6 +192,15 @@ class Subscriptions:
         logger.info("pub/sub reconnected; %d waiting job(s) re-subscribed", len(self._subs))
         return True
 
+    def _overflow(self, sub: Subscription) -> None:
+        """Stop listening for a stream whose client does not keep up: its worker then sees
+        nobody listening and stops the job after ORPHAN_GRACE_S."""
+        logger.warning("job %s: client too slow, dropping its stream", sub.job_id)
+        sub.overflowed = True
+        task = asyncio.get_running_loop().create_task(self.unsubscribe(sub))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     def _dispatch(self, msg: dict[str, object]) -> None:
         kind = msg["type"]
         channel = msg["channel"]
@@ -190,7 +209,10 @@ class Subscriptions:
         if kind == "message":
             sub = self._subs.get(channel)
             if sub is not None and isinstance(msg["data"], bytes):
-                sub.queue.put_nowait(msg["data"])
+                try:
+                    sub.queue.put_nowait(msg["data"])
+                except asyncio.QueueFull:
+                    self._overflow(sub)
         elif kind == "subscribe":
             fut = self._confirm.get(channel)
             if fut is not None and not fut.done():

@@ -90,7 +90,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: St
         return Response(status_code=499)
     if body.stream:
         return EventSourceResponse(
-            relay.sse_body(first), sep="\n", ping=15, headers={"Cache-Control": "no-cache"}
+            relay.sse_body(first),
+            sep="\n",
+            ping=15,
+            headers={"Cache-Control": "no-cache"},
+            # A client that stops reading: the send blocks, and after this the stream ends
+            # and its job is cancelled (the slot must not wait on a stalled socket).
+            send_timeout=st.settings.client_send_timeout_s,
         )
     await relay.close(client_gone=False)  # the result is in: nothing left to cancel
     return JSONResponse(relay.completion(first))

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(60.0, ge=0, le=3600)
     registry_refresh_s: float = Field(0.5, gt=0, le=60)
+    client_send_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a stream the client leaves unread this long ends"
+    )
 
     # Worker.
     vllm_url: str = "http://127.0.0.1:8000"
