@@ -95,8 +95,12 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
          "Finished jobs per second by outcome", 8),
         ("Active jobs per worker", [(f"sum by (instance) (worker_active_jobs{{{GW}}})",
                                      "{{instance}}")], "short", "Jobs running on each worker", 8),
-        ("Engine up", [(f"min by (instance) (worker_engine_up{{{GW}}})", "{{instance}}")],
-         "bool", "1 when the worker's engine answers /v1/models", 8),
+        ("Engine and Redis up", [
+            (f"min by (instance) (worker_engine_up{{{GW}}})", "engine {{instance}}"),
+            (f"min(api_redis_up{{{GW}}})", "gateways reach Redis"),
+            (f"min(worker_redis_up{{{GW}}})", "workers reach Redis"),
+        ], "bool", "1 when the worker's engine answers /v1/models; 1 when every gateway and "
+           "worker reached Redis on its last try", 8),
     ]),
     ("vLLM internals", 8, [
         ("Running / waiting", [("sum(vllm:num_requests_running)", "running"),

@@ -18,6 +18,8 @@ REJECTION_REASONS = (
     "request_timeout",
     "shutting_down",
     "client_cancelled",
+    "worker_lost",
+    "stream_interrupted",
 )
 
 
@@ -47,6 +49,9 @@ class GatewayMetrics:
             "api_capacity_slots", "Σ MAX_ACTIVE over live ready workers", registry=r
         )
         self.workers = Gauge("api_live_workers", "Workers with a fresh heartbeat", registry=r)
+        self.redis_up = Gauge(
+            "api_redis_up", "1 when this gateway's last Redis round trip worked", registry=r
+        )
         self.ttft = Histogram(
             "api_time_to_first_token_seconds",
             "Request arrival to first token",

@@ -155,4 +155,5 @@ async def metrics(st: StateDep) -> Response:
         logger.warning("metrics: cannot read Redis: %s", exc)
     m.capacity.set(st.registry.capacity())
     m.workers.set(len(st.registry.workers))
+    m.redis_up.set(1 if st.registry.redis_ok else 0)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -69,10 +69,12 @@ async def heartbeat_loop(rt: Runtime) -> None:
             if failing:
                 logger.info("heartbeat restored")
             failing = False
+            rt.metrics.redis_up.set(1)
         except RedisError as exc:
             if not failing:
                 logger.warning("heartbeat failed (Redis: %s); retrying", exc)
             failing = True
+            rt.metrics.redis_up.set(0)
         await asyncio.sleep(rt.settings.heartbeat_interval_s)
 
 

@@ -46,6 +46,9 @@ class WorkerMetrics:
         self.engine_up = Gauge(
             "worker_engine_up", "1 when the engine answers /v1/models", registry=r
         )
+        self.redis_up = Gauge(
+            "worker_redis_up", "1 when this worker's last heartbeat reached Redis", registry=r
+        )
         self.decode_rate = Histogram(
             "worker_decode_tokens_per_second",
             "Per job: completion tokens over the time from first token to end of stream",
