@@ -20,8 +20,10 @@ from llmq.gateway.routes import router
 from llmq.gateway.state import GatewayState
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
+from llmq.shared.tasks import stop_task
 
 logger = logging.getLogger(__name__)
+_STOP_S = 2.0
 
 
 def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
@@ -72,8 +74,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
         try:
             yield
         finally:
-            refresher.cancel()
-            await asyncio.gather(refresher, return_exceptions=True)
+            await stop_task(refresher, _STOP_S, "the registry refresher")
             await st.subs.stop()
             await st.subs.redis.aclose()
             await st.redis.aclose()

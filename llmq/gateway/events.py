@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from llmq.shared.errors import QueueUnavailable, StreamInterrupted
 from llmq.shared.protocol import OUT_OF_BAND, Event, events_channel
+from llmq.shared.tasks import stop_if_cancelled, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ class Subscriptions:
 
     async def stop(self) -> None:
         if self._reader:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+            await stop_task(self._reader, 2.0, "the pub/sub reader")
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, job_id: str) -> Subscription:
@@ -141,6 +141,7 @@ class Subscriptions:
             try:
                 await self._pump()
             except (RedisError, OSError) as exc:
+                stop_if_cancelled()
                 logger.warning("pub/sub connection lost (%s); reconnecting", exc)
                 await self._lost()
                 backoff = 0.1
@@ -186,6 +187,7 @@ class Subscriptions:
             if self._subs:
                 await self._pubsub.subscribe(*(sub.channel for sub in self._subs.values()))
         except (RedisError, OSError) as exc:
+            stop_if_cancelled()
             logger.info("Redis still unreachable: %s", exc)
             return False
         self.connected.set()

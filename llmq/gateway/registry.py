@@ -10,6 +10,7 @@ from redis.exceptions import RedisError
 
 from llmq.shared.protocol import WorkerInfo
 from llmq.shared.store import Store, log_reaped
+from llmq.shared.tasks import stop_if_cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class WorkerRegistry:
             self.workers = await self._store.live_workers()
             self.redis_ok = True
         except RedisError as exc:
+            stop_if_cancelled()
             if self.redis_ok:
                 logger.warning("cannot read worker heartbeats: %s", exc)
             self.redis_ok = False

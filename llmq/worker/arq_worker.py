@@ -33,6 +33,7 @@ from typing import Any
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from llmq.shared.tasks import log_failure, stop_if_cancelled, stop_task
 from llmq.worker.heartbeat import beat_once, heartbeat_loop, probe_loop, wake_listener
 from llmq.worker.job import RUNTIME, Runtime
 
@@ -178,6 +179,7 @@ class WakeableWorker(Worker):
         try:
             await self._pick_and_reap()
         except (RedisError, OSError) as exc:
+            stop_if_cancelled()
             if not self._redis_failures:
                 logger.warning("Redis unreachable (%s); retrying with backoff", exc)
             self._redis_failures += 1
@@ -213,7 +215,7 @@ class WakeableWorker(Worker):
             task.cancel()
         rt = self.runtime
         self._withdrawing = self.loop.create_task(rt.store.remove_worker(rt.settings.worker_id))
-        self._withdrawing.add_done_callback(_log_failure)
+        self._withdrawing.add_done_callback(log_failure)
         super().handle_sig_wait_for_completion(signum)
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
@@ -225,7 +227,7 @@ class WakeableWorker(Worker):
             asyncio.create_task(wake_listener(rt, self.wake), name="wake-listener"),
         ]
         for task in self.background:
-            task.add_done_callback(_log_failure)
+            task.add_done_callback(log_failure)
         logger.info(
             "worker %s ready: %d slots, engine %s (%s)",
             rt.settings.worker_id,
@@ -237,14 +239,7 @@ class WakeableWorker(Worker):
     async def _shutdown(self, ctx: dict[str, Any]) -> None:
         rt = self.runtime
         for task in self.background:
-            task.cancel()
-        await asyncio.gather(*self.background, return_exceptions=True)
+            await stop_task(task, 2.0, f"the {task.get_name()} task")
         await rt.store.remove_worker(rt.settings.worker_id)
         await rt.engine.aclose()
         logger.info("worker %s stopped", rt.settings.worker_id)
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    """Done-callback for fire-and-forget tasks: a failure is logged, never lost."""
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("background task %s failed", task.get_name(), exc_info=task.exception())

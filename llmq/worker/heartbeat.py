@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from llmq.shared.protocol import WAKE_CHANNEL, WorkerInfo
 from llmq.shared.store import log_reaped
+from llmq.shared.tasks import stop_if_cancelled
 from llmq.worker.job import Runtime
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ async def heartbeat_loop(rt: Runtime) -> None:
             failing = False
             rt.metrics.redis_up.set(1)
         except RedisError as exc:
+            stop_if_cancelled()
             if not failing:
                 logger.warning("heartbeat failed (Redis: %s); retrying", exc)
             failing = True
@@ -107,6 +109,7 @@ async def wake_listener(rt: Runtime, wake: Callable[[], None]) -> None:
             backoff = 0.1
             await _listen(pubsub, wake)
         except (RedisError, OSError) as exc:
+            stop_if_cancelled()
             logger.warning("wake listener lost Redis (%s); resubscribing in %.1fs", exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(_BACKOFF_MAX_S, backoff * 2)
