@@ -17,12 +17,15 @@ first one, a non-streamed answer holds before it is sent) and then waits until
 breaks off, as an engine crash would). ``GET /sim/stats`` shows ``held`` per name, so a
 test polls for "held" instead of sleeping. A release or fail that comes first is kept: a
 later hold of that name passes (or fails) at once. ``POST /sim/reset`` forgets them.
+``{"sim": {"tag": "x"}}`` records "x" in ``tags`` of ``/sim/stats``, in the order requests
+reached the engine (what the priority and fairness tests read).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import time
@@ -119,6 +122,8 @@ class Simulator:
         self.config = config
         self.stats = SimStats()
         self.holds = Holds()
+        # The "tag" knob of each request, in the order they reached the engine (bounded).
+        self.tags: collections.deque[str] = collections.deque(maxlen=10_000)
 
     def knobs(self, body: dict[str, Any]) -> dict[str, Any]:
         over = body.get("sim") or {}
@@ -137,6 +142,7 @@ class Simulator:
             "hold": over.get("hold"),
             "hold_after": int(over.get("hold_after", 1)),
             "pad": int(over.get("pad", 0)),
+            "tag": over.get("tag"),
         }
 
     async def chat(self, request: Request) -> Response:
@@ -149,6 +155,8 @@ class Simulator:
         if body.get("model") != self.config.model:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
         k = self.knobs(body)
+        if k["tag"] is not None:
+            self.tags.append(str(k["tag"]))
         prompt = _prompt_tokens(messages)
         if prompt + k["tokens"] > self.config.max_model_len:
             return _error(
@@ -280,13 +288,15 @@ class Simulator:
         )
 
     async def get_stats(self, request: Request) -> Response:
-        return JSONResponse({**asdict(self.stats), "held": dict(self.holds.held)})
+        stats = {**asdict(self.stats), "held": dict(self.holds.held), "tags": list(self.tags)}
+        return JSONResponse(stats)
 
     async def reset(self, request: Request) -> Response:
         self.stats = SimStats(running=self.stats.running)
         for name in list(self.holds.held):
             self.holds.fail(name)  # a test that ended without releasing must not leak streams
         self.holds = Holds()
+        self.tags.clear()
         return JSONResponse({"ok": True})
 
     async def release(self, request: Request) -> Response:

@@ -49,6 +49,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     port: int = 0
+    metrics_port: int = 0  # a gateway's Prometheus port (its API port does not serve them)
 
     @property
     def url(self) -> str:
@@ -142,6 +143,8 @@ def service_env(redis_url: str, engine_url: str, **overrides: object) -> dict[st
         "REDIS_URL": redis_url,
         "VLLM_URL": engine_url,
         "LOG_LEVEL": "INFO",
+        # Open by default in tests and benchmarks; the tenant tests turn keys on.
+        "AUTH": "none",
         "WORKER_METRICS_PORT": "0",
         "REGISTRY_REFRESH_S": "0.2",
     }
@@ -153,14 +156,20 @@ def start_worker(logdir: Path, env: dict[str, str]) -> Proc:
 
 
 def start_gateway(logdir: Path, env: dict[str, str], wait_ready: bool = True) -> Proc:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     proc = spawn(
         "gateway",
         [sys.executable, "-m", "llmq.gateway"],
         logdir,
-        {**env, "GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1"},
+        {
+            **env,
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_METRICS_PORT": str(metrics_port),
+        },
         port,
     )
+    proc.metrics_port = metrics_port
     if wait_ready:
         wait_for(
             lambda: httpx.get(proc.url + "/health").status_code == 200,

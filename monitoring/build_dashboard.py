@@ -70,8 +70,9 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
          "short", "Requests in flight against capacity", 12),
     ]),
     ("Bottlenecks: queue vs saturation vs latency", 8, [
-        ("Queue depth", [(f"max(api_queue_depth{{{GW}}})", "waiting jobs")], "short",
-         "Jobs waiting for a slot", 8),
+        ("Queue depth", [(f"max(api_queue_depth{{{GW}}})", "waiting jobs"),
+                         (f"max by (band) (api_queue_depth_band{{{GW}}})", "band {{band}}")],
+         "short", "Jobs waiting for a slot, in all and per priority band", 8),
         ("Saturation", [(SATURATION, "saturation")], "percentunit", "Σ active / Σ MAX_ACTIVE", 8),
         ("Queue wait vs engine TTFT (p95)", [
             (pct(0.95, "api_queue_wait_seconds"), "queue wait p95"),
@@ -89,6 +90,19 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
          "Completion tokens per second of each stream after its first token", 8),
         ("Rejections by reason", [(rate("api_rejections_total", "reason"), "{{reason}}")],
          "reqps", "429/503/504 and cancellations, by reason", 8),
+    ]),
+    ("Tenants", 8, [
+        ("Top keys by tokens/s", [(
+            f"topk(10, sum by (key) (rate(api_tenant_tokens_total{{{GW}}}[{RI}])))", "{{key}}")],
+         "short", "Prompt + completion tokens per second, by API key name", 8),
+        ("Rejections by key", [(
+            f"sum by (key, reason) (rate(api_tenant_rejections_total{{{GW}}}[{RI}]))",
+            "{{key}} {{reason}}")],
+         "reqps", "Refusals per API key and reason (limits, queue, timeouts)", 8),
+        ("Queue wait by band (p95)", [(
+            "histogram_quantile(0.95, sum by (le, band) "
+            f"(rate(api_band_queue_wait_seconds_bucket{{{GW}}}[{RI}])))", "{{band}}")],
+         "s", "Admission to pickup per priority band", 8),
     ]),
     ("Workers", 8, [
         ("Jobs by outcome", [(rate("worker_jobs_total", "outcome"), "{{outcome}}")], "ops",

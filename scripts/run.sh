@@ -12,7 +12,9 @@
 #   VLLM_ARGS="..."                 more engine flags, after the defaults of local/launch.py
 #                                   (--max-model-len 2048 --dtype float32 --enforce-eager);
 #                                   a flag given again wins, e.g. "--max-model-len 4096"
-#   GATEWAY_PORT=8080 VLLM_PORT=8000 REDIS_PORT=6379 WORKER_METRICS_PORT=9100
+#   GATEWAY_PORT=8080 GATEWAY_METRICS_PORT=9101 VLLM_PORT=8000 REDIS_PORT=6379
+#   WORKER_METRICS_PORT=9100
+#   AUTH=none                       no API keys (otherwise a key "dev" is created and printed)
 #   PROMETHEUS_PORT=9090, or PROMETHEUS=0 to run without Prometheus
 #   MAX_ACTIVE=4 QUEUE_MODE=queue QUEUE_MAX=64 ... (every setting of the service, see README)
 set -euo pipefail
@@ -23,6 +25,7 @@ VAR_DIR="${LLMQ_VAR:-$PWD/var}"
 LOG_DIR="$VAR_DIR/log"
 export GATEWAY_PORT="${GATEWAY_PORT:-8080}"
 export WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9100}"
+export GATEWAY_METRICS_PORT="${GATEWAY_METRICS_PORT:-9101}"
 export MAX_ACTIVE="${MAX_ACTIVE:-4}"
 REDIS_PORT="${REDIS_PORT:-6379}"
 PROMETHEUS="${PROMETHEUS:-1}"
@@ -66,6 +69,22 @@ start() {
   echo "  $name started (pid $!, log $LOG_DIR/$name.log)"
 }
 
+# The development API key: created on first start (in Redis, whose AOF keeps it across
+# runs) and kept in $DEV_KEY_FILE, readable by this user only. AUTH=none skips it.
+DEV_KEY_FILE="$VAR_DIR/dev-api-key"
+LLMQ_API_KEY=""
+ensure_dev_key() {
+  if [ "${AUTH:-keys}" = none ]; then LLMQ_API_KEY="none (AUTH=none)"; return; fi
+  if [ -s "$DEV_KEY_FILE" ] && .venv/bin/llmq-keys show dev >/dev/null 2>&1; then
+    LLMQ_API_KEY=$(cat "$DEV_KEY_FILE"); return
+  fi
+  .venv/bin/llmq-keys revoke dev >/dev/null 2>&1 || true  # its secret was lost: replace it
+  (umask 077; .venv/bin/llmq-keys create dev 2>/dev/null | tail -n1 >"$DEV_KEY_FILE") \
+    || die "could not create the development API key (is Redis up?)"
+  LLMQ_API_KEY=$(cat "$DEV_KEY_FILE")
+  echo "  created the development API key 'dev' ($DEV_KEY_FILE)"
+}
+
 fail_with_log() {
   echo >&2; tail -n 30 "$LOG_DIR/$1.log" >&2 || true
   die "$1 did not come up: $2 (full log: $LOG_DIR/$1.log)"
@@ -105,6 +124,7 @@ else
   wait_http "$VLLM_URL/v1/models" 60 vllm || die "no vLLM answers on VLLM_URL=$VLLM_URL"
 fi
 
+ensure_dev_key
 start worker .venv/bin/llmq-worker
 start gateway .venv/bin/llmq-gateway
 wait_http "http://127.0.0.1:$GATEWAY_PORT/health" 60 gateway "${PIDS[-1]}" \
@@ -112,7 +132,7 @@ wait_http "http://127.0.0.1:$GATEWAY_PORT/health" 60 gateway "${PIDS[-1]}" \
 
 PROM_LINE=""
 if [ "$PROMETHEUS" = 1 ]; then
-  targets=(--target "gateway=127.0.0.1:$GATEWAY_PORT" --target "worker=127.0.0.1:$WORKER_METRICS_PORT")
+  targets=(--target "gateway=127.0.0.1:$GATEWAY_METRICS_PORT" --target "worker=127.0.0.1:$WORKER_METRICS_PORT")
   [ "$START_ENGINE" = 1 ] && targets+=(--target "vllm=127.0.0.1:$VLLM_PORT")
   .venv/bin/python -m local.prometheus_config --out "$VAR_DIR/prometheus/prometheus.yml" \
     --interval 5s "${targets[@]}"
@@ -125,13 +145,18 @@ fi
 
 cat <<EOT
 
-==> ready: http://127.0.0.1:$GATEWAY_PORT  (OpenAI API under /v1; health /health; metrics /metrics)
+==> ready: http://127.0.0.1:$GATEWAY_PORT  (OpenAI API under /v1; health /health)
+    metrics: http://127.0.0.1:$GATEWAY_METRICS_PORT/metrics (gateway), :$WORKER_METRICS_PORT (worker)
+
+Development API key (kept in $DEV_KEY_FILE; more keys: .venv/bin/llmq-keys --help):
+  export LLMQ_API_KEY=$LLMQ_API_KEY
 
 Try it:
   curl -N http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -H "Authorization: Bearer \$LLMQ_API_KEY" \\
     -d '{"model": "$SERVED_MODEL_NAME", "stream": true, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
 
-  .venv/bin/python -c 'from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key="none"); print(c.chat.completions.create(model="$SERVED_MODEL_NAME", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
+  .venv/bin/python -c 'import os; from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key=os.environ["LLMQ_API_KEY"]); print(c.chat.completions.create(model="$SERVED_MODEL_NAME", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
 
 $PROM_LINE
 Logs: $LOG_DIR/*.log     Ctrl-C stops everything.

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import time
+import math
 
 from llmq.gateway.registry import WorkerRegistry
+from llmq.gateway.tenant import Tenant
 from llmq.shared.errors import (
+    ConcurrencyLimitExceeded,
     EngineUnavailable,
     ModelNotFound,
     QueueFull,
     QueueUnavailable,
+    RateLimitExceeded,
     ServerBusy,
     ServiceError,
 )
 from llmq.shared.protocol import JobSpec
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
+from llmq.shared.store import AdmitResult, AdmitStatus, Store, TenantLimits
 
 # How long an admitted job may hold its place past QUEUE_TIMEOUT_S before the bound
 # forgets it (its gateway died); a started job is re-armed by its worker.
@@ -49,10 +52,11 @@ class Admission:
             raise EngineUnavailable(f"no ready engine serves `{model}` right now")
         return capacity
 
-    async def admit(self, spec: JobSpec, capacity: int) -> float:
-        """Admit and enqueue atomically; returns the admission time (monotonic).
+    async def admit(self, spec: JobSpec, capacity: int, tenant: Tenant) -> AdmitResult:
+        """Try to admit and enqueue atomically (the tenant's limits, then the global bound).
 
-        Raises 429 ``queue_full`` (queue mode) or ``server_busy`` (reject mode).
+        ``ratelimit_headers(result, tenant)`` describes the key's budget either way; then
+        ``raise_unless_admitted`` turns a refusal into its 429.
         """
         s = self._settings
         result = await self._store.admit(
@@ -60,14 +64,61 @@ class Admission:
             limit=admission_limit(s, capacity),
             hold_s=s.queue_timeout_s + _HOLD_GRACE_S,
             expire_s=s.queue_timeout_s,
+            tenant=TenantLimits(tenant.max_concurrent, tenant.rpm),
         )
-        if result.admitted:
-            return time.monotonic()
-        if result.duplicate:  # 96 random bits: practically never, but never silently
-            raise ServiceError(f"job id {spec.id} already exists; retry")
+        return result
+
+    def raise_unless_admitted(
+        self, result: AdmitResult, spec: JobSpec, capacity: int, tenant: Tenant
+    ) -> None:
+        """429 ``concurrency_limit_exceeded`` / ``rate_limit_exceeded`` (the key's limits),
+        ``queue_full`` (queue mode) or ``server_busy`` (reject mode)."""
+        if not result.admitted:
+            raise self._refusal(result, spec, capacity, tenant)
+
+    def _refusal(
+        self, result: AdmitResult, spec: JobSpec, capacity: int, tenant: Tenant
+    ) -> ServiceError:
+        s = self._settings
+        if result.status == AdmitStatus.CONCURRENCY:
+            return ConcurrencyLimitExceeded(
+                f"key {tenant.name!r} already has {tenant.max_concurrent} request(s) queued "
+                "or running (its max_concurrent); retry when one ends",
+                retry_after_s=s.retry_after_s,
+            )
+        if result.status in (AdmitStatus.RPM, AdmitStatus.TPM):
+            what = "requests" if result.status == AdmitStatus.RPM else "tokens"
+            return RateLimitExceeded(
+                f"key {tenant.name!r} reached its {what} per minute; retry later",
+                retry_after_s=max(1, math.ceil(result.retry_after_ms / 1000)),
+            )
+        if result.status == AdmitStatus.DUPLICATE:  # 96 random bits: never, but not silently
+            return ServiceError(f"job id {spec.id} already exists; retry")
         if s.queue_mode == "queue":
-            raise QueueFull(
+            return QueueFull(
                 f"queue full ({result.in_system} jobs admitted); retry later",
                 retry_after_s=s.retry_after_s,
             )
-        raise ServerBusy(f"all {capacity} slots busy; retry later", retry_after_s=s.retry_after_s)
+        return ServerBusy(f"all {capacity} slots busy; retry later", retry_after_s=s.retry_after_s)
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's reset format: ``20ms``, ``1s``, ``6m0s``."""
+    if ms < 1000:
+        return f"{max(0, ms)}ms"
+    seconds = math.ceil(ms / 1000)
+    return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
+
+
+def ratelimit_headers(result: AdmitResult, tenant: Tenant) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the key's limited dimensions."""
+    headers = {}
+    for kind, limit, left, reset in (
+        ("requests", tenant.rpm, result.rpm_left, result.rpm_reset_ms),
+        ("tokens", tenant.tpm, result.tpm_left, result.tpm_reset_ms),
+    ):
+        if limit > 0:
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, left))
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(reset)
+    return headers

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from llmq.gateway import errors
 from llmq.gateway.admission import Admission
@@ -18,9 +20,10 @@ from llmq.gateway.middleware import GatewayMiddleware
 from llmq.gateway.registry import WorkerRegistry
 from llmq.gateway.routes import router
 from llmq.gateway.state import GatewayState
+from llmq.shared.keystore import KeyStore
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
-from llmq.shared.tasks import stop_task
+from llmq.shared.tasks import stop_if_cancelled, stop_task
 
 logger = logging.getLogger(__name__)
 _STOP_S = 2.0
@@ -52,7 +55,41 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         subs=Subscriptions(pubsub_redis),
         admission=Admission(settings, store, registry),
         metrics=metrics,
+        keys=KeyStore(redis),
     )
+
+
+async def refresh_gauges(st: GatewayState) -> None:
+    """The gauges read from Redis (every replica reports the same truth) and the registry."""
+    m = st.metrics
+    try:
+        m.queue_depth.set(await st.store.queue_depth())
+        m.in_system.set(await st.store.in_system())
+        for band, n in (await st.store.depth_by_band()).items():
+            m.band_depth.labels(band).set(n)
+    except RedisError as exc:
+        stop_if_cancelled()
+        logger.debug("metrics: cannot read Redis: %s", exc)
+    m.capacity.set(st.registry.capacity())
+    m.workers.set(len(st.registry.workers))
+    m.redis_up.set(1 if st.registry.redis_ok else 0)
+
+
+async def _gauges_loop(st: GatewayState) -> None:
+    while True:
+        await refresh_gauges(st)
+        await asyncio.sleep(st.settings.registry_refresh_s)
+
+
+def _serve_metrics(st: GatewayState) -> Callable[[], None]:
+    """Prometheus metrics on GATEWAY_METRICS_PORT, off the public port; returns a stopper."""
+    s = st.settings
+    if not s.gateway_metrics_port:
+        return lambda: None
+    server, _thread = start_http_server(
+        s.gateway_metrics_port, addr=s.gateway_host, registry=st.metrics.registry
+    )
+    return server.shutdown
 
 
 def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI:
@@ -61,9 +98,13 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auth == "none":
+            logger.warning("AUTH=none: every /v1 route is open to anyone who can reach it")
         await st.subs.start()
         await st.registry.refresh()
         refresher = asyncio.create_task(st.registry.run(), name="registry")
+        gauges = asyncio.create_task(_gauges_loop(st), name="gauges")
+        stop_metrics = _serve_metrics(st)
         logger.info(
             "gateway up: %d live worker(s), capacity %d, mode=%s queue_max=%d",
             len(st.registry.workers),
@@ -74,12 +115,22 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
         try:
             yield
         finally:
+            stop_metrics()
+            await stop_task(gauges, _STOP_S, "the gauges refresher")
             await stop_task(refresher, _STOP_S, "the registry refresher")
             await st.subs.stop()
             await st.subs.redis.aclose()
             await st.redis.aclose()
 
-    app = FastAPI(title="llmq gateway", version="0.1.0", lifespan=lifespan)
+    docs = settings.docs_enabled  # /docs and /openapi.json only when asked for
+    app = FastAPI(
+        title="llmq gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.gateway = st
     app.include_router(router)
     errors.install(app)

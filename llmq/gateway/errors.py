@@ -26,7 +26,7 @@ def error_response(err: ServiceError) -> JSONResponse:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    request.app.state.gateway.metrics.reject(exc.code)
+    request.app.state.gateway.metrics.reject(exc.code, getattr(request.state, "tenant", None))
     return error_response(exc)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmq.shared.buckets import FAST_BUCKETS, LATENCY_BUCKETS
+from llmq.shared.protocol import BANDS
 
 # Why a request was refused or ended early (api_rejections_total{reason}); error codes of
 # shared.errors, plus client_cancelled. Every reason is exported from the start (at 0).
@@ -20,6 +21,9 @@ REJECTION_REASONS = (
     "client_cancelled",
     "worker_lost",
     "stream_interrupted",
+    "concurrency_limit_exceeded",
+    "rate_limit_exceeded",
+    "invalid_api_key",
 )
 
 
@@ -75,8 +79,39 @@ class GatewayMetrics:
         )
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
+        # Per tenant: labelled by the API key's *name* (never the secret); the number of
+        # keys is bounded by the operator.
+        self.tenant_requests = Counter(
+            "api_tenant_requests", "Chat requests by API key name", ["key"], registry=r
+        )
+        self.tenant_rejections = Counter(
+            "api_tenant_rejections",
+            "Requests refused or ended early, by API key name and reason",
+            ["key", "reason"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "api_tenant_tokens",
+            "Tokens by API key name and kind (prompt, completion)",
+            ["key", "kind"],
+            registry=r,
+        )
+        self.band_queue_wait = Histogram(
+            "api_band_queue_wait_seconds",
+            "Admission to worker pickup, by priority band",
+            ["band"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.band_depth = Gauge(
+            "api_queue_depth_band", "Jobs waiting, by priority band", ["band"], registry=r
+        )
+        for band in BANDS:
+            self.band_depth.labels(band)
 
-    def reject(self, code: str | None) -> None:
+    def reject(self, code: str | None, tenant: str | None = None) -> None:
         """Count a refusal by its error code; other errors (engine refusals) are not counted."""
         if code in REJECTION_REASONS:
             self.rejections.labels(code).inc()
+            if tenant:
+                self.tenant_rejections.labels(tenant, code).inc()

@@ -51,9 +51,11 @@ class GatewayMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                limits = scope["state"].get("ratelimit_headers") or {}
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
+                    *((k.encode(), v.encode()) for k, v in limits.items()),
                 ]
             await send(message)
 

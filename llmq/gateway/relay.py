@@ -83,7 +83,7 @@ class JobRelay:
                 max(0.0, s.queue_timeout_s - (time.monotonic() - t.admitted))
             )
         except TimeoutError:
-            if await self.store.cancel(self.spec.id):
+            if await self.store.cancel(self.spec):
                 self.finished = True
                 raise QueueTimeout(
                     f"waited {s.queue_timeout_s:g}s in the queue; try again"
@@ -94,6 +94,7 @@ class JobRelay:
                 raise RequestTimeout("the worker took the job but sent nothing") from None
         t.started = time.monotonic()
         self.metrics.queue_wait.observe(t.started - t.admitted)
+        self.metrics.band_queue_wait.labels(self.spec.band).observe(t.started - t.admitted)
         self._raise_if_error(event)
         try:
             event = await self.sub.next(s.request_timeout_s + self.silence_grace_s)
@@ -120,9 +121,9 @@ class JobRelay:
             if not self.finished:
                 if client_gone:
                     logger.info("job %s: client gone, cancelling", self.spec.id)
-                    self.metrics.reject("client_cancelled")
+                    self.metrics.reject("client_cancelled", self.spec.tenant)
                 try:
-                    await self.store.cancel(self.spec.id)
+                    await self.store.cancel(self.spec)
                 except RedisError as exc:  # the worker's orphan check stops it instead
                     logger.warning("job %s: cannot cancel (Redis: %s)", self.spec.id, exc)
                 self.finished = True
@@ -135,8 +136,11 @@ class JobRelay:
     def _account(self, usage: dict[str, Any] | None) -> int:
         usage = usage or {}
         completion = int(usage.get("completion_tokens") or 0)
+        prompt = int(usage.get("prompt_tokens") or 0)
         self.metrics.completion_tokens.inc(completion)
-        self.metrics.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0))
+        self.metrics.prompt_tokens.inc(prompt)
+        self.metrics.tenant_tokens.labels(self.spec.tenant, "completion").inc(completion)
+        self.metrics.tenant_tokens.labels(self.spec.tenant, "prompt").inc(prompt)
         return completion
 
     def completion(self, event: Event) -> dict[str, Any]:
@@ -184,7 +188,7 @@ class JobRelay:
         return [_frame(json.dumps(f, separators=(",", ":"))) for f in frames]
 
     def _error_frame(self, err: ServiceError) -> bytes:
-        self.metrics.reject(err.code)
+        self.metrics.reject(err.code, self.spec.tenant)
         return _frame(json.dumps(err.body(), separators=(",", ":")))
 
     async def sse_body(self, first: Event) -> AsyncIterator[bytes]:

@@ -10,14 +10,16 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive
 
+from llmq.gateway.admission import ratelimit_headers
+from llmq.gateway.auth import TenantDep
 from llmq.gateway.relay import JobRelay, Timings
 from llmq.gateway.state import GatewayState, StateDep
-from llmq.shared.chat import ChatCompletionRequest, to_job_spec
+from llmq.gateway.tenant import Tenant
+from llmq.shared.chat import ChatCompletionRequest, band_for, to_job_spec
 from llmq.shared.errors import (
     ClientClosedRequest,
     EngineUnavailable,
@@ -55,15 +57,24 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 async def _open_relay(
-    st: GatewayState, request: Request, body: ChatCompletionRequest, timings: Timings
+    st: GatewayState,
+    request: Request,
+    body: ChatCompletionRequest,
+    tenant: Tenant,
+    timings: Timings,
 ) -> tuple[JobRelay, Event]:
     job_id: str = request.state.request_id
-    spec = to_job_spec(body, job_id)
+    band = band_for(body, tenant.band)
+    spec = to_job_spec(body, job_id, tenant=tenant.name, band=band, tpm=tenant.tpm)
     capacity = st.admission.check_ready(spec.model)
     sub = await st.subs.subscribe(job_id)  # before enqueue: pub/sub keeps no backlog
     relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
     try:
-        timings.admitted = await st.admission.admit(spec, capacity)
+        result = await st.admission.admit(spec, capacity, tenant)
+        # On every answer from here on, refusals included (added by the middleware).
+        request.state.ratelimit_headers = ratelimit_headers(result, tenant)
+        st.admission.raise_unless_admitted(result, spec, capacity, tenant)
+        timings.admitted = time.monotonic()
     except BaseException:
         await st.subs.unsubscribe(sub)
         raise
@@ -80,12 +91,15 @@ async def _open_relay(
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request, st: StateDep) -> Response:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, st: StateDep, tenant: TenantDep
+) -> Response:
     timings = Timings()
+    st.metrics.tenant_requests.labels(tenant.name).inc()
     if st.draining:
         raise ShuttingDown("the gateway is shutting down; retry on another replica")
     try:
-        relay, first = await _open_relay(st, request, body, timings)
+        relay, first = await _open_relay(st, request, body, tenant, timings)
     except ClientClosedRequest:
         return Response(status_code=499)
     if body.stream:
@@ -103,7 +117,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: St
 
 
 @router.get("/v1/models")
-async def list_models(st: StateDep) -> dict[str, Any]:
+async def list_models(st: StateDep, tenant: TenantDep) -> dict[str, Any]:
     if not st.registry.redis_ok:
         raise QueueUnavailable("cannot read worker heartbeats from Redis")
     created = int(min((w.started_at for w in st.registry.workers), default=time.time()))
@@ -143,17 +157,3 @@ async def health(st: StateDep) -> JSONResponse:
         return JSONResponse(body)
     body.update(status="unavailable", reason=problem.message)
     return JSONResponse(body, status_code=problem.status, headers=problem.headers())
-
-
-@router.get("/metrics")
-async def metrics(st: StateDep) -> Response:
-    m = st.metrics
-    try:  # read at scrape time, so every replica reports the same truth
-        m.queue_depth.set(await st.store.queue_depth())
-        m.in_system.set(await st.store.in_system())
-    except RedisError as exc:
-        logger.warning("metrics: cannot read Redis: %s", exc)
-    m.capacity.set(st.registry.capacity())
-    m.workers.set(len(st.registry.workers))
-    m.redis_up.set(1 if st.registry.redis_ok else 0)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

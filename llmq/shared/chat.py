@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmq.shared.protocol import JobSpec
+from llmq.shared.protocol import ANONYMOUS, Band, JobSpec
 
 
 class StreamOptions(BaseModel):
@@ -42,6 +42,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    service_tier: str | None = Field(None, max_length=32)
 
 
 def new_job_id() -> str:
@@ -49,13 +50,37 @@ def new_job_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-def to_job_spec(req: ChatCompletionRequest, job_id: str) -> JobSpec:
+def estimate_tokens(req: ChatCompletionRequest) -> int:
+    """Tokens a request will cost, for the tenant's tokens-per-minute bucket at admission:
+    about four characters a token for the prompt, plus the completion cap when one is set.
+    The worker corrects the bucket with the exact usage when the job ends."""
+    chars = sum(len(str(m.content or "")) for m in req.messages)
+    cap = req.max_completion_tokens or req.max_tokens or 0
+    return chars // 4 + 4 * len(req.messages) + cap * req.n
+
+
+def band_for(req: ChatCompletionRequest, key_band: Band) -> Band:
+    """OpenAI's ``service_tier: "flex"`` lowers a request to the low band; nothing raises
+    it above its key's band."""
+    return key_band.lowered_to(Band.LOW) if req.service_tier == "flex" else key_band
+
+
+def to_job_spec(
+    req: ChatCompletionRequest,
+    job_id: str,
+    *,
+    tenant: str = ANONYMOUS,
+    band: Band = Band.NORMAL,
+    tpm: int = 0,
+) -> JobSpec:
     """Freeze a validated request into the job the worker runs.
 
     The engine is always asked to stream with ``include_usage`` when the client streams, so
     token counts are exact; whether the client sees the usage chunk is the gateway's call.
+    ``service_tier`` is the gateway's (it picked the band) and is not passed on.
     """
     body = req.model_dump(mode="json", exclude_unset=True)
+    body.pop("service_tier", None)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if req.stream:
         options = dict(body.get("stream_options") or {})
@@ -71,4 +96,8 @@ def to_job_spec(req: ChatCompletionRequest, job_id: str) -> JobSpec:
         include_usage=include_usage,
         body=body,
         enqueued_at_ms=int(time.time() * 1000),
+        tenant=tenant,
+        band=band,
+        tpm=tpm,
+        token_estimate=estimate_tokens(req) if tpm else 0,
     )

@@ -1,6 +1,7 @@
 """One error hierarchy and its one mapping to an HTTP status and an OpenAI error body.
 
     ServiceError                      -> 500 internal_error
+    ├── InvalidApiKey                 -> 401 invalid_api_key (missing, wrong or revoked key)
     ├── InvalidRequest                -> 400 invalid_request       (param names the field)
     │   ├── NotFound                  -> 404 not_found             (no such route)
     │   ├── MethodNotAllowed          -> 405 method_not_allowed
@@ -8,7 +9,9 @@
     │   └── ModelNotFound             -> 404 model_not_found
     ├── Overloaded                    -> 429 + Retry-After
     │   ├── QueueFull                 ->     queue_full   (QUEUE_MODE=queue)
-    │   └── ServerBusy                ->     server_busy  (QUEUE_MODE=reject)
+    │   ├── ServerBusy                ->     server_busy  (QUEUE_MODE=reject)
+    │   ├── ConcurrencyLimitExceeded  ->     concurrency_limit_exceeded (the key's max)
+    │   └── RateLimitExceeded         ->     rate_limit_exceeded (the key's rpm / tpm)
     ├── Unavailable                   -> 503 + Retry-After
     │   ├── EngineUnavailable         ->     engine_unavailable
     │   ├── QueueTimeout              ->     queue_timeout
@@ -92,6 +95,12 @@ class ServiceError(Exception):
         )
 
 
+class InvalidApiKey(ServiceError):
+    status = 401
+    code = "invalid_api_key"
+    type = "invalid_request_error"
+
+
 class InvalidRequest(ServiceError):
     status = 400
     code = "invalid_request"
@@ -130,6 +139,14 @@ class QueueFull(Overloaded):
 
 class ServerBusy(Overloaded):
     code = "server_busy"
+
+
+class ConcurrencyLimitExceeded(Overloaded):
+    code = "concurrency_limit_exceeded"
+
+
+class RateLimitExceeded(Overloaded):
+    code = "rate_limit_exceeded"
 
 
 class Unavailable(ServiceError):
@@ -227,6 +244,9 @@ _BY_HTTP_STATUS: dict[int, type[ServiceError]] = {
 _BY_CODE: dict[str, type[ServiceError]] = {
     cls.code: cls
     for cls in (
+        InvalidApiKey,
+        ConcurrencyLimitExceeded,
+        RateLimitExceeded,
         InvalidRequest,
         NotFound,
         MethodNotAllowed,

@@ -11,7 +11,15 @@ Keys and channels
     llmq:admitted           zset    admitted, unfinished jobs; score = deadline (ms, Redis clock)
     llmq:workers            zset    live-worker index; score = heartbeat expiry (ms, Redis clock)
     llmq:worker:<id>        hash    heartbeat of one worker (WorkerInfo), with a TTL
-    llmq:worker-jobs:<id>   set     ids of the jobs a worker has started and not yet ended
+    llmq:worker-jobs:<id>   hash    job id -> tenant, for the jobs a worker started and not ended
+    llmq:apikeys            hash    API key name -> digest (sha256 of the secret)
+    llmq:apikey:<digest>    hash    one API key: name, limits, priority band (ApiKey)
+    llmq:tenant:<name>:admitted  zset  the tenant's admitted, unfinished jobs (deadlines)
+    llmq:tenant:<name>:rpm  hash    the tenant's request bucket {t: tokens, ts: ms}
+    llmq:tenant:<name>:tpm  hash    the tenant's token bucket {t, ts}
+    llmq:band:<band>        zset    tenants with jobs waiting in the band; score = when last
+                                    served (a counter: llmq:band:served; 0 = not since idle)
+    llmq:band:<band>:<name> zset    the tenant's waiting jobs in the band; score = enqueue ms
     llmq:events:<id>        pubsub  the job's events, sequence-numbered (Event)
     llmq:wake               pubsub  "a job was enqueued or aborted": wakes idle workers
 
@@ -30,7 +38,7 @@ from enum import StrEnum
 from typing import Any
 
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 QUEUE = "llmq:queue"
 ADMITTED = "llmq:admitted"
@@ -69,6 +77,85 @@ def worker_jobs_key(worker_id: str) -> str:
 
 
 OUT_OF_BAND = 0  # sequence number of a terminal event not sent by the job's worker
+
+API_KEYS = "llmq:apikeys"
+TENANT_PREFIX = "llmq:tenant:"
+BAND_PREFIX = "llmq:band:"
+ANONYMOUS = "anonymous"  # the tenant of every request when AUTH=none
+
+
+def api_key_record(digest: str) -> str:
+    return f"llmq:apikey:{digest}"
+
+
+def tenant_admitted_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:admitted"
+
+
+def tenant_rpm_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:rpm"
+
+
+def tenant_tpm_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:tpm"
+
+
+def band_key(band: str) -> str:
+    return BAND_PREFIX + band
+
+
+def band_queue_key(band: str, tenant: str) -> str:
+    return f"{BAND_PREFIX}{band}:{tenant}"
+
+
+class Band(StrEnum):
+    """Priority bands, highest first: a worker with a free slot serves the highest band
+    that has a waiting job."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    def lowered_to(self, other: Band) -> Band:
+        """The lower of the two bands (a request may lower its key's band, never raise)."""
+        order = list(Band)
+        return order[max(order.index(self), order.index(other))]
+
+
+BANDS = tuple(b.value for b in Band)
+
+
+class KeyLimits(BaseModel):
+    """Limits given on the command line: None keeps the current value (0 = unlimited)."""
+
+    max_concurrent: int | None = Field(None, ge=0)
+    rpm: int | None = Field(None, ge=0)
+    tpm: int | None = Field(None, ge=0)
+    priority: Band | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ApiKey(BaseModel):
+    """One API key as stored (``llmq:apikey:<digest>``); the secret is never stored."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    digest: str
+    max_concurrent: int = 0
+    rpm: int = 0
+    tpm: int = 0
+    priority: Band = Band.NORMAL
+    created_at: float = 0.0
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: str(v.value if isinstance(v, Band) else v) for k, v in self}
+
+    @staticmethod
+    def from_hash(raw: dict[bytes, bytes]) -> ApiKey:
+        return ApiKey.model_validate({k.decode(): v.decode() for k, v in raw.items()})
 
 
 def json_dumps(obj: Any) -> bytes:
@@ -122,6 +209,10 @@ class JobSpec(BaseModel):
     stream: bool
     include_usage: bool
     enqueued_at_ms: int
+    tenant: str = ANONYMOUS  # the API key's name
+    band: Band = Band.NORMAL
+    tpm: int = 0  # the tenant's tokens-per-minute limit (the worker corrects the bucket)
+    token_estimate: int = 0  # tokens taken from the tenant's bucket at admission
     body: dict[str, Any]  # the request for the engine, unknown fields kept
 
 

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     # Gateway.
     gateway_host: str = "0.0.0.0"
     gateway_port: int = Field(8080, ge=1, le=65_535)
+    gateway_metrics_port: int = Field(
+        9101, ge=0, le=65_535, description="Prometheus metrics, off the public port; 0 disables"
+    )
+    auth: Literal["keys", "none"] = Field(
+        "keys", description="keys: every /v1 route needs an API key; none: open (warned)"
+    )
+    docs_enabled: bool = Field(False, description="serve /docs and /openapi.json")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(60.0, ge=0, le=3600)
     registry_refresh_s: float = Field(0.5, gt=0, le=60)

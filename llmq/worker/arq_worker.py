@@ -8,7 +8,8 @@ abort requested) or a slot freeing, with WAKE_FALLBACK_S as a safety net.
 arq's iteration also reads the first 100 queue entries and tries each, running ones
 included (arq keeps running jobs in the queue): three Redis round trips per running job
 before it reaches a waiting one, tens of milliseconds with a few dozen slots busy. Here one
-Lua call returns only the waiting jobs, as many as there are free slots. The rest of the
+Lua call (``Store.pick_jobs``: highest priority band first, fair across API keys) returns
+only waiting jobs, as many as there are free slots. The rest of the
 iteration (aborts, finished tasks, arq's health key) is arq's, step by step.
 
 This is the one module that touches arq's internals. ``ARQ_SEAM`` lists every member of
@@ -193,7 +194,7 @@ class WakeableWorker(Worker):
     async def _pick_and_reap(self) -> None:
         free = self.max_jobs - self.job_counter
         if self.allow_pick_jobs and free > 0:
-            await self.start_jobs(await self.runtime.store.waiting_jobs(free))
+            await self.start_jobs(await self.runtime.store.pick_jobs(free))
         if self.allow_abort_jobs:
             await self._cancel_aborted_jobs()
         for job_id, task in list(self.tasks.items()):

@@ -81,9 +81,9 @@ async def heartbeat_loop(rt: Runtime) -> None:
 
 
 async def _forget_unreleased(rt: Runtime) -> None:
-    for job_id in list(rt.unreleased):
-        await rt.store.forget(job_id, rt.settings.worker_id)
-        rt.unreleased.discard(job_id)
+    for job_id, spec in list(rt.unreleased.items()):
+        await rt.store.forget(spec, rt.settings.worker_id)
+        del rt.unreleased[job_id]
         logger.info("job %s: its traces removed now that Redis is back", job_id)
 
 

@@ -44,7 +44,7 @@ class Runtime:
     models: tuple[str, ...] = ()
     engine_ready: bool = False
     # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
-    unreleased: set[str] = field(default_factory=set)
+    unreleased: dict[str, JobSpec] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
 
@@ -103,13 +103,19 @@ async def _fail(pub: Publisher, err: ServiceError) -> None:
         await pub.send(EventType.ERROR, _dumps(err.to_wire()))
 
 
-async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher) -> str:
-    """Run the job inside REQUEST_TIMEOUT_S; returns the outcome label."""
+async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int]) -> str:
+    """Run the job inside REQUEST_TIMEOUT_S; returns the outcome label. The exact tokens
+    used (prompt + completion) go into ``used`` when the engine reported them."""
     s = rt.settings
     try:
         async with asyncio.timeout(s.request_timeout_s):
             run = _stream if spec.stream else _complete
-            _count(rt, await run(rt, spec, pub))
+            usage = await run(rt, spec, pub)
+            _count(rt, usage)
+            if usage:
+                used.append(
+                    int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+                )
         return "completed"
     except TimeoutError:
         logger.warning("job %s: request timeout after %.1fs", spec.id, s.request_timeout_s)
@@ -144,13 +150,14 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     rt.metrics.active.set(rt.active)
     rt.metrics.pickup.observe(max(0.0, time.time() - spec.enqueued_at_ms / 1000))
     outcome = "cancelled"
+    used: list[int] = []  # exact tokens, when the engine reported them
     try:
         hold = rt.settings.request_timeout_s + rt.settings.orphan_grace_s
         # Announce the pickup while the engine request is already on its way: the two
         # round trips stay off the time-to-first-token path.
         worker_id = rt.settings.worker_id
-        pub.announce(rt.store.mark_started(spec.id, worker_id, hold), worker_id)
-        outcome = await _generate(rt, spec, pub)
+        pub.announce(rt.store.mark_started(spec, worker_id, hold), worker_id)
+        outcome = await _generate(rt, spec, pub, used)
         return {"id": spec.id, "outcome": outcome}
     except asyncio.CancelledError:
         # Aborted by the client (nobody hears this) or the worker is stopping (the client
@@ -174,10 +181,11 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         try:
-            await asyncio.shield(rt.store.release(spec.id, rt.settings.worker_id))
+            tokens = used[0] if used else None
+            await asyncio.shield(rt.store.release(spec, rt.settings.worker_id, tokens))
         except RedisError as exc:  # the heartbeat retries once Redis is back
             logger.warning("job %s: could not release its place yet: %s", spec.id, exc)
-            rt.unreleased.add(spec.id)
+            rt.unreleased[spec.id] = spec
         rt.active -= 1
         rt.metrics.active.set(rt.active)
         rt.metrics.jobs.labels(outcome).inc()

@@ -107,7 +107,12 @@ def test_every_dashboard_and_alert_query_works_on_real_data(
     stack.worker(max_active=1, worker_metrics_port=worker_port)
     gw = stack.gateway(queue_mode="reject")
     prom = start_prometheus(
-        logdir, {"gateway": gw.url[7:], "worker": f"127.0.0.1:{worker_port}", "vllm": vllm.url[7:]}
+        logdir,
+        {
+            "gateway": f"127.0.0.1:{gw.metrics_port}",
+            "worker": f"127.0.0.1:{worker_port}",
+            "vllm": vllm.url[7:],
+        },
     )
     stack.procs.append(prom)
     statuses = asyncio.run(drive_load(gw.url))

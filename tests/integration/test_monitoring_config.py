@@ -41,7 +41,7 @@ def test_promtool_accepts_config_and_rules(tmp_path: Path) -> None:
 
 def test_prometheus_scrapes_every_service_by_compose_name() -> None:
     text = SOURCE.read_text()
-    for target in ("gateway:8080", "worker:9100", "vllm:8000", "dcgm-exporter:9400"):
+    for target in ("gateway:9101", "worker:9100", "vllm:8000", "dcgm-exporter:9400"):
         assert f'"{target}"' in text
 
 

@@ -80,7 +80,8 @@ def test_models_health_and_metrics(stack: Stack, rdb: redis.Redis, sdk) -> None:
     assert health.json()["capacity"] == 3
     assert health.headers["x-request-id"].startswith("chatcmpl-")
     httpx.post(gw.url + "/v1/chat/completions", json=body(stream=False, tokens=2))
-    metrics = httpx.get(gw.url + "/metrics").text
+    assert httpx.get(gw.url + "/metrics").status_code == 404, "not on the public port"
+    metrics = httpx.get(f"http://127.0.0.1:{gw.metrics_port}/metrics").text
     assert (
         'api_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in metrics
     )

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from llmq.gateway.admission import Admission, admission_limit
+from llmq.gateway.auth import OPEN
 from llmq.gateway.registry import WorkerRegistry
 from llmq.shared.errors import (
     EngineUnavailable,
@@ -91,8 +92,9 @@ def test_no_ready_engine_is_503_unknown_model_is_404(store: Store) -> None:
 async def test_bound_per_mode(store: Store, mode: str, error: type, admitted: int) -> None:
     a = admission(store, [worker("a")], queue_mode=mode, queue_max=1, retry_after_s=2)
     for i in range(admitted):
-        await a.admit(spec(i), 2)
+        assert (await a.admit(spec(i), 2, OPEN)).admitted
+    refused = await a.admit(spec(99), 2, OPEN)
     with pytest.raises(error) as info:
-        await a.admit(spec(99), 2)
+        a.raise_unless_admitted(refused, spec(99), 2, OPEN)
     assert isinstance(info.value, ServiceError)
     assert info.value.headers() == {"Retry-After": "2"}

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 
 from llmq.gateway.app import build_state, create_app
 from llmq.shared.protocol import WorkerInfo
@@ -24,7 +25,7 @@ def server() -> fakeredis.FakeServer:
 
 @pytest.fixture
 def client(server: fakeredis.FakeServer) -> Iterator[TestClient]:
-    settings = Settings(registry_refresh_s=0.05)
+    settings = Settings(registry_refresh_s=0.05, auth="none", gateway_metrics_port=0)
     state = build_state(settings, fakeredis.FakeAsyncRedis(server=server))
     with TestClient(create_app(settings, state)) as c:
         yield c
@@ -72,7 +73,8 @@ def test_redis_outage_is_503_queue_unavailable(
     health = client.get("/health")
     assert health.status_code == 503
     assert health.json()["redis"] is False
-    assert 'api_rejections_total{reason="queue_unavailable"} 1.0' in client.get("/metrics").text
+    metrics = generate_latest(client.app.state.gateway.metrics.registry).decode()  # type: ignore[attr-defined]
+    assert 'api_rejections_total{reason="queue_unavailable"} 1.0' in metrics
 
 
 def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:

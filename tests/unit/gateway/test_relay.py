@@ -101,7 +101,7 @@ async def test_lost_events_end_the_stream_and_cancel_the_job() -> None:
     out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
     assert json.loads(out[1])["error"]["code"] == "stream_interrupted"
     assert out[-1] == "[DONE]"
-    store.cancel.assert_awaited_once_with("chatcmpl-x")
+    store.cancel.assert_awaited_once_with(r.spec)
 
 
 async def test_silent_worker_times_out_and_cancels() -> None:
@@ -134,5 +134,5 @@ async def test_client_leaving_mid_stream_cancels_the_job() -> None:
     )
     await anext(body)
     await body.aclose()  # what the server does when the client disconnects
-    store.cancel.assert_awaited_once_with("chatcmpl-x")
+    store.cancel.assert_awaited_once_with(r.spec)
     assert rejections(r, "client_cancelled") == 1

@@ -9,46 +9,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
-
-import fakeredis
-import pytest
-from redis.asyncio import Redis
 
 from llmq.shared import protocol as p
 from llmq.shared.errors import ServiceError, WorkerLost
-from llmq.shared.store import Store
-from tests.support.stack import Proc
+from llmq.shared.store import AdmitStatus, Store
 
 PAST = 1  # a deadline long gone (ms since the epoch)
 
 
-@pytest.fixture(params=["fakeredis", "redis-server"])
-async def fake_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """Named as the unit tier's fixture it overrides; here it is fake or real, in turn."""
-    if request.param == "fakeredis":
-        client: Any = fakeredis.FakeAsyncRedis()
-    else:
-        server: Proc = request.getfixturevalue("redis_server")
-        client = Redis(port=server.port)
-        await client.flushall()
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def store(fake_redis: Any) -> Store:
-    return Store(fake_redis)
-
-
-def spec(job_id: str) -> p.JobSpec:
+def spec(job_id: str, tenant: str = p.ANONYMOUS, band: p.Band = p.Band.NORMAL) -> p.JobSpec:
     return p.JobSpec(
         id=job_id,
         model="m",
         stream=True,
         include_usage=False,
         enqueued_at_ms=int(time.time() * 1000),
+        tenant=tenant,
+        band=band,
         body={"model": "m"},
     )
 
@@ -67,7 +44,7 @@ async def test_admit_enqueues_json_job_until_the_limit(store: Store, fake_redis)
 async def test_admit_refuses_a_duplicate_id(store: Store) -> None:
     assert (await store.admit(spec("same"), limit=5, hold_s=30, expire_s=30)).admitted
     again = await store.admit(spec("same"), limit=5, hold_s=30, expire_s=30)
-    assert again.duplicate
+    assert again.status == AdmitStatus.DUPLICATE
     assert not again.admitted
 
 
@@ -82,8 +59,8 @@ async def test_places_of_dead_jobs_heal_after_their_hold(store: Store, fake_redi
 async def test_mark_started_rearms_only_admitted_jobs(store: Store, fake_redis) -> None:
     await store.admit(spec("a"), limit=5, hold_s=1, expire_s=30)
     held_until = await fake_redis.zscore(p.ADMITTED, "a")
-    await store.mark_started("a", "w1", hold_s=300)
-    await store.mark_started("ghost", "w1", hold_s=300)
+    await store.mark_started(spec("a"), "w1", hold_s=300)
+    await store.mark_started(spec("ghost"), "w1", hold_s=300)
     assert await fake_redis.zscore(p.ADMITTED, "a") >= held_until + 250_000
     assert await fake_redis.zscore(p.ADMITTED, "ghost") is None
     assert await store.in_system() == 1
@@ -91,7 +68,7 @@ async def test_mark_started_rearms_only_admitted_jobs(store: Store, fake_redis) 
 
 async def test_cancel_before_start_removes_every_trace(store: Store, fake_redis) -> None:
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
-    assert await store.cancel("a") is True
+    assert await store.cancel(spec("a")) is True
     assert await fake_redis.exists(p.job_key("a")) == 0
     assert await fake_redis.zcard(p.QUEUE) == 0
     assert await store.in_system() == 0
@@ -103,7 +80,7 @@ async def test_cancel_of_running_job_requests_arq_abort_and_wakes(store: Store, 
     pubsub = fake_redis.pubsub()
     await pubsub.subscribe(p.WAKE_CHANNEL)
     await pubsub.get_message(timeout=1)
-    assert await store.cancel("a") is False
+    assert await store.cancel(spec("a")) is False
     assert await fake_redis.zscore(p.ABORT, "a") is not None
     assert await fake_redis.zcard(p.QUEUE) == 1  # arq removes it when the task ends
     msg = await pubsub.get_message(timeout=1)
@@ -142,13 +119,15 @@ async def test_heartbeats_expire_and_workers_can_leave(store: Store, fake_redis)
     assert await store.live_workers() == []
 
 
-async def test_waiting_jobs_skips_running_and_not_yet_due(store: Store, fake_redis) -> None:
+async def test_pick_skips_running_and_expired_jobs(store: Store, fake_redis) -> None:
     for i in range(4):
         await store.admit(spec(f"j{i}"), limit=10, hold_s=30, expire_s=30)
     await fake_redis.set(p.in_progress_key("j0"), b"1")
-    await fake_redis.zadd(p.QUEUE, {"later": int(time.time() * 1000) + 60_000})
-    assert await store.waiting_jobs(10) == [b"j1", b"j2", b"j3"]
-    assert await store.waiting_jobs(2) == [b"j1", b"j2"]
+    await fake_redis.delete(p.job_key("j1"))  # expired: its gateway died before it ran
+    assert await store.pick_jobs(1) == [b"j2"]
+    assert await store.pick_jobs(10) == [b"j3"]
+    assert await store.pick_jobs(10) == []
+    assert await store.depth_by_band() == {"high": 0, "normal": 0, "low": 0}
 
 
 def _worker(worker_id: str) -> p.WorkerInfo:
@@ -167,10 +146,10 @@ async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(
     store: Store, fake_redis
 ) -> None:
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
-    await store.mark_started("a", "w1", hold_s=300)
-    assert await fake_redis.smembers(p.worker_jobs_key("w1")) == {b"a"}
-    await store.release("a", "w1")
-    assert await fake_redis.smembers(p.worker_jobs_key("w1")) == set()
+    await store.mark_started(spec("a"), "w1", hold_s=300)
+    assert await fake_redis.hgetall(p.worker_jobs_key("w1")) == {b"a": b"anonymous"}
+    await store.release(spec("a"), "w1", None)
+    assert await fake_redis.hgetall(p.worker_jobs_key("w1")) == {}
     assert await store.in_system() == 0
 
 
@@ -183,7 +162,7 @@ async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
     await store.heartbeat(_worker("alive"), ttl_s=30)
     for job, worker in (("run1", "dead"), ("run2", "dead"), ("other", "alive")):
         await fake_redis.set(p.in_progress_key(job), b"1")
-        await store.mark_started(job, worker, hold_s=300)
+        await store.mark_started(spec(job), worker, hold_s=300)
     pubsub = fake_redis.pubsub()
     await pubsub.subscribe(p.events_channel("run1"))
     await pubsub.get_message(timeout=1)

@@ -118,7 +118,7 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
     async def nothing() -> None:
         return None
 
-    monkeypatch.setattr(worker.runtime.store, "waiting_jobs", waiting_jobs)
+    monkeypatch.setattr(worker.runtime.store, "pick_jobs", waiting_jobs)
     monkeypatch.setattr(worker, "_cancel_aborted_jobs", nothing)
     monkeypatch.setattr(worker, "heart_beat", nothing)
     worker._wake_event.clear()

@@ -1,0 +1,105 @@
+"""Operator CLI for API keys (console script ``llmq-keys``; or ``python -m llmq.gateway.keys``).
+
+    llmq-keys create NAME [--max-concurrent N] [--rpm N] [--tpm N] [--priority high|normal|low]
+    llmq-keys list
+    llmq-keys show NAME
+    llmq-keys update NAME [--max-concurrent N] [--rpm N] [--tpm N] [--priority ...]
+    llmq-keys revoke NAME
+
+``create`` prints the key's settings, then its secret alone on the last line of stdout
+(``SECRET=$(llmq-keys create app | tail -n1)``); the secret is shown this once and never
+stored. A limit of 0 means unlimited. Reads REDIS_URL like the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from redis.asyncio import Redis
+
+from llmq.shared.keystore import KeyExists, KeyNotFound, KeyStore
+from llmq.shared.protocol import ApiKey, Band, KeyLimits
+from llmq.shared.settings import load_settings
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="jobs queued + running")
+    p.add_argument("--rpm", type=int, metavar="N", help="requests per minute")
+    p.add_argument("--tpm", type=int, metavar="N", help="tokens (prompt + completion) per minute")
+    p.add_argument("--priority", choices=[b.value for b in Band])
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmq-keys", description="Manage llmq API keys.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("create", "update"):
+        p = sub.add_parser(name)
+        p.add_argument("name")
+        _limit_flags(p)
+    sub.add_parser("list")
+    for name in ("show", "revoke"):
+        sub.add_parser(name).add_argument("name")
+    return ap
+
+
+def describe(key: ApiKey) -> str:
+    def limit(v: int) -> str:
+        return str(v) if v else "unlimited"
+
+    return (
+        f"{key.name}: priority={key.priority.value} max_concurrent={limit(key.max_concurrent)} "
+        f"rpm={limit(key.rpm)} tpm={limit(key.tpm)}"
+    )
+
+
+def _limits(a: argparse.Namespace) -> KeyLimits:
+    return KeyLimits(
+        max_concurrent=a.max_concurrent,
+        rpm=a.rpm,
+        tpm=a.tpm,
+        priority=Band(a.priority) if a.priority else None,
+    )
+
+
+async def run(a: argparse.Namespace, store: KeyStore) -> int:
+    if a.command == "create":
+        key, secret = await store.create(a.name, _limits(a))
+        print(describe(key))
+        print("secret (shown once, store it now):", file=sys.stderr)
+        print(secret)
+    elif a.command == "update":
+        print(describe(await store.update(a.name, _limits(a))))
+    elif a.command == "list":
+        for key in await store.list():
+            print(describe(key))
+    elif a.command == "show":
+        print(describe(await store.get(a.name)))
+    elif a.command == "revoke":
+        await store.revoke(a.name)
+        print(f"{a.name}: revoked")
+    return 0
+
+
+async def _main(a: argparse.Namespace) -> int:
+    settings = load_settings()
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
+    try:
+        return await run(a, KeyStore(redis))
+    except KeyExists as exc:
+        print(f"llmq-keys: a key named {exc} exists already", file=sys.stderr)
+        return 1
+    except KeyNotFound as exc:
+        print(f"llmq-keys: no key named {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(asyncio.run(_main(parser().parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""API keys in Redis (fakeredis and a real redis-server): secrets never stored, lookups by
+digest, updates and revocation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmq.shared import protocol as p
+from llmq.shared.keystore import KeyExists, KeyNotFound, KeyStore, digest
+
+
+@pytest.fixture
+def keys(fake_redis: Any) -> KeyStore:
+    return KeyStore(fake_redis)
+
+
+async def test_create_stores_a_digest_never_the_secret(keys: KeyStore, fake_redis) -> None:
+    key, secret = await keys.create("app", p.KeyLimits(rpm=10, priority=p.Band.HIGH))
+    assert secret.startswith("sk-llmq-")
+    assert len(secret) > 40
+    dump = b"".join(
+        [k + v for k, v in (await fake_redis.hgetall(p.api_key_record(key.digest))).items()]
+    ) + b"".join((await fake_redis.hgetall(p.API_KEYS)).values())
+    assert secret.encode() not in dump
+    assert key.digest == digest(secret)
+    found = await keys.lookup(secret)
+    assert found is not None
+    assert (found.name, found.rpm, found.priority) == ("app", 10, p.Band.HIGH)
+    assert await keys.lookup(secret + "x") is None
+    assert await keys.lookup("") is None
+
+
+async def test_names_are_unique_and_anonymous_is_reserved(keys: KeyStore) -> None:
+    await keys.create("app", p.KeyLimits())
+    with pytest.raises(KeyExists):
+        await keys.create("app", p.KeyLimits())
+    with pytest.raises(KeyExists):
+        await keys.create(p.ANONYMOUS, p.KeyLimits())
+
+
+async def test_update_keeps_what_is_not_given_and_revoke_is_final(keys: KeyStore) -> None:
+    _, secret = await keys.create("app", p.KeyLimits(rpm=10, tpm=1000))
+    updated = await keys.update("app", p.KeyLimits(max_concurrent=2))
+    assert (updated.max_concurrent, updated.rpm, updated.tpm) == (2, 10, 1000)
+    assert [k.name for k in await keys.list()] == ["app"]
+    await keys.revoke("app")
+    assert await keys.lookup(secret) is None
+    with pytest.raises(KeyNotFound):
+        await keys.get("app")
+    assert await keys.list() == []
