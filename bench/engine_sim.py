@@ -143,6 +143,8 @@ class Simulator:
             "hold_after": int(over.get("hold_after", 1)),
             "pad": int(over.get("pad", 0)),
             "tag": over.get("tag"),
+            "say": str(over.get("say", "tok")),
+            "fail_message": over.get("fail_message"),
         }
 
     async def chat(self, request: Request) -> Response:
@@ -164,7 +166,8 @@ class Simulator:
             )
         if k["fail_status"] or random.random() < self.config.fail_rate:
             self.stats.failures_injected += 1
-            return _error(int(k["fail_status"] or self.config.fail_status), "injected failure")
+            message = str(k["fail_message"] or "injected failure")
+            return _error(int(k["fail_status"] or self.config.fail_status), message)
         if k["hang"]:
             await asyncio.sleep(3600)
         rid = "chatcmpl-sim" + str(self.stats.requests)
@@ -185,7 +188,7 @@ class Simulator:
             return _error(500, "held job failed by the test")
         finally:
             self.stats.running -= 1
-        text = "".join(f"tok{i} " for i in range(k["tokens"]))
+        text = "".join(f"{k['say']}{i} " for i in range(k["tokens"]))
         return JSONResponse(
             {
                 "id": rid,
@@ -231,7 +234,7 @@ class Simulator:
                     raise DroppedStream(rid)
                 if k["hold"] and i == k["hold_after"]:
                     await self.holds.wait(str(k["hold"]))
-                delta: dict[str, Any] = {"content": f"tok{i} " + "x" * k["pad"]}
+                delta: dict[str, Any] = {"content": f"{k['say']}{i} " + "x" * k["pad"]}
                 if i == 0:
                     delta = {"role": "assistant", **delta}
                 else:

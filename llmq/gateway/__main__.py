@@ -3,20 +3,17 @@ GATEWAY_HOST:GATEWAY_PORT."""
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 
 from llmq.gateway.app import build_state, create_app
 from llmq.gateway.server import DrainingServer
+from llmq.shared import logs
 from llmq.shared.settings import load_settings
 
 
 def main() -> None:
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level)
     state = build_state(settings)
     app = create_app(settings, state)
     config = uvicorn.Config(

@@ -16,6 +16,7 @@ from starlette.types import Receive
 
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.auth import TenantDep
+from llmq.gateway.body import parse_chat_body
 from llmq.gateway.relay import JobRelay, Timings
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
@@ -91,10 +92,10 @@ async def _open_relay(
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, st: StateDep, tenant: TenantDep
-) -> Response:
+async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) -> Response:
+    """OpenAI's chat completions. The body is read here, not by FastAPI (see gateway.body)."""
     timings = Timings()
+    body = parse_chat_body(await request.body(), st.settings)
     st.metrics.tenant_requests.labels(tenant.name).inc()
     if st.draining:
         raise ShuttingDown("the gateway is shutting down; retry on another replica")

@@ -6,7 +6,10 @@ Keys and channels
     llmq:queue              zset    the arq queue (arq keeps running jobs in it until they end)
     arq:job:<id>            string  the arq job payload, JSON (readable with redis-cli GET)
     arq:in-progress:<id>    string  arq's running marker
-    arq:result:<id>         string  arq's result, JSON, kept RESULT_TTL_S
+    arq:result:<id>         -       not kept (arq's result repeats the job's arguments: the
+                                    prompt); llmq:outcome:<id> is kept instead
+    llmq:outcome:<id>       string  how a job ended, JSON {"outcome", "worker"}, kept
+                                    OUTCOME_TTL_S; never any prompt or completion text
     arq:abort               zset    arq's abort requests
     llmq:admitted           zset    admitted, unfinished jobs; score = deadline (ms, Redis clock)
     llmq:workers            zset    live-worker index; score = heartbeat expiry (ms, Redis clock)
@@ -46,7 +49,8 @@ WORKERS = "llmq:workers"
 WAKE_CHANNEL = "llmq:wake"
 ABORT = abort_jobs_ss
 JOB_FUNCTION = "chat"
-RESULT_TTL_S = 300
+OUTCOME_TTL_S = 300
+OUTCOME_PREFIX = "llmq:outcome:"
 EVENTS_PREFIX = "llmq:events:"
 
 
@@ -59,6 +63,15 @@ def in_progress_key(job_id: str) -> str:
 
 
 IN_PROGRESS_PREFIX = in_progress_key_prefix
+
+
+def outcome_key(job_id: str) -> str:
+    return OUTCOME_PREFIX + job_id
+
+
+def outcome_record(outcome: str, worker_id: str = "") -> str:
+    """What is kept of a job once it ended (OUTCOME_TTL_S): no prompt, no completion."""
+    return json.dumps({"outcome": outcome, "worker": worker_id}, separators=(",", ":"))
 
 
 def events_channel(job_id: str) -> str:

@@ -76,8 +76,8 @@ return answer(1, 0)
 """
 )
 
-# KEYS: admitted, queue, job key, in-progress key, abort, tenant admitted, band queue.
-# ARGV: job_id, now_ms, wake channel.
+# KEYS: admitted, queue, job key, in-progress key, abort, tenant admitted, band queue,
+# outcome key. ARGV: job_id, now_ms, wake channel, outcome record, outcome ttl ms.
 # Not started -> removed everywhere, it can never run (1). Running -> arq abort requested (0).
 CANCEL = """
 if redis.call('EXISTS', KEYS[4]) == 0 then
@@ -86,6 +86,7 @@ if redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[6], ARGV[1])
   redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('SET', KEYS[8], ARGV[4], 'PX', ARGV[5])
   return 1
 end
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
@@ -106,8 +107,9 @@ return redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[1])
 """
 )
 
-# KEYS: admitted, tenant admitted, the worker's jobs, tenant tpm bucket.
-# ARGV: job_id, tokens used beyond the admission estimate (may be negative), tpm.
+# KEYS: admitted, tenant admitted, the worker's jobs, tenant tpm bucket, outcome key.
+# ARGV: job_id, tokens used beyond the admission estimate (may be negative), tpm, outcome
+# record, outcome ttl ms.
 # A job ended, whatever the outcome: its places go, the tenant's token bucket is corrected
 # with the exact usage.
 RELEASE = (
@@ -115,6 +117,7 @@ RELEASE = (
     + """
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
 local cap, extra = tonumber(ARGV[3]), tonumber(ARGV[2])
 if cap > 0 and extra ~= 0 then
   local h = redis.call('HMGET', KEYS[4], 't', 'ts')
@@ -126,23 +129,25 @@ return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 )
 
-# KEYS: admitted, tenant admitted, the worker's jobs, queue, job key, in-progress key.
-# ARGV: job_id. A job that ended while Redis was unreachable: every trace arq and the worker
-# could not remove.
+# KEYS: admitted, tenant admitted, the worker's jobs, queue, job key, in-progress key,
+# outcome key. ARGV: job_id, outcome record, outcome ttl ms. A job that ended while Redis
+# was unreachable: every trace arq and the worker could not remove.
 FORGET = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('SET', KEYS[7], ARGV[2], 'PX', ARGV[3])
 return redis.call('DEL', KEYS[5], KEYS[6])
 """
 
 # KEYS: workers index, admitted, queue. ARGV: worker key prefix, worker-jobs prefix, job key
 # prefix, in-progress prefix, events prefix, the out-of-band error event's head ("0 error "),
-# its JSON body, tenant key prefix. Workers whose heartbeat expired are dead: each job they
-# had started loses its places, queue entry, in-progress marker and payload (it never runs
-# again: at most once), and its client is told (an out-of-band error event). Idempotent;
-# any process may run it. Returns {dead worker ids..., reaped job count}.
+# its JSON body, tenant key prefix, outcome key prefix, outcome record, outcome ttl ms.
+# Workers whose heartbeat expired are dead: each job they had started loses its places,
+# queue entry, in-progress marker and payload (it never runs again: at most once), gets the
+# outcome record worker_lost, and its client is told (an out-of-band error event).
+# Idempotent; any process may run it. Returns {dead worker ids..., reaped job count}.
 REAP = (
     NOW
     + """
@@ -157,6 +162,7 @@ for _, w in ipairs(dead) do
     redis.call('ZREM', ARGV[8] .. tenant .. ':admitted', id)
     redis.call('ZREM', KEYS[3], id)
     redis.call('DEL', ARGV[3] .. id, ARGV[4] .. id)
+    redis.call('SET', ARGV[9] .. id, ARGV[10], 'PX', ARGV[11])
     redis.call('PUBLISH', ARGV[5] .. id, ARGV[6] .. ARGV[7])
     jobs = jobs + 1
   end

@@ -10,7 +10,7 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENGINE_PROBE_TIMEOUT_S = 2.0
@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     )
     docs_enabled: bool = Field(False, description="serve /docs and /openapi.json")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(2048, ge=1, le=1_000_000, description="messages per request")
+    max_json_containers: int = Field(
+        50_000, ge=100, description="'{' and '[' in one body, strings included"
+    )
+    max_prompt_chars: int = Field(
+        2_000_000, ge=1, description="characters in all messages of one request"
+    )
     drain_timeout_s: float = Field(60.0, ge=0, le=3600)
     registry_refresh_s: float = Field(0.5, gt=0, le=60)
     client_send_timeout_s: float = Field(
@@ -53,7 +60,7 @@ class Settings(BaseSettings):
 
     # Worker.
     vllm_url: str = "http://127.0.0.1:8000"
-    vllm_api_key: str | None = None
+    vllm_api_key: SecretStr | None = None  # never printed (repr shows **********)
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     worker_metrics_port: int = Field(9100, ge=0, le=65_535, description="0 disables")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
@@ -62,13 +69,19 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @model_validator(mode="after")
-    def _check_urls(self) -> Settings:
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
-        if not self.vllm_url.startswith(("http://", "https://")):
-            raise ValueError("VLLM_URL must start with http:// or https://")
-        return self
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _check_vllm_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url
 
     @property
     def heartbeat_ttl_s(self) -> float:
@@ -79,12 +92,15 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """Read the environment; on a bad value exit with a message naming the variable."""
+    """Read the environment; on a bad value exit with a message naming the variable.
+
+    The message never repeats the value: it may be a secret (a URL with a password, a key).
+    """
     try:
         return Settings()
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
-            lines.append(f"  {name}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {name}: {err['msg']}")
         raise SystemExit("invalid configuration:\n" + "\n".join(lines)) from None

@@ -18,6 +18,7 @@ from llmq.shared import scripts
 from llmq.shared.errors import WorkerLost
 
 _WORKER_PREFIX = p.worker_key("")
+_OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
 
 
 def log_reaped(logger: logging.Logger, dead: list[str], jobs: int) -> None:
@@ -143,8 +144,15 @@ class Store:
                 p.ABORT,
                 p.tenant_admitted_key(spec.tenant),
                 p.band_queue_key(spec.band, spec.tenant),
+                p.outcome_key(spec.id),
             ],
-            args=[spec.id, int(time.time() * 1000), p.WAKE_CHANNEL],
+            args=[
+                spec.id,
+                int(time.time() * 1000),
+                p.WAKE_CHANNEL,
+                p.outcome_record("cancelled"),
+                _OUTCOME_TTL_MS,
+            ],
         )
         return bool(started == 1)
 
@@ -190,9 +198,12 @@ class Store:
             args=[spec.id, int(hold_s * 1000), spec.tenant],
         )
 
-    async def release(self, spec: p.JobSpec, worker_id: str, tokens_used: int | None) -> None:
-        """The job ended: free its places; correct the tenant's token bucket with the exact
-        usage (``tokens_used``, prompt + completion; None when unknown)."""
+    async def release(
+        self, spec: p.JobSpec, worker_id: str, tokens_used: int | None, outcome: str
+    ) -> None:
+        """The job ended: free its places, leave its outcome record; correct the tenant's
+        token bucket with the exact usage (``tokens_used``, prompt + completion; None when
+        unknown)."""
         extra = 0 if tokens_used is None else tokens_used - spec.token_estimate
         await self._release(
             keys=[
@@ -200,8 +211,9 @@ class Store:
                 p.tenant_admitted_key(spec.tenant),
                 p.worker_jobs_key(worker_id),
                 p.tenant_tpm_key(spec.tenant),
+                p.outcome_key(spec.id),
             ],
-            args=[spec.id, extra, spec.tpm],
+            args=[spec.id, extra, spec.tpm, p.outcome_record(outcome, worker_id), _OUTCOME_TTL_MS],
         )
 
     async def forget(self, spec: p.JobSpec, worker_id: str) -> None:
@@ -214,8 +226,9 @@ class Store:
                 p.QUEUE,
                 p.job_key(spec.id),
                 p.in_progress_key(spec.id),
+                p.outcome_key(spec.id),
             ],
-            args=[spec.id],
+            args=[spec.id, p.outcome_record("redis_error", worker_id), _OUTCOME_TTL_MS],
         )
 
     async def reap(self) -> tuple[list[str], int]:
@@ -235,6 +248,9 @@ class Store:
                 head,
                 json.dumps(lost.to_wire(), separators=(",", ":")),
                 p.TENANT_PREFIX,
+                p.OUTCOME_PREFIX,
+                p.outcome_record("worker_lost"),
+                _OUTCOME_TTL_MS,
             ],
         )
         return [w.decode() for w in out[:-1]], int(out[-1])

@@ -4,18 +4,15 @@ one engine (VLLM_URL)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 
+from llmq.shared import logs
 from llmq.shared.settings import load_settings
 from llmq.worker.app import build_worker, serve_metrics
 
 
 def main() -> None:
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine probe otherwise
+    logs.configure(settings.log_level)
     try:
         import uvloop
 

@@ -49,7 +49,9 @@ def build_worker(
         store=Store(redis),
         engine=engine
         or EngineClient(
-            settings.vllm_url, max_connections=settings.max_active, api_key=settings.vllm_api_key
+            settings.vllm_url,
+            max_connections=settings.max_active,
+            api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None,
         ),
         metrics=metrics,
     )
@@ -61,7 +63,9 @@ def build_worker(
         redis_pool=redis,
         max_jobs=settings.max_active,
         job_timeout=grace + 5,
-        keep_result=protocol.RESULT_TTL_S,
+        # arq's result repeats the job's arguments (the prompt): keep none; the release
+        # script leaves llmq:outcome:<id> instead.
+        keep_result=0,
         max_tries=1,  # a job streams to one client once; a re-run would replay its tokens
         retry_jobs=False,
         allow_abort_jobs=True,

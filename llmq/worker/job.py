@@ -125,11 +125,12 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int])
         logger.info("job %s: no listener for %.1fs, abandoning", spec.id, s.orphan_grace_s)
         return "client_gone"
     except UpstreamError as exc:
-        logger.info("job %s: engine answered %d: %s", spec.id, exc.status, exc.message)
+        # %r: the engine's message may echo client input (a newline must not forge a line).
+        logger.info("job %s: engine answered %d: %r", spec.id, exc.status, exc.message[:500])
         await _fail(pub, exc)
         return "rejected" if exc.status < 500 else "engine_error"
     except ServiceError as exc:
-        logger.warning("job %s: %s", spec.id, exc.message)
+        logger.warning("job %s: %r", spec.id, exc.message[:500])
         await _fail(pub, exc)
         return "engine_error"
 
@@ -182,7 +183,7 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         try:
             tokens = used[0] if used else None
-            await asyncio.shield(rt.store.release(spec, rt.settings.worker_id, tokens))
+            await asyncio.shield(rt.store.release(spec, rt.settings.worker_id, tokens, outcome))
         except RedisError as exc:  # the heartbeat retries once Redis is back
             logger.warning("job %s: could not release its place yet: %s", spec.id, exc)
             rt.unreleased[spec.id] = spec

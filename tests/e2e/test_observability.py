@@ -81,7 +81,7 @@ def alert_queries() -> list[tuple[str, str]]:
     return out
 
 
-async def drive_load(url: str) -> list[int]:
+async def drive_load(url: str, rdb: redis.Redis) -> list[int]:
     body = {
         "model": MODEL,
         "max_tokens": 8,
@@ -89,8 +89,15 @@ async def drive_load(url: str) -> list[int]:
         "messages": [{"role": "user", "content": "Say hello."}],
     }
     async with httpx.AsyncClient(timeout=120) as c:
+        # One slot, reject mode: the first takes it for ~2 s (48 tokens with ignore_eos), so
+        # the two others, sent at once, find it busy even on a loaded machine.
+        long = {**body, "max_tokens": 48, "ignore_eos": True}
         burst = await asyncio.gather(
-            *(c.post(url + "/v1/chat/completions", json=body) for _ in range(3))
+            *(c.post(url + "/v1/chat/completions", json=long) for _ in range(3))
+        )
+        # The worker frees the slot just after the last event went out: wait for it.
+        await asyncio.to_thread(
+            wait_for, lambda: rdb.zcard("llmq:admitted") == 0, 30, "the slot to be free"
         )
         more = [
             await c.post(url + "/v1/chat/completions", json={**body, "stream": False}),
@@ -115,7 +122,7 @@ def test_every_dashboard_and_alert_query_works_on_real_data(
         },
     )
     stack.procs.append(prom)
-    statuses = asyncio.run(drive_load(gw.url))
+    statuses = asyncio.run(drive_load(gw.url, rdb))
     assert sorted(statuses) == [200, 200, 400, 404, 429, 429], statuses
     wait_for(
         lambda: (

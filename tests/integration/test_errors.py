@@ -6,7 +6,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.clients import assert_drained, body
+from tests.support.clients import assert_drained, body, sim_stats
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -87,3 +87,33 @@ def test_unknown_fields_reach_the_engine(gw) -> None:
     # ``sim`` is unknown to the gateway: if it were dropped the engine would send 16 tokens.
     resp = _post(gw, json=body(stream=False, tokens=2))
     assert resp.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "what"),
+    [
+        (b'{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"x":'
+         + b"[" * 300 + b"]" * 300 + b"}", "nested deeper"),
+        (b'{"model":"sim-model","messages":[{"role":"user","content":"\\ud800"}]}',
+         "not valid Unicode"),
+        (b'{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"x":'
+         + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON objects/arrays"),
+    ],
+)  # fmt: skip
+def test_hostile_bodies_are_400_and_enqueue_nothing(
+    stack: Stack, rdb: redis.Redis, sim, raw: bytes, what: str
+) -> None:
+    stack.worker()
+    gw = stack.gateway()
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        content=raw,
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert resp.status_code == 400
+    assert what in _error(resp)["message"]
+    assert rdb.zcard("llmq:queue") == 0
+    assert rdb.zcard("llmq:admitted") == 0
+    assert sim_stats(sim.url)["requests"] == 0
+    assert " ERROR " not in gw.output(), "a client's bad body is not a server error"

@@ -116,11 +116,11 @@ def test_killed_gateway_leaves_queued_jobs_to_be_served(
     release(sim.url, "gone")
 
     def all_completed() -> bool:
-        results = [rdb.get("arq:result:" + i) for i in ids]
+        results = [rdb.get("llmq:outcome:" + i) for i in ids]
         return all(results)
 
     wait_for(all_completed, 30, "every queued job to be served")
-    outcomes = [get_json(rdb, "arq:result:" + i)["r"]["outcome"] for i in ids]
+    outcomes = [get_json(rdb, "llmq:outcome:" + i)["outcome"] for i in ids]
     assert outcomes == ["completed"] * 4
     restarted = stack.gateway()
     resp = httpx.post(restarted.url + "/v1/chat/completions", json=body(stream=False, tokens=1))

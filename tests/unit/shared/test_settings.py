@@ -44,3 +44,21 @@ def test_bad_value_exits_naming_the_variable(
     monkeypatch.setenv(var, value)
     with pytest.raises(SystemExit, match=var):
         load_settings()
+
+
+def test_a_bad_setting_is_named_and_no_value_is_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", "sekrit-key")
+    monkeypatch.setenv("REDIS_URL", "http://user:sekrit-password@host")
+    with pytest.raises(SystemExit) as info:
+        load_settings()
+    message = str(info.value)
+    assert "REDIS_URL: Value error, must start with" in message
+    assert "sekrit" not in message
+
+
+def test_the_engine_key_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", "sekrit-key")
+    settings = Settings()
+    assert "sekrit" not in repr(settings)
+    assert settings.vllm_api_key is not None
+    assert settings.vllm_api_key.get_secret_value() == "sekrit-key"

@@ -148,7 +148,11 @@ async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     await store.mark_started(spec("a"), "w1", hold_s=300)
     assert await fake_redis.hgetall(p.worker_jobs_key("w1")) == {b"a": b"anonymous"}
-    await store.release(spec("a"), "w1", None)
+    await store.release(spec("a"), "w1", None, "completed")
+    assert json.loads(await fake_redis.get(p.outcome_key("a"))) == {
+        "outcome": "completed",
+        "worker": "w1",
+    }
     assert await fake_redis.hgetall(p.worker_jobs_key("w1")) == {}
     assert await store.in_system() == 0
 

@@ -1,0 +1,95 @@
+"""What a hostile body costs everyone else: small requests' latency while 7 MB bodies arrive.
+
+    python -m bench.hostile [--big 5] [--small 40]
+
+Starts redis-server, the engine simulator, one worker and one gateway (defaults: 8 MiB body
+limit, at most 2048 messages). Measures a small non-streamed request's latency alone, then
+while a client posts ``--big`` bodies of 7 MB holding 400k messages one after another (each
+answered 400 at the edge). Prints p50 / max of the small requests in both runs and the
+difference (goal: a 7 MB body delays a concurrent small request by at most 100 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.processes import Proc, service_env, start_gateway, start_redis, start_sim, start_worker
+
+SMALL = {
+    "model": "sim-model",
+    "messages": [{"role": "user", "content": "hi"}],
+    "sim": {"tokens": 1, "ttft_ms": 1},
+}
+BIG = json.dumps({"model": "sim-model", "messages": [{"role": "user"}] * 400_000}).encode()
+
+
+async def _small(client: httpx.AsyncClient, url: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        resp = await client.post(url + "/v1/chat/completions", json=SMALL)
+        assert resp.status_code == 200, resp.text
+        out.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.01)
+    return out
+
+
+async def _big(client: httpx.AsyncClient, url: str, n: int) -> list[int]:
+    headers = {"content-type": "application/json"}
+    codes = []
+    for _ in range(n):
+        resp = await client.post(url + "/v1/chat/completions", content=BIG, headers=headers)
+        codes.append(resp.status_code)
+    return codes
+
+
+async def measure(url: str, big: int, small: int) -> tuple[list[float], list[float], list[int]]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        alone = await _small(client, url, small)
+        during, codes = await asyncio.gather(_small(client, url, small), _big(client, url, big))
+    return alone, during, codes
+
+
+def _ms(values: list[float]) -> str:
+    return f"p50 {statistics.median(values) * 1000:6.1f} ms  max {max(values) * 1000:6.1f} ms"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--big", type=int, default=5)
+    ap.add_argument("--small", type=int, default=40)
+    a = ap.parse_args(argv)
+    procs: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix="llmq-hostile-") as tmp:
+        logdir = Path(tmp)
+        try:
+            redis = start_redis(logdir)
+            sim = start_sim(logdir)
+            procs += [redis, sim]
+            env = service_env(f"redis://127.0.0.1:{redis.port}/0", sim.url, log_level="WARNING")
+            procs.append(start_worker(logdir, env))
+            gw = start_gateway(logdir, env)
+            procs.append(gw)
+            alone, during, codes = asyncio.run(measure(gw.url, a.big, a.small))
+        finally:
+            for p in reversed(procs):
+                p.kill()
+    print(f"body of {len(BIG) / 1e6:.1f} MB, answered {sorted(set(codes))} x{len(codes)}")
+    print(f"small request alone:            {_ms(alone)}")
+    print(f"small request during the bodies: {_ms(during)}")
+    print(
+        f"added: p50 {(statistics.median(during) - statistics.median(alone)) * 1000:+.1f} ms, "
+        f"max {(max(during) - statistics.median(alone)) * 1000:+.1f} ms over the alone p50"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Private by default: after a job ends, whatever the outcome, no prompt and no completion is
+left anywhere in Redis; while it waits, its prompt lives only in its job key."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.support.clients import assert_drained, body, release, stream_chat, wait_held
+from tests.support.stack import Proc, Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def everything(rdb: Any) -> dict[bytes, bytes]:
+    """Every key of the Redis with its value(s) flattened to bytes (``rdb``: a sync
+    redis.Redis, typed Any: its stubs say every reply may be awaitable)."""
+    out: dict[bytes, Any] = {}
+    for key in rdb.scan_iter(count=1000):
+        kind = rdb.type(key)
+        if kind == b"string":
+            value = rdb.get(key) or b""
+        elif kind == b"hash":
+            value = b" ".join(k + b"=" + v for k, v in rdb.hgetall(key).items())
+        elif kind == b"zset":
+            value = b" ".join(m for m, _ in rdb.zrange(key, 0, -1, withscores=True))
+        elif kind == b"set":
+            value = b" ".join(rdb.smembers(key))
+        elif kind == b"list":
+            value = b" ".join(rdb.lrange(key, 0, -1))
+        else:
+            value = kind
+        out[key] = value
+    return out
+
+
+def holding(rdb: redis.Redis, canary: bytes) -> list[bytes]:
+    return [k for k, v in everything(rdb).items() if canary in k or canary in v]
+
+
+def test_nothing_of_a_job_is_left_in_redis_whatever_its_outcome(
+    stack: Stack, rdb: redis.Redis, sim: Proc
+) -> None:
+    stack.worker(max_active=1, orphan_grace_s=1)
+    gw = stack.gateway()
+    prompt = b"PROMPT-" + secrets.token_hex(8).encode()
+    said = "SAID" + secrets.token_hex(8)
+
+    def job(stream: bool = False, **sim_knobs: Any) -> dict[str, Any]:
+        b = body(stream=stream, say=said, **sim_knobs)
+        b["messages"][0]["content"] = prompt.decode()
+        return b
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            url = gw.url + "/v1/chat/completions"
+            # A job waiting behind a held one: its prompt is in its job key, nowhere else.
+            held = asyncio.create_task(c.post(url, json=job(hold="h", tokens=2)))
+            await asyncio.to_thread(wait_held, sim.url, "h", 1)
+            waiting = asyncio.create_task(c.post(url, json=job(tokens=2)))
+            await asyncio.to_thread(wait_for, lambda: rdb.zcard("llmq:queue") == 2, 10, "queued")
+            keys = await asyncio.to_thread(holding, rdb, prompt)
+            assert len(keys) == 2, keys  # the two job keys
+            assert all(k.startswith(b"arq:job:") for k in keys), keys
+            await asyncio.to_thread(release, sim.url, "h")
+            assert (await held).status_code == 200
+            done = await waiting
+            assert said in done.json()["choices"][0]["message"]["content"]
+            streamed = await stream_chat(c, gw.url, job(stream=True, tokens=3))
+            assert said in streamed.text
+            refused = await c.post(url, json=job(fail_status=400))
+            assert refused.status_code == 400
+            failed = await stream_chat(c, gw.url, job(stream=True, tokens=5, drop_after=2))
+            assert failed.sse_errors
+            # A client that leaves mid-stream: the job is cancelled.
+            left = await stream_chat(
+                c, gw.url, job(stream=True, tokens=50, itl_ms=50), max_chunks=2
+            )
+            assert left.status == 200
+
+    asyncio.run(run())
+    assert_drained(rdb, within=15)
+    wait_for(lambda: not rdb.keys("arq:in-progress:*"), 15, "arq to finish every job")
+    assert holding(rdb, prompt) == []
+    assert holding(rdb, said.encode()) == []
+    assert len(everything(rdb).keys() & set(rdb.scan_iter("llmq:outcome:*"))) == 6
+
+
+def test_logs_hold_no_prompt_no_completion_and_no_forged_line(
+    stack: Stack, rdb: redis.Redis
+) -> None:
+    """Even at LOG_LEVEL=DEBUG; engine text that echoes client input is escaped."""
+    worker = stack.worker(log_level="DEBUG")
+    gw = stack.gateway(log_level="DEBUG")
+    prompt = "PROMPT-" + secrets.token_hex(8)
+    said = "SAID" + secrets.token_hex(8)
+    b = body(stream=True, say=said, tokens=3)
+    b["messages"][0]["content"] = prompt
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await stream_chat(c, gw.url, b)
+            assert said in r.text
+            forged = body(stream=False, fail_status=400, fail_message="bad\nERROR forged line")
+            refused = await c.post(gw.url + "/v1/chat/completions", json=forged)
+            assert refused.status_code == 400
+
+    asyncio.run(run())
+    assert_drained(rdb)
+    for proc in (worker, gw):
+        log = proc.output()
+        assert prompt not in log
+        assert said not in log
+        assert "\nERROR forged line" not in log
+    assert "bad\\nERROR forged line" in worker.output(), "logged, escaped"

@@ -1,0 +1,94 @@
+"""Hostile bodies at the edge: each a 400 naming the problem, none a 500."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+
+from llmq.gateway.body import MAX_JSON_DEPTH, parse_chat_body
+from llmq.shared.errors import InvalidRequest
+from llmq.shared.settings import Settings
+
+SETTINGS = Settings(max_messages=100, max_prompt_chars=1000)
+
+
+def ok_body(**extra: object) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def parse(obj: object) -> object:
+    raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return parse_chat_body(raw, SETTINGS)
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_plain_request_passes_with_its_unknown_fields() -> None:
+    req = parse(ok_body(top_k=5))
+    assert req.model_extra == {"top_k": 5}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 300, 100_000])
+def test_deep_nesting_anywhere_is_a_400(depth: int) -> None:
+    raw = (
+        json.dumps(ok_body(extra=nested(depth))).encode()
+        if depth < 1000
+        else (b'{"model":"m","messages":[],"x":' + b"[" * depth + b"]" * depth + b"}")
+    )
+    with pytest.raises(InvalidRequest, match=r"nested deeper|JSON objects/arrays"):
+        parse_chat_body(raw, SETTINGS)
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field() -> None:
+    raw = b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}'
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_body(raw, SETTINGS)
+    assert info.value.param == "messages.0.content"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}] * 101}, "messages"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x" * 1001}]}, "messages"),
+    ],
+)
+def test_caps_on_messages_and_prompt_size(body: object, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(body)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[]", b'"x"', b"\xff\xfe", b""])
+def test_not_a_json_object_is_a_400(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_chat_body(raw, SETTINGS)
+
+
+def test_schema_errors_keep_fastapis_shape() -> None:
+    with pytest.raises(RequestValidationError) as info:
+        parse({"model": "m", "messages": [{"role": "wizard"}]})
+    assert info.value.errors()[0]["loc"] == ("messages", 0, "role")
+
+
+def test_a_body_of_many_messages_is_refused_before_it_is_parsed() -> None:
+    raw = json.dumps({"model": "m", "messages": [{"role": "user"}] * 101}).encode()
+    with pytest.raises(InvalidRequest, match="more than 100 messages"):
+        parse_chat_body(raw, SETTINGS)
+    # "role" inside a string is escaped, so it does not count as a message.
+    text = json.dumps('{"role": "x"} ' * 200)
+    raw = b'{"model":"m","messages":[{"role":"user","content":' + text.encode() + b"}]}"
+    assert parse_chat_body(raw, Settings(max_messages=100)).messages[0].content
+
+
+def test_too_many_objects_or_arrays_are_refused_before_parsing() -> None:
+    raw = json.dumps(ok_body(x=[[]] * 200)).encode()
+    with pytest.raises(InvalidRequest, match="JSON objects/arrays"):
+        parse_chat_body(raw, Settings(max_json_containers=100))
