@@ -145,6 +145,7 @@ def service_env(redis_url: str, engine_url: str, **overrides: object) -> dict[st
         "LOG_LEVEL": "INFO",
         # Open by default in tests and benchmarks; the tenant tests turn keys on.
         "AUTH": "none",
+        "PASSTHROUGH_EXTRA": '["sim"]',  # the simulator's per-request knobs
         "WORKER_METRICS_PORT": "0",
         "REGISTRY_REFRESH_S": "0.2",
     }

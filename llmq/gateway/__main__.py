@@ -26,6 +26,10 @@ def main() -> None:
         http="httptools",
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # Open connections beyond this get 503 at once, so idle sockets cannot use up the
+        # process's file descriptors and lock everyone out.
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=5,
     )
     DrainingServer(config, state).run()
 

@@ -22,6 +22,7 @@ from llmq.shared.errors import InvalidRequest
 from llmq.shared.settings import Settings
 
 MAX_JSON_DEPTH = 32  # an OpenAI request needs ~8 (tools' JSON schemas a few more)
+_MAX_TOP_LOGPROBS = 20  # OpenAI's maximum
 
 
 def parse_chat_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
@@ -50,7 +51,43 @@ def parse_chat_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
             f"the messages hold {chars} characters; at most {settings.max_prompt_chars}",
             param="messages",
         )
+    check_bounds(req, settings)
     return req
+
+
+def check_bounds(req: ChatCompletionRequest, settings: Settings) -> None:
+    """What one request may ask of the engine: known fields only, bounded counts."""
+    allowed = settings.passthrough_fields | settings.passthrough_extra
+    for field in req.model_extra or {}:
+        if field not in allowed:
+            raise InvalidRequest(f"unsupported field {field!r}", param=field)
+    if req.n > settings.max_n:
+        raise InvalidRequest(f"n is at most {settings.max_n}", param="n")
+    top = (req.model_extra or {}).get("top_logprobs")
+    if top is not None and (not isinstance(top, int) or not 0 <= top <= _MAX_TOP_LOGPROBS):
+        raise InvalidRequest(f"top_logprobs is 0..{_MAX_TOP_LOGPROBS}", param="top_logprobs")
+    if not settings.allow_media:
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, list) and any(
+                isinstance(part, dict) and part.get("type") != "text" for part in m.content
+            ):
+                raise InvalidRequest(
+                    "only text parts are accepted here", param=f"messages.{i}.content"
+                )
+
+
+def check_max_tokens(req: ChatCompletionRequest, cap: int) -> None:
+    """max_tokens / max_completion_tokens / min_tokens within ``cap`` (0: no cap known)."""
+    if not cap:
+        return
+    extra = req.model_extra or {}
+    for name, value in (
+        ("max_tokens", req.max_tokens),
+        ("max_completion_tokens", req.max_completion_tokens),
+        ("min_tokens", extra.get("min_tokens")),
+    ):
+        if isinstance(value, int) and value > cap:
+            raise InvalidRequest(f"{name} is at most {cap} here", param=name)
 
 
 def precheck(raw: bytes, settings: Settings) -> None:

@@ -57,6 +57,11 @@ class WorkerRegistry:
         """Σ MAX_ACTIVE over live workers with a ready engine (serving ``model``)."""
         return sum(w.max_active for w in self.ready() if model is None or model in w.models)
 
+    def max_model_len(self, model: str) -> int:
+        """The smallest context length of the ready engines serving ``model`` (0: unknown)."""
+        lengths = [w.max_model_len for w in self.ready() if model in w.models and w.max_model_len]
+        return min(lengths, default=0)
+
     def models(self) -> list[str]:
         seen: dict[str, None] = {}
         for w in self.workers:

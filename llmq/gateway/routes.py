@@ -16,7 +16,7 @@ from starlette.types import Receive
 
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.auth import TenantDep
-from llmq.gateway.body import parse_chat_body
+from llmq.gateway.body import check_max_tokens, parse_chat_body
 from llmq.gateway.relay import JobRelay, Timings
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
@@ -68,6 +68,7 @@ async def _open_relay(
     band = band_for(body, tenant.band)
     spec = to_job_spec(body, job_id, tenant=tenant.name, band=band, tpm=tenant.tpm)
     capacity = st.admission.check_ready(spec.model)
+    check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
     sub = await st.subs.subscribe(job_id)  # before enqueue: pub/sub keeps no backlog
     relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
     try:

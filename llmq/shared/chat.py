@@ -29,7 +29,8 @@ class Message(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions`` body. Unknown fields are kept (``extra="allow"``)."""
+    """``POST /v1/chat/completions`` body. Other fields are kept (``extra="allow"``); the
+    gateway then refuses those outside its pass-through allow-list (gateway.body)."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -6,6 +6,7 @@
     │   ├── NotFound                  -> 404 not_found             (no such route)
     │   ├── MethodNotAllowed          -> 405 method_not_allowed
     │   ├── RequestTooLarge           -> 413 request_too_large
+    │   ├── HeadersTooLarge           -> 431 headers_too_large
     │   └── ModelNotFound             -> 404 model_not_found
     ├── Overloaded                    -> 429 + Retry-After
     │   ├── QueueFull                 ->     queue_full   (QUEUE_MODE=queue)
@@ -120,6 +121,11 @@ class MethodNotAllowed(InvalidRequest):
 class RequestTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+
+
+class HeadersTooLarge(InvalidRequest):
+    status = 431
+    code = "headers_too_large"
 
 
 class ModelNotFound(InvalidRequest):
@@ -251,6 +257,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         NotFound,
         MethodNotAllowed,
         RequestTooLarge,
+        HeadersTooLarge,
         ModelNotFound,
         QueueFull,
         ServerBusy,

@@ -226,7 +226,7 @@ class JobSpec(BaseModel):
     band: Band = Band.NORMAL
     tpm: int = 0  # the tenant's tokens-per-minute limit (the worker corrects the bucket)
     token_estimate: int = 0  # tokens taken from the tenant's bucket at admission
-    body: dict[str, Any]  # the request for the engine, unknown fields kept
+    body: dict[str, Any]  # the request for the engine, allowed pass-through fields kept
 
 
 class WorkerInfo(BaseModel):
@@ -241,6 +241,7 @@ class WorkerInfo(BaseModel):
     engine_ready: bool
     engine_url: str
     started_at: float
+    max_model_len: int = 0  # the engine's context length (0: not known)
 
     def to_hash(self) -> dict[str, str]:
         return {
@@ -251,6 +252,7 @@ class WorkerInfo(BaseModel):
             "engine_ready": "1" if self.engine_ready else "0",
             "engine_url": self.engine_url,
             "started_at": f"{self.started_at:.3f}",
+            "max_model_len": str(self.max_model_len),
         }
 
     @staticmethod
@@ -267,4 +269,5 @@ class WorkerInfo(BaseModel):
             engine_ready=h["engine_ready"] == "1",
             engine_url=h.get("engine_url", ""),
             started_at=float(h.get("started_at", "0")),
+            max_model_len=int(h.get("max_model_len", "0")),
         )

@@ -15,6 +15,39 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENGINE_PROBE_TIMEOUT_S = 2.0
 
+# Request fields passed on to the engine by default: OpenAI's sampling and output options,
+# and vLLM's per-request sampling extensions. Not here, so refused with a 400: fields that
+# reach beyond one request or the engine's configuration (kv_transfer_params, request_id,
+# chat_template, chat_template_kwargs, priority, cache_salt, mm_processor_kwargs, ...) and
+# regex/grammar decoding (a pathological regex can stall the engine).
+DEFAULT_PASSTHROUGH = (
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "seed",
+    "stop",
+    "user",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "metadata",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "length_penalty",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "min_tokens",
+    "ignore_eos",
+    "guided_json",
+    "guided_choice",
+)
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Environment variable = field name in upper case."""
@@ -45,10 +78,25 @@ class Settings(BaseSettings):
     )
     docs_enabled: bool = Field(False, description="serve /docs and /openapi.json")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_connections: int = Field(
+        1000, ge=10, le=1_000_000, description="open connections per gateway process (503)"
+    )
     max_messages: int = Field(2048, ge=1, le=1_000_000, description="messages per request")
     max_json_containers: int = Field(
         50_000, ge=100, description="'{' and '[' in one body, strings included"
     )
+    passthrough_fields: frozenset[str] = Field(
+        frozenset(DEFAULT_PASSTHROUGH),
+        description="request fields passed on to the engine besides the ones the gateway reads",
+    )
+    passthrough_extra: frozenset[str] = Field(
+        frozenset(), description="more fields to pass on (e.g. a test engine's knobs)"
+    )
+    max_n: int = Field(1, ge=1, le=16, description="choices per request (n)")
+    max_tokens_cap: int = Field(
+        0, ge=0, description="cap on max_tokens; 0: the engine's max_model_len"
+    )
+    allow_media: bool = Field(False, description="accept image/audio parts in messages")
     max_prompt_chars: int = Field(
         2_000_000, ge=1, description="characters in all messages of one request"
     )

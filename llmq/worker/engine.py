@@ -69,12 +69,15 @@ class EngineClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def models(self) -> list[str] | None:
-        """Served model ids, or None when the engine does not answer (not ready)."""
+    async def models(self) -> list[tuple[str, int]] | None:
+        """Served models as (id, max_model_len; 0 when not said), or None when the engine
+        does not answer (not ready)."""
         try:
             resp = await self._http.get("/v1/models", timeout=ENGINE_PROBE_TIMEOUT_S)
             resp.raise_for_status()
-            return [m["id"] for m in resp.json().get("data", [])]
+            return [
+                (m["id"], int(m.get("max_model_len") or 0)) for m in resp.json().get("data", [])
+            ]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             logger.debug("engine probe failed: %s", exc)
             return None

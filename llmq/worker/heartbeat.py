@@ -35,7 +35,9 @@ async def probe_engine(rt: Runtime) -> None:
     if ready != rt.engine_ready:
         logger.info("engine at %s is %s", rt.engine.base_url, "ready" if ready else "NOT ready")
     rt.engine_ready = ready
-    rt.models = tuple(models or rt.models)
+    if models:
+        rt.models = tuple(name for name, _ in models)
+        rt.max_model_len = max(length for _, length in models)
     rt.metrics.engine_up.set(1 if ready else 0)
 
 
@@ -48,6 +50,7 @@ async def write_heartbeat(rt: Runtime) -> None:
         active=rt.active,
         models=rt.models,
         engine_ready=rt.engine_ready,
+        max_model_len=rt.max_model_len,
         engine_url=rt.engine.base_url,
         started_at=rt.started_at,
     )

@@ -42,6 +42,7 @@ class Runtime:
     metrics: WorkerMetrics
     active: int = 0
     models: tuple[str, ...] = ()
+    max_model_len: int = 0  # the engine's context length, as /v1/models says
     engine_ready: bool = False
     # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
     unreleased: dict[str, JobSpec] = field(default_factory=dict)

@@ -117,3 +117,14 @@ def test_hostile_bodies_are_400_and_enqueue_nothing(
     assert rdb.zcard("llmq:admitted") == 0
     assert sim_stats(sim.url)["requests"] == 0
     assert " ERROR " not in gw.output(), "a client's bad body is not a server error"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"x-big": "a" * 65536}, {f"x-h{i}": "1" for i in range(200)}],
+    ids=["64KiB-header", "200-headers"],
+)
+def test_oversized_headers_are_431(gw, headers: dict[str, str]) -> None:
+    resp = _post(gw, json=body(stream=False), headers=headers)
+    assert resp.status_code == 431
+    assert _error(resp)["code"] == "headers_too_large"

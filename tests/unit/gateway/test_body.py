@@ -7,7 +7,7 @@ import json
 import pytest
 from fastapi.exceptions import RequestValidationError
 
-from llmq.gateway.body import MAX_JSON_DEPTH, parse_chat_body
+from llmq.gateway.body import MAX_JSON_DEPTH, check_max_tokens, parse_chat_body
 from llmq.shared.errors import InvalidRequest
 from llmq.shared.settings import Settings
 
@@ -92,3 +92,49 @@ def test_too_many_objects_or_arrays_are_refused_before_parsing() -> None:
     raw = json.dumps(ok_body(x=[[]] * 200)).encode()
     with pytest.raises(InvalidRequest, match="JSON objects/arrays"):
         parse_chat_body(raw, Settings(max_json_containers=100))
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"kv_transfer_params": {}}, "kv_transfer_params"),
+        ({"request_id": "x"}, "request_id"),
+        ({"chat_template": "{{ x }}"}, "chat_template"),
+        ({"priority": -100}, "priority"),
+        ({"guided_regex": "(a+)+$"}, "guided_regex"),
+        ({"n": 16}, "n"),
+        ({"logprobs": True, "top_logprobs": 1_000_000}, "top_logprobs"),
+    ],
+)
+def test_fields_beyond_one_request_or_unbounded_are_400(
+    extra: dict[str, object], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(ok_body(**extra))
+    assert info.value.param == param
+
+
+def test_allowed_fields_pass_and_media_needs_a_setting() -> None:
+    assert parse(ok_body(top_k=5, seed=1, stop=["x"], logprobs=True, top_logprobs=5))
+    image = {
+        "model": "m",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/"}}],
+            }
+        ],
+    }
+    with pytest.raises(InvalidRequest) as info:
+        parse(image)
+    assert info.value.param == "messages.0.content"
+    assert parse_chat_body(json.dumps(image).encode(), Settings(allow_media=True))
+
+
+def test_max_tokens_are_capped_by_the_engine_context() -> None:
+    req = parse(ok_body(max_tokens=10**12))
+    with pytest.raises(InvalidRequest) as info:
+        check_max_tokens(req, 2048)  # type: ignore[arg-type]
+    assert info.value.param == "max_tokens"
+    check_max_tokens(parse(ok_body(max_tokens=100)), 2048)  # type: ignore[arg-type]
+    check_max_tokens(req, 0)  # type: ignore[arg-type]  # no cap known: the engine decides

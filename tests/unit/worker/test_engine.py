@@ -65,6 +65,7 @@ async def test_unreachable_engine_is_unavailable() -> None:
     assert await client(refuse).models() is None
 
 
-async def test_models_lists_ids() -> None:
-    c = client(lambda r: httpx.Response(200, json={"data": [{"id": "m1"}, {"id": "m2"}]}))
-    assert await c.models() == ["m1", "m2"]
+async def test_models_lists_ids_and_context_lengths() -> None:
+    data = {"data": [{"id": "m1", "max_model_len": 2048}, {"id": "m2"}]}
+    c = client(lambda r: httpx.Response(200, json=data))
+    assert await c.models() == [("m1", 2048), ("m2", 0)]
