@@ -20,18 +20,11 @@ from llmq.shared.errors import (
 from llmq.shared.protocol import JobSpec, WorkerInfo
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
+from tests.support.records import worker_info
 
 
 def worker(wid: str, ready: bool = True, slots: int = 2, models=("m",)) -> WorkerInfo:
-    return WorkerInfo(
-        worker_id=wid,
-        max_active=slots,
-        active=0,
-        models=models,
-        engine_ready=ready,
-        engine_url="",
-        started_at=0,
-    )
+    return worker_info(wid, max_active=slots, models=models, engine_ready=ready)
 
 
 def admission(store: Store, workers: list[WorkerInfo], **settings) -> Admission:

@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 
 from llmq.gateway.app import build_state, create_app
-from llmq.shared.protocol import WorkerInfo
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
+from tests.support.records import worker_info
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -32,15 +32,7 @@ def client(server: fakeredis.FakeServer) -> Iterator[TestClient]:
 
 
 def add_worker(client: TestClient, server: fakeredis.FakeServer) -> None:
-    info = WorkerInfo(
-        worker_id="w",
-        max_active=1,
-        active=0,
-        models=("m",),
-        engine_ready=True,
-        engine_url="",
-        started_at=time.time(),
-    )
+    info = worker_info(max_active=1, started_at=time.time())
 
     async def beat() -> None:
         await Store(fakeredis.FakeAsyncRedis(server=server)).heartbeat(info, ttl_s=30)

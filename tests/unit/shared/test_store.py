@@ -13,6 +13,7 @@ import time
 from llmq.shared import protocol as p
 from llmq.shared.errors import ServiceError, WorkerLost
 from llmq.shared.store import AdmitStatus, Store
+from tests.support.records import worker_info
 
 PAST = 1  # a deadline long gone (ms since the epoch)
 
@@ -98,15 +99,7 @@ async def test_queue_depth_counts_only_waiting_jobs(store: Store, fake_redis) ->
 
 
 async def test_heartbeats_expire_and_workers_can_leave(store: Store, fake_redis) -> None:
-    info = p.WorkerInfo(
-        worker_id="w1",
-        max_active=4,
-        active=1,
-        models=("m",),
-        engine_ready=True,
-        engine_url="http://e",
-        started_at=1.0,
-    )
+    info = worker_info("w1", max_active=4, active=1)
     await store.heartbeat(info, ttl_s=30)
     await store.heartbeat(info.model_copy(update={"worker_id": "w2"}), ttl_s=30)
     assert {w.worker_id for w in await store.live_workers()} == {"w1", "w2"}
@@ -131,15 +124,7 @@ async def test_pick_skips_running_and_expired_jobs(store: Store, fake_redis) -> 
 
 
 def _worker(worker_id: str) -> p.WorkerInfo:
-    return p.WorkerInfo(
-        worker_id=worker_id,
-        max_active=2,
-        active=1,
-        models=("m",),
-        engine_ready=True,
-        engine_url="http://e",
-        started_at=1.0,
-    )
+    return worker_info(worker_id, active=1)
 
 
 async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(

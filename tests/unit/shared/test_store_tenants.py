@@ -7,6 +7,7 @@ import time
 
 from llmq.shared import protocol as p
 from llmq.shared.store import AdmitStatus, Store, TenantLimits
+from tests.support.records import worker_info
 
 HIGH, NORMAL, LOW = p.Band.HIGH, p.Band.NORMAL, p.Band.LOW
 
@@ -112,15 +113,7 @@ async def test_within_a_band_the_key_served_least_recently_goes_first(store: Sto
 async def test_reaper_gives_back_the_dead_workers_places_per_key(store: Store, fake_redis) -> None:
     s = spec("d0")
     assert await admit(store, s, max_concurrent=1) == AdmitStatus.ADMITTED
-    info = p.WorkerInfo(
-        worker_id="dead",
-        max_active=1,
-        active=1,
-        models=("m",),
-        engine_ready=True,
-        engine_url="",
-        started_at=0.0,
-    )
+    info = worker_info("dead", max_active=1, active=1)
     await store.heartbeat(info, ttl_s=30)
     await store.mark_started(s, "dead", hold_s=300)
     await fake_redis.zadd(p.WORKERS, {"dead": 1})
