@@ -8,27 +8,17 @@ Redis' clock), not by sleeping past it.
 from __future__ import annotations
 
 import json
-import time
 
 from llmq.shared import protocol as p
 from llmq.shared.errors import ServiceError, WorkerLost
 from llmq.shared.store import AdmitStatus, Store
-from tests.support.records import worker_info
+from tests.support.records import job_spec, worker_info
 
 PAST = 1  # a deadline long gone (ms since the epoch)
 
 
-def spec(job_id: str, tenant: str = p.ANONYMOUS, band: p.Band = p.Band.NORMAL) -> p.JobSpec:
-    return p.JobSpec(
-        id=job_id,
-        model="m",
-        stream=True,
-        include_usage=False,
-        enqueued_at_ms=int(time.time() * 1000),
-        tenant=tenant,
-        band=band,
-        body={"model": "m"},
-    )
+def spec(job_id: str) -> p.JobSpec:
+    return job_spec(job_id)
 
 
 async def test_admit_enqueues_json_job_until_the_limit(store: Store, fake_redis) -> None:

@@ -3,11 +3,9 @@ admit script, token buckets corrected at release, priority bands and fair pickin
 
 from __future__ import annotations
 
-import time
-
 from llmq.shared import protocol as p
 from llmq.shared.store import AdmitStatus, Store, TenantLimits
-from tests.support.records import worker_info
+from tests.support.records import job_spec, worker_info
 
 HIGH, NORMAL, LOW = p.Band.HIGH, p.Band.NORMAL, p.Band.LOW
 
@@ -15,18 +13,7 @@ HIGH, NORMAL, LOW = p.Band.HIGH, p.Band.NORMAL, p.Band.LOW
 def spec(
     job_id: str, tenant: str = "a", band: p.Band = NORMAL, tpm: int = 0, estimate: int = 0
 ) -> p.JobSpec:
-    return p.JobSpec(
-        id=job_id,
-        model="m",
-        stream=True,
-        include_usage=False,
-        enqueued_at_ms=int(time.time() * 1000),
-        tenant=tenant,
-        band=band,
-        tpm=tpm,
-        token_estimate=estimate,
-        body={"model": "m"},
-    )
+    return job_spec(job_id, tenant=tenant, band=band, tpm=tpm, token_estimate=estimate)
 
 
 async def admit(store: Store, s: p.JobSpec, limit: int = 100, **tenant: int) -> AdmitStatus | int:
