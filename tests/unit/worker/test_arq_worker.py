@@ -111,14 +111,14 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
 ) -> None:
     picked: list[int] = []
 
-    async def waiting_jobs(limit: int) -> list[bytes]:
+    async def pick_jobs(limit: int) -> list[bytes]:
         picked.append(limit)
         return []
 
     async def nothing() -> None:
         return None
 
-    monkeypatch.setattr(worker.runtime.store, "pick_jobs", waiting_jobs)
+    monkeypatch.setattr(worker.runtime.store, "pick_jobs", pick_jobs)
     monkeypatch.setattr(worker, "_cancel_aborted_jobs", nothing)
     monkeypatch.setattr(worker, "heart_beat", nothing)
     worker._wake_event.clear()
