@@ -7,6 +7,11 @@ limit, at most 2048 messages). Measures a small non-streamed request's latency a
 while a client posts ``--big`` bodies of 7 MB holding 400k messages one after another (each
 answered 400 at the edge). Prints p50 / max of the small requests in both runs and the
 difference (goal: a 7 MB body delays a concurrent small request by at most 100 ms).
+
+Then the connection bounds: the gateway's RSS after ``--heads`` connections each send 1 MiB
+of one never-finished header (refused 431 at 32 KiB), and ``--idle`` connections opened and
+left silent: how long until the gateway has closed them all (CLIENT_HEAD_TIMEOUT_S, here 2 s)
+and a small request is served again.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import tempfile
 import time
@@ -58,6 +64,54 @@ async def measure(url: str, big: int, small: int) -> tuple[list[float], list[flo
     return alone, during, codes
 
 
+def _rss_mib(proc: Proc) -> float:
+    for line in Path(f"/proc/{proc.popen.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _half_sent_header(port: int, mib: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    try:
+        for _ in range(mib * 16):
+            writer.write(b"a" * 65536)
+            await writer.drain()
+    except OSError:
+        pass  # refused and closed while we were still sending
+    answer = await reader.read(200)
+    writer.close()
+    return answer.split(b"\r\n", 1)[0]
+
+
+async def connections(gw: Proc, heads: int, idle: int) -> None:
+    before = _rss_mib(gw)
+    answers = await asyncio.gather(*(_half_sent_header(gw.port, 1) for _ in range(heads)))
+    print(
+        f"{heads} half-sent 1 MiB headers: answered {sorted(set(answers))}, "
+        f"gateway RSS {before:.0f} -> {_rss_mib(gw):.0f} MiB"
+    )
+    socks = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(idle)]
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=5) as client:
+        statuses = []
+        while time.perf_counter() - started < 30:
+            resp = await client.post(gw.url + "/v1/chat/completions", json=SMALL)
+            statuses.append(resp.status_code)
+            if resp.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+    served_after = time.perf_counter() - started
+    closed = sum(1 for s in socks if s.recv(4096, socket.MSG_PEEK))
+    for s in socks:
+        s.close()
+    print(
+        f"{idle} idle connections: small requests got {sorted(set(statuses))}, served "
+        f"{served_after:.2f} s after they opened; {closed}/{idle} were answered and closed"
+    )
+
+
 def _ms(values: list[float]) -> str:
     return f"p50 {statistics.median(values) * 1000:6.1f} ms  max {max(values) * 1000:6.1f} ms"
 
@@ -66,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--big", type=int, default=5)
     ap.add_argument("--small", type=int, default=40)
+    ap.add_argument("--heads", type=int, default=10)
+    ap.add_argument("--idle", type=int, default=1100)
     a = ap.parse_args(argv)
     procs: list[Proc] = []
     with tempfile.TemporaryDirectory(prefix="llmq-hostile-") as tmp:
@@ -74,11 +130,17 @@ def main(argv: list[str] | None = None) -> None:
             redis = start_redis(logdir)
             sim = start_sim(logdir)
             procs += [redis, sim]
-            env = service_env(f"redis://127.0.0.1:{redis.port}/0", sim.url, log_level="WARNING")
+            env = service_env(
+                f"redis://127.0.0.1:{redis.port}/0",
+                sim.url,
+                log_level="WARNING",
+                client_head_timeout_s=2,
+            )
             procs.append(start_worker(logdir, env))
             gw = start_gateway(logdir, env)
             procs.append(gw)
             alone, during, codes = asyncio.run(measure(gw.url, a.big, a.small))
+            asyncio.run(connections(gw, a.heads, a.idle))
         finally:
             for p in reversed(procs):
                 p.kill()

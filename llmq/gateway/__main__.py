@@ -6,6 +6,7 @@ from __future__ import annotations
 import uvicorn
 
 from llmq.gateway.app import build_state, create_app
+from llmq.gateway.http import guarded_protocol
 from llmq.gateway.server import DrainingServer
 from llmq.shared import logs
 from llmq.shared.settings import load_settings
@@ -23,11 +24,11 @@ def main() -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(settings),  # httptools with head size and time limits
         lifespan="on",
         timeout_graceful_shutdown=5,
-        # Open connections beyond this get 503 at once, so idle sockets cannot use up the
-        # process's file descriptors and lock everyone out.
+        # Open connections beyond this get 503 at once; with the protocol's head deadline,
+        # idle sockets cannot use up the process's file descriptors and lock everyone out.
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=5,
     )

@@ -19,16 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmq.gateway.state import GatewayState
 from llmq.shared.chat import new_job_id
-from llmq.shared.errors import HeadersTooLarge, RequestTooLarge, ServiceError
+from llmq.shared.errors import RequestTooLarge, ServiceError
 
 logger = logging.getLogger(__name__)
-
-# What an OpenAI client sends is a few hundred bytes of headers. (The HTTP parser, httptools,
-# has no limit of its own: this bounds what reaches the app, not what a slow client may
-# have the parser buffer.)
-_MAX_HEADERS = 100
-_MAX_HEADER_BYTES = 32 * 1024
-_HEADERS_MESSAGE = f"at most {_MAX_HEADERS} headers of {_MAX_HEADER_BYTES} bytes in all"
 
 
 def _route(scope: Scope) -> str:
@@ -79,12 +72,8 @@ class GatewayMiddleware:
             return message
 
         try:
-            headers = scope.get("headers") or []
-            if len(headers) > _MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > (
-                _MAX_HEADER_BYTES
-            ):
-                await _send_json(send_with_id, HeadersTooLarge(_HEADERS_MESSAGE))
-            elif _declared_length(scope) > limit:
+            # Header size and count are bounded before this, by the HTTP protocol (http.py).
+            if _declared_length(scope) > limit:
                 await _send_json(send_with_id, RequestTooLarge(_too_large(limit)))
             else:
                 await self.app(scope, receive_limited, send_with_id)

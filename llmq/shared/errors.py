@@ -128,6 +128,13 @@ class HeadersTooLarge(InvalidRequest):
     code = "headers_too_large"
 
 
+class ClientTimeout(InvalidRequest):
+    """The client did not send its request's head or body in time (the connection closes)."""
+
+    status = 408
+    code = "client_timeout"
+
+
 class ModelNotFound(InvalidRequest):
     status = 404
     code = "model_not_found"

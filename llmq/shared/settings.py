@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1000, ge=10, le=1_000_000, description="open connections per gateway process (503)"
     )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, le=1024 * 1024, description="request line + headers (431)"
+    )
+    max_headers: int = Field(100, ge=10, le=10_000, description="headers per request (431)")
+    client_head_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="a connection's request head must arrive within (408)"
+    )
+    client_body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="a request body must arrive within, after its head"
+    )
     max_messages: int = Field(2048, ge=1, le=1_000_000, description="messages per request")
     max_json_containers: int = Field(
         50_000, ge=100, description="'{' and '[' in one body, strings included"
