@@ -190,8 +190,11 @@ def engine_paths() -> tuple[Path, Path]:
     return python, model
 
 
-def spawn_vllm(logdir: Path, *, max_model_len: int, max_num_seqs: int) -> Proc:
-    """Start vLLM's CPU build serving the bundled model (float32, eager: quick to start)."""
+def spawn_vllm(
+    logdir: Path, *, max_model_len: int, max_num_seqs: int, api_key: str | None = None
+) -> Proc:
+    """Start vLLM's CPU build serving the bundled model (float32, eager: quick to start);
+    with ``api_key``, its /v1 routes need it (vLLM reads VLLM_API_KEY)."""
     python, model = engine_paths()
     port = free_port()
     args = vllm_argv(
@@ -202,4 +205,5 @@ def spawn_vllm(logdir: Path, *, max_model_len: int, max_num_seqs: int) -> Proc:
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
     )
-    return spawn("vllm", args, logdir, vllm_env("1"), port)
+    env = {**vllm_env("1"), **({"VLLM_API_KEY": api_key} if api_key else {})}
+    return spawn("vllm", args, logdir, env, port)

@@ -31,9 +31,9 @@ def sdk() -> Iterator[Callable[[str], openai.OpenAI]]:
     """openai SDK clients by gateway/engine base URL, closed after the test."""
     clients: list[openai.OpenAI] = []
 
-    def make(url: str) -> openai.OpenAI:
+    def make(url: str, api_key: str = "unused") -> openai.OpenAI:
         clients.append(
-            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
         )
         return clients[-1]
 

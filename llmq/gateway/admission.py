@@ -42,7 +42,7 @@ class Admission:
         """Capacity for ``model``; raises 503 when no engine is ready, 404 for unknown models."""
         reg = self._registry
         if not reg.redis_ok:
-            raise QueueUnavailable("the job queue is unreachable; retry")
+            raise QueueUnavailable.because(reg.redis_error)
         if not reg.ready():
             raise EngineUnavailable("no live worker with a ready engine; try again shortly")
         if model not in reg.models():

@@ -37,12 +37,14 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout_s,
         socket_keepalive=True,
+        **settings.redis_auth(),
     )
     redis = redis or Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         socket_keepalive=True,
+        **settings.redis_auth(),
     )
     store = Store(redis)
     metrics = GatewayMetrics()

@@ -55,7 +55,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("Redis error on %s: %s", request.url.path, exc)
-    return await _service_error(request, QueueUnavailable("the job queue is unreachable; retry"))
+    return await _service_error(request, QueueUnavailable.because(exc))
 
 
 def install(app: FastAPI) -> None:

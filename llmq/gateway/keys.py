@@ -84,7 +84,11 @@ async def run(a: argparse.Namespace, store: KeyStore) -> int:
 
 async def _main(a: argparse.Namespace) -> int:
     settings = load_settings()
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        **settings.redis_auth(),
+    )
     try:
         return await run(a, KeyStore(redis))
     except KeyExists as exc:

@@ -30,6 +30,7 @@ class WorkerRegistry:
         self._refresh_s = refresh_s
         self.workers: list[WorkerInfo] = []
         self.redis_ok = False
+        self.redis_error: RedisError | None = None  # the last refresh's, while not redis_ok
         self.updated_at = 0.0
 
     async def refresh(self) -> None:
@@ -37,11 +38,13 @@ class WorkerRegistry:
             log_reaped(logger, *await self._store.reap())
             self.workers = await self._store.live_workers()
             self.redis_ok = True
+            self.redis_error = None
         except RedisError as exc:
             stop_if_cancelled()
             if self.redis_ok:
                 logger.warning("cannot read worker heartbeats: %s", exc)
             self.redis_ok = False
+            self.redis_error = exc
             self.workers = []
         self.updated_at = time.monotonic()
 

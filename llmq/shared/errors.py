@@ -7,6 +7,7 @@
     │   ├── MethodNotAllowed          -> 405 method_not_allowed
     │   ├── RequestTooLarge           -> 413 request_too_large
     │   ├── HeadersTooLarge           -> 431 headers_too_large
+    │   ├── ClientTimeout             -> 408 client_timeout (head or body not sent in time)
     │   └── ModelNotFound             -> 404 model_not_found
     ├── Overloaded                    -> 429 + Retry-After
     │   ├── QueueFull                 ->     queue_full   (QUEUE_MODE=queue)
@@ -16,7 +17,7 @@
     ├── Unavailable                   -> 503 + Retry-After
     │   ├── EngineUnavailable         ->     engine_unavailable
     │   ├── QueueTimeout              ->     queue_timeout
-    │   ├── QueueUnavailable          ->     queue_unavailable (Redis unreachable)
+    │   ├── QueueUnavailable          ->     queue_unavailable (Redis unreachable or full)
     │   └── ShuttingDown              ->     shutting_down (gateway draining)
     ├── StreamInterrupted             -> 502 stream_interrupted (events lost between worker
     │                                        and gateway: a sequence gap)
@@ -181,6 +182,15 @@ class QueueUnavailable(Unavailable):
     code = "queue_unavailable"
     retry_after_s = 2
 
+    @classmethod
+    def because(cls, exc: BaseException | None) -> QueueUnavailable:
+        """The answer for a Redis error: full (maxmemory reached: writes are refused with
+        "OOM command not allowed when used memory > 'maxmemory'", which redis-py raises as
+        ``OutOfMemoryError`` without the OOM prefix) or unreachable."""
+        if exc is not None and "'maxmemory'" in str(exc):
+            return cls("the job queue is full (Redis reached its memory limit); retry")
+        return cls("the job queue is unreachable; retry")
+
 
 class ShuttingDown(Unavailable):
     code = "shutting_down"
@@ -265,6 +275,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         MethodNotAllowed,
         RequestTooLarge,
         HeadersTooLarge,
+        ClientTimeout,
         ModelNotFound,
         QueueFull,
         ServerBusy,

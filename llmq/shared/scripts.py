@@ -42,13 +42,17 @@ end
 # admitted, 0 global bound reached, -1 duplicate id, 2 tenant concurrency, 3 rpm, 4 tpm.
 # Per-key limits are checked first (the tenant's own), then the global bound; tokens are
 # taken from the buckets only when the job is admitted.
+# Nothing is written before the decision, and the first write (a bucket HSET or a ZADD) is
+# one that Redis refuses when over maxmemory. Redis refuses a script's first write whole,
+# but lets every later one through, so a full Redis refuses admissions (503) with nothing
+# written. (The expired-place cleanup used to come first: that deletion let admissions grow
+# a full Redis without bound.) Expired places are not counted, and removed after the ZADDs.
 ADMIT = (
     NOW
     + _BUCKET
     + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-local n = redis.call('ZCARD', KEYS[1])
+local live = '(' .. now
+local n = redis.call('ZCOUNT', KEYS[1], live, '+inf')
 local rpm, tpm, cost = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local r_ok, r_left, r_wait, r_reset = bucket(KEYS[5], rpm, 1, false)
 local t_ok, t_left, t_wait, t_reset = bucket(KEYS[6], tpm, cost, false)
@@ -56,7 +60,7 @@ local function answer(status, retry)
   return {status, n, r_left, r_reset, t_left, t_reset, retry}
 end
 local maxc = tonumber(ARGV[9])
-if maxc > 0 and redis.call('ZCARD', KEYS[4]) >= maxc then return answer(2, 0) end
+if maxc > 0 and redis.call('ZCOUNT', KEYS[4], live, '+inf') >= maxc then return answer(2, 0) end
 if r_ok == 0 then return answer(3, r_wait) end
 if t_ok == 0 then return answer(4, t_wait) end
 if n >= tonumber(ARGV[1]) then return answer(0, 0) end
@@ -66,6 +70,8 @@ t_ok, t_left, t_wait, t_reset = bucket(KEYS[6], tpm, cost, true)
 local deadline = now + tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], deadline, ARGV[5])
 redis.call('ZADD', KEYS[4], deadline, ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
 redis.call('ZADD', KEYS[8], ARGV[6], ARGV[5])

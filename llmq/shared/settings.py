@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,12 +49,20 @@ DEFAULT_PASSTHROUGH = (
 )
 
 
+class RedisAuth(TypedDict, total=False):
+    username: str
+    password: str
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Environment variable = field name in upper case."""
 
     model_config = SettingsConfigDict(case_sensitive=False, frozen=True, extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis ACL user and password; kept out of REDIS_URL so no URL carries a secret.
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None  # never printed
     redis_timeout_s: float = Field(
         1.0, gt=0, le=60, description="bound on one Redis command (a frozen Redis: 503 fast)"
     )
@@ -140,6 +148,16 @@ class Settings(BaseSettings):
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return url
+
+    def redis_auth(self) -> RedisAuth:
+        """redis-py's ``username``/``password`` keywords, when set (a password in REDIS_URL
+        itself takes precedence, as redis-py merges the URL over them)."""
+        auth: RedisAuth = {}
+        if self.redis_username:
+            auth["username"] = self.redis_username
+        if self.redis_password is not None:
+            auth["password"] = self.redis_password.get_secret_value()
+        return auth
 
     @property
     def heartbeat_ttl_s(self) -> float:

@@ -37,6 +37,7 @@ def build_worker(
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
             socket_keepalive=True,
+            **settings.redis_auth(),
         ),
         job_serializer=protocol.json_dumps,
         job_deserializer=protocol.json_loads,

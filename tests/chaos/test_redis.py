@@ -104,3 +104,36 @@ def test_frozen_redis_gets_bounded_answers_and_recovers(
     assert worker.alive(), worker.output()[-2000:]
     assert gw.alive(), gw.output()[-2000:]
     assert sim_stats(sim.url)["requests"] >= 2
+
+
+def test_full_redis_refuses_new_requests_with_503_and_recovers(
+    own_stack: Stack, own_redis: OwnRedis
+) -> None:
+    """maxmemory reached (noeviction, as compose runs it): Redis refuses writes, so a new
+    request is a 503 with nothing enqueued, the processes carry on, and service resumes once
+    there is room."""
+    worker = own_stack.worker()
+    gw = own_stack.gateway()
+    rdb = redis.Redis(port=own_redis.proc.port)
+    assert httpx.post(gw.url + "/v1/chat/completions", json=body(stream=False)).status_code == 200
+    rdb.config_set("maxmemory", 1)  # whatever is stored now is over the bound
+    try:
+        for payload in (body(stream=False), body()):
+            resp = httpx.post(gw.url + "/v1/chat/completions", json=payload, timeout=30)
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "queue_unavailable"
+            assert "memory limit" in resp.json()["error"]["message"]
+            assert resp.headers["retry-after"]
+        assert rdb.zcard("llmq:queue") == 0
+        assert rdb.zcard("llmq:admitted") == 0
+    finally:
+        rdb.config_set("maxmemory", 0)
+
+    async def recovered() -> float:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await _first_200_after(c, gw.url)
+
+    asyncio.run(recovered())
+    assert worker.alive(), worker.output()[-2000:]
+    assert gw.alive(), gw.output()[-2000:]
+    assert " ERROR " not in gw.output(), "a full Redis is a 503, not a server error"

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from tests.support.stack import (
+    E2E_ENGINE_KEY,
     E2E_MAX_MODEL_LEN,
     Proc,
     Stack,
@@ -22,6 +23,9 @@ from tests.support.stack import (
     spawn_vllm,
     wait_for,
 )
+
+ENGINE_KEY = E2E_ENGINE_KEY
+ENGINE_AUTH = {"Authorization": f"Bearer {ENGINE_KEY}"}
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +37,13 @@ def vllm(logdir: Path) -> Iterator[Proc]:
             "which installs both",
             pytrace=False,
         )
-    proc = spawn_vllm(logdir, max_model_len=E2E_MAX_MODEL_LEN, max_num_seqs=8)
+    proc = spawn_vllm(logdir, max_model_len=E2E_MAX_MODEL_LEN, max_num_seqs=8, api_key=ENGINE_KEY)
     try:
         wait_for(
-            lambda: proc.alive() and httpx.get(proc.url + "/v1/models").status_code == 200,
+            lambda: (
+                proc.alive()
+                and httpx.get(proc.url + "/v1/models", headers=ENGINE_AUTH).status_code == 200
+            ),
             600,
             "vLLM to serve the model",
         )
@@ -51,7 +58,12 @@ def vllm(logdir: Path) -> Iterator[Proc]:
 def stack(
     redis_server: Proc, vllm: Proc, rdb: redis.Redis, logdir: Path, request: pytest.FixtureRequest
 ) -> Iterator[Stack]:
-    s = Stack(f"redis://127.0.0.1:{redis_server.port}/0", vllm.url, logdir)
+    s = Stack(
+        f"redis://127.0.0.1:{redis_server.port}/0",
+        vllm.url,
+        logdir,
+        worker_settings={"vllm_api_key": ENGINE_KEY},
+    )
     yield s
     s.close()
     dump_logs_on_failure(request, s.procs)

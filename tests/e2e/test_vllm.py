@@ -17,6 +17,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.support.clients import assert_drained, stream_chat
 from tests.support.stack import BUNDLED_MODEL as MODEL
+from tests.support.stack import E2E_ENGINE_KEY as ENGINE_KEY
 from tests.support.stack import E2E_MAX_MODEL_LEN as MAX_MODEL_LEN
 from tests.support.stack import ROOT, Proc, Stack, engine_paths, wait_for
 
@@ -34,7 +35,10 @@ def running(vllm: Proc) -> float:
     return sum(float(v) for v in values)
 
 
-def test_models_lists_the_served_model(stack: Stack, sdk) -> None:
+def test_models_lists_the_served_model(stack: Stack, vllm: Proc, sdk) -> None:
+    """vLLM runs with an API key (as compose runs it): refused without it, so the model
+    listed through the gateway proves the worker sends VLLM_API_KEY."""
+    assert httpx.get(vllm.url + "/v1/models").status_code == 401
     stack.worker()
     gw = stack.gateway()
     assert [m.id for m in sdk(gw.url).models.list().data] == [MODEL]
@@ -44,7 +48,7 @@ def test_usage_through_the_gateway_equals_vllm_direct(stack: Stack, vllm: Proc, 
     stack.worker()
     gw = stack.gateway()
     ask = {"model": MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0}
-    direct = sdk(vllm.url).chat.completions.create(**ask)
+    direct = sdk(vllm.url, ENGINE_KEY).chat.completions.create(**ask)
     via = sdk(gw.url).chat.completions.create(**ask)
     assert via.usage == direct.usage
     assert via.choices[0].message.content == direct.choices[0].message.content

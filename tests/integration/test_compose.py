@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -18,16 +22,28 @@ from tests.support.stack import ROOT
 COMPOSE = ROOT / "compose/docker-compose.yaml"
 ENV_EXAMPLE = ROOT / "compose/.env.example"
 SCHEMA = ROOT / "compose/schema/compose-spec.json"
+SECRETS = (
+    "REDIS_ADMIN_PASSWORD",
+    "REDIS_GATEWAY_PASSWORD",
+    "REDIS_WORKER_PASSWORD",
+    "VLLM_API_KEY",
+    "GRAFANA_ADMIN_PASSWORD",
+)
 _VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])((?:[^{}]|\{[^}]*\})*))?\}")
 
 
-def env_example() -> dict[str, str]:
+def env_file(path: Path = ENV_EXAMPLE) -> dict[str, str]:
     out = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition("=")
             out[key.strip()] = value.strip()
     return out
+
+
+def env_example() -> dict[str, str]:
+    """.env.example with its (empty) secrets filled, as secrets.sh fills them."""
+    return {**env_file(), **{name: f"test-{name.lower().replace('_', '-')}" for name in SECRETS}}
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
@@ -103,8 +119,8 @@ def test_the_expected_services_with_restart_policies() -> None:
     }
     assert all(s.get("restart") for s in services.values())
     assert services["open-webui"]["profiles"] == ["webui"]
-    assert services["grafana"]["ports"] == ["9091:3000"]
-    assert services["gateway"]["ports"] == ["8080:8080"]
+    assert services["grafana"]["ports"] == ["127.0.0.1:9091:3000"]
+    assert services["gateway"]["ports"] == ["0.0.0.0:8080:8080"]
     assert "--appendfsync" in services["redis"]["command"]
     assert "noeviction" in services["redis"]["command"]
     gpu = services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]
@@ -176,3 +192,93 @@ def test_redis_runs_as_the_local_run_runs_it() -> None:
     pairs = dict(zip(flags[::2], flags[1::2], strict=True))
     for flag, value in pairs.items():
         assert command[command.index(flag) + 1] == value, flag
+
+
+def test_no_secret_has_a_default_and_each_one_is_required() -> None:
+    example = env_file()
+    text = COMPOSE.read_text()
+    for name in SECRETS:
+        assert example[name] == "", f"{name} has a value in .env.example"
+        assert f"${{{name}:?" in text
+        assert f"${{{name}:-" not in text, f"{name} has a default in compose"
+        env = env_example()
+        env[name] = ""
+        with pytest.raises(KeyError, match=f"{name} is required"):
+            stack(env)
+
+
+def test_only_the_gateway_is_published_beyond_this_host() -> None:
+    services = stack()["services"]
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert set(published) == {"gateway", "grafana", "open-webui"}
+    assert published["gateway"] == ["0.0.0.0:8080:8080"]
+    assert published["grafana"][0].startswith("127.0.0.1:")
+    assert published["open-webui"][0].startswith("127.0.0.1:")
+
+
+def test_redis_requires_a_password_and_each_service_has_its_own_user() -> None:
+    services = stack()["services"]
+    redis = services["redis"]
+    assert redis["entrypoint"] == ["/bin/sh", "/etc/llmq/redis-acl.sh"]
+    assert "./redis/acl.sh:/etc/llmq/redis-acl.sh:ro" in redis["volumes"]
+    assert redis["command"][:2] == ["docker-entrypoint.sh", "redis-server"]
+    assert redis["command"][redis["command"].index("--maxmemory") + 1] == "1gb"
+    assert "REDIS_ADMIN_PASSWORD" in redis["healthcheck"]["test"][1]
+    for role in ("gateway", "worker"):
+        env = services[role]["environment"]
+        assert "@" not in env["REDIS_URL"], "no credentials in the URL"
+        assert env["REDIS_USERNAME"] == role
+        assert env["REDIS_PASSWORD"] == redis["environment"][f"REDIS_{role.upper()}_PASSWORD"]
+    # tests/integration/test_redis_acl.py runs acl.sh with a real redis-server.
+
+
+def test_vllm_requires_the_api_key_the_worker_sends() -> None:
+    services = stack()["services"]
+    key = services["vllm"]["environment"]["VLLM_API_KEY"]
+    assert key == env_example()["VLLM_API_KEY"]
+    assert services["worker"]["environment"]["VLLM_API_KEY"] == key
+
+
+def test_secrets_sh_fills_every_secret_once_and_prints_none(tmp_path: Path) -> None:
+    for name in ("secrets.sh", ".env.example"):
+        shutil.copy(COMPOSE.parent / name, tmp_path / name)
+    first = subprocess.run(["sh", str(tmp_path / "secrets.sh")], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    env = env_file(tmp_path / ".env")
+    for name in SECRETS:
+        assert re.fullmatch(r"[0-9a-f]{48}", env[name]), name
+        assert env[name] not in first.stdout + first.stderr
+    assert oct((tmp_path / ".env").stat().st_mode)[-3:] == "600"
+    stack(env)  # compose would start
+    again = subprocess.run(["sh", str(tmp_path / "secrets.sh")], capture_output=True, text=True)
+    assert again.returncode == 0
+    assert again.stdout == ""
+    assert env_file(tmp_path / ".env") == env
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "is not set"),
+        ("short", "must be at least 16"),
+        ("has spaces in it, see", "may hold only"),
+    ],
+)
+def test_redis_acl_script_refuses_missing_and_weak_passwords(
+    tmp_path: Path, value: str | None, message: str
+) -> None:
+    env = {**os.environ, **{f"REDIS_{r}_PASSWORD": "x" * 20 for r in ("ADMIN", "WORKER")}}
+    env["LLMQ_REDIS_ACL_FILE"] = str(tmp_path / "users.acl")
+    if value is not None:
+        env["REDIS_GATEWAY_PASSWORD"] = value
+    else:
+        env.pop("REDIS_GATEWAY_PASSWORD", None)
+    res = subprocess.run(
+        ["sh", str(COMPOSE.parent / "redis/acl.sh"), "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1
+    assert f"REDIS_GATEWAY_PASSWORD {message}" in res.stderr
+    assert not (tmp_path / "users.acl").exists()

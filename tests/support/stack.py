@@ -28,9 +28,11 @@ from bench.processes import (
 )
 
 E2E_MAX_MODEL_LEN = 512  # the e2e vLLM's context length: small, so overflow is cheap to test
+E2E_ENGINE_KEY = "e2e-engine-key"  # the e2e vLLM needs it, as compose's does: workers send it
 
 __all__ = [
     "BUNDLED_MODEL",
+    "E2E_ENGINE_KEY",
     "E2E_MAX_MODEL_LEN",
     "ROOT",
     "Proc",
@@ -54,9 +56,11 @@ class Stack:
     engine_url: str
     logdir: Path
     procs: list[Proc] = field(default_factory=list)
+    worker_settings: dict[str, object] = field(default_factory=dict)  # e.g. vllm_api_key
 
     def worker(self, **settings: object) -> Proc:
-        proc = start_worker(self.logdir, service_env(self.redis_url, self.engine_url, **settings))
+        env = service_env(self.redis_url, self.engine_url, **{**self.worker_settings, **settings})
+        proc = start_worker(self.logdir, env)
         self.procs.append(proc)
         return proc
 

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 
 from llmq.shared.errors import (
     EngineUnavailable,
     InvalidRequest,
     QueueFull,
     QueueTimeout,
+    QueueUnavailable,
     RequestTimeout,
     ServerBusy,
     ServiceError,
@@ -114,3 +117,11 @@ def test_framework_statuses_map_into_the_tree(status: int, code: str) -> None:
     err = for_http_status(status, "x")
     assert err.status == status
     assert err.code == code
+
+
+def test_queue_unavailable_tells_a_full_redis_from_an_unreachable_one() -> None:
+    full = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    assert "memory limit" in QueueUnavailable.because(full).message
+    for exc in (RedisConnectionError("Connection refused"), None):
+        assert "unreachable" in QueueUnavailable.because(exc).message
+    assert QueueUnavailable.because(full).status == 503

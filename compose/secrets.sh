@@ -1,0 +1,20 @@
+#!/bin/sh
+# Fill compose/.env's empty secrets with random values:  cd compose && bash secrets.sh
+# Creates .env from .env.example when there is none. Only empty secrets are filled, so it is
+# safe to run again; it prints the names it filled, never a value.
+set -eu
+cd "$(dirname "$0")"
+[ -f .env ] || cp .env.example .env
+chmod 600 .env
+for name in REDIS_ADMIN_PASSWORD REDIS_GATEWAY_PASSWORD REDIS_WORKER_PASSWORD VLLM_API_KEY \
+    GRAFANA_ADMIN_PASSWORD; do
+    if grep -q "^$name=$" .env; then
+        value=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
+        sed -i "s/^$name=$/$name=$value/" .env
+        echo "secrets.sh: $name set"
+    elif ! grep -q "^$name=" .env; then
+        value=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
+        echo "$name=$value" >>.env
+        echo "secrets.sh: $name added"
+    fi
+done
