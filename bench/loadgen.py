@@ -19,6 +19,7 @@ class Sample:
     total_s: float
     tokens: int
     ok: bool
+    text: str = ""
 
 
 @dataclass
@@ -56,6 +57,7 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Samp
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
+    parts: list[str] = []
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
@@ -63,13 +65,16 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Samp
         try:
             async for chunk in sse.events(resp.aiter_lines()):
                 choices = chunk.get("choices") or []
-                if choices and choices[0].get("delta", {}).get("content"):
+                content = choices[0].get("delta", {}).get("content") if choices else None
+                if content:
+                    parts.append(content)
                     tokens += 1
                     if ttft is None:
                         ttft = time.perf_counter() - t0
         except sse.StreamEndedEarly:
             return Sample(ttft or 0.0, time.perf_counter() - t0, tokens, False)
-    return Sample(ttft or 0.0, time.perf_counter() - t0, tokens, ttft is not None)
+    total = time.perf_counter() - t0
+    return Sample(ttft or 0.0, total, tokens, ttft is not None, "".join(parts))
 
 
 async def run(url: str, body: dict[str, Any], requests: int, concurrency: int) -> RunResult:

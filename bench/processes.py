@@ -83,10 +83,18 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        """User + system CPU time so far of the process and every live process of its group
+        (a multi-process gateway's children included; Linux /proc)."""
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[2]) == self.popen.pid:  # process group = the session we started
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
 
 
 def spawn(

@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from llmq.shared.errors import QueueUnavailable, StreamInterrupted
+from llmq.shared.errors import QueueUnavailable, ServiceError, StreamInterrupted
 from llmq.shared.protocol import OUT_OF_BAND, Event, events_channel
 from llmq.shared.tasks import stop_if_cancelled, stop_task
 
@@ -46,14 +47,18 @@ MAX_BUFFERED_EVENTS = 4096
 
 class Subscription:
     """The events of one job, in order; ``next`` raises TimeoutError, StreamInterrupted
-    (a sequence gap) or QueueUnavailable (the connection to Redis was lost)."""
+    (a sequence gap) or QueueUnavailable (the connection to Redis was lost). One pub/sub
+    message may carry several events (the worker coalesces them)."""
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         self.channel = events_channel(job_id)
         self.key = self.channel.encode()
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(MAX_BUFFERED_EVENTS)
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()  # bounded by ``buffered``
+        self.buffered = 0  # events received and not yet taken
         self.overflowed = False
+        self._events: deque[Event] = deque()  # decoded from the current message
+        self._deferred: ServiceError | None = None  # a problem met by ``ready``
         self._seq = 0
 
     @property
@@ -62,20 +67,43 @@ class Subscription:
         return self._seq > 0
 
     async def next(self, within: float | None) -> Event:
+        event = self._take()
+        if event is None:
+            async with asyncio.timeout(within):
+                raw = await self.queue.get()
+            self._decode(raw)
+            event = self._take()
+            assert event is not None
+        return event
+
+    def ready(self, limit: int = 256) -> list[Event]:
+        """Up to ``limit`` more events that are already here, without waiting. A problem
+        (lost events, a gap) ends the list and is raised by the next ``next``."""
+        out: list[Event] = []
+        try:
+            while len(out) < limit and (event := self._take()) is not None:
+                out.append(event)
+        except ServiceError as exc:
+            self._deferred = exc
+        return out
+
+    def _take(self) -> Event | None:
+        """The next event if one is here (decoding a queued message if needed), else None."""
+        if self._deferred is not None:
+            raise self._deferred
         if self.overflowed:
             raise StreamInterrupted(
                 f"job {self.job_id}: the client read too slowly; "
                 f"more than {MAX_BUFFERED_EVENTS} events were waiting"
             )
-        # Hot path (once per token): no timer when the event is already here.
-        try:
-            raw = self.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            async with asyncio.timeout(within):
-                raw = await self.queue.get()
-        if raw is _LOST:
-            raise QueueUnavailable("lost the connection to Redis mid-stream; retry")
-        event = Event.decode(raw)
+        if not self._events:
+            try:
+                raw = self.queue.get_nowait()  # hot path: no timer when it is here
+            except asyncio.QueueEmpty:
+                return None
+            self._decode(raw)
+        event = self._events.popleft()
+        self.buffered -= 1
         if event.seq == OUT_OF_BAND:  # terminal, from the reaper: no place in the sequence
             return event
         if event.seq != self._seq + 1:
@@ -85,6 +113,11 @@ class Subscription:
             )
         self._seq = event.seq
         return event
+
+    def _decode(self, raw: bytes) -> None:
+        if raw is _LOST:
+            raise QueueUnavailable("lost the connection to Redis mid-stream; retry")
+        self._events.extend(Event.decode_message(raw))
 
 
 class Subscriptions:
@@ -210,11 +243,13 @@ class Subscriptions:
             return  # a PING reply
         if kind == "message":
             sub = self._subs.get(channel)
-            if sub is not None and isinstance(msg["data"], bytes):
-                try:
-                    sub.queue.put_nowait(msg["data"])
-                except asyncio.QueueFull:
+            data = msg["data"]
+            if sub is not None and isinstance(data, bytes) and not sub.overflowed:
+                sub.buffered += data.count(b"\n") + 1
+                if sub.buffered > MAX_BUFFERED_EVENTS:
                     self._overflow(sub)
+                else:
+                    sub.queue.put_nowait(data)
         elif kind == "subscribe":
             fut = self._confirm.get(channel)
             if fut is not None and not fut.done():

@@ -191,9 +191,15 @@ class EventType(StrEnum):
 TERMINAL = frozenset({EventType.DONE, EventType.RESULT, EventType.ERROR})
 
 
+_TYPES = {t.value.encode(): t for t in EventType}
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One pub/sub message. ``data`` stays bytes: the gateway frames chunks without decoding."""
+    """One job event: ``<seq> <type> <data>``. ``data`` stays bytes (the gateway frames
+    chunks without decoding) and never holds a newline: one pub/sub message carries one or
+    more events separated by ``\n`` (the worker coalesces a job's events that are ready at
+    the same moment; at low load each message is one event)."""
 
     seq: int
     type: EventType
@@ -205,7 +211,20 @@ class Event:
     @staticmethod
     def decode(raw: bytes) -> Event:
         seq, kind, data = raw.split(b" ", 2)
-        return Event(int(seq), EventType(kind.decode()), data)
+        event_type = _TYPES.get(kind)
+        if event_type is None:
+            raise ValueError(f"unknown event type {kind[:20]!r}")
+        return Event(int(seq), event_type, data)
+
+    @staticmethod
+    def decode_message(message: bytes) -> list[Event]:
+        """The events of one pub/sub message, in order."""
+        return [Event.decode(line) for line in message.split(b"\n")]
+
+
+def encode_message(events: list[bytes]) -> bytes:
+    """Encoded events of one job -> one pub/sub message."""
+    return b"\n".join(events)
 
 
 class JobSpec(BaseModel):

@@ -259,6 +259,14 @@ class Store:
         """Publish one event; returns how many subscribers got it (0: nobody listens)."""
         return int(await self.redis.publish(p.events_channel(job_id), event.encode()))
 
+    async def publish_many(self, batch: dict[str, list[bytes]]) -> list[int]:
+        """Publish the encoded events of several jobs (job id -> events, in order), one
+        message per job, in one round trip; returns each message's subscriber count."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, events in batch.items():
+                pipe.publish(p.events_channel(job_id), p.encode_message(events))
+            return [int(n) for n in await pipe.execute()]
+
     async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
         fields: list[Any] = []
         for k, v in info.to_hash().items():

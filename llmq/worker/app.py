@@ -16,6 +16,7 @@ from llmq.worker.arq_worker import WakeableWorker, seam_problems
 from llmq.worker.engine import EngineClient
 from llmq.worker.job import Runtime, chat
 from llmq.worker.metrics import WorkerMetrics
+from llmq.worker.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ def build_worker(
     )
     metrics = WorkerMetrics()
     metrics.max_active.set(settings.max_active)
+    store = Store(redis)
     runtime = Runtime(
         settings=settings,
-        store=Store(redis),
+        store=store,
+        outbox=Outbox(store),
         engine=engine
         or EngineClient(
             settings.vllm_url,

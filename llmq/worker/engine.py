@@ -94,9 +94,10 @@ class EngineClient:
         return result
 
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        """``stream=true``: yields an iterator of parsed chunks; raises before yielding when the
-        engine refuses the request (its status and message kept)."""
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[bytes]]:
+        """``stream=true``: yields an iterator of the chunks' JSON text, as bytes (parsed by
+        the caller only when it must); raises before yielding when the engine refuses the
+        request (its status and message kept)."""
         request = self._http.build_request("POST", "/v1/chat/completions", json=body)
         try:
             resp = await self._http.send(request, stream=True)
@@ -115,16 +116,25 @@ class EngineClient:
             await resp.aclose()
 
 
-async def _chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+def stream_error(obj: dict[str, Any]) -> UpstreamError | None:
+    """vLLM reports a failure after the first byte as a chunk ``{"error": {...}}``."""
+    err = obj.get("error")
+    if not isinstance(err, dict):
+        return None
+    code = str(err.get("code") or "")
+    return UpstreamError(
+        int(code) if code.isdigit() else 500, str(err.get("message", "engine error"))
+    )
+
+
+async def _chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
     try:
-        async for obj in sse.events(resp.aiter_lines()):
-            if "error" in obj:  # vLLM reports a failure after the first byte this way
-                err = obj["error"]
-                raise UpstreamError(
-                    int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500,
-                    str(err.get("message", "engine error")),
-                )
-            yield obj
+        async for payload in sse.data(resp.aiter_bytes()):
+            if payload.startswith(b'{"error"'):
+                err = stream_error(json.loads(payload))
+                if err is not None:
+                    raise err
+            yield payload
     except httpx.TransportError as exc:
         raise UpstreamError(
             502, f"engine stream broke off: {exc!r}", code="engine_stream_broken"

@@ -16,8 +16,9 @@ from llmq.shared.errors import RequestTimeout, ServiceError, ShuttingDown, Upstr
 from llmq.shared.protocol import EventType, JobSpec
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
-from llmq.worker.engine import EngineClient
+from llmq.worker.engine import EngineClient, stream_error
 from llmq.worker.metrics import WorkerMetrics
+from llmq.worker.outbox import Outbox
 from llmq.worker.publisher import ClientGone, Publisher
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Runtime:
     store: Store
     engine: EngineClient
     metrics: WorkerMetrics
+    outbox: Outbox
     active: int = 0
     models: tuple[str, ...] = ()
     max_model_len: int = 0  # the engine's context length, as /v1/models says
@@ -49,6 +51,49 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
 
 
+_ID_PREFIX = b'{"id":"'
+_FINISH = b'"finish_reason"'
+_NOT_FINISHED = b'"finish_reason":null'
+
+
+def relabel(raw: bytes, job_id: bytes) -> bytes | None:
+    """The hot path, once per token: a plain delta chunk with the engine's id replaced by
+    the job's, rewritten on the bytes (no JSON parse and dump). None when the chunk must be
+    parsed: a finishing chunk, the usage chunk, an error, or any unusual shape. (A quote
+    inside a string is escaped, so the markers below only match the JSON's own keys.)"""
+    if not raw.startswith(_ID_PREFIX) or b"\n" in raw:
+        return None
+    end = raw.find(b'"', len(_ID_PREFIX))
+    if end < 0 or raw[end - 1] == 0x5C:  # no end, or an escaped quote in the id
+        return None
+    rest = raw[end:]
+    finishes = rest.count(_FINISH)
+    if finishes == 0 or rest.count(_NOT_FINISHED) != finishes:
+        return None
+    return _ID_PREFIX + job_id + rest
+
+
+def _classify(raw: bytes, spec: JobSpec, job_id: bytes) -> tuple[str, Any]:
+    """One engine chunk -> ("delta", bytes to publish) | ("final", the finishing chunk) |
+    ("usage", the usage or None); raises the engine's error chunk."""
+    out = relabel(raw, job_id)
+    if out is not None:
+        return "delta", out
+    chunk = json.loads(raw)
+    if not isinstance(chunk, dict):
+        raise ValueError(f"engine chunk is not a JSON object: {raw[:80]!r}")
+    err = stream_error(chunk)
+    if err is not None:
+        raise err
+    chunk["id"] = spec.id
+    choices = chunk.get("choices") or []
+    if not choices:
+        return "usage", chunk.get("usage")
+    if any(c.get("finish_reason") for c in choices):
+        return "final", chunk
+    return "delta", _dumps(chunk).encode()
+
+
 async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] | None:
     """Relay the engine's chunks; hold the finishing chunk and usage for the DONE event."""
     t0 = time.monotonic()
@@ -56,24 +101,24 @@ async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] 
     usage: dict[str, Any] | None = None
     first = True
     t_first = 0.0
+    job_id = spec.id.encode()
     async with rt.engine.stream(spec.body) as chunks:
-        async for chunk in chunks:
-            chunk["id"] = spec.id
-            choices = chunk.get("choices") or []
-            if not choices:
-                usage = chunk.get("usage") or usage
+        async for raw in chunks:
+            kind, value = _classify(raw, spec, job_id)
+            if kind == "usage":
+                usage = value or usage
                 continue
             if first:
                 t_first = time.monotonic()
                 rt.metrics.engine_ttft.observe(t_first - t0)
                 await pub.announced()
                 first = False
-            if any(c.get("finish_reason") for c in choices):
-                if final is not None:  # n > 1: earlier choices' finish chunks go out as-is
-                    await pub.send(EventType.CHUNK, _dumps(final))
-                final = chunk
+            if kind == "delta":
+                await pub.send(EventType.CHUNK, value)
                 continue
-            await pub.send(EventType.CHUNK, _dumps(chunk))
+            if final is not None:  # n > 1: earlier choices' finish chunks go out as-is
+                await pub.send(EventType.CHUNK, _dumps(final))
+            final = value
     await pub.announced()
     await pub.send(EventType.DONE, _dumps({"final": final, "usage": usage}))
     tokens = int((usage or {}).get("completion_tokens") or 0)
@@ -147,7 +192,7 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     """arq job: ``chat(spec)``. Returns a small JSON summary kept as the arq result."""
     rt = runtime_of(ctx)
     spec = JobSpec.model_validate(raw_spec)
-    pub = Publisher(rt.store, spec.id, rt.settings.orphan_grace_s)
+    pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s)
     rt.active += 1
     rt.metrics.active.set(rt.active)
     rt.metrics.pickup.observe(max(0.0, time.time() - spec.enqueued_at_ms / 1000))

@@ -1,4 +1,5 @@
-"""Publishes a job's sequence-numbered events and notices when nobody listens any more."""
+"""Publishes a job's sequence-numbered events through the outbox and notices when nobody
+listens any more."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import time
 from collections.abc import Awaitable
 
-from llmq.shared.protocol import Event, EventType
-from llmq.shared.store import Store
+from redis.exceptions import RedisError
+
+from llmq.shared.protocol import TERMINAL, Event, EventType
+from llmq.worker.outbox import MAX_PENDING, Generation, Outbox
 
 
 class ClientGone(Exception):
@@ -15,12 +18,15 @@ class ClientGone(Exception):
 
 
 class Publisher:
-    def __init__(self, store: Store, job_id: str, orphan_grace_s: float) -> None:
-        self._store = store
+    def __init__(self, outbox: Outbox, job_id: str, orphan_grace_s: float) -> None:
+        self._outbox = outbox
         self._job_id = job_id
         self._grace = orphan_grace_s
         self._seq = 0
         self._silent_since: float | None = None
+        self._gone = False
+        self._error: BaseException | None = None
+        self._watched: Generation | None = None
         self._announcing: asyncio.Task[None] | None = None
 
     def announce(self, mark_started: Awaitable[None], worker_id: str) -> None:
@@ -33,21 +39,47 @@ class Publisher:
         self._announcing = asyncio.ensure_future(run())
 
     async def announced(self) -> None:
-        """Wait for STARTED to be out; every later event must follow it."""
+        """Wait for STARTED to be queued; every later event must follow it."""
         if self._announcing is not None:
             task, self._announcing = self._announcing, None
             await task
 
-    async def send(self, kind: EventType, data: str) -> None:
-        """Publish one event. Raises ClientGone once PUBLISH has reached no subscriber for
-        longer than the grace period (the client is gone); a terminal event never raises."""
+    async def send(self, kind: EventType, data: str | bytes) -> None:
+        """Queue one event (``data`` without newlines). Raises the Redis error of an earlier
+        flush, or ClientGone once flushes have reached no subscriber for longer than the
+        grace period; a terminal event never raises ClientGone and returns once it is out."""
+        self._raise_if_failed(terminal=kind in TERMINAL)
         self._seq += 1
-        receivers = await self._store.publish(self._job_id, Event(self._seq, kind, data.encode()))
-        if receivers:
+        raw = data.encode() if isinstance(data, str) else data
+        generation = self._outbox.put(self._job_id, Event(self._seq, kind, raw).encode())
+        if generation is not self._watched:
+            self._watched = generation
+            generation.add_done_callback(self._flushed)
+        if kind in TERMINAL or self._outbox.pending(self._job_id) >= MAX_PENDING:
+            # Out before the job ends, or backpressure. (asyncio.wait: the outcome is read by
+            # _flushed, which runs first, not raised here.)
+            await asyncio.wait([generation])
+            self._raise_if_failed(terminal=kind in TERMINAL)
+
+    def _raise_if_failed(self, *, terminal: bool) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._gone and not terminal:
+            raise ClientGone(self._job_id)
+
+    def _flushed(self, generation: Generation) -> None:
+        if generation.cancelled():
+            self._error = RedisError("the worker's outbox stopped")
+            return
+        exc = generation.exception()
+        if exc is not None:
+            self._error = exc
+            return
+        if generation.result().get(self._job_id, 0):
             self._silent_since = None
             return
         now = time.monotonic()
         if self._silent_since is None:
             self._silent_since = now
         elif now - self._silent_since > self._grace:
-            raise ClientGone(self._job_id)
+            self._gone = True

@@ -54,9 +54,12 @@ def relay(include_usage: bool, events: list[Event]) -> tuple[JobRelay, AsyncMock
 
 
 async def frames(r: JobRelay, first: Event) -> list[str]:
-    out = [f.decode() async for f in r.sse_body(first)]
-    assert all(f.startswith("data: ") and f.endswith("\n\n") for f in out)
-    return [f[6:-2] for f in out]
+    """The SSE frames' data, however the relay grouped frames into writes."""
+    body = b"".join([f async for f in r.sse_body(first)]).decode()
+    *out, rest = body.split("\n\n")
+    assert rest == ""
+    assert all(f.startswith("data: ") for f in out)
+    return [f[6:] for f in out]
 
 
 def done_event(seq: int) -> Event:

@@ -14,10 +14,10 @@ def client(handler) -> EngineClient:
     return EngineClient("http://engine", max_connections=2, transport=httpx.MockTransport(handler))
 
 
-async def test_stream_yields_parsed_chunks() -> None:
+async def test_stream_yields_each_chunks_json_as_bytes() -> None:
     c = client(lambda r: httpx.Response(200, content=sse({"a": 1}, {"b": 2})))
     async with c.stream({"stream": True}) as chunks:
-        assert [x async for x in chunks] == [{"a": 1}, {"b": 2}]
+        assert [x async for x in chunks] == [b'{"a": 1}', b'{"b": 2}']
 
 
 async def test_refusal_keeps_vllm_status_and_message() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -14,6 +15,7 @@ from llmq.shared.store import Store
 from llmq.worker.engine import EngineClient
 from llmq.worker.job import RUNTIME, Runtime, chat
 from llmq.worker.metrics import WorkerMetrics
+from llmq.worker.outbox import Outbox
 from tests.support.clients import sse_bytes as sse
 
 
@@ -37,7 +39,11 @@ USAGE = {
 def runtime(store: Store, handler, **settings) -> Runtime:
     engine = EngineClient("http://e", max_connections=2, transport=httpx.MockTransport(handler))
     return Runtime(
-        settings=Settings(**settings), store=store, engine=engine, metrics=WorkerMetrics()
+        settings=Settings(**settings),
+        store=store,
+        engine=engine,
+        metrics=WorkerMetrics(),
+        outbox=Outbox(store),
     )
 
 
@@ -59,7 +65,7 @@ async def run_and_collect(store: Store, fake_redis, rt: Runtime, stream: bool = 
     result = await chat({RUNTIME: rt}, job(stream))
     events = []
     while (msg := await pubsub.get_message(timeout=0.2)) is not None:
-        events.append(p.Event.decode(msg["data"]))
+        events.extend(p.Event.decode_message(msg["data"]))
     await pubsub.aclose()
     return result, events
 
@@ -111,8 +117,15 @@ async def test_non_streaming_publishes_one_result(store, fake_redis):
 
 @pytest.mark.parametrize("grace", [0.0001])
 async def test_nobody_listening_past_the_grace_abandons_the_job(store, grace):
-    body = sse(*[chunk(str(i)) for i in range(5)], chunk(finish="stop"))
-    rt = runtime(store, lambda r: httpx.Response(200, content=body), orphan_grace_s=grace)
+    async def slow_body():
+        """One chunk per millisecond: each goes out in a flush of its own, and flushes
+        that reach nobody are 10x the grace apart."""
+        for i in range(20):
+            yield sse(chunk(str(i)), done=False)
+            await asyncio.sleep(0.001)
+        yield sse(chunk(finish="stop"))
+
+    rt = runtime(store, lambda r: httpx.Response(200, content=slow_body()), orphan_grace_s=grace)
     result = await chat({RUNTIME: rt}, job())
     assert result["outcome"] == "client_gone"
     assert rt.metrics.jobs.labels("client_gone")._value.get() == 1

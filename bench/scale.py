@@ -1,0 +1,233 @@
+"""Token-path throughput at high concurrency: the engine direct vs through llmq.
+
+    python -m bench.scale [--conc 1,16,64,128,256] [--rounds 3] [--gateways 1] [--workers 1]
+                          [--out var/bench/scale.png]
+
+Starts redis-server, the engine simulator (TTFT 20 ms, ITL 5 ms, 64-token streams), the
+worker(s) and the gateway(s) on loopback. For each concurrency c it streams the same
+requests straight to the simulator and through the gateway, in alternating batches so both
+paths see the same machine noise, and prints one row per c: throughput of both and their
+ratio, TTFT p50/p99 of both and what llmq adds, CPU seconds per 1000 streams spent by the
+gateway, the worker and Redis (each with all its processes) and by the load generator
+itself, and errors (a stream that failed, or whose text differs from the engine's). Then it
+checks the goals and writes a PNG plot of throughput and TTFT against concurrency.
+
+Everything shares this machine's cores: the load generator and the simulator take CPU the
+engine of a real deployment would not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.loadgen import RunResult, merge, run
+from bench.processes import (
+    ROOT,
+    Proc,
+    service_env,
+    start_gateway,
+    start_redis,
+    start_sim,
+    start_worker,
+)
+
+BODY = {
+    "model": "sim-model",
+    "stream": True,
+    "messages": [{"role": "user", "content": "Say something."}],
+}
+
+
+@dataclass
+class Row:
+    c: int
+    n: int
+    direct: RunResult
+    via: RunResult
+    cpu: dict[str, float]  # CPU-s per 1000 streams through llmq, by process kind
+    loadgen_cpu: float  # the load generator's CPU-s per 1000 streams (either path)
+    errors: int
+
+    @property
+    def ratio(self) -> float:
+        return self.via.req_per_s / self.direct.req_per_s
+
+    def added_ms(self, q: int) -> float:
+        return (self.via.pct("ttft_s", q) - self.direct.pct("ttft_s", q)) * 1000
+
+    @property
+    def service_cpu(self) -> float:
+        return sum(self.cpu.values())
+
+
+def _errors(result: RunResult, expected: str, tokens: int) -> int:
+    return sum(1 for s in result.samples if not s.ok or s.tokens != tokens or s.text != expected)
+
+
+def measure(
+    c: int, n: int, rounds: int, sim: Proc, gateway_url: str, procs: dict[str, list[Proc]]
+) -> tuple[RunResult, RunResult, dict[str, float], float]:
+    direct: list[RunResult] = []
+    via: list[RunResult] = []
+    cpu = dict.fromkeys(procs, 0.0)
+    loadgen = 0.0
+    for _ in range(rounds):
+        direct.append(asyncio.run(run(sim.url, BODY, n // rounds, c)))
+        before = {k: sum(p.cpu_seconds() for p in ps) for k, ps in procs.items()}
+        t0 = time.process_time()
+        via.append(asyncio.run(run(gateway_url, BODY, n // rounds, c)))
+        loadgen += time.process_time() - t0
+        for k, ps in procs.items():
+            cpu[k] += sum(p.cpu_seconds() for p in ps) - before[k]
+    done = rounds * (n // rounds)
+    return (
+        merge(direct),
+        merge(via),
+        {k: v * 1000 / done for k, v in cpu.items()},
+        loadgen * 1000 / done,
+    )
+
+
+def print_header() -> None:
+    print(
+        f"{'c':>4} {'direct r/s':>10} {'llmq r/s':>9} {'ratio':>6} "
+        f"{'ttft p50 d/l ms':>16} {'added p50':>9} {'added p99':>9} "
+        f"{'CPU-s/1k: gw':>12} {'worker':>7} {'redis':>6} {'total':>6} {'loadgen':>8} {'err':>4}"
+    )
+
+
+def print_row(r: Row) -> None:
+    print(
+        f"{r.c:>4} {r.direct.req_per_s:>10.1f} {r.via.req_per_s:>9.1f} {r.ratio:>6.2f} "
+        f"{r.direct.pct('ttft_s', 50) * 1000:>7.1f}/{r.via.pct('ttft_s', 50) * 1000:<8.1f} "
+        f"{r.added_ms(50):>+9.1f} {r.added_ms(99):>+9.1f} "
+        f"{r.cpu['gateway']:>12.1f} {r.cpu['worker']:>7.1f} {r.cpu['redis']:>6.1f} "
+        f"{r.service_cpu:>6.1f} {r.loadgen_cpu:>8.1f} {r.errors:>4}"
+    )
+
+
+GOALS = {  # the issue's "done when": c -> minimal throughput ratio
+    16: 0.95,
+    64: 0.85,
+    128: 0.6,
+}
+
+
+def print_goals(rows: list[Row]) -> None:
+    by_c = {r.c: r for r in rows}
+    verdicts = []
+    if 1 in by_c:
+        added = by_c[1].added_ms(50)
+        verdicts.append(f"c=1 added TTFT p50 {added:+.2f} ms (<= 3): {_ok(added <= 3)}")
+    for c, goal in GOALS.items():
+        if c in by_c:
+            verdicts.append(
+                f"ratio c={c} {by_c[c].ratio:.2f} (>= {goal}): {_ok(by_c[c].ratio >= goal)}"
+            )
+    if 64 in by_c:
+        cpu = by_c[64].service_cpu
+        verdicts.append(f"CPU-s/1k at c=64 {cpu:.1f} (<= 10): {_ok(cpu <= 10)}")
+    errors = sum(r.errors for r in rows)
+    verdicts.append(f"errors {errors} (0): {_ok(errors == 0)}")
+    print("GOALS: " + ";  ".join(verdicts))
+
+
+def _ok(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def plot(rows: list[Row], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = [r.c for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(cs, [r.direct.req_per_s for r in rows], "o-", label="engine direct")
+    left.plot(cs, [r.via.req_per_s for r in rows], "s-", label="through llmq")
+    left.set(xscale="log", xlabel="concurrent streams", ylabel="streams/s", title="Throughput")
+    for q, style in ((50, "-"), (99, "--")):
+        right.plot(cs, [r.direct.pct("ttft_s", q) * 1000 for r in rows], "o" + style,
+                   label=f"direct p{q}")  # fmt: skip
+        right.plot(cs, [r.via.pct("ttft_s", q) * 1000 for r in rows], "s" + style,
+                   label=f"llmq p{q}")  # fmt: skip
+    right.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="TTFT")
+    for ax in (left, right):
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--conc", default="1,16,64,128,256")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating direct/llmq batches")
+    ap.add_argument("--min-requests", type=int, default=30, help="per path at each c")
+    ap.add_argument("--per-lane", type=int, default=4, help="requests per concurrent lane")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--ttft-ms", type=float, default=20)
+    ap.add_argument("--itl-ms", type=float, default=5)
+    ap.add_argument("--gateways", type=int, default=1, help="GATEWAY_PROCESSES")
+    ap.add_argument("--workers", type=int, default=1, help="WORKER_PROCESSES")
+    ap.add_argument("--out", type=Path, default=ROOT / "var/bench/scale.png")
+    a = ap.parse_args(argv)
+    concs = [int(c) for c in a.conc.split(",")]
+    procs: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix="llmq-scale-") as tmp:
+        logdir = Path(tmp)
+        try:
+            redis = start_redis(logdir)
+            sim = start_sim(
+                logdir, "--ttft-ms", str(a.ttft_ms), "--itl-ms", str(a.itl_ms),
+                "--tokens", str(a.tokens),
+            )  # fmt: skip
+            procs += [redis, sim]
+            env = service_env(
+                f"redis://127.0.0.1:{redis.port}/0",
+                sim.url,
+                max_active=max(concs),
+                queue_max=max(concs),
+                log_level="WARNING",
+                gateway_processes=a.gateways,
+                worker_processes=a.workers,
+            )
+            worker = start_worker(logdir, env)
+            gateway = start_gateway(logdir, env)
+            procs += [worker, gateway]
+            kinds = {"gateway": [gateway], "worker": [worker], "redis": [redis]}
+            asyncio.run(run(gateway.url, BODY, 40, 8))  # warm-up both paths
+            asyncio.run(run(sim.url, BODY, 40, 8))
+            expected = asyncio.run(run(sim.url, BODY, 1, 1)).samples[0].text
+            print(
+                f"engine simulator: TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms, {a.tokens} "
+                f"tokens; gateway processes {a.gateways}, worker processes {a.workers}, "
+                f"MAX_ACTIVE {max(concs)}; {a.rounds} alternating rounds per c"
+            )
+            rows = []
+            print_header()
+            for c in concs:
+                n = max(a.min_requests, a.per_lane * c)
+                n -= n % a.rounds
+                direct, via, cpu, loadgen = measure(c, n, a.rounds, sim, gateway.url, kinds)
+                errors = _errors(direct, expected, a.tokens) + _errors(via, expected, a.tokens)
+                rows.append(Row(c, n, direct, via, cpu, loadgen, errors))
+                print_row(rows[-1])
+        finally:
+            for p in reversed(procs):
+                p.kill()
+    print_goals(rows)
+    plot(rows, a.out)
+    print(f"plot: {a.out}")
+
+
+if __name__ == "__main__":
+    main()
