@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 # A job's events waiting for one flush; beyond it the job waits for that flush.
 MAX_PENDING = 256
+# After a flush that carried events of BUSY_JOBS jobs or more, the next one waits LINGER_S
+# first, so that more deltas per job and more jobs share it. A quiet worker (one stream,
+# a few) never waits: its flushes carry fewer jobs.
+BUSY_JOBS = 8
+LINGER_S = 0.002
 
 Generation = asyncio.Future[dict[str, int]]
 
@@ -52,8 +57,11 @@ class Outbox:
         return len(self._pending.get(job_id, ()))
 
     async def _flush_all(self) -> None:
+        busy = False
         try:
             while self._pending:
+                if busy:  # under load: let a little more gather (see LINGER_S)
+                    await asyncio.sleep(LINGER_S)
                 batch, self._pending = self._pending, {}
                 generation, self._generation = self._generation, None
                 assert generation is not None
@@ -66,6 +74,7 @@ class Outbox:
                 else:
                     if not generation.done():
                         generation.set_result(dict(zip(batch, counts, strict=True)))
+                busy = len(batch) >= BUSY_JOBS
         finally:
             self._flusher = None
             if self._pending:  # cancelled mid-flush: the next put starts a flusher

@@ -6,7 +6,7 @@ import pytest
 
 from llmq.gateway.events import Subscriptions
 from llmq.shared.errors import StreamInterrupted
-from llmq.shared.protocol import Event, EventType, events_channel
+from llmq.shared.protocol import Event, EventType, encode_message, events_channel
 
 
 async def test_events_reach_only_their_job_in_order(fake_redis) -> None:
@@ -39,5 +39,38 @@ async def test_a_sequence_gap_is_reported(fake_redis) -> None:
         with pytest.raises(StreamInterrupted) as info:
             await sub.next(1)
         assert info.value.code == "stream_interrupted"
+    finally:
+        await subs.stop()
+
+
+async def test_a_message_of_several_events_is_split_and_ready_takes_what_is_here(
+    fake_redis,
+) -> None:
+    subs = Subscriptions(fake_redis)
+    await subs.start()
+    try:
+        sub = await subs.subscribe("job")
+        events = [Event(seq, EventType.CHUNK, b'{"c": "a b"}').encode() for seq in (1, 2, 3)]
+        await fake_redis.publish(events_channel("job"), encode_message(events))
+        first = await sub.next(1)
+        assert first.seq == 1
+        assert [e.seq for e in sub.ready()] == [2, 3]
+        assert sub.ready() == []
+        assert sub.buffered == 0
+    finally:
+        await subs.stop()
+
+
+async def test_ready_stops_before_a_gap_and_next_raises_it(fake_redis) -> None:
+    subs = Subscriptions(fake_redis)
+    await subs.start()
+    try:
+        sub = await subs.subscribe("job")
+        events = [Event(seq, EventType.CHUNK, b"x").encode() for seq in (1, 2, 4)]
+        await fake_redis.publish(events_channel("job"), encode_message(events))
+        assert (await sub.next(1)).seq == 1
+        assert [e.seq for e in sub.ready()] == [2]  # the events before the gap still go out
+        with pytest.raises(StreamInterrupted, match="expected #3, got #4"):
+            await sub.next(1)
     finally:
         await subs.stop()

@@ -33,3 +33,30 @@ def test_keys_follow_the_documented_schema() -> None:
     assert job_key("chatcmpl-1") == "arq:job:chatcmpl-1"
     assert events_channel("chatcmpl-1") == "llmq:events:chatcmpl-1"
     assert worker_key("w1") == "llmq:worker:w1"
+
+
+async def test_sse_data_accepts_any_chunking_and_stops_at_done() -> None:
+    from llmq.shared import sse
+
+    body = b'data: {"a": 1}\n\n: comment\nid: 3\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
+
+    async def chunks(size: int):
+        for i in range(0, len(body), size):
+            yield body[i : i + size]
+
+    for size in (1, 3, 7, len(body)):
+        assert [d async for d in sse.data(chunks(size))] == [b'{"a": 1}', b'{"b": 2}']
+
+    async def cut():
+        yield body[:20]
+
+    with pytest.raises(sse.StreamEndedEarly):
+        [d async for d in sse.data(cut())]
+
+
+def test_a_message_holds_several_events_in_order() -> None:
+    from llmq.shared.protocol import encode_message
+
+    events = [Event(1, EventType.STARTED, b"w"), Event(2, EventType.CHUNK, b'{"x": "a b"}')]
+    message = encode_message([e.encode() for e in events])
+    assert Event.decode_message(message) == events

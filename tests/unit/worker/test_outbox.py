@@ -1,0 +1,107 @@
+"""The worker's outbox and the publisher on top of it (fakeredis pub/sub)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from llmq.shared import protocol as p
+from llmq.shared.store import Store
+from llmq.worker.job import relabel
+from llmq.worker.outbox import Outbox
+from llmq.worker.publisher import ClientGone, Publisher
+
+
+async def _messages(pubsub) -> list[bytes]:
+    out = []
+    while (msg := await pubsub.get_message(timeout=0.2)) is not None:
+        if msg["type"] == "message":
+            out.append(msg["data"])
+    return out
+
+
+async def test_events_ready_together_share_one_message_per_job(store: Store, fake_redis) -> None:
+    pubsub = fake_redis.pubsub()
+    await pubsub.subscribe(p.events_channel("a"), p.events_channel("b"))
+    outbox = Outbox(store)
+    for seq in (1, 2, 3):  # no await between puts: all go in one flush
+        outbox.put("a", p.Event(seq, p.EventType.CHUNK, b"x").encode())
+    generation = outbox.put("b", p.Event(1, p.EventType.CHUNK, b"y").encode())
+    assert await generation == {"a": 1, "b": 1}  # one subscriber each
+    messages = await _messages(pubsub)
+    assert [len(p.Event.decode_message(m)) for m in messages] == [3, 1]
+    assert [e.seq for e in p.Event.decode_message(messages[0])] == [1, 2, 3]
+    await pubsub.aclose()
+
+
+async def test_an_event_alone_goes_out_at_once(store: Store, fake_redis) -> None:
+    """One stream: no waiting for company, the flush starts on the next loop iteration."""
+    outbox = Outbox(store)
+    generation = outbox.put("a", p.Event(1, p.EventType.CHUNK, b"x").encode())
+    await asyncio.wait_for(generation, 1)
+
+
+async def test_terminal_events_wait_until_out_and_redis_errors_reach_the_job(store) -> None:
+    outbox = Outbox(store)
+    pub = Publisher(outbox, "a", orphan_grace_s=10)
+    await pub.send(p.EventType.CHUNK, b"x")
+    await pub.send(p.EventType.DONE, b"{}")  # returns once flushed
+    assert outbox.pending("a") == 0
+
+    async def broken(batch):
+        raise RedisConnectionError("gone")
+
+    store.publish_many = broken
+    with pytest.raises(RedisConnectionError):
+        await pub.send(p.EventType.ERROR, b"{}")
+
+
+async def test_nobody_listening_for_longer_than_the_grace_is_client_gone(store) -> None:
+    pub = Publisher(Outbox(store), "a", orphan_grace_s=0)
+
+    async def publish_to_nobody() -> None:
+        for _ in range(10):
+            await pub.send(p.EventType.CHUNK, b"x")
+            await asyncio.sleep(0.01)  # each event in a flush of its own
+
+    with pytest.raises(ClientGone):
+        await publish_to_nobody()
+    await pub.send(p.EventType.DONE, b"{}")  # a terminal event never raises ClientGone
+
+
+ID = b"chatcmpl-job"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            b'{"id":"e-1","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}',
+            b'{"id":"chatcmpl-job","choices":[{"index":0,"delta":{"content":"hi"},'
+            b'"finish_reason":null}]}',
+        ),
+        # content that looks like the markers is escaped, so it cannot fool the rewrite
+        (
+            b'{"id":"e","choices":[{"delta":{"content":"\\"finish_reason\\":\\"stop\\""},'
+            b'"finish_reason":null}]}',
+            b'{"id":"chatcmpl-job","choices":[{"delta":{"content":"\\"finish_reason\\":'
+            b'\\"stop\\""},"finish_reason":null}]}',
+        ),
+        (b'{"id":"e","choices":[{"delta":{},"finish_reason":"stop"}]}', None),  # finishing
+        (b'{"id":"e","choices":[],"usage":{"completion_tokens":2}}', None),  # usage
+        (b'{"error":{"message":"x"}}', None),
+        (b'{"object":"chat.completion.chunk","id":"e","choices":[]}', None),  # other order
+        (b'{"id":"e\\"x","choices":[{"finish_reason":null}]}', None),  # escaped quote in id
+        (b'{"id": "e", "choices": [{"finish_reason": null}]}', None),  # not compact
+    ],
+)
+def test_relabel_rewrites_plain_deltas_and_leaves_the_rest_to_json(
+    raw: bytes, expected: bytes | None
+) -> None:
+    out = relabel(raw, ID)
+    assert out == expected
+    if out is not None:
+        assert json.loads(out)["id"] == ID.decode()
