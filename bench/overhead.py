@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{'met' if added <= 5 else 'MISSED'};  throughput ratio at c=16 {ratio:.3f} "
             f"(goal >= 0.9): {'met' if ratio >= 0.9 else 'MISSED'}"
         )
-        metrics = httpx.get(gateway.url + "/metrics").text
+        metrics = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics").text
         rejected = [
             ln
             for ln in metrics.splitlines()

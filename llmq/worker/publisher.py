@@ -12,6 +12,9 @@ from redis.exceptions import RedisError
 from llmq.shared.protocol import TERMINAL, Event, EventType
 from llmq.worker.outbox import MAX_PENDING, Generation, Outbox
 
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 0.5
+
 
 class ClientGone(Exception):
     """Nobody has listened on the job's channel for longer than the grace period."""
@@ -31,15 +34,37 @@ class Publisher:
 
     def announce(self, mark_started: Awaitable[None], worker_id: str) -> None:
         """Start publishing STARTED (event #1) in the background; see ``announced``."""
+        self._announcing = asyncio.ensure_future(self._announce(mark_started, worker_id))
 
-        async def run() -> None:
-            await mark_started
-            await self.send(EventType.STARTED, worker_id)
-
-        self._announcing = asyncio.ensure_future(run())
+    async def _announce(self, mark_started: Awaitable[None], worker_id: str) -> None:
+        """Publish STARTED until a subscriber hears it. Normally the first one does (the
+        gateway subscribes before it enqueues). But a gateway whose pub/sub connection was
+        lost re-subscribes its waiting requests only once it has reconnected, and a worker
+        may start their jobs first: a STARTED that reached nobody is published again (same
+        number) until one listens, so their streams begin at #1 instead of with a gap.
+        Nobody for ORPHAN_GRACE_S: the client is gone."""
+        await mark_started
+        event = Event(1, EventType.STARTED, worker_id.encode()).encode()
+        deadline = time.monotonic() + self._grace
+        delay = _RETRY_FIRST_S
+        while True:
+            generation = self._outbox.put(self._job_id, event)
+            await asyncio.wait([generation])
+            if generation.cancelled():
+                raise RedisError("the worker's outbox stopped")
+            exc = generation.exception()
+            if exc is not None:
+                raise exc
+            if generation.result().get(self._job_id, 0):
+                self._seq = 1
+                return
+            if time.monotonic() >= deadline:
+                raise ClientGone(self._job_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX_S)
 
     async def announced(self) -> None:
-        """Wait for STARTED to be queued; every later event must follow it."""
+        """Wait until a subscriber heard STARTED; every later event must follow it."""
         if self._announcing is not None:
             task, self._announcing = self._announcing, None
             await task

@@ -105,3 +105,47 @@ def test_relabel_rewrites_plain_deltas_and_leaves_the_rest_to_json(
     assert out == expected
     if out is not None:
         assert json.loads(out)["id"] == ID.decode()
+
+
+async def test_started_is_published_again_until_a_subscriber_hears_it(
+    store: Store, fake_redis
+) -> None:
+    """A gateway re-subscribing after a lost connection may come after the job started:
+    its stream must still begin with #1, not with a gap."""
+    heard: list[int] = []
+    first_out = asyncio.Event()
+    publish_many = store.publish_many
+
+    async def recording(batch):
+        counts = await publish_many(batch)
+        heard.extend(counts)
+        first_out.set()
+        return counts
+
+    store.publish_many = recording  # type: ignore[method-assign]
+    pub = Publisher(Outbox(store), "a", orphan_grace_s=10)
+
+    async def started() -> None:
+        return None
+
+    pub.announce(started(), "worker-1")
+    await asyncio.wait_for(first_out.wait(), 5)
+    assert heard[0] == 0, "the first STARTED went out to nobody"
+    pubsub = fake_redis.pubsub()
+    await pubsub.subscribe(p.events_channel("a"))
+    await pub.announced()
+    await pub.send(p.EventType.DONE, b"{}")
+    events = [e for m in await _messages(pubsub) for e in p.Event.decode_message(m)]
+    assert [(e.seq, e.type) for e in events] == [(1, p.EventType.STARTED), (2, p.EventType.DONE)]
+    await pubsub.aclose()
+
+
+async def test_started_heard_by_nobody_for_the_grace_is_client_gone(store: Store) -> None:
+    pub = Publisher(Outbox(store), "a", orphan_grace_s=0.2)
+
+    async def started() -> None:
+        return None
+
+    pub.announce(started(), "worker-1")
+    with pytest.raises(ClientGone):
+        await pub.announced()
