@@ -6,6 +6,8 @@ only has to leave the ``async with`` block.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ from llmq.shared.settings import ENGINE_PROBE_TIMEOUT_S
 logger = logging.getLogger(__name__)
 
 _MAX_ERROR_BODY = 64 * 1024
+_DRAIN_S = 1.0  # an engine that keeps the response open after [DONE] gets this long
 
 
 def _upstream_error(status: int, raw: bytes) -> UpstreamError:
@@ -128,13 +131,21 @@ def stream_error(obj: dict[str, Any]) -> UpstreamError | None:
 
 
 async def _chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
+    body = resp.aiter_bytes()
     try:
-        async for payload in sse.data(resp.aiter_bytes()):
+        async for payload in sse.data(body):
             if payload.startswith(b'{"error"'):
                 err = stream_error(json.loads(payload))
                 if err is not None:
                     raise err
             yield payload
+        # Read the body to its end (after [DONE] only the chunked terminator is left), so
+        # httpx returns the connection to its pool instead of closing it: a new TCP
+        # connection per job cost more CPU than the job's whole SSE parsing.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_DRAIN_S):
+                async for _ in body:
+                    pass
     except httpx.TransportError as exc:
         raise UpstreamError(
             502, f"engine stream broke off: {exc!r}", code="engine_stream_broken"

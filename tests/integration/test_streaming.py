@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 import redis
 
 from tests.support.clients import MODEL, assert_drained, body
-from tests.support.stack import Stack, wait_for
+from tests.support.stack import Proc, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -106,3 +108,26 @@ def test_health_503_without_worker(stack: Stack, sdk) -> None:
     assert resp.status_code == 503
     assert resp.json()["error"]["code"] == "engine_unavailable"
     assert resp.headers["retry-after"]
+
+
+def _closed_connections_to(port: int) -> int:
+    """Client sockets to ``port`` in TIME_WAIT (closed by this side), from /proc/net/tcp."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == port and fields[3] == "06":  # TCP_TIME_WAIT
+            count += 1
+    return count
+
+
+def test_the_worker_reuses_its_engine_connections(stack: Stack, sim: Proc) -> None:
+    """Each job reads the engine's response to its end, so httpx keeps the connection:
+    20 jobs one after another do not open (and close) 20 connections."""
+    stack.worker()
+    gw = stack.gateway()
+    before = _closed_connections_to(sim.port)
+    with httpx.Client(timeout=30) as client:
+        for payload in [body(tokens=3), body(stream=False, tokens=3)] * 10:
+            assert client.post(gw.url + "/v1/chat/completions", json=payload).status_code == 200
+    assert _closed_connections_to(sim.port) - before <= 2
