@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 CONFIRM_TIMEOUT_S = 2.0
 PING_S = 1.0
 DEAD_AFTER_S = 3.0
-_BACKOFF_MAX_S = 2.0
+_BACKOFF_MAX_S = 1.0  # < the worker's STARTED_WAIT_S: a waiting request is back in time
 _LOST = b""  # queued to a subscription whose events may have been lost
 # Events buffered per stream while its client reads slower than the engine writes. Beyond
 # it the stream is dropped (its job stops: nobody listens), so memory stays bounded.

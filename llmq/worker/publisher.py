@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from llmq.shared.protocol import TERMINAL, Event, EventType
 from llmq.worker.outbox import MAX_PENDING, Generation, Outbox
 
+STARTED_WAIT_S = 3.0  # > the gateway's pub/sub reconnect backoff (gateway/events.py)
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 0.5
 
@@ -37,15 +38,17 @@ class Publisher:
         self._announcing = asyncio.ensure_future(self._announce(mark_started, worker_id))
 
     async def _announce(self, mark_started: Awaitable[None], worker_id: str) -> None:
-        """Publish STARTED until a subscriber hears it. Normally the first one does (the
-        gateway subscribes before it enqueues). But a gateway whose pub/sub connection was
-        lost re-subscribes its waiting requests only once it has reconnected, and a worker
-        may start their jobs first: a STARTED that reached nobody is published again (same
-        number) until one listens, so their streams begin at #1 instead of with a gap.
-        Nobody for ORPHAN_GRACE_S: the client is gone."""
+        """Publish STARTED until a subscriber hears it, for at most STARTED_WAIT_S.
+        Normally the first one is heard (the gateway subscribes before it enqueues). But a
+        gateway whose pub/sub connection was lost re-subscribes its waiting requests only
+        once it has reconnected (within about a second of Redis answering again), and a
+        worker may start their jobs first: a STARTED that reached nobody is published again
+        (same number), so their streams begin at #1 instead of with a gap. When nobody
+        comes (the gateway died), the job carries on as before: its silence counts toward
+        ORPHAN_GRACE_S from the first STARTED."""
         await mark_started
         event = Event(1, EventType.STARTED, worker_id.encode()).encode()
-        deadline = time.monotonic() + self._grace
+        first = time.monotonic()
         delay = _RETRY_FIRST_S
         while True:
             generation = self._outbox.put(self._job_id, event)
@@ -55,11 +58,12 @@ class Publisher:
             exc = generation.exception()
             if exc is not None:
                 raise exc
+            self._seq = 1
             if generation.result().get(self._job_id, 0):
-                self._seq = 1
                 return
-            if time.monotonic() >= deadline:
-                raise ClientGone(self._job_id)
+            self._silent_since = first
+            if time.monotonic() - first >= min(STARTED_WAIT_S, self._grace):
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
 

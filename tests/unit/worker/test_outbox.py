@@ -140,12 +140,23 @@ async def test_started_is_published_again_until_a_subscriber_hears_it(
     await pubsub.aclose()
 
 
-async def test_started_heard_by_nobody_for_the_grace_is_client_gone(store: Store) -> None:
+async def test_started_heard_by_nobody_for_the_grace_then_chunks_are_client_gone(
+    store: Store,
+) -> None:
+    """Nobody comes (the gateway died): STARTED is retried for the grace (here shorter than
+    STARTED_WAIT_S), then the job carries on and its silence counts from the first STARTED."""
     pub = Publisher(Outbox(store), "a", orphan_grace_s=0.2)
 
     async def started() -> None:
         return None
 
     pub.announce(started(), "worker-1")
+    await pub.announced()  # returns after the grace: the job carries on
+
+    async def publish_to_nobody() -> None:
+        for _ in range(10):
+            await pub.send(p.EventType.CHUNK, b"x")
+            await asyncio.sleep(0.01)  # the flush's "nobody" is read before the next send
+
     with pytest.raises(ClientGone):
-        await pub.announced()
+        await publish_to_nobody()
