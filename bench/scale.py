@@ -1,16 +1,17 @@
 """Token-path throughput at high concurrency: the engine direct vs through llmq.
 
-    python -m bench.scale [--conc 1,16,64,128,256] [--rounds 3] [--gateways 1] [--workers 1]
+    python -m bench.scale [--conc 1,16,64,128,256] [--rounds 3] [--gateways 1]
                           [--out var/bench/scale.png]
 
-Starts redis-server, the engine simulator (TTFT 20 ms, ITL 5 ms, 64-token streams), the
-worker(s) and the gateway(s) on loopback. For each concurrency c it streams the same
-requests straight to the simulator and through the gateway, in alternating batches so both
-paths see the same machine noise, and prints one row per c: throughput of both and their
-ratio, TTFT p50/p99 of both and what llmq adds, CPU seconds per 1000 streams spent by the
-gateway, the worker and Redis (each with all its processes) and by the load generator
-itself, and errors (a stream that failed, or whose text differs from the engine's). Then it
-checks the goals and writes a PNG plot of throughput and TTFT against concurrency.
+Starts redis-server, the engine simulator (TTFT 20 ms, ITL 5 ms, 64-token streams), one
+worker and the gateway (``--gateways`` processes: GATEWAY_PROCESSES) on loopback. For each
+concurrency c it streams the same requests straight to the simulator and through the
+gateway, in alternating batches so both paths see the same machine noise, and prints one
+row per c: throughput of both and their ratio, TTFT p50/p99 of both and what llmq adds, CPU
+seconds per 1000 streams spent by the gateway, the worker and Redis (each with all its
+processes) and by the load generator itself, and errors (a stream that failed, or whose
+text differs from the engine's). Then it checks the goals and writes a PNG plot of
+throughput and TTFT against concurrency.
 
 Everything shares this machine's cores: the load generator and the simulator take CPU the
 engine of a real deployment would not.
@@ -177,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ttft-ms", type=float, default=20)
     ap.add_argument("--itl-ms", type=float, default=5)
     ap.add_argument("--gateways", type=int, default=1, help="GATEWAY_PROCESSES")
-    ap.add_argument("--workers", type=int, default=1, help="WORKER_PROCESSES")
     ap.add_argument("--out", type=Path, default=ROOT / "var/bench/scale.png")
     a = ap.parse_args(argv)
     concs = [int(c) for c in a.conc.split(",")]
@@ -198,7 +198,6 @@ def main(argv: list[str] | None = None) -> None:
                 queue_max=max(concs),
                 log_level="WARNING",
                 gateway_processes=a.gateways,
-                worker_processes=a.workers,
             )
             worker = start_worker(logdir, env)
             gateway = start_gateway(logdir, env)
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             expected = asyncio.run(run(sim.url, BODY, 1, 1)).samples[0].text
             print(
                 f"engine simulator: TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms, {a.tokens} "
-                f"tokens; gateway processes {a.gateways}, worker processes {a.workers}, "
+                f"tokens; gateway processes {a.gateways}, "
                 f"MAX_ACTIVE {max(concs)}; {a.rounds} alternating rounds per c"
             )
             rows = []

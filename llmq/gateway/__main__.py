@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from llmq.gateway import supervisor
 from llmq.gateway.app import build_state, create_app
 from llmq.gateway.http import guarded_protocol
 from llmq.gateway.server import DrainingServer
@@ -15,6 +16,9 @@ from llmq.shared.settings import load_settings
 def main() -> None:
     settings = load_settings()
     logs.configure(settings.log_level)
+    if settings.gateway_processes > 1:
+        raise SystemExit(supervisor.run(settings))
+    sock = supervisor.inherited_socket()  # set when this process is one of several
     state = build_state(settings)
     app = create_app(settings, state)
     config = uvicorn.Config(
@@ -32,7 +36,7 @@ def main() -> None:
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=5,
     )
-    DrainingServer(config, state).run()
+    DrainingServer(config, state).run(sockets=[sock] if sock else None)
 
 
 if __name__ == "__main__":

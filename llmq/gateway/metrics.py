@@ -40,21 +40,43 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.active = Gauge("api_active_requests", "Requests being served", registry=r)
+        # multiprocess_mode: how GATEWAY_PROCESSES > 1 combines the processes' values
+        # (ignored with one process).
+        self.active = Gauge(
+            "api_active_requests",
+            "Requests being served",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.queue_depth = Gauge(
-            "api_queue_depth", "Jobs waiting in Redis (read at scrape time)", registry=r
+            "api_queue_depth",
+            "Jobs waiting in Redis (read at scrape time)",
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.in_system = Gauge(
             "api_jobs_in_system",
             "Admitted jobs not yet finished, running or waiting (N)",
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.capacity = Gauge(
-            "api_capacity_slots", "Σ MAX_ACTIVE over live ready workers", registry=r
+            "api_capacity_slots",
+            "Σ MAX_ACTIVE over live ready workers",
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
-        self.workers = Gauge("api_live_workers", "Workers with a fresh heartbeat", registry=r)
+        self.workers = Gauge(
+            "api_live_workers",
+            "Workers with a fresh heartbeat",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.redis_up = Gauge(
-            "api_redis_up", "1 when this gateway's last Redis round trip worked", registry=r
+            "api_redis_up",
+            "1 when this gateway's last Redis round trip worked",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.ttft = Histogram(
             "api_time_to_first_token_seconds",
@@ -104,7 +126,11 @@ class GatewayMetrics:
             registry=r,
         )
         self.band_depth = Gauge(
-            "api_queue_depth_band", "Jobs waiting, by priority band", ["band"], registry=r
+            "api_queue_depth_band",
+            "Jobs waiting, by priority band",
+            ["band"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         for band in BANDS:
             self.band_depth.labels(band)

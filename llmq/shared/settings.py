@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # Gateway.
     gateway_host: str = "0.0.0.0"
     gateway_port: int = Field(8080, ge=1, le=65_535)
+    gateway_processes: int = Field(
+        1, ge=1, le=256, description="gateway processes sharing the port (one supervisor)"
+    )
     gateway_metrics_port: int = Field(
         9101, ge=0, le=65_535, description="Prometheus metrics, off the public port; 0 disables"
     )
