@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import uvicorn
 
-from llmq.gateway import supervisor
 from llmq.gateway.app import build_state, create_app
 from llmq.gateway.http import guarded_protocol
 from llmq.gateway.server import DrainingServer
-from llmq.shared import logs
+from llmq.shared import logs, supervisor
 from llmq.shared.settings import load_settings
 
 
@@ -17,7 +16,7 @@ def main() -> None:
     settings = load_settings()
     logs.configure(settings.log_level)
     if settings.gateway_processes > 1:
-        raise SystemExit(supervisor.run(settings))
+        raise SystemExit(supervisor.run_gateways(settings))
     sock = supervisor.inherited_socket()  # set when this process is one of several
     state = build_state(settings)
     app = create_app(settings, state)

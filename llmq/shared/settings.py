@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     vllm_url: str = "http://127.0.0.1:8000"
     vllm_api_key: SecretStr | None = None  # never printed (repr shows **********)
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    worker_processes: int = Field(
+        1, ge=1, le=256, description="worker processes for one engine, splitting MAX_ACTIVE"
+    )
     worker_metrics_port: int = Field(9100, ge=0, le=65_535, description="0 disables")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
     orphan_grace_s: float = Field(10.0, gt=0, le=3600)

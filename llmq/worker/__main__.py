@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from llmq.shared import logs
+from llmq.shared import logs, supervisor
 from llmq.shared.settings import load_settings
 from llmq.worker.app import build_worker, serve_metrics
 
@@ -13,6 +13,8 @@ from llmq.worker.app import build_worker, serve_metrics
 def main() -> None:
     settings = load_settings()
     logs.configure(settings.log_level)
+    if settings.worker_processes > 1:
+        raise SystemExit(supervisor.run_workers(settings))
     try:
         import uvloop
 

@@ -24,9 +24,18 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.active = Gauge("worker_active_jobs", "Jobs running on this worker", registry=r)
+        # multiprocess_mode: how WORKER_PROCESSES > 1 combines the processes' values.
+        self.active = Gauge(
+            "worker_active_jobs",
+            "Jobs running on this worker",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.max_active = Gauge(
-            "worker_max_active", "Slots of this worker (MAX_ACTIVE)", registry=r
+            "worker_max_active",
+            "Slots of this worker (MAX_ACTIVE)",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.jobs = Counter("worker_jobs", "Jobs finished, by outcome", ["outcome"], registry=r)
         self.engine_ttft = Histogram(
@@ -44,10 +53,16 @@ class WorkerMetrics:
         self.tokens = Counter("worker_generated_tokens", "Completion tokens generated", registry=r)
         self.prompt_tokens = Counter("worker_prompt_tokens", "Prompt tokens processed", registry=r)
         self.engine_up = Gauge(
-            "worker_engine_up", "1 when the engine answers /v1/models", registry=r
+            "worker_engine_up",
+            "1 when the engine answers /v1/models",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.redis_up = Gauge(
-            "worker_redis_up", "1 when this worker's last heartbeat reached Redis", registry=r
+            "worker_redis_up",
+            "1 when this worker's last heartbeat reached Redis",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.decode_rate = Histogram(
             "worker_decode_tokens_per_second",

@@ -1,4 +1,6 @@
-"""GATEWAY_PROCESSES=2: one port, two gateway processes under a supervisor, one /metrics."""
+"""GATEWAY_PROCESSES / WORKER_PROCESSES: several processes under one supervisor (real
+processes): they share the port / split the slots, metrics add up, SIGTERM drains them
+all, and one dying stops the supervisor with an error."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import httpx
 import pytest
 
 from tests.support.clients import body
-from tests.support.stack import Proc, Stack, wait_for
+from tests.support.stack import Proc, Stack, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +58,27 @@ def test_a_gateway_process_dying_stops_the_supervisor_with_an_error(stack: Stack
     os.kill(child, signal.SIGKILL)
     assert gw.popen.wait(30) == 1
     wait_for(lambda: _group(gw) == [], 10, "the other gateway process to exit")
+
+
+def test_worker_processes_split_max_active_and_serve(stack: Stack, rdb) -> None:
+    port = free_port()
+    workers = stack.worker(
+        worker_processes=2, max_active=3, worker_id="w", worker_metrics_port=port
+    )
+    gw = stack.gateway()
+    assert len(_group(workers)) == 3, "a supervisor and two workers"
+    wait_for(
+        lambda: httpx.get(gw.url + "/health", timeout=5).json().get("capacity") == 3,
+        15,
+        "both workers' heartbeats (3 slots in all)",
+    )
+    slots = sorted(int(rdb.hget(f"llmq:worker:w-{i}", "max_active") or 0) for i in (0, 1))
+    assert slots == [1, 2]
+    with httpx.Client(timeout=30) as client:
+        for payload in [body(tokens=2), body(stream=False, tokens=2)] * 3:
+            assert client.post(gw.url + "/v1/chat/completions", json=payload).status_code == 200
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert "worker_max_active 3.0" in metrics
+    assert 'worker_jobs_total{outcome="completed"} 6.0' in metrics
+    workers.popen.send_signal(signal.SIGTERM)
+    assert workers.popen.wait(30) == 0
