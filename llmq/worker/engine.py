@@ -1,4 +1,4 @@
-"""Engine client: the OpenAI HTTP API that vLLM (and bench.engine_sim) speak, over httpx.
+"""Engine client: the OpenAI HTTP API that vLLM (and bench.engine_sim) speak, over aiohttp.
 
 Closing the response stream is how a request is aborted inside vLLM, so a cancelled job
 only has to leave the ``async with`` block.
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import aiohttp
 
 from llmq.shared import sse
 from llmq.shared.errors import EngineUnavailable, UpstreamError
@@ -48,75 +48,83 @@ def _upstream_error(status: int, raw: bytes) -> UpstreamError:
 
 
 class EngineClient:
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        max_connections: int,
-        api_key: str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    """One aiohttp session per worker (made on first use, inside the event loop).
+
+    aiohttp rather than httpx here: reading a streamed response cost 4-5x less CPU per
+    stream with aiohttp (measured: 1.2-1.5 vs 5.4-7.1 ms per 64-token stream at 64
+    concurrent streams), and this read happens once per token of every job.
+    """
+
+    def __init__(self, base_url: str, *, max_connections: int, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            # Generation time is bounded by REQUEST_TIMEOUT_S in the job, not by httpx.
-            timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=10.0),
-            limits=httpx.Limits(
-                max_connections=max_connections + 4, max_keepalive_connections=max_connections + 4
-            ),
-            transport=transport,
-        )
+        self._chat = self.base_url + "/v1/chat/completions"
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._limit = max_connections + 4
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=30),
+                # Generation time is bounded by REQUEST_TIMEOUT_S in the job, not here.
+                timeout=aiohttp.ClientTimeout(total=None, connect=5.0),
+                raise_for_status=False,
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def models(self) -> list[tuple[str, int]] | None:
         """Served models as (id, max_model_len; 0 when not said), or None when the engine
         does not answer (not ready)."""
         try:
-            resp = await self._http.get("/v1/models", timeout=ENGINE_PROBE_TIMEOUT_S)
-            resp.raise_for_status()
-            return [
-                (m["id"], int(m.get("max_model_len") or 0)) for m in resp.json().get("data", [])
-            ]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            logger.debug("engine probe failed: %s", exc)
+            async with self._http().get(
+                self.base_url + "/v1/models",
+                timeout=aiohttp.ClientTimeout(total=ENGINE_PROBE_TIMEOUT_S),
+            ) as resp:
+                resp.raise_for_status()
+                data = json.loads(await resp.read())
+            return [(m["id"], int(m.get("max_model_len") or 0)) for m in data.get("data", [])]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            logger.debug("engine probe failed: %r", exc)
             return None
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """``stream=false``: one chat.completion."""
         try:
-            resp = await self._http.post("/v1/chat/completions", json=body)
-        except httpx.TransportError as exc:
+            async with self._http().post(self._chat, json=body) as resp:
+                raw = await resp.read()
+        except aiohttp.ClientConnectionError as exc:
             raise EngineUnavailable(f"engine unreachable: {exc!r}") from exc
-        if resp.status_code != 200:
-            raise _upstream_error(resp.status_code, resp.content[:_MAX_ERROR_BODY])
-        result: dict[str, Any] = resp.json()
+        if resp.status != 200:
+            raise _upstream_error(resp.status, raw[:_MAX_ERROR_BODY])
+        result: dict[str, Any] = json.loads(raw)
         return result
 
     @asynccontextmanager
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[bytes]]:
         """``stream=true``: yields an iterator of the chunks' JSON text, as bytes (parsed by
         the caller only when it must); raises before yielding when the engine refuses the
-        request (its status and message kept)."""
-        request = self._http.build_request("POST", "/v1/chat/completions", json=body)
+        request (its status and message kept). Leaving the block early closes the
+        connection, which aborts the request inside vLLM."""
         try:
-            resp = await self._http.send(request, stream=True)
-        except httpx.TransportError as exc:
+            resp = await self._http().post(self._chat, json=body)
+        except aiohttp.ClientConnectionError as exc:
             raise EngineUnavailable(f"engine unreachable: {exc!r}") from exc
         try:
-            if resp.status_code != 200:
+            if resp.status != 200:
                 raw = b""
-                async for part in resp.aiter_bytes():
+                async for part in resp.content.iter_any():
                     raw += part
                     if len(raw) > _MAX_ERROR_BODY:
                         break
-                raise _upstream_error(resp.status_code, raw)
+                raise _upstream_error(resp.status, raw)
             yield _chunks(resp)
         finally:
-            await resp.aclose()
+            resp.release()  # back to the pool if read to its end, else closed
 
 
 def stream_error(obj: dict[str, Any]) -> UpstreamError | None:
@@ -130,8 +138,8 @@ def stream_error(obj: dict[str, Any]) -> UpstreamError | None:
     )
 
 
-async def _chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
-    body = resp.aiter_bytes()
+async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    body = resp.content.iter_any()
     try:
         async for payload in sse.data(body):
             if payload.startswith(b'{"error"'):
@@ -140,13 +148,13 @@ async def _chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
                     raise err
             yield payload
         # Read the body to its end (after [DONE] only the chunked terminator is left), so
-        # httpx returns the connection to its pool instead of closing it: a new TCP
+        # the connection goes back to the pool instead of being closed: a new TCP
         # connection per job cost more CPU than the job's whole SSE parsing.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_DRAIN_S):
                 async for _ in body:
                     pass
-    except httpx.TransportError as exc:
+    except aiohttp.ClientError as exc:
         raise UpstreamError(
             502, f"engine stream broke off: {exc!r}", code="engine_stream_broken"
         ) from exc

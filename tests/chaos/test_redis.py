@@ -12,7 +12,14 @@ import pytest
 import redis
 
 from tests.chaos.conftest import OwnRedis
-from tests.support.clients import body, release, sim_stats, stream_chat, wait_held
+from tests.support.clients import (
+    assert_drained,
+    body,
+    release,
+    sim_stats,
+    stream_chat,
+    wait_held,
+)
 from tests.support.stack import Proc, Stack, wait_for
 
 pytestmark = pytest.mark.chaos
@@ -116,6 +123,7 @@ def test_full_redis_refuses_new_requests_with_503_and_recovers(
     gw = own_stack.gateway()
     rdb = redis.Redis(port=own_redis.proc.port)
     assert httpx.post(gw.url + "/v1/chat/completions", json=body(stream=False)).status_code == 200
+    assert_drained(rdb)  # arq's own clean-up of that job is a write too
     rdb.config_set("maxmemory", 1)  # whatever is stored now is over the bound
     try:
         for payload in (body(stream=False), body()):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +20,7 @@ from llmq.worker.job import RUNTIME, Runtime, chat
 from llmq.worker.metrics import WorkerMetrics
 from llmq.worker.outbox import Outbox
 from tests.support.clients import sse_bytes as sse
+from tests.support.fake_engine import Handler, fake_engine
 
 
 def chunk(content: str | None = None, finish: str | None = None) -> dict:
@@ -36,15 +40,20 @@ USAGE = {
 }
 
 
-def runtime(store: Store, handler, **settings) -> Runtime:
-    engine = EngineClient("http://e", max_connections=2, transport=httpx.MockTransport(handler))
-    return Runtime(
-        settings=Settings(**settings),
-        store=store,
-        engine=engine,
-        metrics=WorkerMetrics(),
-        outbox=Outbox(store),
-    )
+@asynccontextmanager
+async def runtime(store: Store, handler: Handler, **settings: Any) -> AsyncIterator[Runtime]:
+    async with fake_engine(handler) as url:
+        engine = EngineClient(url, max_connections=2)
+        try:
+            yield Runtime(
+                settings=Settings(**settings),
+                store=store,
+                engine=engine,
+                metrics=WorkerMetrics(),
+                outbox=Outbox(store),
+            )
+        finally:
+            await engine.aclose()
 
 
 def job(stream: bool = True) -> dict:
@@ -72,34 +81,34 @@ async def run_and_collect(store: Store, fake_redis, rt: Runtime, stream: bool = 
 
 async def test_stream_publishes_numbered_chunks_and_holds_the_final_one(store, fake_redis):
     body = sse(chunk("a"), chunk("b"), chunk(finish="stop"), USAGE)
-    rt = runtime(store, lambda r: httpx.Response(200, content=body))
-    await store.admit(p.JobSpec.model_validate(job()), limit=5, hold_s=30, expire_s=30)
-    result, events = await run_and_collect(store, fake_redis, rt)
-    assert result == {"id": "chatcmpl-x", "outcome": "completed"}
-    assert [e.seq for e in events] == [1, 2, 3, 4]
-    assert [e.type for e in events] == [
-        p.EventType.STARTED,
-        p.EventType.CHUNK,
-        p.EventType.CHUNK,
-        p.EventType.DONE,
-    ]
-    assert json.loads(events[1].data)["id"] == "chatcmpl-x"  # the engine's id is replaced
-    done = json.loads(events[3].data)
-    assert done["final"]["choices"][0]["finish_reason"] == "stop"
-    assert done["usage"]["completion_tokens"] == 2
-    assert await store.in_system() == 0, "the job's place is released"
-    assert rt.active == 0
+    async with runtime(store, lambda r: httpx.Response(200, content=body)) as rt:
+        await store.admit(p.JobSpec.model_validate(job()), limit=5, hold_s=30, expire_s=30)
+        result, events = await run_and_collect(store, fake_redis, rt)
+        assert result == {"id": "chatcmpl-x", "outcome": "completed"}
+        assert [e.seq for e in events] == [1, 2, 3, 4]
+        assert [e.type for e in events] == [
+            p.EventType.STARTED,
+            p.EventType.CHUNK,
+            p.EventType.CHUNK,
+            p.EventType.DONE,
+        ]
+        assert json.loads(events[1].data)["id"] == "chatcmpl-x"  # the engine's id is replaced
+        done = json.loads(events[3].data)
+        assert done["final"]["choices"][0]["finish_reason"] == "stop"
+        assert done["usage"]["completion_tokens"] == 2
+        assert await store.in_system() == 0, "the job's place is released"
+        assert rt.active == 0
 
 
 async def test_engine_refusal_becomes_one_error_event(store, fake_redis):
     err = {"error": {"message": "too long", "type": "BadRequestError", "code": 400}}
-    rt = runtime(store, lambda r: httpx.Response(400, json=err))
-    result, events = await run_and_collect(store, fake_redis, rt)
-    assert result["outcome"] == "rejected"
-    assert [e.type for e in events] == [p.EventType.STARTED, p.EventType.ERROR]
-    wire = json.loads(events[1].data)
-    assert wire["status"] == 400
-    assert wire["message"] == "too long"
+    async with runtime(store, lambda r: httpx.Response(400, json=err)) as rt:
+        result, events = await run_and_collect(store, fake_redis, rt)
+        assert result["outcome"] == "rejected"
+        assert [e.type for e in events] == [p.EventType.STARTED, p.EventType.ERROR]
+        wire = json.loads(events[1].data)
+        assert wire["status"] == 400
+        assert wire["message"] == "too long"
 
 
 async def test_non_streaming_publishes_one_result(store, fake_redis):
@@ -109,10 +118,10 @@ async def test_non_streaming_publishes_one_result(store, fake_redis):
         "choices": [],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1},
     }
-    rt = runtime(store, lambda r: httpx.Response(200, json=completion))
-    result, events = await run_and_collect(store, fake_redis, rt, stream=False)
-    assert result["outcome"] == "completed"
-    assert json.loads(events[-1].data)["id"] == "chatcmpl-x"
+    async with runtime(store, lambda r: httpx.Response(200, json=completion)) as rt:
+        result, events = await run_and_collect(store, fake_redis, rt, stream=False)
+        assert result["outcome"] == "completed"
+        assert json.loads(events[-1].data)["id"] == "chatcmpl-x"
 
 
 @pytest.mark.parametrize("grace", [0.0001])
@@ -125,7 +134,9 @@ async def test_nobody_listening_past_the_grace_abandons_the_job(store, grace):
             await asyncio.sleep(0.001)
         yield sse(chunk(finish="stop"))
 
-    rt = runtime(store, lambda r: httpx.Response(200, content=slow_body()), orphan_grace_s=grace)
-    result = await chat({RUNTIME: rt}, job())
-    assert result["outcome"] == "client_gone"
-    assert rt.metrics.jobs.labels("client_gone")._value.get() == 1
+    async with runtime(
+        store, lambda r: httpx.Response(200, content=slow_body()), orphan_grace_s=grace
+    ) as rt:
+        result = await chat({RUNTIME: rt}, job())
+        assert result["outcome"] == "client_gone"
+        assert rt.metrics.jobs.labels("client_gone")._value.get() == 1
