@@ -180,16 +180,18 @@ return dead
 """
 )
 
-# ARGV: in-progress prefix, job key prefix, band key prefix, now_ms, limit, bands from the
-# highest. Up to ``limit`` waiting jobs to start: the highest non-empty band first; within a
-# band, the tenant served least recently (scores are a counter, llmq:band:served, so ties
-# cannot happen; a tenant that just got work queued counts as never served: score 0), that
-# tenant's oldest job. Jobs that expired or already run are dropped on the
-# way. Returns their ids.
+# KEYS: queue. ARGV: in-progress prefix, job key prefix, band key prefix, now_ms, limit,
+# in-progress ms, bands from the highest. Up to ``limit`` waiting jobs to start: the highest
+# non-empty band first; within a band, the tenant served least recently (scores are a
+# counter, llmq:band:served, so ties cannot happen; a tenant that just got work queued
+# counts as never served: score 0), that tenant's oldest job. Jobs that expired, already
+# run or left the queue are dropped on the way. Each job returned is claimed in the same
+# step (arq's in-progress key, as arq's start_jobs would set it in four round trips of its
+# own). Returns {id, queue score, id, queue score, ...}.
 PICK = """
 local out = {}
-local limit = tonumber(ARGV[5])
-for b = 6, #ARGV do
+local limit = tonumber(ARGV[5]) * 2
+for b = 7, #ARGV do
   local index = ARGV[3] .. ARGV[b]
   while #out < limit do
     local first = redis.call('ZRANGE', index, 0, 0)
@@ -200,8 +202,12 @@ for b = 6, #ARGV do
     if #head > 0 then
       local id = head[1]
       redis.call('ZREM', queue, id)
-      if redis.call('EXISTS', ARGV[2] .. id) == 1 and redis.call('EXISTS', ARGV[1] .. id) == 0 then
+      local score = tonumber(redis.call('ZSCORE', KEYS[1], id))
+      if score and score <= tonumber(ARGV[4]) and redis.call('EXISTS', ARGV[2] .. id) == 1
+          and redis.call('EXISTS', ARGV[1] .. id) == 0 then
+        redis.call('PSETEX', ARGV[1] .. id, ARGV[6], '1')
         table.insert(out, id)
+        table.insert(out, score)
         redis.call('ZADD', index, 'XX', redis.call('INCR', ARGV[3] .. 'served'), tenant)
       end
     end

@@ -176,21 +176,23 @@ class Store:
         return out
 
     # -- worker side -------------------------------------------------------------------
-    async def pick_jobs(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` waiting jobs to start now: highest band first, and within a band
-        the tenant served least recently (fair queuing); see ``scripts.PICK``."""
-        ids: list[bytes] = await self._pick(
-            keys=[],
+    async def pick_jobs(self, limit: int, in_progress_s: float) -> list[tuple[str, int]]:
+        """Up to ``limit`` waiting jobs to start now, each claimed (arq's in-progress key,
+        for ``in_progress_s``): highest band first, and within a band the tenant served
+        least recently (fair queuing); see ``scripts.PICK``. Returns (id, queue score)."""
+        flat: list[Any] = await self._pick(
+            keys=[p.QUEUE],
             args=[
                 p.IN_PROGRESS_PREFIX,
                 p.job_key(""),
                 p.BAND_PREFIX,
                 int(time.time() * 1000),
                 limit,
+                max(1, int(in_progress_s * 1000)),
                 *p.BANDS,
             ],
         )
-        return ids
+        return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def mark_started(self, spec: p.JobSpec, worker_id: str, hold_s: float) -> None:
         await self._start(

@@ -9,7 +9,9 @@ arq's iteration also reads the first 100 queue entries and tries each, running o
 included (arq keeps running jobs in the queue): three Redis round trips per running job
 before it reaches a waiting one, tens of milliseconds with a few dozen slots busy. Here one
 Lua call (``Store.pick_jobs``: highest priority band first, fair across API keys) returns
-only waiting jobs, as many as there are free slots. The rest of the
+only waiting jobs, as many as there are free slots, and claims them in the same step (arq's
+in-progress key), so arq's ``start_jobs`` and its four round trips per job are skipped:
+``_start_claimed`` does its slot accounting and starts arq's ``run_job``. The rest of the
 iteration (aborts, finished tasks, arq's health key) is arq's, step by step.
 
 This is the one module that touches arq's internals. ``ARQ_SEAM`` lists every member of
@@ -69,8 +71,14 @@ ARQ_SEAM: dict[str, Pin] = {
     "start_jobs": Pin(
         "(self, job_ids: list[bytes]) -> None",
         "b45797cfa40bed7fe6e9b8b8100c5f5b4144fe85112155c4e355df6ed8521f5f",
-        "claims each job (in-progress key) and calls _release_sem_dec_counter_on_complete "
-        "when its task ends",
+        "not called: _start_claimed does its slot accounting (sem, job_counter, tasks, "
+        "run_job, _release_sem_dec_counter_on_complete) for jobs the pick script claimed "
+        "(the in-progress key it sets, for in_progress_timeout_s)",
+    ),
+    "run_job": Pin(
+        "(self, job_id: str, score: int) -> None",
+        "589a19059ff84ee777552dc9fa5ff76b17d6d0d7f99716d2720a2ed07ccb9607",
+        "started by _start_claimed as start_jobs starts it; must not re-check the claim",
     ),
     "_release_sem_dec_counter_on_complete": Pin(
         "(self) -> None",
@@ -85,7 +93,9 @@ ARQ_SEAM: dict[str, Pin] = {
         "overridden: withdraw the heartbeat first, then arq's drain",
     ),
     "max_jobs": Pin(why="slots (read)"),
-    "job_counter": Pin(why="running jobs (read)"),
+    "job_counter": Pin(why="running jobs (read; counted up by _start_claimed)"),
+    "sem": Pin(why="slot semaphore (acquired by _start_claimed)"),
+    "in_progress_timeout_s": Pin(why="how long the pick script's claim lasts"),
     "allow_pick_jobs": Pin(why="False once draining (read)"),
     "allow_abort_jobs": Pin(why="read"),
     "tasks": Pin(why="job id -> task, reaped in _poll_iteration"),
@@ -194,7 +204,8 @@ class WakeableWorker(Worker):
     async def _pick_and_reap(self) -> None:
         free = self.max_jobs - self.job_counter
         if self.allow_pick_jobs and free > 0:
-            await self.start_jobs(await self.runtime.store.pick_jobs(free))
+            picked = await self.runtime.store.pick_jobs(free, self.in_progress_timeout_s)
+            await self._start_claimed(picked)
         if self.allow_abort_jobs:
             await self._cancel_aborted_jobs()
         for job_id, task in list(self.tasks.items()):
@@ -205,6 +216,17 @@ class WakeableWorker(Worker):
                 except (RedisError, OSError) as exc:  # arq could not record the outcome
                     logger.warning("job %s: arq lost Redis while finishing it: %s", job_id, exc)
         await self.heart_beat()
+
+    async def _start_claimed(self, picked: list[tuple[str, int]]) -> None:
+        """arq's ``start_jobs`` for jobs the pick script already claimed: the same slot
+        accounting and task, without its four round trips per job (WATCH, EXISTS, ZSCORE,
+        MULTI/PSETEX/EXEC) between the wake-up and the engine request."""
+        for job_id, score in picked:
+            await self.sem.acquire()  # free: at most max_jobs - job_counter were picked
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()

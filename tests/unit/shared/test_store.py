@@ -21,6 +21,11 @@ def spec(job_id: str) -> p.JobSpec:
     return job_spec(job_id)
 
 
+async def picked(store: Store, limit: int) -> list[str]:
+    """Ids the pick script returns (and claims)."""
+    return [job_id for job_id, _score in await store.pick_jobs(limit, in_progress_s=60)]
+
+
 async def test_admit_enqueues_json_job_until_the_limit(store: Store, fake_redis) -> None:
     results = [await store.admit(spec(f"j{i}"), limit=3, hold_s=30, expire_s=30) for i in range(5)]
     assert [r.admitted for r in results] == [True, True, True, False, False]
@@ -107,9 +112,22 @@ async def test_pick_skips_running_and_expired_jobs(store: Store, fake_redis) -> 
         await store.admit(spec(f"j{i}"), limit=10, hold_s=30, expire_s=30)
     await fake_redis.set(p.in_progress_key("j0"), b"1")
     await fake_redis.delete(p.job_key("j1"))  # expired: its gateway died before it ran
-    assert await store.pick_jobs(1) == [b"j2"]
-    assert await store.pick_jobs(10) == [b"j3"]
-    assert await store.pick_jobs(10) == []
+    assert await picked(store, 1) == ["j2"]
+    assert 0 < await fake_redis.pttl(p.in_progress_key("j2")) <= 60_000, "claimed for arq"
+    assert await picked(store, 10) == ["j3"]
+    assert await picked(store, 10) == []
+
+
+async def test_pick_returns_queue_scores_and_drops_jobs_no_longer_queued(
+    store: Store, fake_redis
+) -> None:
+    for name in ("gone", "kept"):
+        await store.admit(spec(name), limit=10, hold_s=30, expire_s=30)
+    await fake_redis.zrem(p.QUEUE, "gone")  # left the queue (arq finished it elsewhere)
+    [(job_id, score)] = await store.pick_jobs(10, in_progress_s=5)
+    assert job_id == "kept"
+    assert score == await fake_redis.zscore(p.QUEUE, "kept")
+    assert not await fake_redis.exists(p.in_progress_key("gone"))
     assert await store.depth_by_band() == {"high": 0, "normal": 0, "low": 0}
 
 
