@@ -187,7 +187,9 @@ return dead
 # counts as never served: score 0), that tenant's oldest job. Jobs that expired, already
 # run or left the queue are dropped on the way. Each job returned is claimed in the same
 # step (arq's in-progress key, as arq's start_jobs would set it in four round trips of its
-# own). Returns {id, queue score, id, queue score, ...}.
+# own). Returns {id, queue score, id, queue score, ...}. (The queue score is the gateway's
+# enqueue time: unlike arq, never compared with now, as nothing here is deferred and the
+# gateway's clock may be ahead of the worker's; a job dropped for that was lost.)
 PICK = """
 local out = {}
 local limit = tonumber(ARGV[5]) * 2
@@ -203,7 +205,7 @@ for b = 7, #ARGV do
       local id = head[1]
       redis.call('ZREM', queue, id)
       local score = tonumber(redis.call('ZSCORE', KEYS[1], id))
-      if score and score <= tonumber(ARGV[4]) and redis.call('EXISTS', ARGV[2] .. id) == 1
+      if score and redis.call('EXISTS', ARGV[2] .. id) == 1
           and redis.call('EXISTS', ARGV[1] .. id) == 0 then
         redis.call('PSETEX', ARGV[1] .. id, ARGV[6], '1')
         table.insert(out, id)

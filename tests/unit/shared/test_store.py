@@ -8,6 +8,7 @@ Redis' clock), not by sleeping past it.
 from __future__ import annotations
 
 import json
+import time
 
 from llmq.shared import protocol as p
 from llmq.shared.errors import ServiceError, WorkerLost
@@ -124,6 +125,8 @@ async def test_pick_returns_queue_scores_and_drops_jobs_no_longer_queued(
     for name in ("gone", "kept"):
         await store.admit(spec(name), limit=10, hold_s=30, expire_s=30)
     await fake_redis.zrem(p.QUEUE, "gone")  # left the queue (arq finished it elsewhere)
+    # the gateway that enqueued "kept" has a clock a minute ahead of this worker's
+    await fake_redis.zadd(p.QUEUE, {"kept": int(time.time() * 1000) + 60_000})
     [(job_id, score)] = await store.pick_jobs(10, in_progress_s=5)
     assert job_id == "kept"
     assert score == await fake_redis.zscore(p.QUEUE, "kept")
