@@ -11,7 +11,7 @@ import openai
 import pytest
 import redis
 
-from tests.support.stack import Proc, Stack, dump_logs_on_failure, start_redis, start_sim
+from tests.support.stack import Proc, Stack, stack_for, start_redis, start_sim
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +70,5 @@ def stack(
     redis_server: Proc, sim: Proc, rdb: redis.Redis, logdir: Path, request: pytest.FixtureRequest
 ) -> Iterator[Stack]:
     httpx.post(sim.url + "/sim/reset")
-    s = Stack(f"redis://127.0.0.1:{redis_server.port}/0", sim.url, logdir)
-    yield s
-    s.close()
-    dump_logs_on_failure(request, s.procs)
+    with stack_for(request, f"redis://127.0.0.1:{redis_server.port}/0", sim.url, logdir) as s:
+        yield s

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.stack import Proc, Stack, dump_logs_on_failure, start_redis
+from tests.support.stack import Proc, Stack, stack_for, start_redis
 
 
 @dataclass
@@ -45,7 +45,5 @@ def own_stack(
     own_redis: OwnRedis, sim: Proc, logdir: Path, request: pytest.FixtureRequest
 ) -> Iterator[Stack]:
     httpx.post(sim.url + "/sim/reset")
-    s = Stack(own_redis.url, sim.url, logdir)
-    yield s
-    s.close()
-    dump_logs_on_failure(request, s.procs)
+    with stack_for(request, own_redis.url, sim.url, logdir) as s:
+        yield s

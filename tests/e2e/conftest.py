@@ -18,9 +18,9 @@ from tests.support.stack import (
     E2E_MAX_MODEL_LEN,
     Proc,
     Stack,
-    dump_logs_on_failure,
     engine_paths,
     spawn_vllm,
+    stack_for,
     wait_for,
 )
 
@@ -58,12 +58,11 @@ def vllm(logdir: Path) -> Iterator[Proc]:
 def stack(
     redis_server: Proc, vllm: Proc, rdb: redis.Redis, logdir: Path, request: pytest.FixtureRequest
 ) -> Iterator[Stack]:
-    s = Stack(
+    with stack_for(
+        request,
         f"redis://127.0.0.1:{redis_server.port}/0",
         vllm.url,
         logdir,
         worker_settings={"vllm_api_key": ENGINE_KEY},
-    )
-    yield s
-    s.close()
-    dump_logs_on_failure(request, s.procs)
+    ) as s:
+        yield s

@@ -27,7 +27,7 @@ from tests.support.clients import (
     stream_chat,
     wait_held,
 )
-from tests.support.stack import ROOT, Proc, Stack, dump_logs_on_failure, free_port, spawn, wait_for
+from tests.support.stack import ROOT, Proc, Stack, free_port, spawn, stack_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,10 +78,8 @@ def acl_stack(
     acl_redis: Proc, admin: redis.Redis, sim: Proc, logdir: Path, request: pytest.FixtureRequest
 ) -> Iterator[Stack]:
     httpx.post(sim.url + "/sim/reset")
-    s = Stack(f"redis://127.0.0.1:{acl_redis.port}/0", sim.url, logdir)
-    yield s
-    s.close()
-    dump_logs_on_failure(request, s.procs)
+    with stack_for(request, f"redis://127.0.0.1:{acl_redis.port}/0", sim.url, logdir) as s:
+        yield s
 
 
 def test_the_acl_file_holds_no_password(acl_redis: Proc) -> None:

@@ -6,8 +6,11 @@ vLLM) is shared with the benchmarks; tests import it only through this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +45,7 @@ __all__ = [
     "free_port",
     "spawn",
     "spawn_vllm",
+    "stack_for",
     "start_redis",
     "start_sim",
     "wait_for",
@@ -73,6 +77,19 @@ class Stack:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.kill()
+
+
+@contextmanager
+def stack_for(
+    request: pytest.FixtureRequest, redis_url: str, engine_url: str, logdir: Path, **kw: Any
+) -> Iterator[Stack]:
+    """A fixture's Stack: killed at teardown, its processes' logs printed if the test failed."""
+    s = Stack(redis_url, engine_url, logdir, **kw)
+    try:
+        yield s
+    finally:
+        s.close()
+        dump_logs_on_failure(request, s.procs)
 
 
 def dump_logs_on_failure(request: pytest.FixtureRequest, procs: list[Proc]) -> None:
