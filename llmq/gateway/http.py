@@ -52,7 +52,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     body_timeout_s = 60.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._head_bytes = 0  # bytes received while the current head is incomplete
+        # Two measures of the current head, each never above its true size: the bytes of the
+        # parts the parser has completed (request target, header names and values), and the
+        # bytes of reads that ended with the head still incomplete (all of them head).
+        self._parsed_bytes = 0
+        self._pending_bytes = 0
         self._header_count = 0
         self._in_head = True
         self._refusal: ServiceError | None = None
@@ -73,15 +77,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
         if in_head and self._in_head and self._refusal is None:
             # The whole chunk was head and the head is still incomplete.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
+            self._pending_bytes += len(data)
+            if self._pending_bytes > self.max_header_bytes:
                 self._refuse(HeadersTooLarge(self._too_large()))
 
     # Parser callbacks.
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_bytes = 0
+        self._parsed_bytes = 0
+        self._pending_bytes = 0
         self._header_count = 0
         if self._deadline is None:
             self._arm(self.head_timeout_s, "head")
@@ -112,8 +117,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # Limits.
     def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._header_count > self.max_headers or self._head_bytes > self.max_header_bytes:
+        self._parsed_bytes += size
+        if self._header_count > self.max_headers or self._parsed_bytes > self.max_header_bytes:
             self._refusal = HeadersTooLarge(self._too_large())
             raise _Refused
 

@@ -141,3 +141,22 @@ def test_a_keep_alive_pause_longer_than_the_head_deadline_is_fine(gw) -> None:
                 raw += sock.recv(65536)
             assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
             time.sleep(HEAD_TIMEOUT_S * 2)
+
+
+def test_a_large_legal_head_sent_in_pieces_is_served(gw) -> None:
+    """24 KiB of headers (under the 32 KiB limit) arriving in 4 KiB reads: each read is
+    counted once, not once as raw bytes and again as parsed headers."""
+    payload = json.dumps(body(stream=False, tokens=1)).encode()
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(24))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\n" + headers + b"Content-Length: %d\r\n\r\n" % len(payload)
+    )
+    with _connect(gw.url) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(head), 4096):
+            sock.sendall(head[i : i + 4096])
+            time.sleep(0.05)  # separate reads on the gateway's side
+        sock.sendall(payload)
+        raw = _read_until_closed(sock)
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
