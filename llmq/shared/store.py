@@ -257,10 +257,6 @@ class Store:
         )
         return [w.decode() for w in out[:-1]], int(out[-1])
 
-    async def publish(self, job_id: str, event: p.Event) -> int:
-        """Publish one event; returns how many subscribers got it (0: nobody listens)."""
-        return int(await self.redis.publish(p.events_channel(job_id), event.encode()))
-
     async def publish_many(self, batch: dict[str, list[bytes]]) -> list[int]:
         """Publish the encoded events of several jobs (job id -> events, in order), one
         message per job, in one round trip; returns each message's subscriber count."""

@@ -53,13 +53,9 @@ class Publisher:
         while True:
             generation = self._outbox.put(self._job_id, event)
             await asyncio.wait([generation])
-            if generation.cancelled():
-                raise RedisError("the worker's outbox stopped")
-            exc = generation.exception()
-            if exc is not None:
-                raise exc
+            heard = _receivers(generation, self._job_id)
             self._seq = 1
-            if generation.result().get(self._job_id, 0):
+            if heard:
                 return
             self._silent_since = first
             if time.monotonic() - first >= min(STARTED_WAIT_S, self._grace):
@@ -97,14 +93,12 @@ class Publisher:
             raise ClientGone(self._job_id)
 
     def _flushed(self, generation: Generation) -> None:
-        if generation.cancelled():
-            self._error = RedisError("the worker's outbox stopped")
-            return
-        exc = generation.exception()
-        if exc is not None:
+        try:
+            heard = _receivers(generation, self._job_id)
+        except Exception as exc:  # whatever failed the flush fails the job's next send
             self._error = exc
             return
-        if generation.result().get(self._job_id, 0):
+        if heard:
             self._silent_since = None
             return
         now = time.monotonic()
@@ -112,3 +106,13 @@ class Publisher:
             self._silent_since = now
         elif now - self._silent_since > self._grace:
             self._gone = True
+
+
+def _receivers(generation: Generation, job_id: str) -> int:
+    """How many subscribers a finished flush reached for ``job_id``; raises its error."""
+    if generation.cancelled():
+        raise RedisError("the worker's outbox stopped")
+    exc = generation.exception()
+    if exc is not None:
+        raise exc
+    return generation.result().get(job_id, 0)
