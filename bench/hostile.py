@@ -21,13 +21,12 @@ import asyncio
 import json
 import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.processes import Proc, service_env, start_gateway, start_redis, start_sim, start_worker
+from bench.processes import Proc, local_stack
 
 SMALL = {
     "model": "sim-model",
@@ -123,27 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=10)
     ap.add_argument("--idle", type=int, default=1100)
     a = ap.parse_args(argv)
-    procs: list[Proc] = []
-    with tempfile.TemporaryDirectory(prefix="llmq-hostile-") as tmp:
-        logdir = Path(tmp)
-        try:
-            redis = start_redis(logdir)
-            sim = start_sim(logdir)
-            procs += [redis, sim]
-            env = service_env(
-                f"redis://127.0.0.1:{redis.port}/0",
-                sim.url,
-                log_level="WARNING",
-                client_head_timeout_s=2,
-            )
-            procs.append(start_worker(logdir, env))
-            gw = start_gateway(logdir, env)
-            procs.append(gw)
-            alone, during, codes = asyncio.run(measure(gw.url, a.big, a.small))
-            asyncio.run(connections(gw, a.heads, a.idle))
-        finally:
-            for p in reversed(procs):
-                p.kill()
+    with local_stack("llmq-hostile-", log_level="WARNING", client_head_timeout_s=2) as stack:
+        alone, during, codes = asyncio.run(measure(stack.gateway.url, a.big, a.small))
+        asyncio.run(connections(stack.gateway, a.heads, a.idle))
     print(f"body of {len(BIG) / 1e6:.1f} MB, answered {sorted(set(codes))} x{len(codes)}")
     print(f"small request alone:            {_ms(alone)}")
     print(f"small request during the bodies: {_ms(during)}")

@@ -13,8 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,3 +216,37 @@ def spawn_vllm(
     )
     env = {**vllm_env("1"), **({"VLLM_API_KEY": api_key} if api_key else {})}
     return spawn("vllm", args, logdir, env, port)
+
+
+@dataclass
+class LocalStack:
+    redis: Proc
+    sim: Proc
+    worker: Proc
+    gateway: Proc
+
+
+@contextlib.contextmanager
+def local_stack(
+    prefix: str, sim_args: Sequence[str] = (), **settings: object
+) -> Iterator[LocalStack]:
+    """For a benchmark: redis-server, the simulator (``sim_args``), one worker and one
+    gateway (``settings`` as environment) on loopback, logs in a temporary folder; all of
+    it killed on exit."""
+    procs: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        logdir = Path(tmp)
+        try:
+            redis = start_redis(logdir)
+            procs.append(redis)
+            sim = start_sim(logdir, *sim_args)
+            procs.append(sim)
+            env = service_env(f"redis://127.0.0.1:{redis.port}/0", sim.url, **settings)
+            worker = start_worker(logdir, env)
+            procs.append(worker)
+            gateway = start_gateway(logdir, env)
+            procs.append(gateway)
+            yield LocalStack(redis, sim, worker, gateway)
+        finally:
+            for p in reversed(procs):
+                p.kill()

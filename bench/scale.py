@@ -21,21 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.loadgen import RunResult, merge, run
-from bench.processes import (
-    ROOT,
-    Proc,
-    service_env,
-    start_gateway,
-    start_redis,
-    start_sim,
-    start_worker,
-)
+from bench.processes import ROOT, Proc, local_stack
 
 BODY = {
     "model": "sim-model",
@@ -181,48 +172,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "var/bench/scale.png")
     a = ap.parse_args(argv)
     concs = [int(c) for c in a.conc.split(",")]
-    procs: list[Proc] = []
-    with tempfile.TemporaryDirectory(prefix="llmq-scale-") as tmp:
-        logdir = Path(tmp)
-        try:
-            redis = start_redis(logdir)
-            sim = start_sim(
-                logdir, "--ttft-ms", str(a.ttft_ms), "--itl-ms", str(a.itl_ms),
-                "--tokens", str(a.tokens),
-            )  # fmt: skip
-            procs += [redis, sim]
-            env = service_env(
-                f"redis://127.0.0.1:{redis.port}/0",
-                sim.url,
-                max_active=max(concs),
-                queue_max=max(concs),
-                log_level="WARNING",
-                gateway_processes=a.gateways,
-            )
-            worker = start_worker(logdir, env)
-            gateway = start_gateway(logdir, env)
-            procs += [worker, gateway]
-            kinds = {"gateway": [gateway], "worker": [worker], "redis": [redis]}
-            asyncio.run(run(gateway.url, BODY, 40, 8))  # warm-up both paths
-            asyncio.run(run(sim.url, BODY, 40, 8))
-            expected = asyncio.run(run(sim.url, BODY, 1, 1)).samples[0].text
-            print(
-                f"engine simulator: TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms, {a.tokens} "
-                f"tokens; gateway processes {a.gateways}, "
-                f"MAX_ACTIVE {max(concs)}; {a.rounds} alternating rounds per c"
-            )
-            rows = []
-            print_header()
-            for c in concs:
-                n = max(a.min_requests, a.per_lane * c)
-                n -= n % a.rounds
-                direct, via, cpu, loadgen = measure(c, n, a.rounds, sim, gateway.url, kinds)
-                errors = _errors(direct, expected, a.tokens) + _errors(via, expected, a.tokens)
-                rows.append(Row(c, n, direct, via, cpu, loadgen, errors))
-                print_row(rows[-1])
-        finally:
-            for p in reversed(procs):
-                p.kill()
+    sim_args = ("--ttft-ms", str(a.ttft_ms), "--itl-ms", str(a.itl_ms), "--tokens", str(a.tokens))
+    settings = {"max_active": max(concs), "queue_max": max(concs), "log_level": "WARNING"}
+    with local_stack("llmq-scale-", sim_args, gateway_processes=a.gateways, **settings) as stack:
+        sim, gateway = stack.sim, stack.gateway
+        kinds = {"gateway": [gateway], "worker": [stack.worker], "redis": [stack.redis]}
+        asyncio.run(run(gateway.url, BODY, 40, 8))  # warm-up both paths
+        asyncio.run(run(sim.url, BODY, 40, 8))
+        expected = asyncio.run(run(sim.url, BODY, 1, 1)).samples[0].text
+        print(
+            f"engine simulator: TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms, {a.tokens} "
+            f"tokens; gateway processes {a.gateways}, "
+            f"MAX_ACTIVE {max(concs)}; {a.rounds} alternating rounds per c"
+        )
+        rows = []
+        print_header()
+        for c in concs:
+            n = max(a.min_requests, a.per_lane * c)
+            n -= n % a.rounds
+            direct, via, cpu, loadgen = measure(c, n, a.rounds, sim, gateway.url, kinds)
+            errors = _errors(direct, expected, a.tokens) + _errors(via, expected, a.tokens)
+            rows.append(Row(c, n, direct, via, cpu, loadgen, errors))
+            print_row(rows[-1])
     print_goals(rows)
     plot(rows, a.out)
     print(f"plot: {a.out}")
