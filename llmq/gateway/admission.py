@@ -16,7 +16,7 @@ from llmq.shared.errors import (
     ServerBusy,
     ServiceError,
 )
-from llmq.shared.protocol import JobSpec
+from llmq.shared.protocol import JobSpec, StoredJob
 from llmq.shared.settings import Settings
 from llmq.shared.store import AdmitResult, AdmitStatus, Store, TenantLimits
 
@@ -52,8 +52,16 @@ class Admission:
             raise EngineUnavailable(f"no ready engine serves `{model}` right now")
         return capacity
 
-    async def admit(self, spec: JobSpec, capacity: int, tenant: Tenant) -> AdmitResult:
-        """Try to admit and enqueue atomically (the tenant's limits, then the global bound).
+    async def admit(
+        self,
+        spec: JobSpec,
+        capacity: int,
+        tenant: Tenant,
+        record: StoredJob | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> AdmitResult:
+        """Try to admit and enqueue atomically (the tenant's limits, then the global bound),
+        with a stored job's record and its Idempotency-Key (see ``Store.admit``).
 
         ``ratelimit_headers(result, tenant)`` describes the key's budget either way; then
         ``raise_unless_admitted`` turns a refusal into its 429.
@@ -65,6 +73,8 @@ class Admission:
             hold_s=s.queue_timeout_s + _HOLD_GRACE_S,
             expire_s=s.queue_timeout_s,
             tenant=TenantLimits(tenant.max_concurrent, tenant.rpm),
+            record=record,
+            idempotency=idempotency,
         )
         return result
 

@@ -12,7 +12,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llmq.gateway import errors
+from llmq.gateway import durable, errors
 from llmq.gateway.admission import Admission
 from llmq.gateway.events import Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
@@ -46,7 +46,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         socket_keepalive=True,
         **settings.redis_auth(),
     )
-    store = Store(redis)
+    store = Store(redis, settings.store_ttl_s)
     metrics = GatewayMetrics()
     registry = WorkerRegistry(store, settings.registry_refresh_s)
     return GatewayState(
@@ -135,6 +135,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     )
     app.state.gateway = st
     app.include_router(router)
+    app.include_router(durable.router)
     errors.install(app)
     app.add_middleware(GatewayMiddleware, state=st)
     return app

@@ -60,6 +60,7 @@ class Subscription:
         self._events: deque[Event] = deque()  # decoded from the current message
         self._deferred: ServiceError | None = None  # a problem met by ``ready``
         self._seq = 0
+        self._resumed = False  # see ``replay``
 
     @property
     def heard(self) -> bool:
@@ -70,11 +71,21 @@ class Subscription:
         event = self._take()
         if event is None:
             async with asyncio.timeout(within):
-                raw = await self.queue.get()
-            self._decode(raw)
-            event = self._take()
-            assert event is not None
+                while event is None:  # (a message of replayed events only: wait on)
+                    raw = await self.queue.get()
+                    self._decode(raw)
+                    event = self._take()
         return event
+
+    def replay(self, logged: list[Event], after: int) -> None:
+        """Resume a stored job's stream after event ``after``: ``logged`` (its log from
+        there, read *after* this subscription was confirmed) comes first, then live
+        events; those the log already held (numbered up to the last one taken) are
+        dropped, so nothing is missed and nothing doubled."""
+        self._resumed = True
+        self._seq = after
+        self._events.extendleft(reversed(logged))
+        self.buffered += len(logged)
 
     def ready(self, limit: int = 256) -> list[Event]:
         """Up to ``limit`` more events that are already here, without waiting. A problem
@@ -96,23 +107,26 @@ class Subscription:
                 f"job {self.job_id}: the client read too slowly; "
                 f"more than {MAX_BUFFERED_EVENTS} events were waiting"
             )
-        if not self._events:
-            try:
-                raw = self.queue.get_nowait()  # hot path: no timer when it is here
-            except asyncio.QueueEmpty:
-                return None
-            self._decode(raw)
-        event = self._events.popleft()
-        self.buffered -= 1
-        if event.seq == OUT_OF_BAND:  # terminal, from the reaper: no place in the sequence
+        while True:
+            if not self._events:
+                try:
+                    raw = self.queue.get_nowait()  # hot path: no timer when it is here
+                except asyncio.QueueEmpty:
+                    return None
+                self._decode(raw)
+            event = self._events.popleft()
+            self.buffered -= 1
+            if event.seq == OUT_OF_BAND:  # terminal, from the reaper: no place in the sequence
+                return event
+            if self._resumed and event.seq <= self._seq:  # live, and already replayed
+                continue
+            if event.seq != self._seq + 1:
+                raise StreamInterrupted(
+                    f"job {self.job_id}: event stream interrupted "
+                    f"(expected #{self._seq + 1}, got #{event.seq})"
+                )
+            self._seq = event.seq
             return event
-        if event.seq != self._seq + 1:
-            raise StreamInterrupted(
-                f"job {self.job_id}: event stream interrupted "
-                f"(expected #{self._seq + 1}, got #{event.seq})"
-            )
-        self._seq = event.seq
-        return event
 
     def _decode(self, raw: bytes) -> None:
         if raw is _LOST:

@@ -5,25 +5,35 @@ Concurrent tasks of one streamed request (see ARCHITECTURE.md):
   - the response task runs ``sse_body``: queue -> ``data: ...`` frames, as they arrive;
   - sse-starlette's disconnect listener cancels the response task when the client leaves,
     and ``sse_body``'s ``finally`` then cancels the job in Redis.
-The HTTP status is held until ``open_job`` has seen the first payload event: the engine
+The HTTP status is held until ``open`` has seen the first payload event: the engine
 accepted (200 + stream) or refused (its status, OpenAI error body).
+
+Every SSE frame of a job's event carries ``id: <seq>`` (a finishing event's frames: on the
+last, ``[DONE]``), the number a resumed stream starts after (``Last-Event-ID``). A stored
+job (``store: true``) is never cancelled by its relay: when its client leaves, the job runs
+on (detached) for a resume or a retrieval; only an explicit cancel stops it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse
+from starlette.types import Receive
 
 from llmq.gateway.events import Subscription, Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
-from llmq.shared.errors import QueueTimeout, RequestTimeout, ServiceError
+from llmq.shared.errors import ClientClosedRequest, QueueTimeout, RequestTimeout, ServiceError
 from llmq.shared.protocol import TERMINAL, Event, EventType, JobSpec
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
@@ -35,6 +45,28 @@ _STARTED_GRACE_S = 5.0
 # Backstop beyond REQUEST_TIMEOUT_S (which the worker enforces itself) for a worker that died.
 _WORKER_SILENCE_GRACE_S = 10.0
 _DONE = b"data: [DONE]\n\n"
+T = TypeVar("T")
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first (then raise ClientClosedRequest)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientClosedRequest("client disconnected")
+    return task.result()
 
 
 @dataclass
@@ -74,6 +106,7 @@ class JobRelay:
     timings: Timings
     finished: bool = False
     silence_grace_s: float = _WORKER_SILENCE_GRACE_S
+    resumed: bool = False  # a stored job followed again (gateway.durable), not its POST
 
     async def open(self) -> Event:
         """Wait for pickup (QUEUE_TIMEOUT_S), then for the first payload; errors raise."""
@@ -83,19 +116,18 @@ class JobRelay:
                 max(0.0, s.queue_timeout_s - (time.monotonic() - t.admitted))
             )
         except TimeoutError:
-            if await self.store.cancel(self.spec):
+            timeout = QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue; try again")
+            if await self.store.cancel(self.spec, timeout):
                 self.finished = True
-                raise QueueTimeout(
-                    f"waited {s.queue_timeout_s:g}s in the queue; try again"
-                ) from None
+                raise timeout from None
             try:  # it started just as we gave up: its STARTED event is on the way
                 event = await self.sub.next(_STARTED_GRACE_S)
             except TimeoutError:
                 raise RequestTimeout("the worker took the job but sent nothing") from None
         t.started = time.monotonic()
+        self._raise_if_error(event)  # a cancel while it waited (an out-of-band error)
         self.metrics.queue_wait.observe(t.started - t.admitted)
         self.metrics.band_queue_wait.labels(self.spec.band).observe(t.started - t.admitted)
-        self._raise_if_error(event)
         try:
             event = await self.sub.next(s.request_timeout_s + self.silence_grace_s)
         except TimeoutError:
@@ -105,6 +137,34 @@ class JobRelay:
         t.first = time.monotonic()
         self.metrics.ttft.observe(t.first - t.arrived)
         return event
+
+    async def follow(self, queued_until: float) -> Event:
+        """A resumed relay's first event (its ``open``): the job may still wait in the queue
+        (until ``queued_until``, wall clock), or run. A queued job whose time is up and that
+        nobody cancelled (its client left: it is detached) is cancelled here, as the POST's
+        relay would have; the cancel's error event is then the next one."""
+        s, t = self.settings, self.timings
+        while True:
+            waiting = not self.sub.heard and time.time() < queued_until
+            within = queued_until - time.time() + 0.5 if waiting else None
+            try:
+                event = await self.sub.next(
+                    within if within is not None else s.request_timeout_s + self.silence_grace_s
+                )
+            except TimeoutError:
+                if waiting:
+                    expired = QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue")
+                    await self.store.cancel(self.spec, expired)
+                    queued_until = 0.0
+                    continue
+                raise RequestTimeout(f"no answer within {s.request_timeout_s:g}s") from None
+            if event.type is EventType.STARTED:
+                continue
+            t.started = t.started or time.monotonic()
+            self._raise_if_error(event)
+            self.finished = event.type in TERMINAL
+            t.first = time.monotonic()
+            return event
 
     def _raise_if_error(self, event: Event) -> None:
         if event.type is EventType.ERROR:
@@ -118,6 +178,10 @@ class JobRelay:
         gateway ending the job itself after a timeout or lost events (counted where raised).
         """
         with anyio.CancelScope(shield=True):
+            if self.spec.store and not self.finished:  # detached: it runs on
+                if client_gone:
+                    logger.info("job %s: client gone, the stored job runs on", self.spec.id)
+                self.finished = True
             if not self.finished:
                 if client_gone:
                     logger.info("job %s: client gone, cancelling", self.spec.id)
@@ -146,15 +210,17 @@ class JobRelay:
     def completion(self, event: Event) -> dict[str, Any]:
         """``stream=false``: the engine's chat.completion plus the gateway's timings."""
         result: dict[str, Any] = json.loads(event.data)
-        usage = result.get("usage")
-        result["timings"] = self.timings.report(self._account(usage), streamed=False)
+        if not self.resumed:  # (a resumed one keeps the worker's timings: see worker.job)
+            usage = result.get("usage")
+            result["timings"] = self.timings.report(self._account(usage), streamed=False)
         return result
 
     def _finish(self, event: Event) -> list[bytes]:
         done = json.loads(event.data)
         final: dict[str, Any] | None = done.get("final")
         usage: dict[str, Any] | None = done.get("usage")
-        timings = self.timings.report(self._account(usage))
+        # A resumed stream: counted once (by the first relay); the timings are the worker's.
+        timings = done.get("timings") if self.resumed else self.timings.report(self._account(usage))
         frames = []
         if self.spec.include_usage:
             if final is not None:
@@ -191,6 +257,22 @@ class JobRelay:
         self.metrics.reject(err.code, self.spec.tenant)
         return _frame(json.dumps(err.body(), separators=(",", ":")))
 
+    async def respond(self, first: Event) -> Response:
+        """The HTTP answer once the first payload event is here: the SSE stream, or (no
+        stream) the completion."""
+        if self.spec.stream:
+            return EventSourceResponse(
+                self.sse_body(first),
+                sep="\n",
+                ping=15,
+                headers={"Cache-Control": "no-cache"},
+                # A client that stops reading: the send blocks, and after this the stream
+                # ends and its job is cancelled (the slot must not wait on a stalled socket).
+                send_timeout=self.settings.client_send_timeout_s,
+            )
+        await self.close(client_gone=False)  # the result is in: nothing left to cancel
+        return JSONResponse(self.completion(first))
+
     async def sse_body(self, first: Event) -> AsyncIterator[bytes]:
         """The SSE body: chunks as they come, the final chunk with timings, ``[DONE]``.
 
@@ -206,7 +288,7 @@ class JobRelay:
                 frames = []
                 for ev in (event, *self.sub.ready()):
                     if ev.type is EventType.CHUNK:
-                        frames.append(b"data: " + ev.data + b"\n\n")
+                        frames.append(b"id: %d\ndata: %s\n\n" % (ev.seq, ev.data))
                         continue
                     self.finished = True
                     if ev.type is EventType.DONE:
@@ -214,7 +296,7 @@ class JobRelay:
                     else:  # ERROR (or an unexpected type): terminal
                         err = ServiceError.from_wire(json.loads(ev.data))
                         frames.append(self._error_frame(err))
-                    frames.append(_DONE)
+                    frames.append(b"id: %d\n%s" % (ev.seq, _DONE) if ev.seq else _DONE)
                     yield b"".join(frames)
                     return
                 yield b"".join(frames)

@@ -1,60 +1,59 @@
-"""HTTP routes: the OpenAI surface plus /health and /metrics."""
+"""HTTP routes: the OpenAI surface plus /health and /metrics (stored completions: durable)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse
-from starlette.types import Receive
 
+from llmq.gateway import durable
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.auth import TenantDep
 from llmq.gateway.body import check_max_tokens, parse_chat_body
-from llmq.gateway.relay import JobRelay, Timings
+from llmq.gateway.relay import JobRelay, Timings, until_disconnect
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
 from llmq.shared.chat import ChatCompletionRequest, band_for, to_job_spec
 from llmq.shared.errors import (
     ClientClosedRequest,
     EngineUnavailable,
+    IdempotencyKeyReused,
+    InvalidRequest,
     QueueUnavailable,
     ServiceError,
     ShuttingDown,
 )
-from llmq.shared.protocol import Event
+from llmq.shared.protocol import Event, StoredJob
+from llmq.shared.store import AdmitStatus
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 _HEALTH_PING_S = 0.5
-T = TypeVar("T")
+_MAX_IDEMPOTENCY_KEY = 255
 
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+class _Attach(Exception):
+    """The Idempotency-Key names an earlier job of the same body: answer with that one."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` unless the client disconnects first (then raise ClientClosedRequest)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientClosedRequest("client disconnected")
-    return task.result()
+def _idempotency(request: Request, raw: bytes) -> tuple[str, str] | None:
+    """(key digest, body digest) of the request's Idempotency-Key, if it has one."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= _MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(f"Idempotency-Key is 1..{_MAX_IDEMPOTENCY_KEY} characters")
+    return hashlib.sha256(key.encode()).hexdigest(), hashlib.sha256(raw).hexdigest()
 
 
 async def _open_relay(
@@ -63,16 +62,28 @@ async def _open_relay(
     body: ChatCompletionRequest,
     tenant: Tenant,
     timings: Timings,
+    idempotency: tuple[str, str] | None,
 ) -> tuple[JobRelay, Event]:
     job_id: str = request.state.request_id
     band = band_for(body, tenant.band)
-    spec = to_job_spec(body, job_id, tenant=tenant.name, band=band, tpm=tenant.tpm)
+    # An Idempotency-Key implies store: a retry must find the job's events.
+    spec = to_job_spec(
+        body, job_id, tenant=tenant.name, band=band, tpm=tenant.tpm, store=bool(idempotency)
+    )
     capacity = st.admission.check_ready(spec.model)
     check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
+    record = StoredJob.of(spec, idempotency[1] if idempotency else "") if spec.store else None
     sub = await st.subs.subscribe(job_id)  # before enqueue: pub/sub keeps no backlog
     relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
     try:
-        result = await st.admission.admit(spec, capacity, tenant)
+        result = await st.admission.admit(spec, capacity, tenant, record, idempotency)
+        if result.status == AdmitStatus.IDEMPOTENT:
+            prior_id, _, digest = result.prior.partition(" ")
+            if idempotency is None or digest != idempotency[1]:
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key was sent before with a different body"
+                )
+            raise _Attach(prior_id)
         # On every answer from here on, refusals included (added by the middleware).
         request.state.ratelimit_headers = ratelimit_headers(result, tenant)
         st.admission.raise_unless_admitted(result, spec, capacity, tenant)
@@ -80,7 +91,13 @@ async def _open_relay(
     except BaseException:
         await st.subs.unsubscribe(sub)
         raise
-    logger.info("job %s: admitted (model=%s stream=%s)", job_id, spec.model, spec.stream)
+    logger.info(
+        "job %s: admitted (model=%s stream=%s store=%s)",
+        job_id,
+        spec.model,
+        spec.stream,
+        spec.store,
+    )
     try:
         first = await until_disconnect(request, relay.open())
     except BaseException as exc:
@@ -96,26 +113,20 @@ async def _open_relay(
 async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) -> Response:
     """OpenAI's chat completions. The body is read here, not by FastAPI (see gateway.body)."""
     timings = Timings()
-    body = parse_chat_body(await request.body(), st.settings)
+    raw = await request.body()
+    body = parse_chat_body(raw, st.settings)
+    idempotency = _idempotency(request, raw)
     st.metrics.tenant_requests.labels(tenant.name).inc()
     if st.draining:
         raise ShuttingDown("the gateway is shutting down; retry on another replica")
     try:
-        relay, first = await _open_relay(st, request, body, tenant, timings)
+        relay, first = await _open_relay(st, request, body, tenant, timings, idempotency)
     except ClientClosedRequest:
         return Response(status_code=499)
-    if body.stream:
-        return EventSourceResponse(
-            relay.sse_body(first),
-            sep="\n",
-            ping=15,
-            headers={"Cache-Control": "no-cache"},
-            # A client that stops reading: the send blocks, and after this the stream ends
-            # and its job is cancelled (the slot must not wait on a stalled socket).
-            send_timeout=st.settings.client_send_timeout_s,
-        )
-    await relay.close(client_gone=False)  # the result is in: nothing left to cancel
-    return JSONResponse(relay.completion(first))
+    except _Attach as attach:
+        logger.info("Idempotency-Key: attached to job %s", attach.job_id)
+        return await durable.attach(st, request, tenant, attach.job_id)
+    return await relay.respond(first)
 
 
 @router.get("/v1/models")

@@ -44,6 +44,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     service_tier: str | None = Field(None, max_length=32)
+    store: bool = False  # keep the completion STORE_TTL_S: retrievable, resumable, detached
 
 
 def new_job_id() -> str:
@@ -73,15 +74,18 @@ def to_job_spec(
     tenant: str = ANONYMOUS,
     band: Band = Band.NORMAL,
     tpm: int = 0,
+    store: bool = False,
 ) -> JobSpec:
     """Freeze a validated request into the job the worker runs.
 
     The engine is always asked to stream with ``include_usage`` when the client streams, so
     token counts are exact; whether the client sees the usage chunk is the gateway's call.
-    ``service_tier`` is the gateway's (it picked the band) and is not passed on.
+    ``service_tier`` is the gateway's (it picked the band) and is not passed on, nor is
+    ``store`` (``store`` here: the request's, or implied by an Idempotency-Key).
     """
     body = req.model_dump(mode="json", exclude_unset=True)
     body.pop("service_tier", None)
+    body.pop("store", None)  # the gateway's: stored here, not by the engine
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if req.stream:
         options = dict(body.get("stream_options") or {})
@@ -101,4 +105,5 @@ def to_job_spec(
         band=band,
         tpm=tpm,
         token_estimate=estimate_tokens(req) if tpm else 0,
+        store=store or req.store,
     )

@@ -23,6 +23,8 @@
     │                                        and gateway: a sequence gap)
     ├── WorkerLost                    -> 502 worker_lost (the job's worker stopped beating)
     ├── RequestTimeout                -> 504 request_timeout
+    ├── JobCancelled                  -> 409 cancelled (POST .../{id}/cancel)
+    ├── IdempotencyKeyReused          -> 409 idempotency_key_reused (another body)
     ├── ClientClosedRequest           -> 499 client_closed_request (logged, never seen)
     └── UpstreamError                 -> the engine's own status and message
 
@@ -217,6 +219,22 @@ class RequestTimeout(ServiceError):
     type = "timeout_error"
 
 
+class JobCancelled(ServiceError):
+    """The job was cancelled on request (``POST /v1/chat/completions/{id}/cancel``)."""
+
+    status = 409
+    code = "cancelled"
+    type = "invalid_request_error"
+
+
+class IdempotencyKeyReused(ServiceError):
+    """An Idempotency-Key sent again with a different body."""
+
+    status = 409
+    code = "idempotency_key_reused"
+    type = "invalid_request_error"
+
+
 class ClientClosedRequest(ServiceError):
     """The client went away before the answer; the job is cancelled (nginx's 499)."""
 
@@ -286,6 +304,8 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         StreamInterrupted,
         WorkerLost,
         RequestTimeout,
+        JobCancelled,
+        IdempotencyKeyReused,
         ClientClosedRequest,
     )
     if cls.code is not None

@@ -25,6 +25,13 @@ Keys and channels
     llmq:band:<band>:<name> zset    the tenant's waiting jobs in the band; score = enqueue ms
     llmq:events:<id>        pubsub  the job's events, sequence-numbered (Event)
     llmq:wake               pubsub  "a job was enqueued or aborted": wakes idle workers
+    llmq:stored:<id>        hash    a ``store: true`` job (StoredJob: owner, status, ...),
+                                    kept STORE_TTL_S; no prompt, no completion text
+    llmq:log:<id>           stream  a stored job's events, entry id ``0-<seq>`` (``<ms>-<n>``
+                                    for an out-of-band one), field ``e`` = the event as
+                                    published; kept STORE_TTL_S after the job ended
+    llmq:idem:<tenant>:<h>  string  ``<job id> <body digest>`` for an Idempotency-Key
+                                    (h = sha256 of the key), kept STORE_TTL_S
 
 Event wire format: ``"<seq> <type> <data>"``, one pub/sub message each. ``data`` of a
 ``chunk`` event is the OpenAI chunk JSON exactly as the gateway sends it to the client, so the
@@ -52,6 +59,8 @@ JOB_FUNCTION = "chat"
 OUTCOME_TTL_S = 300
 OUTCOME_PREFIX = "llmq:outcome:"
 EVENTS_PREFIX = "llmq:events:"
+STORED_PREFIX = "llmq:stored:"
+LOG_PREFIX = "llmq:log:"
 
 
 def job_key(job_id: str) -> str:
@@ -76,6 +85,42 @@ def outcome_record(outcome: str, worker_id: str = "") -> str:
 
 def events_channel(job_id: str) -> str:
     return EVENTS_PREFIX + job_id
+
+
+def stored_key(job_id: str) -> str:
+    return STORED_PREFIX + job_id
+
+
+def log_key(job_id: str) -> str:
+    return LOG_PREFIX + job_id
+
+
+def log_entry_id(seq: int) -> str:
+    """A logged event's stream entry id: ``0-<seq>``, so that XRANGE reads by number."""
+    return f"0-{seq}"
+
+
+def idem_key(tenant: str, key_digest: str) -> str:
+    return f"llmq:idem:{tenant}:{key_digest}"
+
+
+class StoredStatus(StrEnum):
+    """A stored job's ``status`` (the Responses API's words)."""
+
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @staticmethod
+    def after(outcome: str) -> StoredStatus:
+        """The status a job's worker outcome leaves."""
+        if outcome == "completed":
+            return StoredStatus.COMPLETED
+        if outcome in ("cancelled", "client_gone"):
+            return StoredStatus.CANCELLED
+        return StoredStatus.FAILED
 
 
 def worker_key(worker_id: str) -> str:
@@ -245,7 +290,58 @@ class JobSpec(BaseModel):
     band: Band = Band.NORMAL
     tpm: int = 0  # the tenant's tokens-per-minute limit (the worker corrects the bucket)
     token_estimate: int = 0  # tokens taken from the tenant's bucket at admission
+    store: bool = False  # events logged (llmq:log:<id>); the job outlives its client
     body: dict[str, Any]  # the request for the engine, allowed pass-through fields kept
+
+
+class StoredJob(BaseModel):
+    """A stored job's record (``llmq:stored:<id>``): who may read it and where it stands."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    tenant: str
+    band: Band
+    model: str
+    stream: bool
+    include_usage: bool
+    enqueued_at_ms: int
+    status: StoredStatus = StoredStatus.QUEUED
+    body_digest: str = ""  # the Idempotency-Key's body check
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: str(int(v) if isinstance(v, bool) else v) for k, v in self}
+
+    @staticmethod
+    def from_hash(raw: dict[bytes, bytes]) -> StoredJob:
+        return StoredJob.model_validate({k.decode(): v.decode() for k, v in raw.items()})
+
+    @staticmethod
+    def of(spec: JobSpec, body_digest: str = "") -> StoredJob:
+        return StoredJob(
+            id=spec.id,
+            tenant=spec.tenant,
+            band=spec.band,
+            model=spec.model,
+            stream=spec.stream,
+            include_usage=spec.include_usage,
+            enqueued_at_ms=spec.enqueued_at_ms,
+            body_digest=body_digest,
+        )
+
+    def spec(self) -> JobSpec:
+        """The job as far as cancelling it goes (no body: the prompt is not kept here)."""
+        return JobSpec(
+            id=self.id,
+            model=self.model,
+            stream=self.stream,
+            include_usage=self.include_usage,
+            enqueued_at_ms=self.enqueued_at_ms,
+            tenant=self.tenant,
+            band=self.band,
+            store=True,
+            body={},
+        )
 
 
 class WorkerInfo(BaseModel):

@@ -35,11 +35,14 @@ end
 """
 
 # KEYS: admitted, queue, job key, tenant admitted, tenant rpm bucket, tenant tpm bucket,
-# band index, band queue of the tenant.
+# band index, band queue of the tenant, stored record, idempotency key.
 # ARGV: limit, hold_ms, payload, expire_ms, job_id, score_ms, wake channel, tenant,
-# max_concurrent, rpm, tpm, token estimate.
+# max_concurrent, rpm, tpm, token estimate, store ttl ms (0: not stored), idempotency value
+# ("": no key), then the stored record's field/value pairs.
 # Returns {status, N, rpm left, rpm reset ms, tpm left, tpm reset ms, retry ms}; status 1
-# admitted, 0 global bound reached, -1 duplicate id, 2 tenant concurrency, 3 rpm, 4 tpm.
+# admitted, 0 global bound reached, -1 duplicate id, 2 tenant concurrency, 3 rpm, 4 tpm,
+# -2 the idempotency key is taken (an 8th element: its value, "<job id> <body digest>").
+# An idempotent retry is answered before any limit: it starts nothing.
 # Per-key limits are checked first (the tenant's own), then the global bound; tokens are
 # taken from the buckets only when the job is admitted.
 # Nothing is written before the decision, and the first write (a bucket HSET or a ZADD) is
@@ -59,6 +62,14 @@ local t_ok, t_left, t_wait, t_reset = bucket(KEYS[6], tpm, cost, false)
 local function answer(status, retry)
   return {status, n, r_left, r_reset, t_left, t_reset, retry}
 end
+if ARGV[14] ~= '' then
+  local prior = redis.call('GET', KEYS[10])
+  if prior then
+    local a = answer(-2, 0)
+    table.insert(a, prior)
+    return a
+  end
+end
 local maxc = tonumber(ARGV[9])
 if maxc > 0 and redis.call('ZCOUNT', KEYS[4], live, '+inf') >= maxc then return answer(2, 0) end
 if r_ok == 0 then return answer(3, r_wait) end
@@ -76,6 +87,12 @@ redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
 redis.call('ZADD', KEYS[8], ARGV[6], ARGV[5])
 redis.call('ZADD', KEYS[7], 'NX', 0, ARGV[8])
+local ttl = tonumber(ARGV[13])
+if ttl > 0 then
+  redis.call('HSET', KEYS[9], unpack(ARGV, 15))
+  redis.call('PEXPIRE', KEYS[9], ttl)
+  if ARGV[14] ~= '' then redis.call('SET', KEYS[10], ARGV[14], 'PX', ttl) end
+end
 redis.call('PUBLISH', ARGV[7], ARGV[5])
 n = n + 1
 return answer(1, 0)
@@ -83,8 +100,12 @@ return answer(1, 0)
 )
 
 # KEYS: admitted, queue, job key, in-progress key, abort, tenant admitted, band queue,
-# outcome key. ARGV: job_id, now_ms, wake channel, outcome record, outcome ttl ms.
-# Not started -> removed everywhere, it can never run (1). Running -> arq abort requested (0).
+# outcome key, stored record, event log. ARGV: job_id, now_ms, wake channel, outcome
+# record, outcome ttl ms, events channel, the out-of-band error event telling why, the
+# stored status it leaves, store ttl ms.
+# Not started -> removed everywhere, it can never run (1); whoever follows its events (a
+# resumed stream) gets the error event, and a stored job's record and log say so. Running ->
+# arq abort requested (0): its worker ends it.
 CANCEL = """
 if redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('DEL', KEYS[3])
@@ -93,6 +114,14 @@ if redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('ZREM', KEYS[6], ARGV[1])
   redis.call('ZREM', KEYS[7], ARGV[1])
   redis.call('SET', KEYS[8], ARGV[4], 'PX', ARGV[5])
+  local status = redis.call('HGET', KEYS[9], 'status')
+  if status == 'queued' then
+    redis.call('HSET', KEYS[9], 'status', ARGV[8])
+    redis.call('XADD', KEYS[10], '*', 'e', ARGV[7])
+    redis.call('PEXPIRE', KEYS[9], ARGV[9])
+    redis.call('PEXPIRE', KEYS[10], ARGV[9])
+  end
+  if status == false or status == 'queued' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
   return 1
 end
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
@@ -100,12 +129,15 @@ redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 0
 """
 
-# KEYS: admitted, tenant admitted, the worker's jobs. ARGV: job_id, hold_ms, tenant.
-# A job starts: re-arm its deadlines (self-healing N) and record which worker runs it, and
-# for whom (what the reaper needs if the worker dies).
+# KEYS: admitted, tenant admitted, the worker's jobs, stored record. ARGV: job_id, hold_ms,
+# tenant. A job starts: re-arm its deadlines (self-healing N) and record which worker runs
+# it, and for whom (what the reaper needs if the worker dies); a stored job is in progress.
 START = (
     NOW
     + """
+if redis.call('HGET', KEYS[4], 'status') == 'queued' then
+  redis.call('HSET', KEYS[4], 'status', 'in_progress')
+end
 local deadline = now + tonumber(ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[2], 'XX', deadline, ARGV[1])
@@ -113,14 +145,20 @@ return redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[1])
 """
 )
 
-# KEYS: admitted, tenant admitted, the worker's jobs, tenant tpm bucket, outcome key.
+# KEYS: admitted, tenant admitted, the worker's jobs, tenant tpm bucket, outcome key,
+# stored record, event log.
 # ARGV: job_id, tokens used beyond the admission estimate (may be negative), tpm, outcome
-# record, outcome ttl ms.
+# record, outcome ttl ms, stored status ("": not stored), store ttl ms.
 # A job ended, whatever the outcome: its places go, the tenant's token bucket is corrected
-# with the exact usage.
+# with the exact usage; a stored job's record and log are kept STORE_TTL_S from now.
 RELEASE = (
     NOW
     + """
+if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[6]) == 1 then
+  redis.call('HSET', KEYS[6], 'status', ARGV[6])
+  redis.call('PEXPIRE', KEYS[6], ARGV[7])
+  redis.call('PEXPIRE', KEYS[7], ARGV[7])
+end
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
@@ -149,10 +187,12 @@ return redis.call('DEL', KEYS[5], KEYS[6])
 
 # KEYS: workers index, admitted, queue. ARGV: worker key prefix, worker-jobs prefix, job key
 # prefix, in-progress prefix, events prefix, the out-of-band error event's head ("0 error "),
-# its JSON body, tenant key prefix, outcome key prefix, outcome record, outcome ttl ms.
+# its JSON body, tenant key prefix, outcome key prefix, outcome record, outcome ttl ms,
+# stored record prefix, event log prefix, store ttl ms.
 # Workers whose heartbeat expired are dead: each job they had started loses its places,
 # queue entry, in-progress marker and payload (it never runs again: at most once), gets the
-# outcome record worker_lost, and its client is told (an out-of-band error event).
+# outcome record worker_lost, and its client is told (an out-of-band error event, logged
+# too for a stored job, whose status becomes failed).
 # Idempotent; any process may run it. Returns {dead worker ids..., reaped job count}.
 REAP = (
     NOW
@@ -170,6 +210,12 @@ for _, w in ipairs(dead) do
     redis.call('DEL', ARGV[3] .. id, ARGV[4] .. id)
     redis.call('SET', ARGV[9] .. id, ARGV[10], 'PX', ARGV[11])
     redis.call('PUBLISH', ARGV[5] .. id, ARGV[6] .. ARGV[7])
+    if redis.call('EXISTS', ARGV[12] .. id) == 1 then
+      redis.call('HSET', ARGV[12] .. id, 'status', 'failed')
+      redis.call('XADD', ARGV[13] .. id, '*', 'e', ARGV[6] .. ARGV[7])
+      redis.call('PEXPIRE', ARGV[12] .. id, ARGV[14])
+      redis.call('PEXPIRE', ARGV[13] .. id, ARGV[14])
+    end
     jobs = jobs + 1
   end
   redis.call('DEL', records, ARGV[1] .. w)

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
         2_000_000, ge=1, description="characters in all messages of one request"
     )
     drain_timeout_s: float = Field(60.0, ge=0, le=3600)
+    store_ttl_s: float = Field(
+        3600.0, gt=0, le=7 * 86_400, description="how long store:true results are kept"
+    )
     registry_refresh_s: float = Field(0.5, gt=0, le=60)
     client_send_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="a stream the client leaves unread this long ends"

@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from arq.jobs import serialize_job
+from arq.jobs import deserialize_job, serialize_job
 from redis.asyncio import Redis
 
 from llmq.shared import protocol as p
 from llmq.shared import scripts
-from llmq.shared.errors import WorkerLost
+from llmq.shared.errors import JobCancelled, ServiceError, WorkerLost
 
 _WORKER_PREFIX = p.worker_key("")
 _OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
@@ -30,10 +30,24 @@ def log_reaped(logger: logging.Logger, dead: list[str], jobs: int) -> None:
         )
 
 
+Logged = dict[str, list[tuple[int, bytes]]]  # job id -> (seq, encoded event), to log
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [x for kv in fields.items() for x in kv]
+
+
+def _out_of_band(err: ServiceError) -> bytes:
+    """An out-of-band error event (seq 0), as the reaper and a cancel publish it."""
+    data = json.dumps(err.to_wire(), separators=(",", ":")).encode()
+    return p.Event(p.OUT_OF_BAND, p.EventType.ERROR, data).encode()
+
+
 class AdmitStatus:
     ADMITTED = 1
     FULL = 0  # the global bound (QUEUE_MODE, QUEUE_MAX)
     DUPLICATE = -1
+    IDEMPOTENT = -2  # the Idempotency-Key names a job already admitted
     CONCURRENCY = 2  # the tenant's max_concurrent
     RPM = 3
     TPM = 4
@@ -48,6 +62,7 @@ class AdmitResult:
     tpm_left: int = -1
     tpm_reset_ms: int = 0
     retry_after_ms: int = 0  # for RPM / TPM: when the request would fit
+    prior: str = ""  # IDEMPOTENT: the key's value, "<job id> <body digest>"
 
     @property
     def admitted(self) -> bool:
@@ -65,8 +80,9 @@ class TenantLimits:
 class Store:
     """Typed access to the Redis contract; one per process, sharing a connection pool."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, store_ttl_s: float = 3600.0) -> None:
         self.redis = redis
+        self.store_ttl_ms = int(store_ttl_s * 1000)  # STORE_TTL_S
         self._admit = redis.register_script(scripts.ADMIT)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._start = redis.register_script(scripts.START)
@@ -88,6 +104,8 @@ class Store:
         hold_s: float,
         expire_s: float,
         tenant: TenantLimits | None = None,
+        record: p.StoredJob | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> AdmitResult:
         """Admit and enqueue in one atomic step: nothing is ever half-enqueued.
 
@@ -95,6 +113,9 @@ class Store:
         and then the global ``limit``. ``hold_s`` bounds how long the job may hold its place
         before it starts (then the worker re-arms it); ``expire_s`` is the arq job key's
         expiry (QUEUE_TIMEOUT_S). The job joins its tenant's queue in its band.
+        ``record``: a stored job's record, written with it. ``idempotency``: (key digest,
+        body digest) of an Idempotency-Key: when the key names an earlier job, nothing is
+        admitted and the answer is IDEMPOTENT with that job (``prior``).
         """
         t = tenant or TenantLimits()
         payload = serialize_job(
@@ -115,6 +136,8 @@ class Store:
                 p.tenant_tpm_key(spec.tenant),
                 p.band_key(spec.band),
                 p.band_queue_key(spec.band, spec.tenant),
+                p.stored_key(spec.id),
+                p.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
             ],
             args=[
                 limit,
@@ -129,12 +152,22 @@ class Store:
                 t.rpm,
                 spec.tpm,
                 spec.token_estimate,
+                self.store_ttl_ms if record else 0,
+                f"{spec.id} {idempotency[1]}" if idempotency else "",
+                *_flat(record.to_hash() if record else {}),
             ],
         )
-        return AdmitResult(*(int(v) for v in out))
+        prior = out[7].decode() if len(out) > 7 else ""
+        status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry = (int(v) for v in out[:7])
+        return AdmitResult(status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry, prior)
 
-    async def cancel(self, spec: p.JobSpec) -> bool:
-        """Cancel a job. True: it had not started and never will. False: abort requested."""
+    async def cancel(self, spec: p.JobSpec, why: ServiceError | None = None) -> bool:
+        """Cancel a job. True: it had not started and never will (whoever follows its
+        events gets ``why``, JobCancelled by default). False: abort requested."""
+        why = why or JobCancelled("the job was cancelled")
+        status = (
+            p.StoredStatus.CANCELLED if isinstance(why, JobCancelled) else p.StoredStatus.FAILED
+        )
         started = await self._cancel(
             keys=[
                 p.ADMITTED,
@@ -145,6 +178,8 @@ class Store:
                 p.tenant_admitted_key(spec.tenant),
                 p.band_queue_key(spec.band, spec.tenant),
                 p.outcome_key(spec.id),
+                p.stored_key(spec.id),
+                p.log_key(spec.id),
             ],
             args=[
                 spec.id,
@@ -152,6 +187,10 @@ class Store:
                 p.WAKE_CHANNEL,
                 p.outcome_record("cancelled"),
                 _OUTCOME_TTL_MS,
+                p.events_channel(spec.id),
+                _out_of_band(why),
+                status,
+                self.store_ttl_ms,
             ],
         )
         return bool(started == 1)
@@ -196,7 +235,12 @@ class Store:
 
     async def mark_started(self, spec: p.JobSpec, worker_id: str, hold_s: float) -> None:
         await self._start(
-            keys=[p.ADMITTED, p.tenant_admitted_key(spec.tenant), p.worker_jobs_key(worker_id)],
+            keys=[
+                p.ADMITTED,
+                p.tenant_admitted_key(spec.tenant),
+                p.worker_jobs_key(worker_id),
+                p.stored_key(spec.id),
+            ],
             args=[spec.id, int(hold_s * 1000), spec.tenant],
         )
 
@@ -214,8 +258,18 @@ class Store:
                 p.worker_jobs_key(worker_id),
                 p.tenant_tpm_key(spec.tenant),
                 p.outcome_key(spec.id),
+                p.stored_key(spec.id),
+                p.log_key(spec.id),
             ],
-            args=[spec.id, extra, spec.tpm, p.outcome_record(outcome, worker_id), _OUTCOME_TTL_MS],
+            args=[
+                spec.id,
+                extra,
+                spec.tpm,
+                p.outcome_record(outcome, worker_id),
+                _OUTCOME_TTL_MS,
+                p.StoredStatus.after(outcome) if spec.store else "",
+                self.store_ttl_ms,
+            ],
         )
 
     async def forget(self, spec: p.JobSpec, worker_id: str) -> None:
@@ -253,17 +307,68 @@ class Store:
                 p.OUTCOME_PREFIX,
                 p.outcome_record("worker_lost"),
                 _OUTCOME_TTL_MS,
+                p.STORED_PREFIX,
+                p.LOG_PREFIX,
+                self.store_ttl_ms,
             ],
         )
         return [w.decode() for w in out[:-1]], int(out[-1])
 
-    async def publish_many(self, batch: dict[str, list[bytes]]) -> list[int]:
+    async def publish_many(
+        self,
+        batch: dict[str, list[bytes]],
+        logged: dict[str, list[tuple[int, bytes]]] | None = None,
+    ) -> list[int]:
         """Publish the encoded events of several jobs (job id -> events, in order), one
-        message per job, in one round trip; returns each message's subscriber count."""
+        message per job, in one round trip; returns each message's subscriber count.
+        ``logged``: events of stored jobs (job id -> (seq, event)) appended to their logs
+        first, in the same round trip (so a published event is always in the log)."""
+        if len(batch) == 1 and not logged:  # the usual case at low load: a plain PUBLISH
+            ((job_id, events),) = batch.items()  # is cheaper than a pipeline of one
+            return [
+                int(await self.redis.publish(p.events_channel(job_id), p.encode_message(events)))
+            ]
         async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, entries in (logged or {}).items():
+                key = p.log_key(job_id)
+                for seq, event in entries:
+                    pipe.xadd(key, {"e": event}, id=p.log_entry_id(seq))
+                pipe.pexpire(key, self.store_ttl_ms)
             for job_id, events in batch.items():
                 pipe.publish(p.events_channel(job_id), p.encode_message(events))
-            return [int(n) for n in await pipe.execute()]
+            out = await pipe.execute()
+        return [int(n) for n in out[len(out) - len(batch) :]]
+
+    # -- stored jobs -------------------------------------------------------------------
+    async def stored(self, job_id: str) -> p.StoredJob | None:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(p.stored_key(job_id))  # type: ignore[misc]
+        return p.StoredJob.from_hash(raw) if raw else None
+
+    async def read_log(self, job_id: str, after: int = 0) -> list[p.Event]:
+        """A stored job's logged events numbered after ``after`` (out-of-band ones too)."""
+        rows = await self.redis.xrange(p.log_key(job_id), min=f"({p.log_entry_id(after)}")
+        return [p.Event.decode(fields[b"e"]) for _, fields in rows]
+
+    async def last_logged(self, job_id: str) -> p.Event | None:
+        rows = await self.redis.xrevrange(p.log_key(job_id), count=1)
+        return p.Event.decode(rows[0][1][b"e"]) if rows else None
+
+    async def delete_stored(self, job_id: str) -> None:
+        await self.redis.delete(p.stored_key(job_id), p.log_key(job_id))
+
+    async def job_spec(self, job_id: str) -> p.JobSpec | None:
+        """A queued or running job as the gateway enqueued it (arq's payload), else None."""
+        raw = await self.redis.get(p.job_key(job_id))
+        if raw is None:
+            return None
+        return p.JobSpec.model_validate(deserialize_job(raw, deserializer=p.json_loads).args[0])
+
+    async def log_bytes(self, job_id: str) -> int:
+        """Redis memory of a stored job's record and log (MEMORY USAGE), for benchmarks."""
+        total = 0
+        for key in (p.stored_key(job_id), p.log_key(job_id)):
+            total += int(await self.redis.memory_usage(key, samples=0) or 0)
+        return total
 
     async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
         fields: list[Any] = []

@@ -46,7 +46,7 @@ def build_worker(
     )
     metrics = WorkerMetrics()
     metrics.max_active.set(settings.max_active)
-    store = Store(redis)
+    store = Store(redis, settings.store_ttl_s)
     runtime = Runtime(
         settings=settings,
         store=store,

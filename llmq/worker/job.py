@@ -94,13 +94,34 @@ def _classify(raw: bytes, spec: JobSpec, job_id: bytes) -> tuple[str, Any]:
     return "delta", _dumps(chunk).encode()
 
 
-async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] | None:
+def _timings(spec: JobSpec, t_picked: float, t_first: float, tokens: int) -> dict[str, Any]:
+    """A stored job's timings as the worker saw them (wall clock, ms since the enqueue):
+    a resumed stream or a retrieval has no gateway that saw the request arrive."""
+    now = time.time()
+    enqueued = spec.enqueued_at_ms / 1000
+    gen_s = now - (t_first or t_picked)
+    return {
+        "queue_wait_ms": round(max(0.0, t_picked - enqueued) * 1000, 2),
+        "ttft_ms": round(max(0.0, (t_first or now) - enqueued) * 1000, 2),
+        "total_ms": round(max(0.0, now - enqueued) * 1000, 2),
+        "completion_tokens": tokens,
+        "tokens_per_s": round(tokens / gen_s, 2) if gen_s > 0 else None,
+    }
+
+
+def _tokens(usage: dict[str, Any] | None) -> int:
+    return int((usage or {}).get("completion_tokens") or 0)
+
+
+async def _stream(
+    rt: Runtime, spec: JobSpec, pub: Publisher, t_picked: float
+) -> dict[str, Any] | None:
     """Relay the engine's chunks; hold the finishing chunk and usage for the DONE event."""
     t0 = time.monotonic()
     final: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     first = True
-    t_first = 0.0
+    t_first = t_first_wall = 0.0
     job_id = spec.id.encode()
     async with rt.engine.stream(spec.body) as chunks:
         async for raw in chunks:
@@ -110,6 +131,7 @@ async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] 
                 continue
             if first:
                 t_first = time.monotonic()
+                t_first_wall = time.time()
                 rt.metrics.engine_ttft.observe(t_first - t0)
                 await pub.announced()
                 first = False
@@ -120,17 +142,24 @@ async def _stream(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] 
                 await pub.send(EventType.CHUNK, _dumps(final))
             final = value
     await pub.announced()
-    await pub.send(EventType.DONE, _dumps({"final": final, "usage": usage}))
-    tokens = int((usage or {}).get("completion_tokens") or 0)
+    tokens = _tokens(usage)
+    done: dict[str, Any] = {"final": final, "usage": usage}
+    if spec.store:
+        done["timings"] = _timings(spec, t_picked, t_first_wall, tokens)
+    await pub.send(EventType.DONE, _dumps(done))
     if t_first and tokens > 1:
         rt.metrics.decode_rate.observe((tokens - 1) / max(1e-6, time.monotonic() - t_first))
     return usage
 
 
-async def _complete(rt: Runtime, spec: JobSpec, pub: Publisher) -> dict[str, Any] | None:
+async def _complete(
+    rt: Runtime, spec: JobSpec, pub: Publisher, t_picked: float
+) -> dict[str, Any] | None:
     result = await rt.engine.complete(spec.body)
     await pub.announced()
     result["id"] = spec.id
+    if spec.store:
+        result["timings"] = _timings(spec, t_picked, 0.0, _tokens(result.get("usage")))
     await pub.send(EventType.RESULT, _dumps(result))
     usage: dict[str, Any] | None = result.get("usage")
     return usage
@@ -156,7 +185,7 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int])
     try:
         async with asyncio.timeout(s.request_timeout_s):
             run = _stream if spec.stream else _complete
-            usage = await run(rt, spec, pub)
+            usage = await run(rt, spec, pub, time.time())
             _count(rt, usage)
             if usage:
                 used.append(
@@ -192,7 +221,7 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     """arq job: ``chat(spec)``. Returns a small JSON summary kept as the arq result."""
     rt = runtime_of(ctx)
     spec = JobSpec.model_validate(raw_spec)
-    pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s)
+    pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.store)
     rt.active += 1
     rt.metrics.active.set(rt.active)
     rt.metrics.pickup.observe(max(0.0, time.time() - spec.enqueued_at_ms / 1000))

@@ -15,6 +15,9 @@ the event, resolved with each job's subscriber count (or the Redis error). Publi
 watch it for "nobody listens" and for errors, wait on it for terminal events (the job ends
 only once its last event is out), and when more than ``MAX_PENDING`` of their events wait
 (Redis slower than the engine: backpressure instead of an unbounded buffer).
+
+A stored job's events (``store: true``) are also appended to its log, in the same pipeline
+and before they are published: whatever a subscriber saw, a resumed stream finds.
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ class Outbox:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._pending: dict[str, list[bytes]] = {}
+        self._logged: dict[str, list[tuple[int, bytes]]] = {}
         self._generation: Generation | None = None
         self._flusher: asyncio.Task[None] | None = None
 
-    def put(self, job_id: str, event: bytes) -> Generation:
-        """Queue one encoded event of ``job_id``; returns the flush that will carry it."""
+    def put(self, job_id: str, event: bytes, log_seq: int = 0) -> Generation:
+        """Queue one encoded event of ``job_id``; returns the flush that will carry it.
+        ``log_seq``: the event's number, to append it to the job's log (0: not logged)."""
         if self._generation is None:
             self._generation = asyncio.get_running_loop().create_future()
         self._pending.setdefault(job_id, []).append(event)
+        if log_seq:
+            self._logged.setdefault(job_id, []).append((log_seq, event))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_all())
         return self._generation
@@ -63,10 +70,11 @@ class Outbox:
                 if busy:  # under load: let a little more gather (see LINGER_S)
                     await asyncio.sleep(LINGER_S)
                 batch, self._pending = self._pending, {}
+                logged, self._logged = self._logged, {}
                 generation, self._generation = self._generation, None
                 assert generation is not None
                 try:
-                    counts = await self._store.publish_many(batch)
+                    counts = await self._store.publish_many(batch, logged)
                 except Exception as exc:  # every job of this flush learns of it
                     if not generation.done():
                         generation.set_exception(exc)
@@ -79,6 +87,7 @@ class Outbox:
             self._flusher = None
             if self._pending:  # cancelled mid-flush: the next put starts a flusher
                 self._pending.clear()
+                self._logged.clear()
             if self._generation is not None and not self._generation.done():
                 self._generation.cancel()
                 self._generation = None

@@ -22,10 +22,15 @@ class ClientGone(Exception):
 
 
 class Publisher:
-    def __init__(self, outbox: Outbox, job_id: str, orphan_grace_s: float) -> None:
+    def __init__(
+        self, outbox: Outbox, job_id: str, orphan_grace_s: float, *, stored: bool = False
+    ) -> None:
+        """``stored``: a ``store: true`` job, whose events are logged and which runs on
+        without a listener (it is detached, never ClientGone)."""
         self._outbox = outbox
         self._job_id = job_id
         self._grace = orphan_grace_s
+        self._stored = stored
         self._seq = 0
         self._silent_since: float | None = None
         self._gone = False
@@ -50,8 +55,10 @@ class Publisher:
         event = Event(1, EventType.STARTED, worker_id.encode()).encode()
         first = time.monotonic()
         delay = _RETRY_FIRST_S
+        log_seq = 1 if self._stored else 0  # logged once, however often it is published
         while True:
-            generation = self._outbox.put(self._job_id, event)
+            generation = self._outbox.put(self._job_id, event, log_seq)
+            log_seq = 0
             await asyncio.wait([generation])
             heard = _receivers(generation, self._job_id)
             self._seq = 1
@@ -76,7 +83,9 @@ class Publisher:
         self._raise_if_failed(terminal=kind in TERMINAL)
         self._seq += 1
         raw = data.encode() if isinstance(data, str) else data
-        generation = self._outbox.put(self._job_id, Event(self._seq, kind, raw).encode())
+        generation = self._outbox.put(
+            self._job_id, Event(self._seq, kind, raw).encode(), self._seq if self._stored else 0
+        )
         if generation is not self._watched:
             self._watched = generation
             generation.add_done_callback(self._flushed)
@@ -89,7 +98,7 @@ class Publisher:
     def _raise_if_failed(self, *, terminal: bool) -> None:
         if self._error is not None:
             raise self._error
-        if self._gone and not terminal:
+        if self._gone and not terminal and not self._stored:
             raise ClientGone(self._job_id)
 
     def _flushed(self, generation: Generation) -> None:

@@ -117,3 +117,59 @@ def assert_drained(rdb: Any, within: float = 3.0) -> None:
         within,
         f"Redis to drain (admitted={rdb.zcard('llmq:admitted')}, queue={rdb.zcard('llmq:queue')})",
     )
+
+
+@dataclass
+class Frames:
+    """A raw SSE answer: each event's ``id`` (None when it has none) and data."""
+
+    status: int
+    frames: list[tuple[int | None, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for i, _ in self.frames if i is not None]
+
+    @property
+    def last_id(self) -> int:
+        return self.ids[-1]
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        return [json.loads(d) for _, d in self.frames if d != "[DONE]"]
+
+    @property
+    def text(self) -> str:
+        return StreamResult(self.status, {}, self.chunks).text
+
+    @property
+    def done(self) -> bool:
+        return bool(self.frames) and self.frames[-1][1] == "[DONE]"
+
+
+async def read_frames(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    max_chunks: int | None = None,
+    **kw: Any,
+) -> Frames:
+    """Read an SSE answer frame by frame, keeping each frame's ``id``; stop (drop the
+    connection) after ``max_chunks`` data frames."""
+    async with client.stream(method, url, **kw) as resp:
+        out = Frames(resp.status_code)
+        if resp.status_code != 200:
+            out.body = await resp.aread()
+            return out
+        event_id: int | None = None
+        async for line in resp.aiter_lines():
+            if line.startswith("id: "):
+                event_id = int(line[4:])
+            elif line.startswith("data: "):
+                out.frames.append((event_id, line[6:]))
+                event_id = None
+                if max_chunks is not None and len(out.frames) >= max_chunks:
+                    return out
+        return out

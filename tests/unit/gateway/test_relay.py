@@ -53,17 +53,39 @@ def relay(include_usage: bool, events: list[Event]) -> tuple[JobRelay, AsyncMock
     return r, store
 
 
-async def frames(r: JobRelay, first: Event) -> list[str]:
-    """The SSE frames' data, however the relay grouped frames into writes."""
+async def sse(r: JobRelay, first: Event) -> list[tuple[int | None, str]]:
+    """The SSE frames as (id, data), however the relay grouped frames into writes."""
     body = b"".join([f async for f in r.sse_body(first)]).decode()
     *out, rest = body.split("\n\n")
     assert rest == ""
-    assert all(f.startswith("data: ") for f in out)
-    return [f[6:] for f in out]
+    parsed: list[tuple[int | None, str]] = []
+    for frame in out:
+        event_id = None
+        if frame.startswith("id: "):
+            head, frame = frame.split("\n", 1)
+            event_id = int(head[4:])
+        assert frame.startswith("data: ")
+        parsed.append((event_id, frame[6:]))
+    return parsed
+
+
+async def frames(r: JobRelay, first: Event) -> list[str]:
+    return [data for _, data in await sse(r, first)]
 
 
 def done_event(seq: int) -> Event:
     return Event(seq, EventType.DONE, json.dumps({"final": FINAL, "usage": USAGE}).encode())
+
+
+async def test_frames_carry_event_numbers_for_resumption() -> None:
+    """Each delta's frame bears its event number; the finishing event's frames bear it
+    only on the last one ([DONE]): a client that missed the final chunk resumes before it."""
+    first = Event(2, EventType.CHUNK, json.dumps(CHUNK).encode())
+    r, _ = relay(True, [Event(3, EventType.CHUNK, json.dumps(CHUNK).encode()), done_event(4)])
+    r.sub._seq = 2
+    out = await sse(r, first)
+    assert [i for i, _ in out] == [2, 3, None, None, 4]
+    assert out[-1] == (4, "[DONE]")
 
 
 async def test_usage_chunk_only_when_asked() -> None:

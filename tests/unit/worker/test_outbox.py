@@ -51,7 +51,7 @@ async def test_terminal_events_wait_until_out_and_redis_errors_reach_the_job(sto
     await pub.send(p.EventType.DONE, b"{}")  # returns once flushed
     assert outbox.pending("a") == 0
 
-    async def broken(batch):
+    async def broken(batch, logged=None):
         raise RedisConnectionError("gone")
 
     store.publish_many = broken
@@ -116,8 +116,8 @@ async def test_started_is_published_again_until_a_subscriber_hears_it(
     first_out = asyncio.Event()
     publish_many = store.publish_many
 
-    async def recording(batch):
-        counts = await publish_many(batch)
+    async def recording(batch, logged=None):
+        counts = await publish_many(batch, logged)
         heard.extend(counts)
         first_out.set()
         return counts
