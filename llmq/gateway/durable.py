@@ -57,13 +57,13 @@ async def owned(st: GatewayState, job_id: str, tenant: Tenant) -> StoredJob:
 
     A job still queued past QUEUE_TIMEOUT_S whose client left (a detached job: no relay
     waits to cancel it) is cancelled here, so its status says what happened."""
-    rec = await st.store.stored(job_id)
+    rec = await st.store.records.stored(job_id)
     if rec is None or rec.tenant != tenant.name:
         raise NotFound(f"no stored chat completion {job_id!r} (unknown, expired or not stored)")
     if rec.status is StoredStatus.QUEUED and time.time() > _queued_until(st, rec) + 1:
         expired = QueueTimeout(f"waited {st.settings.queue_timeout_s:g}s in the queue")
         await st.store.cancel(rec.spec(), expired)
-        rec = await st.store.stored(job_id) or rec
+        rec = await st.store.records.stored(job_id) or rec
     return rec
 
 
@@ -75,9 +75,9 @@ async def follow(st: GatewayState, rec: StoredJob, after: int) -> tuple[JobRelay
         rec.spec(), sub, st.subs, st.store, st.settings, st.metrics, Timings(), resumed=True
     )
     try:
-        logged = await st.store.read_log(rec.id, after)
+        logged = await st.store.records.read_log(rec.id, after)
         if not logged:
-            last = await st.store.last_logged(rec.id)
+            last = await st.store.records.last_logged(rec.id)
             if last is not None and last.type in TERMINAL and last.seq <= after:
                 relay.finished = True
                 await relay.close(client_gone=False)
@@ -197,7 +197,7 @@ async def retrieve(
     """A stored completion: now (``status``, the text so far), or streamed again."""
     rec = await owned(st, job_id, tenant)
     if not stream:
-        return JSONResponse(assemble(rec, await st.store.read_log(rec.id)))
+        return JSONResponse(assemble(rec, await st.store.records.read_log(rec.id)))
     if not rec.stream:
         raise InvalidRequest("this completion was not streamed; GET it without stream")
     return await replay(st, request, rec, _after(last_event_id, starting_after))
@@ -205,10 +205,10 @@ async def retrieve(
 
 async def _cancellable(st: GatewayState, job_id: str, tenant: Tenant) -> JobSpec | StoredJob:
     """The job to cancel: a stored one (its record), or one still queued or running."""
-    rec = await st.store.stored(job_id)
+    rec = await st.store.records.stored(job_id)
     if rec is not None:
         return await owned(st, job_id, tenant)
-    spec = await st.store.job_spec(job_id)
+    spec = await st.store.records.job_spec(job_id)
     if spec is None or spec.tenant != tenant.name:
         raise NotFound(f"no queued or running chat completion {job_id!r}")
     return spec
@@ -234,5 +234,5 @@ async def delete(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]
     rec = await owned(st, job_id, tenant)
     if rec.status not in _ENDED:
         await st.store.cancel(rec.spec())
-    await st.store.delete_stored(job_id)
+    await st.store.records.delete_stored(job_id)
     return {"id": job_id, "object": "chat.completion.deleted", "deleted": True}

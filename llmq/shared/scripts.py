@@ -102,10 +102,10 @@ return answer(1, 0)
 # KEYS: admitted, queue, job key, in-progress key, abort, tenant admitted, band queue,
 # outcome key, stored record, event log. ARGV: job_id, now_ms, wake channel, outcome
 # record, outcome ttl ms, events channel, the out-of-band error event telling why, the
-# stored status it leaves, store ttl ms.
+# stored status it leaves, store ttl ms, "1" to leave a running job alone.
 # Not started -> removed everywhere, it can never run (1); whoever follows its events (a
 # resumed stream) gets the error event, and a stored job's record and log say so. Running ->
-# arq abort requested (0): its worker ends it.
+# arq abort requested (0): its worker ends it; or left alone (2).
 CANCEL = """
 if redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('DEL', KEYS[3])
@@ -124,6 +124,7 @@ if redis.call('EXISTS', KEYS[4]) == 0 then
   if status == false or status == 'queued' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
   return 1
 end
+if ARGV[10] == '1' then return 2 end
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 0

@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from arq.jobs import deserialize_job, serialize_job
+from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
 from llmq.shared import protocol as p
 from llmq.shared import scripts
 from llmq.shared.errors import JobCancelled, ServiceError, WorkerLost
+from llmq.shared.records import JobRecords
 
 _WORKER_PREFIX = p.worker_key("")
 _OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
@@ -83,6 +84,7 @@ class Store:
     def __init__(self, redis: Redis, store_ttl_s: float = 3600.0) -> None:
         self.redis = redis
         self.store_ttl_ms = int(store_ttl_s * 1000)  # STORE_TTL_S
+        self.records = JobRecords(redis)
         self._admit = redis.register_script(scripts.ADMIT)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._start = redis.register_script(scripts.START)
@@ -161,9 +163,12 @@ class Store:
         status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry = (int(v) for v in out[:7])
         return AdmitResult(status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry, prior)
 
-    async def cancel(self, spec: p.JobSpec, why: ServiceError | None = None) -> bool:
+    async def cancel(
+        self, spec: p.JobSpec, why: ServiceError | None = None, *, queued_only: bool = False
+    ) -> bool:
         """Cancel a job. True: it had not started and never will (whoever follows its
-        events gets ``why``, JobCancelled by default). False: abort requested."""
+        events gets ``why``, JobCancelled by default). False: abort requested (or, with
+        ``queued_only``, it runs and is left alone)."""
         why = why or JobCancelled("the job was cancelled")
         status = (
             p.StoredStatus.CANCELLED if isinstance(why, JobCancelled) else p.StoredStatus.FAILED
@@ -191,6 +196,7 @@ class Store:
                 _out_of_band(why),
                 status,
                 self.store_ttl_ms,
+                "1" if queued_only else "0",
             ],
         )
         return bool(started == 1)
@@ -336,39 +342,14 @@ class Store:
                 pipe.pexpire(key, self.store_ttl_ms)
             for job_id, events in batch.items():
                 pipe.publish(p.events_channel(job_id), p.encode_message(events))
-            out = await pipe.execute()
-        return [int(n) for n in out[len(out) - len(batch) :]]
-
-    # -- stored jobs -------------------------------------------------------------------
-    async def stored(self, job_id: str) -> p.StoredJob | None:
-        raw: dict[bytes, bytes] = await self.redis.hgetall(p.stored_key(job_id))  # type: ignore[misc]
-        return p.StoredJob.from_hash(raw) if raw else None
-
-    async def read_log(self, job_id: str, after: int = 0) -> list[p.Event]:
-        """A stored job's logged events numbered after ``after`` (out-of-band ones too)."""
-        rows = await self.redis.xrange(p.log_key(job_id), min=f"({p.log_entry_id(after)}")
-        return [p.Event.decode(fields[b"e"]) for _, fields in rows]
-
-    async def last_logged(self, job_id: str) -> p.Event | None:
-        rows = await self.redis.xrevrange(p.log_key(job_id), count=1)
-        return p.Event.decode(rows[0][1][b"e"]) if rows else None
-
-    async def delete_stored(self, job_id: str) -> None:
-        await self.redis.delete(p.stored_key(job_id), p.log_key(job_id))
-
-    async def job_spec(self, job_id: str) -> p.JobSpec | None:
-        """A queued or running job as the gateway enqueued it (arq's payload), else None."""
-        raw = await self.redis.get(p.job_key(job_id))
-        if raw is None:
-            return None
-        return p.JobSpec.model_validate(deserialize_job(raw, deserializer=p.json_loads).args[0])
-
-    async def log_bytes(self, job_id: str) -> int:
-        """Redis memory of a stored job's record and log (MEMORY USAGE), for benchmarks."""
-        total = 0
-        for key in (p.stored_key(job_id), p.log_key(job_id)):
-            total += int(await self.redis.memory_usage(key, samples=0) or 0)
-        return total
+            out = await pipe.execute(raise_on_error=False)
+        # A refused XADD (the reaper already ended that job's log: its worker was taken
+        # for dead) must not fail the other jobs of the flush; a failed PUBLISH does.
+        counts = out[len(out) - len(batch) :]
+        for n in counts:
+            if isinstance(n, Exception):
+                raise n
+        return [int(n) for n in counts]
 
     async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
         fields: list[Any] = []

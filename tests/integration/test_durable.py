@@ -73,7 +73,8 @@ def test_dropped_stream_runs_on_and_resumes_on_another_gateway(
     async def run() -> None:
         async with httpx.AsyncClient(timeout=30) as c:
             first = await post(c, gw1, stored(hold="r", hold_after=5), max_chunks=3)
-            assert first.status == 200 and first.ids == [2, 3, 4]
+            assert first.status == 200
+            assert first.ids == [2, 3, 4]
             job_id = first.chunks[0]["id"]
             # The client left; the job is detached: still running past ORPHAN_GRACE_S.
             await asyncio.to_thread(wait_held, sim.url, "r", 1)
@@ -121,7 +122,8 @@ def test_after_the_end_resume_and_retrieve(stack: Stack, rdb: redis.Redis) -> No
     async def run() -> None:
         async with httpx.AsyncClient(timeout=30) as c:
             whole = await post(c, gw, stored())
-            assert whole.text == FULL_TEXT and whole.done
+            assert whole.text == FULL_TEXT
+            assert whole.done
             job_id = whole.chunks[0]["id"]
             url = f"{gw.url}/v1/chat/completions/{job_id}"
             # Resumed after the end: the same frames from there on, ending with [DONE].
@@ -130,7 +132,8 @@ def test_after_the_end_resume_and_retrieve(stack: Stack, rdb: redis.Redis) -> No
                 expected = after_event(whole, after)
                 assert again.ids == [i for i in whole.ids if i > after]
                 assert again.text == Frames(200, expected).text
-                assert len(again.frames) == len(expected) and again.done
+                assert len(again.frames) == len(expected)
+                assert again.done
             last = await resume(c, gw, job_id, whole.last_id)
             assert last.frames == [(whole.last_id, "[DONE]")]
             got = (await c.get(url)).json()
@@ -144,7 +147,8 @@ def test_after_the_end_resume_and_retrieve(stack: Stack, rdb: redis.Redis) -> No
             answer = (await c.post(gw.url + "/v1/chat/completions", json=stored(False))).json()
             kept = (await c.get(f"{gw.url}/v1/chat/completions/{answer['id']}")).json()
             assert kept["status"] == "completed"
-            assert kept["choices"] == answer["choices"] and kept["usage"] == answer["usage"]
+            assert kept["choices"] == answer["choices"]
+            assert kept["usage"] == answer["usage"]
             refused = await c.get(
                 f"{gw.url}/v1/chat/completions/{answer['id']}", params={"stream": "true"}
             )
@@ -221,7 +225,8 @@ def test_cancel_endpoint_stops_queued_and_running_jobs(
             running_id = next(iter(rdb.zrange("llmq:queue", 0, -1))).decode()  # type: ignore[arg-type]
             assert (await c.post(f"{url}/{running_id}/cancel")).json()["status"] == "cancelling"
             stream = await running
-            assert stream.done and '"error"' in stream.frames[-2][1]
+            assert stream.done
+            assert '"error"' in stream.frames[-2][1]
             await asyncio.to_thread(
                 wait_for,
                 lambda: httpx.get(f"{url}/{running_id}").json()["status"] == "cancelled",

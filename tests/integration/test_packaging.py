@@ -37,6 +37,7 @@ def test_wheel_ships_only_the_llmq_package(wheel: Path) -> None:
     assert "llmq-gateway = llmq.gateway.__main__:main" in text
     assert "llmq-worker = llmq.worker.__main__:main" in text
     assert "llmq-keys = llmq.gateway.keys:main" in text
+    assert "llmq-jobs = llmq.gateway.jobs:main" in text
 
 
 @pytest.mark.parametrize("module", ["llmq.gateway", "llmq.worker"])

@@ -74,3 +74,31 @@ async def test_ready_stops_before_a_gap_and_next_raises_it(fake_redis) -> None:
             await sub.next(1)
     finally:
         await subs.stop()
+
+
+async def test_a_resumed_subscription_replays_the_log_then_drops_what_it_held() -> None:
+    """Resume after #2: the log (#3, #4, read after subscribing) comes first; live events
+    the log already held (#3, #4, and a late STARTED #1) are dropped, #5 follows."""
+    from llmq.gateway.events import Subscription
+
+    sub = Subscription("job")
+    live = [Event(1, EventType.STARTED, b"w"), *(Event(i, EventType.CHUNK, b"x") for i in (3, 4))]
+    sub.queue.put_nowait(encode_message([e.encode() for e in live]))
+    sub.buffered += len(live)
+    sub.queue.put_nowait(Event(5, EventType.DONE, b"{}").encode())
+    sub.buffered += 1
+    sub.replay([Event(3, EventType.CHUNK, b"x"), Event(4, EventType.CHUNK, b"x")], after=2)
+    got = [await sub.next(1) for _ in range(3)]
+    assert [e.seq for e in got] == [3, 4, 5]
+    assert sub.buffered == 0
+
+
+async def test_a_gap_after_the_replay_is_still_reported() -> None:
+    from llmq.gateway.events import Subscription
+
+    sub = Subscription("job")
+    sub.replay([Event(3, EventType.CHUNK, b"x")], after=2)
+    sub.queue.put_nowait(Event(5, EventType.CHUNK, b"x").encode())
+    assert (await sub.next(1)).seq == 3
+    with pytest.raises(StreamInterrupted):
+        await sub.next(1)

@@ -160,3 +160,28 @@ async def test_started_heard_by_nobody_for_the_grace_then_chunks_are_client_gone
 
     with pytest.raises(ClientGone):
         await publish_to_nobody()
+
+
+async def test_a_stored_job_is_logged_once_and_never_client_gone(store: Store, fake_redis) -> None:
+    """store: true: every event is appended to the job's log (STARTED once, however often
+    it is published), in order, and nobody listening does not stop the job (detached)."""
+    outbox = Outbox(store)
+    pub = Publisher(outbox, "s", orphan_grace_s=0.2, stored=True)
+
+    async def started() -> None:
+        return None
+
+    pub.announce(started(), "w1")
+    await pub.announced()  # nobody listens: published again, logged once
+    for _ in range(5):
+        await pub.send(p.EventType.CHUNK, b"x")
+        await asyncio.sleep(0.01)  # a flush of its own each: nobody heard any
+    await pub.send(p.EventType.DONE, b"{}")
+    events = await store.records.read_log("s")
+    assert [e.seq for e in events] == list(range(1, 8))
+    assert events[0].type is p.EventType.STARTED
+    assert [e.seq for e in await store.records.read_log("s", after=5)] == [6, 7]
+    assert (last := await store.records.last_logged("s")) is not None
+    assert last.type is p.EventType.DONE
+    assert await fake_redis.pttl(p.log_key("s")) > 0
+    assert not await fake_redis.exists(p.log_key("unstored"))

@@ -1,0 +1,141 @@
+"""Operator CLI for jobs (console script ``llmq-jobs``; or ``python -m llmq.gateway.jobs``).
+
+    llmq-jobs list             queued jobs (by band, oldest first), then running ones
+    llmq-jobs show ID          one job: where it stands, its settings, its stored record
+    llmq-jobs cancel ID        a queued job never runs; a running one is aborted
+    llmq-jobs purge --queued   cancel every job still waiting (running ones are left alone)
+
+It reads the same keys as the README's ``redis-cli`` recipes, and never prints a prompt or
+a completion (``show`` gives the request's size, not its text). Reads REDIS_URL like the
+services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from llmq.shared import protocol as p
+from llmq.shared.errors import JobCancelled
+from llmq.shared.settings import load_settings
+from llmq.shared.store import Store
+
+_CANCELLED_BY_OPERATOR = "cancelled by the operator"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmq-jobs", description="Inspect and cancel llmq jobs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("list")
+    sub.add_parser("show").add_argument("id")
+    sub.add_parser("cancel").add_argument("id")
+    purge = sub.add_parser("purge")
+    purge.add_argument("--queued", action="store_true", required=True, help="waiting jobs")
+    return ap
+
+
+def _age(ms: int) -> str:
+    return f"{max(0.0, time.time() - ms / 1000):.1f}s"
+
+
+async def list_jobs(store: Store) -> None:
+    queued = await store.records.queued_jobs()
+    running = await store.records.running_jobs()
+    for j in queued:
+        print(
+            f"{j.id}  queued   band={j.band.value} key={j.tenant} waiting={_age(j.enqueued_at_ms)}"
+        )
+    for job_id, worker, tenant in running:
+        print(f"{job_id}  running  worker={worker} key={tenant}")
+    print(f"{len(queued)} queued, {len(running)} running", file=sys.stderr)
+
+
+async def describe(store: Store, job_id: str) -> dict[str, Any] | None:
+    """What an operator may see of a job: never its messages or its answer."""
+    r = store.redis
+    spec = await store.records.job_spec(job_id)
+    stored = await store.records.stored(job_id)
+    outcome = await r.get(p.outcome_key(job_id))
+    if spec is None and stored is None and outcome is None:
+        return None
+    out: dict[str, Any] = {"id": job_id}
+    if spec is not None:
+        running = bool(await r.exists(p.in_progress_key(job_id)))
+        out["state"] = "running" if running else "queued"
+        out["job"] = spec.model_dump(mode="json", exclude={"body"})
+        out["job"]["request_bytes"] = len(json.dumps(spec.body))
+    else:
+        out["state"] = "ended"
+    if outcome is not None:
+        out["outcome"] = json.loads(outcome)
+    if stored is not None:
+        out["stored"] = stored.model_dump(mode="json", exclude={"body_digest"})
+        out["stored"]["logged_events"] = int(await r.xlen(p.log_key(job_id)))
+        out["stored"]["expires_in_s"] = round(max(0, await r.pttl(p.stored_key(job_id))) / 1000)
+    return out
+
+
+async def cancel(store: Store, job_id: str) -> int:
+    spec = await store.records.job_spec(job_id)
+    if spec is None:
+        print(f"llmq-jobs: {job_id} is not queued or running", file=sys.stderr)
+        return 1
+    never_ran = await store.cancel(spec, JobCancelled(_CANCELLED_BY_OPERATOR))
+    print(f"{job_id}: " + ("cancelled (it never ran)" if never_ran else "abort requested"))
+    return 0
+
+
+async def purge_queued(store: Store) -> int:
+    removed = running = 0
+    for job in await store.records.queued_jobs():
+        if await store.cancel(job.spec(), JobCancelled(_CANCELLED_BY_OPERATOR), queued_only=True):
+            removed += 1
+        else:
+            running += 1
+    print(f"{removed} queued job(s) cancelled; {running} had started and run on")
+    return 0
+
+
+async def run(a: argparse.Namespace, store: Store) -> int:
+    if a.command == "list":
+        await list_jobs(store)
+    elif a.command == "show":
+        shown = await describe(store, a.id)
+        if shown is None:
+            print(
+                f"llmq-jobs: no job {a.id} (unknown, or ended over 5 minutes ago)", file=sys.stderr
+            )
+            return 1
+        print(json.dumps(shown, indent=2))
+    elif a.command == "cancel":
+        return await cancel(store, a.id)
+    elif a.command == "purge":
+        return await purge_queued(store)
+    return 0
+
+
+async def _main(a: argparse.Namespace) -> int:
+    settings = load_settings()
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        **settings.redis_auth(),
+    )
+    try:
+        return await run(a, Store(redis, settings.store_ttl_s))
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(asyncio.run(_main(parser().parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
