@@ -11,6 +11,7 @@ import httpx
 import pytest
 import redis
 
+from llmq.shared import sse
 from tests.support.clients import (
     StreamResult,
     assert_drained,
@@ -64,3 +65,46 @@ def test_worker_killed_mid_stream(stack: Stack, rdb: redis.Redis, sim: Proc) -> 
     assert_drained(rdb, within=10)
     assert rdb.keys("arq:in-progress:*") == []
     assert rdb.keys("llmq:worker-jobs:*") == []
+
+
+def test_stored_job_of_a_killed_worker_is_failed_and_its_resume_ends(
+    stack: Stack, rdb: redis.Redis, sim: Proc
+) -> None:
+    """A stored job whose worker dies: its record says failed, and a client resuming it (on
+    a gateway that never saw it) gets the logged deltas, then worker_lost, then [DONE]."""
+    victim = stack.worker(max_active=1)
+    gw = stack.gateway()
+    payload = {**body(tokens=20, hold="stored-victim", hold_after=3), "store": True}
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            first = await stream_chat(c, gw.url, payload, max_chunks=2)
+            job_id = first.chunks[0]["id"]
+            await asyncio.to_thread(wait_held, sim.url, "stored-victim", 1)
+            victim.popen.send_signal(signal.SIGKILL)
+            url = f"{gw.url}/v1/chat/completions/{job_id}"
+            await asyncio.to_thread(
+                wait_for,
+                lambda: httpx.get(url).json()["status"] == "failed",
+                CLIENT_TOLD_WITHIN_S,
+                "the stored job to be marked failed",
+            )
+            got = (await c.get(url)).json()
+            assert got["error"]["code"] == "worker_lost"
+            assert got["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
+            again = await asyncio.wait_for(stream_chat_get(c, url), CLIENT_TOLD_WITHIN_S)
+            assert again.text == "tok0 tok1 tok2 "
+            assert [e["code"] for e in again.sse_errors] == ["worker_lost"]
+            assert again.done
+
+    asyncio.run(run())
+    assert_drained(rdb, within=10)
+
+
+async def stream_chat_get(c: httpx.AsyncClient, url: str) -> StreamResult:
+    async with c.stream("GET", url, params={"stream": "true"}) as resp:
+        out = StreamResult(resp.status_code, dict(resp.headers))
+        async for chunk in sse.events(resp.aiter_lines()):
+            out.chunks.append(chunk)
+        out.done = True
+        return out
