@@ -15,7 +15,7 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.support.clients import assert_drained, stream_chat
+from tests.support.clients import assert_drained, read_frames, stream_chat
 from tests.support.stack import BUNDLED_MODEL as MODEL
 from tests.support.stack import E2E_ENGINE_KEY as ENGINE_KEY
 from tests.support.stack import E2E_MAX_MODEL_LEN as MAX_MODEL_LEN
@@ -63,6 +63,41 @@ def test_usage_through_the_gateway_equals_vllm_direct(stack: Stack, vllm: Proc, 
     assert streamed == direct.choices[0].message.content
     assert chunks[-1].usage == direct.usage
     assert chunks[-1].model_extra["timings"]["completion_tokens"] == direct.usage.completion_tokens
+
+
+def test_a_resumed_stored_stream_equals_the_direct_greedy_answer(
+    stack: Stack, vllm: Proc, sdk
+) -> None:
+    """store: true on the real engine: drop the stream after three deltas, resume it on a
+    second gateway after the last event seen; the two parts make vLLM's own answer, and
+    the SDK retrieves the stored completion."""
+    stack.worker()
+    gw1, gw2 = stack.gateway(), stack.gateway()
+    ask = {"model": MODEL, "messages": QUESTION, "max_tokens": 24, "temperature": 0}
+    direct = sdk(vllm.url, ENGINE_KEY).chat.completions.create(**ask)
+
+    async def run() -> tuple[str, str]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            url = gw1.url + "/v1/chat/completions"
+            first = await read_frames(
+                c, "POST", url, json={**ask, "stream": True, "store": True}, max_chunks=3
+            )
+            job_id = first.chunks[0]["id"]
+            rest = await read_frames(
+                c,
+                "GET",
+                f"{gw2.url}/v1/chat/completions/{job_id}",
+                params={"stream": "true", "starting_after": first.last_id},
+            )
+            assert rest.done
+            assert first.ids + rest.ids == sorted(set(first.ids + rest.ids))
+            return job_id, first.text + rest.text
+
+    job_id, text = asyncio.run(run())
+    assert text == direct.choices[0].message.content
+    kept = sdk(gw2.url).chat.completions.retrieve(job_id)
+    assert kept.choices[0].message.content == direct.choices[0].message.content
+    assert kept.usage == direct.usage
 
 
 def test_client_disconnect_mid_stream_aborts_inside_vllm(stack: Stack, vllm: Proc, sdk) -> None:
