@@ -33,6 +33,8 @@ def everything(rdb: Any) -> dict[bytes, bytes]:
             value = b" ".join(rdb.smembers(key))
         elif kind == b"list":
             value = b" ".join(rdb.lrange(key, 0, -1))
+        elif kind == b"stream":
+            value = b" ".join(v for _, fields in rdb.xrange(key) for v in fields.values())
         else:
             value = kind
         out[key] = value
@@ -118,3 +120,28 @@ def test_logs_hold_no_prompt_no_completion_and_no_forged_line(
         assert said not in log
         assert "\nERROR forged line" not in log
     assert "bad\\nERROR forged line" in worker.output(), "logged, escaped"
+
+
+def test_a_stored_job_keeps_its_answer_not_its_prompt(stack: Stack, rdb: redis.Redis) -> None:
+    """store: true keeps the completion (its log) and a record, both with a TTL; the
+    prompt is gone with the job as for any other."""
+    stack.worker()
+    gw = stack.gateway()
+    prompt = "PROMPT-" + secrets.token_hex(8)
+    said = "SAID" + secrets.token_hex(8)
+    payload = {**body(stream=True, say=said, tokens=3), "store": True}
+    payload["messages"][0]["content"] = prompt
+
+    async def run() -> str:
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await stream_chat(c, gw.url, payload)
+            assert said in r.text
+            return str(r.chunks[0]["id"])
+
+    job_id = asyncio.run(run())
+    assert_drained(rdb)
+    wait_for(lambda: not holding(rdb, prompt.encode()), 5, "the prompt to leave Redis")
+    kept = holding(rdb, said.encode())
+    assert kept == [f"llmq:log:{job_id}".encode()], kept
+    for key in (f"llmq:log:{job_id}", f"llmq:stored:{job_id}"):
+        assert int(rdb.ttl(key)) > 0, key  # type: ignore[arg-type]
