@@ -140,7 +140,9 @@ class Subscriptions:
         self.redis = redis
         self._pubsub: PubSub = redis.pubsub()
         # Keyed by the channel name as bytes, as messages carry it: no decoding per token.
-        self._subs: dict[bytes, Subscription] = {}
+        # Usually one subscription per channel; a resumed stream or an Idempotency-Key
+        # retry may follow the same job on this gateway too (one SUBSCRIBE for all).
+        self._subs: dict[bytes, list[Subscription]] = {}
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -160,12 +162,19 @@ class Subscriptions:
         if not self.connected.is_set():
             raise QueueUnavailable("the connection to Redis is being re-established; retry")
         sub = Subscription(job_id)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._subs[sub.key] = sub
-        self._confirm[sub.key] = fut
+        followers = self._subs.get(sub.key)
+        if followers is not None:  # subscribed already: share it (and its confirmation)
+            followers.append(sub)
+            fut = self._confirm.get(sub.key)
+        else:
+            self._subs[sub.key] = [sub]
+            fut = asyncio.get_running_loop().create_future()
+            self._confirm[sub.key] = fut
         try:
-            await self._pubsub.subscribe(sub.channel)
-            await asyncio.wait_for(fut, CONFIRM_TIMEOUT_S)
+            if followers is None:
+                await self._pubsub.subscribe(sub.channel)
+            if fut is not None:  # shielded: another follower may be waiting on it too
+                await asyncio.wait_for(asyncio.shield(fut), CONFIRM_TIMEOUT_S)
         except TimeoutError:
             await self.unsubscribe(sub)
             raise QueueUnavailable("Redis did not confirm the subscription; retry") from None
@@ -173,15 +182,25 @@ class Subscriptions:
             await self.unsubscribe(sub)
             raise
         finally:
-            self._confirm.pop(sub.key, None)
+            if fut is not None and self._confirm.get(sub.key) is fut and fut.done():
+                del self._confirm[sub.key]
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.key, None) is not None:
-            try:
-                await self._pubsub.unsubscribe(sub.channel)
-            except (RedisError, OSError) as exc:  # stray messages are dropped by _dispatch
-                logger.warning("job %s: unsubscribe failed: %s", sub.job_id, exc)
+        followers = self._subs.get(sub.key)
+        if followers is None or sub not in followers:
+            return
+        followers.remove(sub)
+        if followers:
+            return
+        del self._subs[sub.key]
+        fut = self._confirm.pop(sub.key, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        try:
+            await self._pubsub.unsubscribe(sub.channel)
+        except (RedisError, OSError) as exc:  # stray messages are dropped by _dispatch
+            logger.warning("job %s: unsubscribe failed: %s", sub.job_id, exc)
 
     async def _read(self) -> None:
         while True:
@@ -219,10 +238,12 @@ class Subscriptions:
         old, self._pubsub = self._pubsub, self.redis.pubsub()
         with contextlib.suppress(RedisError, OSError):  # the socket is closed either way
             await old.aclose()  # type: ignore[no-untyped-call]
-        for key, sub in list(self._subs.items()):
-            if sub.heard:
-                del self._subs[key]
+        for key, followers in list(self._subs.items()):
+            for sub in [f for f in followers if f.heard]:
+                followers.remove(sub)
                 sub.queue.put_nowait(_LOST)
+            if not followers:
+                del self._subs[key]
         for fut in self._confirm.values():
             if not fut.done():
                 fut.set_exception(QueueUnavailable("lost the connection to Redis; retry"))
@@ -232,7 +253,7 @@ class Subscriptions:
         try:
             await self._pubsub.connect()  # type: ignore[no-untyped-call]
             if self._subs:
-                await self._pubsub.subscribe(*(sub.channel for sub in self._subs.values()))
+                await self._pubsub.subscribe(*(subs[0].channel for subs in self._subs.values()))
         except (RedisError, OSError) as exc:
             stop_if_cancelled()
             logger.info("Redis still unreachable: %s", exc)
@@ -256,9 +277,12 @@ class Subscriptions:
         if not isinstance(channel, bytes):
             return  # a PING reply
         if kind == "message":
-            sub = self._subs.get(channel)
             data = msg["data"]
-            if sub is not None and isinstance(data, bytes) and not sub.overflowed:
+            if not isinstance(data, bytes):
+                return
+            for sub in self._subs.get(channel, ()):
+                if sub.overflowed:
+                    continue
                 sub.buffered += data.count(b"\n") + 1
                 if sub.buffered > MAX_BUFFERED_EVENTS:
                     self._overflow(sub)

@@ -14,6 +14,7 @@ from tests.support.clients import (
     Frames,
     assert_drained,
     body,
+    new_key,
     read_frames,
     release,
     sim_stats,
@@ -174,7 +175,7 @@ def test_stored_results_expire(stack: Stack, rdb: redis.Redis) -> None:
 
 
 def test_idempotency_key_retry_attaches_to_the_one_job(stack: Stack, sim: Proc) -> None:
-    stack.worker(max_active=2)
+    stack.worker(max_active=1)
     gw1, gw2 = stack.gateway(), stack.gateway()
     key = {"Idempotency-Key": "order-42"}
 
@@ -191,12 +192,29 @@ def test_idempotency_key_retry_attaches_to_the_one_job(stack: Stack, sim: Proc) 
             assert a.chunks[0]["id"] == b.chunks[0]["id"]
             later = await post(c, gw1, payload, headers=key)  # after the job
             assert later.text == FULL_TEXT
+            # Not streamed: a retry while it waits in the queue gets the one answer too.
+            blocker = asyncio.create_task(post(c, gw1, body(tokens=1, hold="b", hold_after=0)))
+            await asyncio.to_thread(wait_held, sim.url, "b", 1)
+            await asyncio.to_thread(wait_held, sim.url, "b", 1)
+            single = {**body(stream=False, tokens=TOKENS), "store": True}
+            plain_key = {"Idempotency-Key": "order-43"}
+            url = gw1.url + "/v1/chat/completions"
+            firsts = [asyncio.create_task(c.post(url, json=single, headers=plain_key))]
+            await asyncio.sleep(0.3)
+            firsts.append(asyncio.create_task(c.post(url, json=single, headers=plain_key)))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(release, sim.url, "b")
+            await blocker
+            one, two = [(await t).json() for t in firsts]
+            assert one["id"] == two["id"]
+            assert one["choices"][0]["message"]["content"] == FULL_TEXT
+            assert two["choices"] == one["choices"]
             other = await post(c, gw1, {**payload, "temperature": 0.5}, headers=key)
             assert other.status == 409
             assert b"idempotency_key_reused" in other.body
 
     asyncio.run(run())
-    assert sim_stats(sim.url)["requests"] == 1
+    assert sim_stats(sim.url)["requests"] == 3  # the stream, the blocker, the non-streamed
 
 
 def test_cancel_endpoint_stops_queued_and_running_jobs(
@@ -238,3 +256,23 @@ def test_cancel_endpoint_stops_queued_and_running_jobs(
     asyncio.run(run())
     assert sim_stats(sim.url)["requests"] == 1
     assert_drained(rdb)
+
+
+def test_only_the_key_that_stored_a_completion_sees_it(stack: Stack) -> None:
+    stack.worker()
+    gw = stack.gateway(auth="keys")
+    owner = {"Authorization": "Bearer " + new_key(stack, "owner")}
+    other = {"Authorization": "Bearer " + new_key(stack, "other")}
+    url = gw.url + "/v1/chat/completions"
+    answer = httpx.post(url, json=stored(False), headers=owner, timeout=30).json()
+    assert httpx.get(f"{url}/{answer['id']}", headers=owner).json()["status"] == "completed"
+    for attempt in (
+        httpx.get(f"{url}/{answer['id']}", headers=other),
+        httpx.get(f"{url}/{answer['id']}", headers=other, params={"stream": "true"}),
+        httpx.post(f"{url}/{answer['id']}/cancel", headers=other),
+        httpx.delete(f"{url}/{answer['id']}", headers=other),
+    ):
+        assert attempt.status_code == 404, attempt.text
+    assert httpx.get(f"{url}/{answer['id']}").status_code == 401
+    assert httpx.delete(f"{url}/{answer['id']}", headers=owner).json()["deleted"] is True
+    assert httpx.get(f"{url}/{answer['id']}", headers=owner).status_code == 404

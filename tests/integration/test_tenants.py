@@ -5,38 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import subprocess
-import sys
 from typing import Any
 
 import httpx
 import pytest
 import redis
 
-from tests.support.clients import assert_drained, body, release, sim_stats, wait_held
-from tests.support.stack import ROOT, Proc, Stack, wait_for
+from tests.support.clients import (
+    assert_drained,
+    body,
+    keys_cli,
+    new_key,
+    release,
+    sim_stats,
+    wait_held,
+)
+from tests.support.stack import Proc, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
 URL = "/v1/chat/completions"
-
-
-def keys_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "llmq.gateway.keys", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"PATH": "/usr/bin:/bin", "REDIS_URL": stack.redis_url},
-    )
-
-
-def new_key(stack: Stack, name: str, *flags: str) -> str:
-    """Create a key with the operator CLI; its secret is the last line of stdout."""
-    res = keys_cli(stack, "create", name, *flags)
-    assert res.returncode == 0, res.stderr
-    return res.stdout.strip().splitlines()[-1]
 
 
 def auth(secret: str) -> dict[str, str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -10,7 +12,7 @@ import httpx
 import redis
 
 from llmq.shared import sse
-from tests.support.stack import wait_for
+from tests.support.stack import ROOT, Stack, wait_for
 
 MODEL = "sim-model"
 
@@ -173,3 +175,21 @@ async def read_frames(
                 if max_chunks is not None and len(out.frames) >= max_chunks:
                     return out
         return out
+
+
+def keys_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmq.gateway.keys", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", "REDIS_URL": stack.redis_url},
+    )
+
+
+def new_key(stack: Stack, name: str, *flags: str) -> str:
+    """Create a key with the operator CLI; its secret is the last line of stdout."""
+    res = keys_cli(stack, "create", name, *flags)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().splitlines()[-1]

@@ -102,3 +102,23 @@ async def test_a_gap_after_the_replay_is_still_reported() -> None:
     assert (await sub.next(1)).seq == 3
     with pytest.raises(StreamInterrupted):
         await sub.next(1)
+
+
+async def test_two_followers_of_one_job_each_get_every_event(fake_redis) -> None:
+    """A resumed stream (or an Idempotency-Key retry) on the gateway that already follows
+    the job: one SUBSCRIBE, both get the events, and one leaving keeps the other's."""
+    subs = Subscriptions(fake_redis)
+    await subs.start()
+    try:
+        a = await subs.subscribe("j")
+        b = await subs.subscribe("j")
+        await fake_redis.publish(events_channel("j"), Event(1, EventType.STARTED, b"w").encode())
+        assert (await a.next(2)).seq == 1
+        assert (await b.next(2)).seq == 1
+        await subs.unsubscribe(a)
+        await fake_redis.publish(events_channel("j"), Event(2, EventType.CHUNK, b"x").encode())
+        assert (await b.next(2)).seq == 2
+        await subs.unsubscribe(b)
+        assert await fake_redis.publish(events_channel("j"), b"3 chunk x") == 0
+    finally:
+        await subs.stop()
