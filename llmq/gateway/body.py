@@ -90,6 +90,20 @@ def check_max_tokens(req: ChatCompletionRequest, cap: int) -> None:
             raise InvalidRequest(f"{name} is at most {cap} here", param=name)
 
 
+def check_stored_size(req: ChatCompletionRequest, cap: int) -> None:
+    """A stored completion's size is bounded by its max_tokens: with STORE_MAX_TOKENS set,
+    a store:true request must set one within it (no silent cap: vLLM refuses a max_tokens
+    that does not fit the prompt's context, so the gateway cannot pick one for it)."""
+    if not cap:
+        return
+    if not (req.max_tokens or req.max_completion_tokens):
+        raise InvalidRequest(
+            f"a stored completion (store, or an Idempotency-Key) needs max_tokens <= {cap}",
+            param="max_tokens",
+        )
+    check_max_tokens(req, cap)
+
+
 def precheck(raw: bytes, settings: Settings) -> None:
     """Byte counts (C speed, ~3 ms for 7 MB) that refuse what would take long to parse: a
     7 MB body of 400k messages costs ~1 s of parsing and walking, stalling every other

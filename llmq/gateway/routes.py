@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from llmq.gateway import durable
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.auth import TenantDep
-from llmq.gateway.body import check_max_tokens, parse_chat_body
+from llmq.gateway.body import check_max_tokens, check_stored_size, parse_chat_body
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
@@ -72,6 +72,8 @@ async def _open_relay(
     )
     capacity = st.admission.check_ready(spec.model)
     check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
+    if spec.store:
+        check_stored_size(body, st.settings.store_max_tokens)
     record = StoredJob.of(spec, idempotency[1] if idempotency else "") if spec.store else None
     sub = await st.subs.subscribe(job_id)  # before enqueue: pub/sub keeps no backlog
     relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)

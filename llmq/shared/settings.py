@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     store_ttl_s: float = Field(
         3600.0, gt=0, le=7 * 86_400, description="how long store:true results are kept"
     )
+    store_max_tokens: int = Field(
+        0, ge=0, description="max_tokens a store:true request must set, at most; 0: no own cap"
+    )
     registry_refresh_s: float = Field(0.5, gt=0, le=60)
     client_send_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="a stream the client leaves unread this long ends"

@@ -7,7 +7,12 @@ import json
 import pytest
 from fastapi.exceptions import RequestValidationError
 
-from llmq.gateway.body import MAX_JSON_DEPTH, check_max_tokens, parse_chat_body
+from llmq.gateway.body import (
+    MAX_JSON_DEPTH,
+    check_max_tokens,
+    check_stored_size,
+    parse_chat_body,
+)
 from llmq.shared.errors import InvalidRequest
 from llmq.shared.settings import Settings
 
@@ -138,3 +143,16 @@ def test_max_tokens_are_capped_by_the_engine_context() -> None:
     assert info.value.param == "max_tokens"
     check_max_tokens(parse(ok_body(max_tokens=100)), 2048)  # type: ignore[arg-type]
     check_max_tokens(req, 0)  # type: ignore[arg-type]  # no cap known: the engine decides
+
+
+def test_a_stored_completion_is_bounded_by_store_max_tokens() -> None:
+    req = parse_chat_body(json.dumps(ok_body(store=True)).encode(), SETTINGS)
+    check_stored_size(req, 0)  # no cap of its own: the engine's context bounds it
+    with pytest.raises(InvalidRequest) as no_max:
+        check_stored_size(req, 100)
+    assert no_max.value.param == "max_tokens"
+    check_stored_size(parse_chat_body(json.dumps(ok_body(max_tokens=100)).encode(), SETTINGS), 100)
+    over = parse_chat_body(json.dumps(ok_body(max_completion_tokens=101)).encode(), SETTINGS)
+    with pytest.raises(InvalidRequest) as too_many:
+        check_stored_size(over, 100)
+    assert too_many.value.param == "max_completion_tokens"
