@@ -19,8 +19,7 @@ import sys
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
+from llmq.gateway.keys import cli_redis
 from llmq.shared import protocol as p
 from llmq.shared.errors import JobCancelled
 from llmq.shared.settings import load_settings
@@ -122,11 +121,7 @@ async def run(a: argparse.Namespace, store: Store) -> int:
 
 async def _main(a: argparse.Namespace) -> int:
     settings = load_settings()
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=settings.redis_timeout_s,
-        **settings.redis_auth(),
-    )
+    redis = cli_redis(settings)
     try:
         return await run(a, Store(redis, settings.store_ttl_s))
     finally:

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from llmq.shared.keystore import KeyExists, KeyNotFound, KeyStore
 from llmq.shared.protocol import ApiKey, Band, KeyLimits
-from llmq.shared.settings import load_settings
+from llmq.shared.settings import Settings, load_settings
 
 
 def _limit_flags(p: argparse.ArgumentParser) -> None:
@@ -82,13 +82,18 @@ async def run(a: argparse.Namespace, store: KeyStore) -> int:
     return 0
 
 
-async def _main(a: argparse.Namespace) -> int:
-    settings = load_settings()
-    redis = Redis.from_url(
+def cli_redis(settings: Settings) -> Redis:
+    """The operator CLIs' Redis connection (REDIS_URL and its login, like the services)."""
+    redis: Redis = Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout_s,
         **settings.redis_auth(),
     )
+    return redis
+
+
+async def _main(a: argparse.Namespace) -> int:
+    redis = cli_redis(load_settings())
     try:
         return await run(a, KeyStore(redis))
     except KeyExists as exc:

@@ -318,30 +318,13 @@ class StoredJob(BaseModel):
 
     @staticmethod
     def of(spec: JobSpec, body_digest: str = "") -> StoredJob:
-        return StoredJob(
-            id=spec.id,
-            tenant=spec.tenant,
-            band=spec.band,
-            model=spec.model,
-            stream=spec.stream,
-            include_usage=spec.include_usage,
-            enqueued_at_ms=spec.enqueued_at_ms,
-            body_digest=body_digest,
-        )
+        fields = spec.model_dump(include=set(StoredJob.model_fields))
+        return StoredJob(**fields, body_digest=body_digest)
 
     def spec(self) -> JobSpec:
         """The job as far as cancelling it goes (no body: the prompt is not kept here)."""
-        return JobSpec(
-            id=self.id,
-            model=self.model,
-            stream=self.stream,
-            include_usage=self.include_usage,
-            enqueued_at_ms=self.enqueued_at_ms,
-            tenant=self.tenant,
-            band=self.band,
-            store=True,
-            body={},
-        )
+        fields = self.model_dump(exclude={"status", "body_digest"})
+        return JobSpec(**fields, store=True, body={})
 
 
 class WorkerInfo(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 from typing import Any
 
@@ -12,21 +11,14 @@ import httpx
 import pytest
 import redis
 
-from tests.support.clients import assert_drained, body, release, sim_stats, wait_held
-from tests.support.stack import ROOT, Proc, Stack, wait_for
+from tests.support.clients import assert_drained, body, cli, release, sim_stats, wait_held
+from tests.support.stack import Proc, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def jobs_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "llmq.gateway.jobs", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"PATH": "/usr/bin:/bin", "REDIS_URL": stack.redis_url},
-    )
+    return cli(stack, "llmq.gateway.jobs", *args)
 
 
 def test_list_show_cancel_purge(stack: Stack, rdb: redis.Redis, sim: Proc) -> None:

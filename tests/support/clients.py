@@ -177,15 +177,20 @@ async def read_frames(
         return out
 
 
-def keys_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(stack: Stack, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run an operator CLI (``python -m <module>``) against the stack's Redis."""
     return subprocess.run(
-        [sys.executable, "-m", "llmq.gateway.keys", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
         env={"PATH": "/usr/bin:/bin", "REDIS_URL": stack.redis_url},
     )
+
+
+def keys_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return cli(stack, "llmq.gateway.keys", *args)
 
 
 def new_key(stack: Stack, name: str, *flags: str) -> str:
