@@ -12,7 +12,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llmq.gateway import durable, errors
+from llmq.gateway import batch_api, durable, errors
 from llmq.gateway.admission import Admission
 from llmq.gateway.events import Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
@@ -20,6 +20,7 @@ from llmq.gateway.middleware import GatewayMiddleware
 from llmq.gateway.registry import WorkerRegistry
 from llmq.gateway.routes import router
 from llmq.gateway.state import GatewayState
+from llmq.shared.batches import BatchStore
 from llmq.shared.keystore import KeyStore
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
@@ -58,6 +59,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         admission=Admission(settings, store, registry),
         metrics=metrics,
         keys=KeyStore(redis),
+        batches=BatchStore(redis, settings.file_ttl_s),
     )
 
 
@@ -136,6 +138,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app.state.gateway = st
     app.include_router(router)
     app.include_router(durable.router)
+    app.include_router(batch_api.router)
     errors.install(app)
     app.add_middleware(GatewayMiddleware, state=st)
     return app

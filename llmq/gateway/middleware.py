@@ -60,6 +60,8 @@ class GatewayMiddleware:
             await send(message)
 
         limit = st.settings.max_body_bytes
+        if scope["path"] == "/v1/files":  # a batch's input file: FILE_MAX_BYTES
+            limit = st.settings.file_max_bytes
         received = 0
 
         async def receive_limited() -> Message:

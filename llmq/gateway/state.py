@@ -12,6 +12,7 @@ from llmq.gateway.admission import Admission
 from llmq.gateway.events import Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
 from llmq.gateway.registry import WorkerRegistry
+from llmq.shared.batches import BatchStore
 from llmq.shared.keystore import KeyStore
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
@@ -27,6 +28,7 @@ class GatewayState:
     admission: Admission
     metrics: GatewayMetrics
     keys: KeyStore
+    batches: BatchStore
     draining: bool = False
     active: int = 0  # requests in flight (counted by the ASGI middleware), drained on SIGTERM
 

@@ -32,6 +32,14 @@ Keys and channels
                                     published; kept STORE_TTL_S after the job ended
     llmq:idem:<tenant>:<h>  string  ``<job id> <body digest>`` for an Idempotency-Key
                                     (h = sha256 of the key), kept STORE_TTL_S
+    llmq:file:<id>          hash    an uploaded or result file (FileRecord), kept FILE_TTL_S
+    llmq:file:<id>:lines    list    its JSONL lines
+    llmq:batch:<id>         hash    a batch (BatchRecord: status, counts, progress)
+    llmq:batch:<id>:out     hash    line index -> output line, until the batch is finalized
+    llmq:batch:<id>:err     hash    line index -> error line, until the batch is finalized
+    llmq:batch:<id>:inflight set    the batch's job ids queued or running
+    llmq:batches:active     set     batches that workers feed or finalize
+    llmq:batches:<tenant>   zset    a key's batches; score = created (ms)
 
 Event wire format: ``"<seq> <type> <data>"``, one pub/sub message each. ``data`` of a
 ``chunk`` event is the OpenAI chunk JSON exactly as the gateway sends it to the client, so the
@@ -98,6 +106,37 @@ def log_key(job_id: str) -> str:
 def log_entry_id(seq: int) -> str:
     """A logged event's stream entry id: ``0-<seq>``, so that XRANGE reads by number."""
     return f"0-{seq}"
+
+
+FILE_PREFIX = "llmq:file:"
+BATCH_PREFIX = "llmq:batch:"
+ACTIVE_BATCHES = "llmq:batches:active"
+BATCH_JOB_PREFIX = "breq_"  # a batch request's job id: breq_<batch id>_<line index>
+
+
+def file_key(file_id: str) -> str:
+    return FILE_PREFIX + file_id
+
+
+def file_lines_key(file_id: str) -> str:
+    return f"{FILE_PREFIX}{file_id}:lines"
+
+
+def batch_key(batch_id: str) -> str:
+    return BATCH_PREFIX + batch_id
+
+
+def batch_part_key(batch_id: str, part: str) -> str:
+    """``out``, ``err`` or ``inflight`` of a batch."""
+    return f"{BATCH_PREFIX}{batch_id}:{part}"
+
+
+def tenant_batches_key(tenant: str) -> str:
+    return f"llmq:batches:{tenant}"
+
+
+def batch_job_id(batch_id: str, index: int) -> str:
+    return f"{BATCH_JOB_PREFIX}{batch_id}_{index}"
 
 
 def idem_key(tenant: str, key_digest: str) -> str:
@@ -291,6 +330,9 @@ class JobSpec(BaseModel):
     tpm: int = 0  # the tenant's tokens-per-minute limit (the worker corrects the bucket)
     token_estimate: int = 0  # tokens taken from the tenant's bucket at admission
     store: bool = False  # events logged (llmq:log:<id>); the job outlives its client
+    batch_id: str = ""  # a batch request: its result goes to the batch, not to a client
+    batch_index: int = -1  # its line in the batch's input file
+    custom_id: str = ""
     body: dict[str, Any]  # the request for the engine, allowed pass-through fields kept
 
 

@@ -189,11 +189,13 @@ return redis.call('DEL', KEYS[5], KEYS[6])
 # KEYS: workers index, admitted, queue. ARGV: worker key prefix, worker-jobs prefix, job key
 # prefix, in-progress prefix, events prefix, the out-of-band error event's head ("0 error "),
 # its JSON body, tenant key prefix, outcome key prefix, outcome record, outcome ttl ms,
-# stored record prefix, event log prefix, store ttl ms.
+# stored record prefix, event log prefix, store ttl ms, batch job id prefix, batch key
+# prefix.
 # Workers whose heartbeat expired are dead: each job they had started loses its places,
 # queue entry, in-progress marker and payload (it never runs again: at most once), gets the
 # outcome record worker_lost, and its client is told (an out-of-band error event, logged
-# too for a stored job, whose status becomes failed).
+# too for a stored job, whose status becomes failed; a batch request gets a worker_lost
+# error line in its batch, counted as failed, and is not run again).
 # Idempotent; any process may run it. Returns {dead worker ids..., reaped job count}.
 REAP = (
     NOW
@@ -208,6 +210,19 @@ for _, w in ipairs(dead) do
     redis.call('ZREM', KEYS[2], id)
     redis.call('ZREM', ARGV[8] .. tenant .. ':admitted', id)
     redis.call('ZREM', KEYS[3], id)
+    local bid, index = string.match(id, '^' .. ARGV[15] .. '(.+)_(%d+)$')
+    if bid and redis.call('SREM', ARGV[16] .. bid .. ':inflight', id) == 1 then
+      local custom = ''
+      local payload = redis.call('GET', ARGV[3] .. id)
+      if payload then
+        local ok, job = pcall(cjson.decode, payload)
+        if ok then custom = job['a'][1]['custom_id'] or '' end
+      end
+      local line = cjson.encode({id = id, custom_id = custom, response = cjson.null,
+        error = {code = 'worker_lost', message = 'the worker running it stopped'}})
+      redis.call('HSET', ARGV[16] .. bid .. ':err', index, line)
+      redis.call('HINCRBY', ARGV[16] .. bid, 'failed', 1)
+    end
     redis.call('DEL', ARGV[3] .. id, ARGV[4] .. id)
     redis.call('SET', ARGV[9] .. id, ARGV[10], 'PX', ARGV[11])
     redis.call('PUBLISH', ARGV[5] .. id, ARGV[6] .. ARGV[7])

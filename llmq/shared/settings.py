@@ -125,6 +125,17 @@ class Settings(BaseSettings):
     store_ttl_s: float = Field(
         3600.0, gt=0, le=7 * 86_400, description="how long store:true results are kept"
     )
+    file_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="one uploaded batch input file (POST /v1/files)"
+    )
+    batch_max_lines: int = Field(50_000, ge=1, le=1_000_000, description="requests per batch")
+    file_ttl_s: float = Field(
+        3 * 86_400, gt=0, description="how long uploaded and result files are kept"
+    )
+    batch_max_inflight: int = Field(
+        32, ge=1, le=10_000, description="a batch's requests queued or running at once"
+    )
+    batch_feed_s: float = Field(0.5, gt=0, le=60, description="how often workers feed batches")
     store_max_tokens: int = Field(
         0, ge=0, description="max_tokens a store:true request must set, at most; 0: no own cap"
     )

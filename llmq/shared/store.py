@@ -316,6 +316,8 @@ class Store:
                 p.STORED_PREFIX,
                 p.LOG_PREFIX,
                 self.store_ttl_ms,
+                p.BATCH_JOB_PREFIX,
+                p.BATCH_PREFIX,
             ],
         )
         return [w.decode() for w in out[:-1]], int(out[-1])

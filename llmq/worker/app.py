@@ -10,6 +10,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import ConnectionPool
 
 from llmq.shared import protocol
+from llmq.shared.batches import BatchStore
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker.arq_worker import WakeableWorker, seam_problems
@@ -50,6 +51,7 @@ def build_worker(
     runtime = Runtime(
         settings=settings,
         store=store,
+        batches=BatchStore(redis, settings.file_ttl_s),
         outbox=Outbox(store),
         engine=engine
         or EngineClient(

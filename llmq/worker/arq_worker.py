@@ -37,6 +37,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from llmq.shared.tasks import log_failure, stop_if_cancelled, stop_task
+from llmq.worker.batch import BatchFeeder
 from llmq.worker.heartbeat import beat_once, heartbeat_loop, probe_loop, wake_listener
 from llmq.worker.job import RUNTIME, Runtime
 
@@ -248,6 +249,7 @@ class WakeableWorker(Worker):
             asyncio.create_task(heartbeat_loop(rt), name="heartbeat"),
             asyncio.create_task(probe_loop(rt), name="engine-probe"),
             asyncio.create_task(wake_listener(rt, self.wake), name="wake-listener"),
+            asyncio.create_task(BatchFeeder(rt).run(), name="batch-feeder"),
         ]
         for task in self.background:
             task.add_done_callback(log_failure)

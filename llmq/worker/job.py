@@ -12,10 +12,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from llmq.shared.batches import BatchStore
 from llmq.shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
 from llmq.shared.protocol import EventType, JobSpec
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
+from llmq.worker import batch
 from llmq.worker.engine import EngineClient, stream_error
 from llmq.worker.metrics import WorkerMetrics
 from llmq.worker.outbox import Outbox
@@ -39,6 +41,7 @@ class Runtime:
 
     settings: Settings
     store: Store
+    batches: BatchStore
     engine: EngineClient
     metrics: WorkerMetrics
     outbox: Outbox
@@ -232,6 +235,10 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         # Announce the pickup while the engine request is already on its way: the two
         # round trips stay off the time-to-first-token path.
         worker_id = rt.settings.worker_id
+        if spec.batch_id:  # no client: its answer is a line of the batch's results
+            await rt.store.mark_started(spec, worker_id, hold)
+            outcome = await batch.run_line(rt, spec, used)
+            return {"id": spec.id, "outcome": outcome}
         pub.announce(rt.store.mark_started(spec, worker_id, hold), worker_id)
         outcome = await _generate(rt, spec, pub, used)
         return {"id": spec.id, "outcome": outcome}
@@ -239,6 +246,8 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         # Aborted by the client (nobody hears this) or the worker is stopping (the client
         # learns why and may retry).
         logger.info("job %s: cancelled", spec.id)
+        if spec.batch_id:
+            await asyncio.shield(batch.record_cancelled(rt, spec))
         await _fail(pub, ShuttingDown("the job was cancelled (client gone or worker stopping)"))
         raise
     except ClientGone:

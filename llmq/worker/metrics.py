@@ -38,6 +38,15 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
         )
         self.jobs = Counter("worker_jobs", "Jobs finished, by outcome", ["outcome"], registry=r)
+        self.batch_requests = Counter(
+            "worker_batch_requests", "Batch requests finished, by result", ["result"], registry=r
+        )
+        self.batch_tokens = Counter(
+            "worker_batch_tokens", "Tokens (prompt + completion) of batch requests", registry=r
+        )
+        self.batches = Counter(
+            "worker_batches", "Batches finalized, by final status", ["status"], registry=r
+        )
         self.engine_ttft = Histogram(
             "worker_engine_ttft_seconds",
             "Engine time to first token, from the request to the engine",

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from llmq.shared import protocol as p
+from llmq.shared.batches import BatchStore
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker.engine import EngineClient
@@ -48,6 +49,7 @@ async def runtime(store: Store, handler: Handler, **settings: Any) -> AsyncItera
             yield Runtime(
                 settings=Settings(**settings),
                 store=store,
+                batches=BatchStore(store.redis, 3600),
                 engine=engine,
                 metrics=WorkerMetrics(),
                 outbox=Outbox(store),

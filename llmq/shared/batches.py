@@ -1,0 +1,261 @@
+"""Every Redis operation on files and batches (the Batch API). Keys come from
+``shared.protocol``; records and scripts from ``shared.batch_records``.
+
+Nothing about a batch lives only in a process: its input lines, progress (``next``: the
+next line to feed), the requests in flight, their results and its status are in Redis, so
+gateways and workers may restart at any point. Workers feed a batch a few lines at a time
+(``feed``: at most ``max_inflight`` of its requests queued or running), record each
+request's result once (``record``), and the first worker to see a batch done turns its
+results into its output and error files (``finalize``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from arq.jobs import serialize_job
+from redis.asyncio import Redis
+
+from llmq.shared import protocol as p
+from llmq.shared.batch_records import (
+    END,
+    FEED,
+    RESULT,
+    BatchRecord,
+    BatchStatus,
+    FileRecord,
+    failure_line,
+)
+from llmq.shared.errors import JobCancelled
+from llmq.shared.records import QueuedJob
+from llmq.shared.store import Store
+
+logger = logging.getLogger(__name__)
+_CHUNK = 1000  # list entries per RPUSH / LRANGE
+_FINALIZE_LOCK_MS = 60_000
+
+
+def _decoded(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class BatchStore:
+    def __init__(self, redis: Redis, file_ttl_s: float) -> None:
+        self.redis = redis
+        self.file_ttl_ms = int(file_ttl_s * 1000)
+        self._feed = redis.register_script(FEED)
+        self._result = redis.register_script(RESULT)
+        self._end = redis.register_script(END)
+
+    # -- files -------------------------------------------------------------------------
+    async def create_file(
+        self, tenant: str, purpose: str, filename: str, lines: Sequence[bytes]
+    ) -> FileRecord:
+        now = int(time.time())
+        rec = FileRecord(
+            id=new_id("file"),
+            tenant=tenant,
+            purpose=purpose,
+            filename=filename,
+            bytes=sum(len(line) + 1 for line in lines),
+            lines=len(lines),
+            created_at=now,
+            expires_at=now + self.file_ttl_ms // 1000,
+        )
+        key = p.file_lines_key(rec.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for i in range(0, len(lines), _CHUNK):
+                pipe.rpush(key, *lines[i : i + _CHUNK])
+            pipe.hset(p.file_key(rec.id), mapping=rec.to_hash())
+            pipe.pexpire(key, self.file_ttl_ms)
+            pipe.pexpire(p.file_key(rec.id), self.file_ttl_ms)
+            await pipe.execute()
+        return rec
+
+    async def file(self, file_id: str) -> FileRecord | None:
+        raw = await self.redis.hgetall(p.file_key(file_id))  # type: ignore[misc]
+        return FileRecord.model_validate(_decoded(raw)) if raw else None
+
+    async def file_lines(self, file_id: str, start: int = 0, stop: int = -1) -> list[bytes]:
+        out: list[bytes] = await self.redis.lrange(p.file_lines_key(file_id), start, stop)  # type: ignore[misc]
+        return out
+
+    async def delete_file(self, file_id: str) -> None:
+        await self.redis.delete(p.file_key(file_id), p.file_lines_key(file_id))
+
+    # -- batches -----------------------------------------------------------------------
+    async def create_batch(self, rec: BatchRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(p.batch_key(rec.id), mapping=rec.to_hash())
+            pipe.zadd(p.tenant_batches_key(rec.tenant), {rec.id: rec.created_at * 1000})
+            pipe.sadd(p.ACTIVE_BATCHES, rec.id)
+            await pipe.execute()
+
+    async def batch(self, batch_id: str) -> BatchRecord | None:
+        raw = await self.redis.hgetall(p.batch_key(batch_id))  # type: ignore[misc]
+        return BatchRecord.model_validate(_decoded(raw)) if raw else None
+
+    async def list_batches(self, tenant: str, after: str | None, limit: int) -> list[BatchRecord]:
+        """The key's batches, newest first, after the one named ``after``."""
+        key = p.tenant_batches_key(tenant)
+        start = 0
+        if after:
+            rank = await self.redis.zrevrank(key, after)
+            start = 0 if rank is None else rank + 1
+        ids = await self.redis.zrevrange(key, start, start + limit - 1)
+        out = []
+        for raw_id in ids:
+            rec = await self.batch(raw_id.decode())
+            if rec is None:  # expired: drop it from the index
+                await self.redis.zrem(key, raw_id)
+            else:
+                out.append(rec)
+        return out
+
+    async def active(self) -> list[str]:
+        return sorted(m.decode() for m in await self.redis.smembers(p.ACTIVE_BATCHES))  # type: ignore[misc]
+
+    async def end(self, batch_id: str, why: str) -> str:
+        """Stop feeding a batch (``cancelled`` or ``expired``); returns its status."""
+        out = await self._end(keys=[p.batch_key(batch_id)], args=[why, int(time.time())])
+        return out.decode() if isinstance(out, bytes) else str(out)
+
+    async def inflight(self, batch_id: str) -> list[str]:
+        ids = await self.redis.smembers(p.batch_part_key(batch_id, "inflight"))  # type: ignore[misc]
+        return sorted(i.decode() for i in ids)
+
+    async def feed(self, rec: BatchRecord, specs: list[p.JobSpec], new_next: int) -> int:
+        """Enqueue the next lines' jobs, unless another worker fed them first."""
+        pairs: list[Any] = []
+        for spec in specs:
+            payload = serialize_job(
+                p.JOB_FUNCTION,
+                (spec.model_dump(mode="json"),),
+                {},
+                1,
+                spec.enqueued_at_ms,
+                serializer=p.json_dumps,
+            )
+            pairs += [spec.id, payload]
+        now_ms = int(time.time() * 1000)
+        out = await self._feed(
+            keys=[
+                p.batch_key(rec.id),
+                p.batch_part_key(rec.id, "inflight"),
+                p.QUEUE,
+                p.band_key(p.Band.LOW),
+                p.band_queue_key(p.Band.LOW, rec.tenant),
+            ],
+            args=[
+                rec.next,
+                new_next,
+                max(1000, rec.expires_at * 1000 - now_ms),
+                now_ms,
+                p.WAKE_CHANNEL,
+                rec.tenant,
+                p.job_key(""),
+                *pairs,
+            ],
+        )
+        return int(out)
+
+    async def record(self, spec: p.JobSpec, line: str, ok: bool) -> bool:
+        """A request's result line, counted once (False: it was counted already)."""
+        out = await self._result(
+            keys=[
+                p.batch_key(spec.batch_id),
+                p.batch_part_key(spec.batch_id, "out"),
+                p.batch_part_key(spec.batch_id, "err"),
+                p.batch_part_key(spec.batch_id, "inflight"),
+            ],
+            args=[spec.id, spec.batch_index, line, "1" if ok else "0"],
+        )
+        return bool(out)
+
+    async def take_back(self, store: Store, rec: BatchRecord) -> list[str]:
+        """Cancel the requests of an ending batch that have not started (they leave no
+        result); returns those still running."""
+        running = []
+        why = JobCancelled(f"batch {rec.id} is {rec.ending or 'ending'}")
+        for job_id in await self.inflight(rec.id):
+            job = QueuedJob(job_id, p.Band.LOW, rec.tenant, 0)
+            if await store.cancel(job.spec(), why, queued_only=True):
+                await self.redis.srem(p.batch_part_key(rec.id, "inflight"), job_id)  # type: ignore[misc]
+            else:
+                running.append(job_id)
+        return running
+
+    async def finalize(self, rec: BatchRecord) -> BatchRecord | None:
+        """Turn a batch's results into its output and error files and give it its final
+        status (one worker does it: a lock; redone if that worker died midway)."""
+        lock = p.batch_part_key(rec.id, "finalizing")
+        if not await self.redis.set(lock, "1", nx=True, px=_FINALIZE_LOCK_MS):
+            return None
+        now = int(time.time())
+        await self.redis.hset(
+            p.batch_key(rec.id), mapping={"status": "finalizing", "finalizing_at": str(now)}
+        )  # type: ignore[misc]
+        out = await self._sorted(p.batch_part_key(rec.id, "out"))
+        err = await self._sorted(p.batch_part_key(rec.id, "err"))
+        if rec.ending == "expired":  # lines never fed: OpenAI's batch_expired errors
+            for index in range(rec.next, rec.total):
+                err.append(await self._expired_line(rec, index))
+        fields: dict[str, str] = {}
+        if out:
+            fields["output_file_id"] = (await self._result_file(rec, "output", out)).id
+        if err:
+            fields["error_file_id"] = (await self._result_file(rec, "errors", err)).id
+        final = {
+            "expired": BatchStatus.EXPIRED,
+            "cancelled": BatchStatus.CANCELLED,
+        }.get(rec.ending, BatchStatus.COMPLETED)
+        fields["status"] = final.value
+        fields[f"{final.value}_at"] = str(int(time.time()))
+        if final is BatchStatus.EXPIRED:
+            fields["failed"] = str(rec.failed + (rec.total - rec.next))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(p.batch_key(rec.id), mapping=fields)
+            pipe.pexpire(p.batch_key(rec.id), self.file_ttl_ms)
+            pipe.srem(p.ACTIVE_BATCHES, rec.id)
+            pipe.delete(
+                p.batch_part_key(rec.id, "out"),
+                p.batch_part_key(rec.id, "err"),
+                p.batch_part_key(rec.id, "inflight"),
+                lock,
+            )
+            await pipe.execute()
+        return await self.batch(rec.id)
+
+    async def fail(self, rec: BatchRecord, message: str) -> None:
+        """A batch that cannot run (its input file is gone)."""
+        now = str(int(time.time()))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                p.batch_key(rec.id),
+                mapping={"status": "failed", "failed_at": now, "failure": message},
+            )
+            pipe.pexpire(p.batch_key(rec.id), self.file_ttl_ms)
+            pipe.srem(p.ACTIVE_BATCHES, rec.id)
+            await pipe.execute()
+
+    async def _sorted(self, key: str) -> list[bytes]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(key)  # type: ignore[misc]
+        return [raw[k] for k in sorted(raw, key=int)]
+
+    async def _expired_line(self, rec: BatchRecord, index: int) -> bytes:
+        (raw,) = await self.file_lines(rec.input_file_id, index, index) or [b"{}"]
+        custom_id = str(json.loads(raw).get("custom_id", ""))
+        job_id = p.batch_job_id(rec.id, index)
+        return failure_line(job_id, custom_id, "batch_expired", "the batch expired").encode()
+
+    async def _result_file(self, rec: BatchRecord, kind: str, lines: list[bytes]) -> FileRecord:
+        return await self.create_file(rec.tenant, "batch_output", f"{rec.id}_{kind}.jsonl", lines)

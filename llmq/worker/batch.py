@@ -1,0 +1,157 @@
+"""The worker's part of the Batch API: running one batch request, and feeding batches.
+
+A batch request is an ordinary job in the lowest band (so a free slot always goes to an
+interactive job first, and one waits at most for one job to end), run without a client:
+its answer becomes one line of the batch's results. Batch jobs are not admitted through
+the bound: they never count toward QUEUE_MAX or wait under QUEUE_TIMEOUT_S (their job key
+lives until the batch's window ends), and the feeder keeps at most the batch's
+``max_inflight`` of them queued or running, so a 50k-line batch never floods the queue.
+
+Every worker process runs a feeder (``BatchFeeder``): each BATCH_FEED_S it looks at the
+active batches; the feed script enqueues a batch's next lines only if nobody fed them first,
+so several feeders enqueue each line once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from llmq.shared import protocol as p
+from llmq.shared.batch_records import BatchRecord, BatchStatus, failure_line, output_line
+from llmq.shared.batches import BatchStore
+from llmq.shared.chat import ChatCompletionRequest, to_job_spec
+from llmq.shared.errors import ServiceError, UpstreamError
+
+if TYPE_CHECKING:  # job.py imports this module
+    from llmq.worker.job import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+async def run_line(rt: Runtime, spec: p.JobSpec, used: list[int]) -> str:
+    """Run one batch request and record its line; returns the job's outcome. The exact
+    tokens used go into ``used``."""
+    batches = rt.batches
+    ok = False
+    try:
+        async with asyncio.timeout(rt.settings.request_timeout_s):
+            result = await rt.engine.complete(spec.body)
+        result["id"] = spec.id
+        line, ok, outcome = output_line(spec.id, spec.custom_id, 200, result), True, "completed"
+        usage = result.get("usage") or {}
+        prompt, completion = (
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+        )
+        used.append(prompt + completion)
+        rt.metrics.tokens.inc(completion)
+        rt.metrics.prompt_tokens.inc(prompt)
+        rt.metrics.batch_tokens.inc(prompt + completion)
+    except TimeoutError:
+        message = f"generation exceeded {rt.settings.request_timeout_s:g}s"
+        line, outcome = failure_line(spec.id, spec.custom_id, "request_timeout", message), "timeout"
+    except UpstreamError as exc:  # the engine's answer: a response with its status
+        line = output_line(spec.id, spec.custom_id, exc.status, exc.body())
+        outcome = "rejected" if exc.status < 500 else "engine_error"
+    except ServiceError as exc:
+        line = failure_line(spec.id, spec.custom_id, exc.code or "error", exc.message)
+        outcome = "engine_error"
+    await batches.record(spec, line, ok)
+    rt.metrics.batch_requests.labels("completed" if ok else "failed").inc()
+    return outcome
+
+
+async def record_cancelled(rt: Runtime, spec: p.JobSpec) -> None:
+    """A batch request stopped midway (its worker is stopping): an error line, not a
+    re-run (its engine request may have run already: at most once)."""
+    line = failure_line(spec.id, spec.custom_id, "cancelled", "the worker stopped")
+    try:
+        await rt.batches.record(spec, line, False)
+    except RedisError as exc:
+        logger.warning("batch request %s: could not record its end: %s", spec.id, exc)
+
+
+def _line_spec(rec: BatchRecord, index: int, raw: bytes) -> p.JobSpec:
+    line = json.loads(raw)
+    req = ChatCompletionRequest.model_validate(line["body"])
+    spec = to_job_spec(req, p.batch_job_id(rec.id, index), tenant=rec.tenant, band=p.Band.LOW)
+    update = {"batch_id": rec.id, "batch_index": index, "custom_id": str(line["custom_id"])}
+    return spec.model_copy(update=update)
+
+
+class BatchFeeder:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.batches: BatchStore = rt.batches
+        self.store = rt.store
+        self.interval_s = rt.settings.batch_feed_s
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except RedisError as exc:
+                logger.debug("batch feeder: Redis: %s", exc)
+            except Exception:
+                logger.exception("batch feeder failed; retrying")
+            await asyncio.sleep(self.interval_s)
+
+    async def tick(self) -> None:
+        for batch_id in await self.batches.active():
+            rec = await self.batches.batch(batch_id)
+            if rec is not None:
+                await self.step(rec)
+
+    async def step(self, rec: BatchRecord) -> None:
+        if (
+            rec.status is BatchStatus.IN_PROGRESS
+            and not rec.ending
+            and time.time() >= rec.expires_at
+        ):
+            await self.batches.end(rec.id, "expired")
+            rec = await self.batches.batch(rec.id) or rec
+        inflight = await self.batches.inflight(rec.id)
+        if rec.ending:
+            if not await self.batches.take_back(self.store, rec):
+                await self._finalize(rec)
+            return
+        if rec.status is BatchStatus.FINALIZING:  # its finalizer died: done again
+            await self._finalize(rec)
+            return
+        if rec.status is not BatchStatus.IN_PROGRESS:
+            return
+        room = rec.max_inflight - len(inflight)
+        if rec.next < rec.total and room > 0:
+            await self._feed(rec, room)
+        elif rec.next >= rec.total and not inflight:
+            await self._finalize(rec)
+
+    async def _feed(self, rec: BatchRecord, room: int) -> None:
+        stop = min(rec.total, rec.next + room)
+        lines = await self.batches.file_lines(rec.input_file_id, rec.next, stop - 1)
+        if len(lines) != stop - rec.next:
+            logger.warning("batch %s: its input file is gone", rec.id)
+            await self.batches.fail(rec, "the input file expired or was deleted")
+            return
+        specs = [_line_spec(rec, rec.next + i, raw) for i, raw in enumerate(lines)]
+        if await self.batches.feed(rec, specs, stop):
+            logger.info("batch %s: fed lines %d..%d", rec.id, rec.next, stop - 1)
+
+    async def _finalize(self, rec: BatchRecord) -> None:
+        done = await self.batches.finalize(rec)
+        if done is not None:
+            self.rt.metrics.batches.labels(done.status.value).inc()
+            logger.info(
+                "batch %s: %s (%d completed, %d failed of %d)",
+                rec.id,
+                done.status.value,
+                done.completed,
+                done.failed,
+                done.total,
+            )
