@@ -206,9 +206,9 @@ class BatchStore:
         )  # type: ignore[misc]
         out = await self._sorted(p.batch_part_key(rec.id, "out"))
         err = await self._sorted(p.batch_part_key(rec.id, "err"))
-        if rec.ending == "expired":  # lines never fed: OpenAI's batch_expired errors
-            for index in range(rec.next, rec.total):
-                err.append(await self._expired_line(rec, index))
+        if rec.ending == "expired" and rec.next < rec.total:  # never fed: batch_expired
+            rest = await self.file_lines(rec.input_file_id, rec.next, rec.total - 1)
+            err += [_expired_line(rec, rec.next + i, raw) for i, raw in enumerate(rest)]
         fields: dict[str, str] = {}
         if out:
             fields["output_file_id"] = (await self._result_file(rec, "output", out)).id
@@ -251,11 +251,11 @@ class BatchStore:
         raw: dict[bytes, bytes] = await self.redis.hgetall(key)  # type: ignore[misc]
         return [raw[k] for k in sorted(raw, key=int)]
 
-    async def _expired_line(self, rec: BatchRecord, index: int) -> bytes:
-        (raw,) = await self.file_lines(rec.input_file_id, index, index) or [b"{}"]
-        custom_id = str(json.loads(raw).get("custom_id", ""))
-        job_id = p.batch_job_id(rec.id, index)
-        return failure_line(job_id, custom_id, "batch_expired", "the batch expired").encode()
-
     async def _result_file(self, rec: BatchRecord, kind: str, lines: list[bytes]) -> FileRecord:
         return await self.create_file(rec.tenant, "batch_output", f"{rec.id}_{kind}.jsonl", lines)
+
+
+def _expired_line(rec: BatchRecord, index: int, raw: bytes) -> bytes:
+    custom_id = str(json.loads(raw).get("custom_id", ""))
+    job_id = p.batch_job_id(rec.id, index)
+    return failure_line(job_id, custom_id, "batch_expired", "the batch expired").encode()

@@ -100,6 +100,37 @@ def test_a_resumed_stored_stream_equals_the_direct_greedy_answer(
     assert kept.usage == direct.usage
 
 
+def test_a_ten_line_batch_completes_with_the_bundled_model(stack: Stack, vllm: Proc, sdk) -> None:
+    stack.worker(batch_feed_s=0.2)
+    gw = stack.gateway()
+    client = sdk(gw.url)
+    ask = {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+    lines = [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": ask}
+        for i in range(10)
+    ]
+    raw = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    uploaded = client.files.create(file=("ten.jsonl", raw), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_for(
+        lambda: client.batches.retrieve(batch.id).status == "completed", 600, "the batch to end"
+    )
+    done = client.batches.retrieve(batch.id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (10, 0)
+    assert done.output_file_id is not None
+    rows = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    direct = sdk(vllm.url, ENGINE_KEY).chat.completions.create(**ask)
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"q{i}" for i in range(10))
+    for r in rows:
+        assert r["response"]["status_code"] == 200
+        body = r["response"]["body"]
+        assert body["choices"][0]["message"]["content"] == direct.choices[0].message.content
+        assert body["usage"]["prompt_tokens"] == direct.usage.prompt_tokens
+        assert body["usage"]["completion_tokens"] == direct.usage.completion_tokens
+
+
 def test_client_disconnect_mid_stream_aborts_inside_vllm(stack: Stack, vllm: Proc, sdk) -> None:
     stack.worker()
     gw = stack.gateway()

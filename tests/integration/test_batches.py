@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import time
 from collections import Counter
 from typing import Any
 
@@ -182,3 +183,24 @@ def test_interactive_request_waits_at_most_one_turnover(stack: Stack, sim: Proc,
     assert max(waits) < 5 * turnover_ms + 1000  # generous for a loaded 2-core machine
     client.batches.cancel(batch.id)
     wait_status(client, batch.id, {"cancelled"})
+
+
+def test_a_batch_past_its_window_expires_with_batch_expired_errors(
+    stack: Stack, rdb: redis.Redis, sim: Proc, sdk
+) -> None:
+    stack.worker(max_active=1, **FAST)
+    gw = stack.gateway(batch_max_inflight=1)
+    client = sdk(gw.url)
+    items = [line("first", hold="batch-expiry")] + [line(f"late-{i}") for i in range(5)]
+    batch = submit(client, items)
+    wait_held(sim.url, "batch-expiry", 1)
+    rdb.hset(f"llmq:batch:{batch.id}", "expires_at", str(int(time.time()) - 1))  # window ends
+    release(sim.url, "batch-expiry")
+    done = wait_status(client, batch.id, {"expired"})
+    assert done.expired_at is not None
+    assert set(results(client, done.output_file_id)) == {"first"}
+    errors = results(client, done.error_file_id)
+    assert sorted(errors) == [f"late-{i}" for i in range(5)]
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 5)
+    assert sim_stats(sim.url)["tags"] == ["first"]
