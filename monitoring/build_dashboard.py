@@ -116,6 +116,17 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
         ], "bool", "1 when the worker's engine answers /v1/models; 1 when every gateway and "
            "worker reached Redis on its last try", 8),
     ]),
+    ("Batches", 8, [
+        ("Batches in flight", [(f"max by (status) (api_batches{{{GW}}})", "{{status}}")],
+         "short", "Batches being fed, cancelled or finalized (read from Redis)", 8),
+        ("Batch requests", [(f"sum by (result) (rate(worker_batch_requests_total{{{GW}}}[{RI}]))",
+                             "{{result}}")], "reqps",
+         "Batch requests finished per second, completed or failed (each one line of a result "
+         "file)", 8),
+        ("Batch tokens", [(f"sum(rate(worker_batch_tokens_total{{{GW}}}[{RI}]))", "tokens/s")],
+         "short", "Prompt + completion tokens of batch requests per second: the GPU time "
+         "batches fill", 8),
+    ]),
     ("vLLM internals", 8, [
         ("Running / waiting", [("sum(vllm:num_requests_running)", "running"),
                                ("sum(vllm:num_requests_waiting)", "waiting")], "short",

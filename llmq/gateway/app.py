@@ -71,6 +71,8 @@ async def refresh_gauges(st: GatewayState) -> None:
         m.in_system.set(await st.store.in_system())
         for band, n in (await st.store.depth_by_band()).items():
             m.band_depth.labels(band).set(n)
+        for status, n in (await st.batches.count_active()).items():
+            m.batches.labels(status).set(n)
     except RedisError as exc:
         stop_if_cancelled()
         logger.debug("metrics: cannot read Redis: %s", exc)

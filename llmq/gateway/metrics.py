@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llmq.shared.batch_records import ACTIVE as BATCH_ACTIVE
 from llmq.shared.buckets import FAST_BUCKETS, LATENCY_BUCKETS
 from llmq.shared.protocol import BANDS
 
@@ -134,6 +135,15 @@ class GatewayMetrics:
         )
         for band in BANDS:
             self.band_depth.labels(band)
+        self.batches = Gauge(
+            "api_batches",
+            "Batches in flight, by status (read from Redis)",
+            ["status"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        for status in BATCH_ACTIVE:
+            self.batches.labels(status)
 
     def reject(self, code: str | None, tenant: str | None = None) -> None:
         """Count a refusal by its error code; other errors (engine refusals) are not counted."""

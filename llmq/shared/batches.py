@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from llmq.shared import protocol as p
 from llmq.shared.batch_records import (
+    ACTIVE,
     END,
     FEED,
     RESULT,
@@ -123,6 +124,15 @@ class BatchStore:
 
     async def active(self) -> list[str]:
         return sorted(m.decode() for m in await self.redis.smembers(p.ACTIVE_BATCHES))  # type: ignore[misc]
+
+    async def count_active(self) -> dict[str, int]:
+        """Batches in flight by status (in_progress, cancelling, finalizing)."""
+        counts = dict.fromkeys((s.value for s in ACTIVE), 0)
+        for batch_id in await self.active():
+            status = await self.redis.hget(p.batch_key(batch_id), "status")  # type: ignore[misc]
+            if status is not None and status.decode() in counts:
+                counts[status.decode()] += 1
+        return counts
 
     async def end(self, batch_id: str, why: str) -> str:
         """Stop feeding a batch (``cancelled`` or ``expired``); returns its status."""

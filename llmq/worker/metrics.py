@@ -81,3 +81,5 @@ class WorkerMetrics:
         )
         for outcome in OUTCOMES:
             self.jobs.labels(outcome)
+        for result in ("completed", "failed"):
+            self.batch_requests.labels(result)
