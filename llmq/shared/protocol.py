@@ -39,7 +39,7 @@ Keys and channels
     llmq:batch:<id>:err     hash    line index -> error line, until the batch is finalized
     llmq:batch:<id>:inflight set    the batch's job ids queued or running
     llmq:batches:active     set     batches that workers feed or finalize
-    llmq:batches:<tenant>   zset    a key's batches; score = created (ms)
+    llmq:tenant:<name>:batches zset a key's batches; score = created (ms)
 
 Event wire format: ``"<seq> <type> <data>"``, one pub/sub message each. ``data`` of a
 ``chunk`` event is the OpenAI chunk JSON exactly as the gateway sends it to the client, so the
@@ -132,7 +132,7 @@ def batch_part_key(batch_id: str, part: str) -> str:
 
 
 def tenant_batches_key(tenant: str) -> str:
-    return f"llmq:batches:{tenant}"
+    return f"{TENANT_PREFIX}{tenant}:batches"
 
 
 def batch_job_id(batch_id: str, index: int) -> str:
