@@ -210,6 +210,11 @@ class BatchStore:
         lock = p.batch_part_key(rec.id, "finalizing")
         if not await self.redis.set(lock, "1", nx=True, px=_FINALIZE_LOCK_MS):
             return None
+        fresh = await self.batch(rec.id)  # another worker may have finalized it already
+        if fresh is None or fresh.status not in ACTIVE:
+            await self.redis.delete(lock)
+            return None
+        rec = fresh
         now = int(time.time())
         await self.redis.hset(
             p.batch_key(rec.id), mapping={"status": "finalizing", "finalizing_at": str(now)}

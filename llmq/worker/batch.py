@@ -103,6 +103,8 @@ class BatchFeeder:
             await asyncio.sleep(self.interval_s)
 
     async def tick(self) -> None:
+        if not self.rt.engine_ready:  # its lines would only fail: let a ready worker feed
+            return
         for batch_id in await self.batches.active():
             rec = await self.batches.batch(batch_id)
             if rec is not None:

@@ -1,0 +1,89 @@
+"""BatchStore's bookkeeping (fakeredis: Lua included): feeding once, counting each result
+once, finalizing once."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from llmq.shared import protocol as p
+from llmq.shared.batch_records import BatchRecord, BatchStatus, output_line
+from llmq.shared.batches import BatchStore
+from llmq.shared.store import Store
+
+
+def spec(rec: BatchRecord, index: int) -> p.JobSpec:
+    return p.JobSpec(
+        id=p.batch_job_id(rec.id, index),
+        model="m",
+        stream=False,
+        include_usage=False,
+        enqueued_at_ms=0,
+        tenant=rec.tenant,
+        band=p.Band.LOW,
+        batch_id=rec.id,
+        batch_index=index,
+        custom_id=f"c{index}",
+        body={},
+    )
+
+
+async def test_feed_record_finalize_each_once(fake_redis) -> None:
+    batches = BatchStore(fake_redis, file_ttl_s=60)
+    lines = [json.dumps({"custom_id": f"c{i}"}).encode() for i in range(3)]
+    source = await batches.create_file("t", "batch", "in.jsonl", lines)
+    now = int(time.time())
+    rec = BatchRecord(
+        id="batch_x",
+        tenant="t",
+        input_file_id=source.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        status=BatchStatus.IN_PROGRESS,
+        created_at=now,
+        expires_at=now + 60,
+        total=3,
+        max_inflight=3,
+    )
+    await batches.create_batch(rec)
+    specs = [spec(rec, i) for i in range(3)]
+    assert await batches.feed(rec, specs, 3) == 3
+    assert await batches.feed(rec, specs, 3) == 0  # another feeder read the same ``next``
+    assert await fake_redis.zcard(p.QUEUE) == 3
+    for i, s in enumerate(specs):
+        ok = i != 1
+        assert await batches.record(s, output_line(s.id, s.custom_id, 200 if ok else 400, {}), ok)
+    assert not await batches.record(specs[0], "again", True)  # counted once
+    fed = await batches.batch(rec.id)
+    assert fed is not None
+    assert (fed.completed, fed.failed, fed.next) == (2, 1, 3)
+    done = await batches.finalize(fed)
+    assert done is not None
+    assert done.status is BatchStatus.COMPLETED
+    assert await batches.finalize(fed) is None  # a second finalizer finds it done
+    assert done.output_file_id is not None
+    out = [json.loads(x) for x in await batches.file_lines(done.output_file_id)]
+    assert [o["custom_id"] for o in out] == ["c0", "c2"]
+    assert done.error_file_id is not None
+    assert await batches.active() == []
+
+
+async def test_a_dead_workers_batch_request_becomes_one_error_line(fake_redis) -> None:
+    """The reaper: a batch request of a worker whose heartbeat expired is a worker_lost
+    error line, counted as failed, and leaves the inflight set."""
+    store = Store(fake_redis)
+    batches = BatchStore(fake_redis, file_ttl_s=60)
+    rec_id, job_id = "batch_y", p.batch_job_id("batch_y", 4)
+    await fake_redis.hset(p.batch_key(rec_id), mapping={"failed": 0})
+    await fake_redis.sadd(p.batch_part_key(rec_id, "inflight"), job_id)
+    payload = json.dumps({"a": [{"custom_id": "the-fifth"}]})
+    await fake_redis.set(p.job_key(job_id), payload)
+    await fake_redis.hset(p.worker_jobs_key("dead"), job_id, "t")
+    await fake_redis.zadd(p.WORKERS, {"dead": 1})
+    dead, jobs = await store.reap()
+    assert (dead, jobs) == (["dead"], 1)
+    line = json.loads(await fake_redis.hget(p.batch_part_key(rec_id, "err"), "4"))
+    assert line["custom_id"] == "the-fifth"
+    assert line["error"]["code"] == "worker_lost"
+    assert await fake_redis.hget(p.batch_key(rec_id), "failed") == b"1"
+    assert await batches.inflight(rec_id) == []
