@@ -4,7 +4,7 @@ retrieval, expiry, Idempotency-Key retries and cancellation, on real processes."
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -84,7 +84,11 @@ def test_dropped_stream_runs_on_and_resumes_on_another_gateway(
                 "status"
             ] == "in_progress"
             resumed = asyncio.create_task(resume(c, gw2, job_id, first.last_id))
-            await asyncio.sleep(0.3)
+            channel = f"llmq:events:{job_id}"
+            listeners = cast(Any, rdb).pubsub_numsub
+            await asyncio.to_thread(
+                wait_for, lambda: listeners(channel)[0][1] == 1, 10, "the resume"
+            )
             await asyncio.to_thread(release, sim.url, "r")
             rest = await resumed
             assert rest.status == 200
@@ -174,7 +178,18 @@ def test_stored_results_expire(stack: Stack, rdb: redis.Redis) -> None:
     assert rdb.exists(f"llmq:log:{answer['id']}") == 0
 
 
-def test_idempotency_key_retry_attaches_to_the_one_job(stack: Stack, sim: Proc) -> None:
+def attached(gw: Proc, count: int) -> None:
+    """Wait until ``gw`` attached ``count`` Idempotency-Key retries (its log says so)."""
+    wait_for(
+        lambda: gw.output().count("Idempotency-Key: attached") >= count,
+        10,
+        f"{count} retries attached",
+    )
+
+
+def test_idempotency_key_retry_attaches_to_the_one_job(
+    stack: Stack, rdb: redis.Redis, sim: Proc
+) -> None:
     stack.worker(max_active=1)
     gw1, gw2 = stack.gateway(), stack.gateway()
     key = {"Idempotency-Key": "order-42"}
@@ -185,7 +200,7 @@ def test_idempotency_key_retry_attaches_to_the_one_job(stack: Stack, sim: Proc) 
             original = asyncio.create_task(post(c, gw1, payload, headers=key))
             await asyncio.to_thread(wait_held, sim.url, "i", 1)
             retry = asyncio.create_task(post(c, gw2, payload, headers=key))  # during the job
-            await asyncio.sleep(0.5)
+            await asyncio.to_thread(attached, gw2, 1)
             await asyncio.to_thread(release, sim.url, "i")
             a, b = await original, await retry
             assert a.text == b.text == FULL_TEXT
@@ -195,14 +210,13 @@ def test_idempotency_key_retry_attaches_to_the_one_job(stack: Stack, sim: Proc) 
             # Not streamed: a retry while it waits in the queue gets the one answer too.
             blocker = asyncio.create_task(post(c, gw1, body(tokens=1, hold="b", hold_after=0)))
             await asyncio.to_thread(wait_held, sim.url, "b", 1)
-            await asyncio.to_thread(wait_held, sim.url, "b", 1)
             single = {**body(stream=False, tokens=TOKENS), "store": True}
             plain_key = {"Idempotency-Key": "order-43"}
             url = gw1.url + "/v1/chat/completions"
             firsts = [asyncio.create_task(c.post(url, json=single, headers=plain_key))]
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_for, lambda: rdb.zcard("llmq:queue") == 2, 10, "queued")
             firsts.append(asyncio.create_task(c.post(url, json=single, headers=plain_key)))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(attached, gw1, 2)  # (the first: ``later`` above)
             await asyncio.to_thread(release, sim.url, "b")
             await blocker
             one, two = [(await t).json() for t in firsts]
