@@ -52,12 +52,15 @@ def _queued_until(st: GatewayState, rec: StoredJob) -> float:
     return rec.enqueued_at_ms / 1000 + st.settings.queue_timeout_s
 
 
-async def owned(st: GatewayState, job_id: str, tenant: Tenant) -> StoredJob:
-    """The caller's stored job, or 404 (also for another key's: its existence is private).
+async def owned(
+    st: GatewayState, job_id: str, tenant: Tenant, rec: StoredJob | None = None
+) -> StoredJob:
+    """The caller's stored job (``rec``, when read already), or 404 (also for another key's:
+    its existence is private).
 
     A job still queued past QUEUE_TIMEOUT_S whose client left (a detached job: no relay
     waits to cancel it) is cancelled here, so its status says what happened."""
-    rec = await st.store.records.stored(job_id)
+    rec = rec or await st.store.records.stored(job_id)
     if rec is None or rec.tenant != tenant.name:
         raise NotFound(f"no stored chat completion {job_id!r} (unknown, expired or not stored)")
     if rec.status is StoredStatus.QUEUED and time.time() > _queued_until(st, rec) + 1:
@@ -207,7 +210,7 @@ async def _cancellable(st: GatewayState, job_id: str, tenant: Tenant) -> JobSpec
     """The job to cancel: a stored one (its record), or one still queued or running."""
     rec = await st.store.records.stored(job_id)
     if rec is not None:
-        return await owned(st, job_id, tenant)
+        return await owned(st, job_id, tenant, rec)
     spec = await st.store.records.job_spec(job_id)
     if spec is None or spec.tenant != tenant.name:
         raise NotFound(f"no queued or running chat completion {job_id!r}")

@@ -146,11 +146,12 @@ class JobRelay:
         s, t = self.settings, self.timings
         while True:
             waiting = not self.sub.heard and time.time() < queued_until
-            within = queued_until - time.time() + 0.5 if waiting else None
+            if waiting:
+                within = queued_until - time.time() + 0.5
+            else:
+                within = s.request_timeout_s + self.silence_grace_s
             try:
-                event = await self.sub.next(
-                    within if within is not None else s.request_timeout_s + self.silence_grace_s
-                )
+                event = await self.sub.next(within)
             except TimeoutError:
                 if waiting:
                     expired = QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue")
@@ -181,8 +182,7 @@ class JobRelay:
             if self.spec.store and not self.finished:  # detached: it runs on
                 if client_gone:
                     logger.info("job %s: client gone, the stored job runs on", self.spec.id)
-                self.finished = True
-            if not self.finished:
+            elif not self.finished:
                 if client_gone:
                     logger.info("job %s: client gone, cancelling", self.spec.id)
                     self.metrics.reject("client_cancelled", self.spec.tenant)

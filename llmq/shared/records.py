@@ -60,13 +60,6 @@ class JobRecords:
             return None
         return p.JobSpec.model_validate(deserialize_job(raw, deserializer=p.json_loads).args[0])
 
-    async def log_bytes(self, job_id: str) -> int:
-        """Redis memory of a stored job's record and log (MEMORY USAGE), for benchmarks."""
-        total = 0
-        for key in (p.stored_key(job_id), p.log_key(job_id)):
-            total += int(await self.redis.memory_usage(key, samples=0) or 0)
-        return total
-
     async def queued_jobs(self) -> list[QueuedJob]:
         """Every job waiting in a band queue, by band (highest first), oldest first."""
         out: list[QueuedJob] = []

@@ -325,7 +325,7 @@ class Store:
     async def publish_many(
         self,
         batch: dict[str, list[bytes]],
-        logged: dict[str, list[tuple[int, bytes]]] | None = None,
+        logged: Logged | None = None,
     ) -> list[int]:
         """Publish the encoded events of several jobs (job id -> events, in order), one
         message per job, in one round trip; returns each message's subscriber count.
@@ -354,12 +354,9 @@ class Store:
         return [int(n) for n in counts]
 
     async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
-        fields: list[Any] = []
-        for k, v in info.to_hash().items():
-            fields += [k, v]
         await self._heartbeat(
             keys=[p.worker_key(info.worker_id), p.WORKERS],
-            args=[info.worker_id, int(ttl_s * 1000), *fields],
+            args=[info.worker_id, int(ttl_s * 1000), *_flat(info.to_hash())],
         )
 
     async def remove_worker(self, worker_id: str) -> None:

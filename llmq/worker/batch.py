@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -34,25 +34,18 @@ if TYPE_CHECKING:  # job.py imports this module
 logger = logging.getLogger(__name__)
 
 
-async def run_line(rt: Runtime, spec: p.JobSpec, used: list[int]) -> str:
-    """Run one batch request and record its line; returns the job's outcome. The exact
-    tokens used go into ``used``."""
+async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[str, dict[str, Any] | None]:
+    """Run one batch request and record its line; returns the job's outcome and the
+    engine's usage (None when it did not answer)."""
     batches = rt.batches
     ok = False
+    usage: dict[str, Any] | None = None
     try:
         async with asyncio.timeout(rt.settings.request_timeout_s):
             result = await rt.engine.complete(spec.body)
         result["id"] = spec.id
         line, ok, outcome = output_line(spec.id, spec.custom_id, 200, result), True, "completed"
-        usage = result.get("usage") or {}
-        prompt, completion = (
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
-        )
-        used.append(prompt + completion)
-        rt.metrics.tokens.inc(completion)
-        rt.metrics.prompt_tokens.inc(prompt)
-        rt.metrics.batch_tokens.inc(prompt + completion)
+        usage = result.get("usage")
     except TimeoutError:
         message = f"generation exceeded {rt.settings.request_timeout_s:g}s"
         line, outcome = failure_line(spec.id, spec.custom_id, "request_timeout", message), "timeout"
@@ -64,7 +57,7 @@ async def run_line(rt: Runtime, spec: p.JobSpec, used: list[int]) -> str:
         outcome = "engine_error"
     await batches.record(spec, line, ok)
     rt.metrics.batch_requests.labels("completed" if ok else "failed").inc()
-    return outcome
+    return outcome, usage
 
 
 async def record_cancelled(rt: Runtime, spec: p.JobSpec) -> None:

@@ -168,10 +168,14 @@ async def _complete(
     return usage
 
 
-def _count(rt: Runtime, usage: dict[str, Any] | None) -> None:
+def _count(rt: Runtime, usage: dict[str, Any] | None, used: list[int]) -> None:
+    """Token metrics, and the exact tokens used (prompt + completion) into ``used``."""
     if usage:
-        rt.metrics.tokens.inc(int(usage.get("completion_tokens") or 0))
-        rt.metrics.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0))
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        rt.metrics.tokens.inc(completion)
+        rt.metrics.prompt_tokens.inc(prompt)
+        used.append(prompt + completion)
 
 
 async def _fail(pub: Publisher, err: ServiceError) -> None:
@@ -188,12 +192,7 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int])
     try:
         async with asyncio.timeout(s.request_timeout_s):
             run = _stream if spec.stream else _complete
-            usage = await run(rt, spec, pub, time.time())
-            _count(rt, usage)
-            if usage:
-                used.append(
-                    int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
-                )
+            _count(rt, await run(rt, spec, pub, time.time()), used)
         return "completed"
     except TimeoutError:
         logger.warning("job %s: request timeout after %.1fs", spec.id, s.request_timeout_s)
@@ -237,7 +236,9 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         worker_id = rt.settings.worker_id
         if spec.batch_id:  # no client: its answer is a line of the batch's results
             await rt.store.mark_started(spec, worker_id, hold)
-            outcome = await batch.run_line(rt, spec, used)
+            outcome, usage = await batch.run_line(rt, spec)
+            _count(rt, usage, used)
+            rt.metrics.batch_tokens.inc(sum(used))
             return {"id": spec.id, "outcome": outcome}
         pub.announce(rt.store.mark_started(spec, worker_id, hold), worker_id)
         outcome = await _generate(rt, spec, pub, used)
