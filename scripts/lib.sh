@@ -68,6 +68,37 @@ ensure_engine_venv() {
   touch "$stamp"
 }
 
+# --- Open WebUI and a browser, for the e2e test that drives Open WebUI in Chromium ---
+WEBUI_VENV="${WEBUI_VENV:-$CACHE_DIR/webui-venv}"
+OPEN_WEBUI_VERSION="${OPEN_WEBUI_VERSION:-0.12.4}"
+
+ensure_webui_venv() {
+  local stamp="$WEBUI_VENV/.installed-open-webui-$OPEN_WEBUI_VERSION"
+  if [ -f "$stamp" ]; then return; fi
+  step "installing Open WebUI $OPEN_WEBUI_VERSION into $WEBUI_VENV (one-off: ~2 minutes, ~3 GB)"
+  [ -x "$WEBUI_VENV/bin/python" ] || "$PYTHON" -m venv "$WEBUI_VENV" || die "python -m venv $WEBUI_VENV failed"
+  "$WEBUI_VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+  # torch first, the CPU build (sentence-transformers would otherwise pull a CUDA build of
+  # several GB); Open WebUI pins everything else itself.
+  "$WEBUI_VENV/bin/pip" install -q torch==2.13.0 || die "pip install torch==2.13.0 failed"
+  "$WEBUI_VENV/bin/pip" install -q "open-webui==$OPEN_WEBUI_VERSION" \
+    || die "pip install open-webui==$OPEN_WEBUI_VERSION failed"
+  touch "$stamp"
+}
+
+# Debian's Chromium, driven by Playwright through executable_path (Playwright's own browser
+# download is not reachable from every machine).
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1; then return; fi
+  step "installing chromium (Debian package)"
+  command -v apt-get >/dev/null || die "chromium is missing and apt-get is not available"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq || die "apt-get update failed (network?)"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null \
+    || die "apt-get install chromium failed"
+}
+
 ensure_model() {
   step "preparing the bundled model in $MODEL_DIR"
   "$ENGINE_VENV/bin/python" -m local.prepare_model --out "$MODEL_DIR" \

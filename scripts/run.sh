@@ -12,6 +12,8 @@
 #   VLLM_ARGS="..."                 more engine flags, after the defaults of local/launch.py
 #                                   (--max-model-len 2048 --dtype float32 --enforce-eager);
 #                                   a flag given again wins, e.g. "--max-model-len 4096"
+#   TOOL_CALL_PARSER=hermes          vLLM's tool-call parser for the served model's family
+#                                   (README, "Tool calling"); "none" runs vLLM without tools
 #   GATEWAY_PORT=8080 GATEWAY_METRICS_PORT=9101 VLLM_PORT=8000 REDIS_PORT=6379
 #   WORKER_METRICS_PORT=9100
 #   AUTH=none                       no API keys (otherwise a key "dev" is created and printed)
@@ -35,6 +37,7 @@ PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 VLLM_PORT="${VLLM_PORT:-8000}"
 SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
 VLLM_ARGS="${VLLM_ARGS:-}"
+TOOL_CALL_PARSER="${TOOL_CALL_PARSER:-hermes}"
 START_ENGINE=1
 if [ -n "${VLLM_URL:-}" ]; then START_ENGINE=0; else export VLLM_URL="http://127.0.0.1:$VLLM_PORT"; fi
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}"
@@ -118,7 +121,7 @@ if [ "$START_ENGINE" = 1 ]; then
   # shellcheck disable=SC2086  # VLLM_ARGS is a list of flags
   start vllm .venv/bin/python -m local.launch vllm --python "$ENGINE_VENV/bin/python" \
     --model "$MODEL_DIR" --name "$SERVED_MODEL_NAME" --port "$VLLM_PORT" \
-    --max-num-seqs "$MAX_ACTIVE" -- $VLLM_ARGS
+    --max-num-seqs "$MAX_ACTIVE" --tool-call-parser "$TOOL_CALL_PARSER" -- $VLLM_ARGS
   echo "  waiting for vLLM to load the model (about a minute on 2 cores)..."
   wait_http "$VLLM_URL/v1/models" 900 vllm "${PIDS[-1]}" \
     || fail_with_log vllm "no answer on $VLLM_URL/v1/models"

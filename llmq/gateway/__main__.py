@@ -14,7 +14,7 @@ from llmq.shared.settings import load_settings
 
 def main() -> None:
     settings = load_settings()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     if settings.gateway_processes > 1:
         raise SystemExit(supervisor.run_gateways(settings))
     sock = supervisor.inherited_socket()  # set when this process is one of several
@@ -25,7 +25,8 @@ def main() -> None:
         host=settings.gateway_host,
         port=settings.gateway_port,
         log_level=settings.log_level.lower(),
-        access_log=False,
+        access_log=False,  # the gateway's middleware writes the access log
+        log_config=None,  # uvicorn's loggers use the service's format (LOG_FORMAT)
         loop="uvloop",
         http=guarded_protocol(settings),  # httptools with head size and time limits
         lifespan="on",

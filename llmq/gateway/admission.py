@@ -59,6 +59,7 @@ class Admission:
         tenant: Tenant,
         record: StoredJob | None = None,
         idempotency: tuple[str, str] | None = None,
+        messages: str = "",
     ) -> AdmitResult:
         """Try to admit and enqueue atomically (the tenant's limits, then the global bound),
         with a stored job's record and its Idempotency-Key (see ``Store.admit``).
@@ -74,6 +75,7 @@ class Admission:
             expire_s=s.queue_timeout_s,
             tenant=TenantLimits(tenant.max_concurrent, tenant.rpm),
             record=record,
+            messages=messages,
             idempotency=idempotency,
         )
         return result

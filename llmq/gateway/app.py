@@ -12,7 +12,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llmq.gateway import batch_api, durable, errors
+from llmq.gateway import batch_api, durable, errors, stored
 from llmq.gateway.admission import Admission
 from llmq.gateway.events import Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
@@ -140,6 +140,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app.state.gateway = st
     app.include_router(router)
     app.include_router(durable.router)
+    app.include_router(stored.router)
     app.include_router(batch_api.router)
     errors.install(app)
     app.add_middleware(GatewayMiddleware, state=st)

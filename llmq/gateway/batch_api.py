@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from llmq.gateway.auth import TenantDep
 from llmq.gateway.body import parse_chat_body
+from llmq.gateway.pagination import page
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
 from llmq.shared.batch_records import (
@@ -137,9 +138,24 @@ async def file_content(file_id: str, st: StateDep, tenant: TenantDep) -> Respons
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
-    await _owned_file(st, file_id, tenant)
-    await st.batches.delete_file(file_id)
+    await st.batches.delete_file(await _owned_file(st, file_id, tenant))
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+@router.get("/v1/files")
+async def list_files(
+    st: StateDep,
+    tenant: TenantDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> dict[str, Any]:
+    """The key's files, newest first by default (OpenAI's defaults: desc, up to 10 000)."""
+    recs = await st.batches.list_files(
+        tenant.name, purpose=purpose, after=after, limit=limit + 1, desc=order == "desc"
+    )
+    return page([r.to_openai() for r in recs], limit)
 
 
 class BatchRequest(BaseModel):
@@ -192,14 +208,7 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     recs = await st.batches.list_batches(tenant.name, after, limit + 1)
-    data = [r.to_openai() for r in recs[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(recs) > limit,
-    }
+    return page([r.to_openai() for r in recs], limit)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")

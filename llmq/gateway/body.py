@@ -147,3 +147,23 @@ def check_tree(data: Any) -> None:
 
 def _param(path: tuple[str, ...]) -> str | None:
     return ".".join(path[:8]) or None
+
+
+def check_tools(req: ChatCompletionRequest, engines_take_auto_tools: bool) -> None:
+    """``tools`` with ``tool_choice`` "auto" (or absent, which vLLM reads as "auto") need an
+    engine started with tool calling on; refuse them here, before anything is queued, when
+    an engine serving the model said it cannot (its worker probes it: heartbeat
+    ``auto_tools``). Other tool choices ("none", "required", a named function) work
+    without it."""
+    extra = req.model_extra or {}
+    if engines_take_auto_tools or not extra.get("tools"):
+        return
+    if extra.get("tool_choice", "auto") != "auto":
+        return
+    raise InvalidRequest(
+        f"`{req.model}` runs without automatic tool choice here, so `tools` with tool_choice "
+        '"auto" (the default) cannot be served: send tool_choice "none", "required" or a '
+        "named function, or no tools (operators: start vLLM with --enable-auto-tool-choice "
+        "and a --tool-call-parser)",
+        param="tools",
+    )

@@ -140,12 +140,14 @@ def assemble(rec: StoredJob, events: list[Event]) -> dict[str, Any]:
         "status": status,
         "choices": [],
         "usage": None,
+        "metadata": rec.metadata,
     }
     choices: dict[int, dict[str, Any]] = {}
     for ev in events:
         if ev.type is EventType.RESULT:
             result: dict[str, Any] = json.loads(ev.data)
             result["status"] = StoredStatus.COMPLETED
+            result["metadata"] = rec.metadata
             return result
         if ev.type is EventType.CHUNK:
             chunk = json.loads(ev.data)
@@ -237,5 +239,5 @@ async def delete(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]
     rec = await owned(st, job_id, tenant)
     if rec.status not in _ENDED:
         await st.store.cancel(rec.spec())
-    await st.store.records.delete_stored(job_id)
+    await st.store.records.delete_stored(rec)
     return {"id": job_id, "object": "chat.completion.deleted", "deleted": True}

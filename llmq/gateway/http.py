@@ -29,7 +29,7 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from llmq.shared.chat import new_job_id
+from llmq.gateway.middleware import new_request_id
 from llmq.shared.errors import ClientTimeout, HeadersTooLarge, ServiceError
 from llmq.shared.settings import Settings
 
@@ -159,7 +159,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             b"HTTP/1.1 %d %s\r\n" % (err.status, reason.get(err.status, b"Error")),
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
-            b"x-request-id: %s\r\n" % new_job_id().encode(),
+            b"x-request-id: %s\r\n" % new_request_id().encode(),
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)

@@ -1,4 +1,9 @@
-"""Pure ASGI middleware: request id, body-size limit, request metrics, in-flight count.
+"""Pure ASGI middleware: request id, body-size limit, request metrics, in-flight count and
+the access log (one line per request, see ``_access``).
+
+A request's id (``x-request-id``) is ``req_…`` of its own, unless a chat completion was
+admitted for it: then the route replaces it with the completion's id (``chatcmpl-…``, the
+job id in Redis and in the worker's log), so the two lines of one request can be joined.
 
 Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and the
 latency histogram sees the last byte of an SSE stream, not its first.
@@ -12,16 +17,22 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmq.gateway.state import GatewayState
-from llmq.shared.chat import new_job_id
 from llmq.shared.errors import RequestTooLarge, ServiceError
+from llmq.shared.logs import record_line
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("llmq.access")
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
 
 
 def _route(scope: Scope) -> str:
@@ -40,28 +51,29 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         st = self.state
-        request_id = new_job_id()
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = new_request_id()  # the chat route may replace it (see above)
         status = 0  # 0 until the response starts
+        sent = 0  # body bytes sent
         started = time.monotonic()
         st.active += 1
         st.metrics.active.inc()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
-                limits = scope["state"].get("ratelimit_headers") or {}
+                limits = state.get("ratelimit_headers") or {}
                 message["headers"] = [
                     *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
+                    (b"x-request-id", state["request_id"].encode()),
                     *((k.encode(), v.encode()) for k, v in limits.items()),
                 ]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             await send(message)
 
-        limit = st.settings.max_body_bytes
-        if scope["path"] == "/v1/files":  # a batch's input file: FILE_MAX_BYTES
-            limit = st.settings.file_max_bytes
+        limit = self._body_limit(scope)
         received = 0
 
         async def receive_limited() -> Message:
@@ -80,16 +92,45 @@ class GatewayMiddleware:
             else:
                 await self.app(scope, receive_limited, send_with_id)
         except Exception:
-            logger.exception("request %s: unhandled error", request_id)
+            logger.exception("request %s: unhandled error", state["request_id"])
             if status:
                 raise
             await _send_json(send_with_id, ServiceError("internal error"))
         finally:
-            st.active -= 1
-            st.metrics.active.dec()
-            route = _route(scope)
-            st.metrics.requests.labels(scope["method"], route, str(status or 500)).inc()
-            st.metrics.latency.labels(route).observe(time.monotonic() - started)
+            self._ended(scope, status or 500, time.monotonic() - started, sent)
+
+    def _body_limit(self, scope: Scope) -> int:
+        if scope["path"] == "/v1/files":  # a batch's input file: FILE_MAX_BYTES
+            return self.state.settings.file_max_bytes
+        return self.state.settings.max_body_bytes
+
+    def _ended(self, scope: Scope, status: int, elapsed: float, sent: int) -> None:
+        """A request ended: the in-flight count, its metrics and its access log line."""
+        st = self.state
+        st.active -= 1
+        st.metrics.active.dec()
+        route = _route(scope)
+        st.metrics.requests.labels(scope["method"], route, str(status)).inc()
+        st.metrics.latency.labels(route).observe(elapsed)
+        _access(scope, route, status, elapsed, sent)
+
+
+def _access(scope: Scope, route: str, status: int, elapsed: float, sent: int) -> None:
+    """The access log line: metadata only (never a body, a query string or a header
+    value: a secret or a prompt could be in them). An unknown path is logged escaped."""
+    state = scope["state"]
+    fields = {
+        "method": scope["method"],
+        "route": route,
+        "status": status,
+        "ms": round(elapsed * 1000, 1),
+        "id": state["request_id"],
+        "key": state.get("tenant", ""),
+        "bytes": sent,
+    }
+    if route == "unmatched":
+        fields["path"] = scope.get("path", "")  # escaped by record_line
+    record_line(access_logger, "request", fields)
 
 
 def _declared_length(scope: Scope) -> int:

@@ -71,3 +71,8 @@ class WorkerRegistry:
             for m in w.models:
                 seen.setdefault(m, None)
         return list(seen)
+
+    def auto_tools(self, model: str) -> bool:
+        """False when a ready engine serving ``model`` said it refuses tool_choice "auto"
+        (a job may land on any of them); True otherwise, unknown included."""
+        return not any(w.auto_tools is False for w in self.ready() if model in w.models)

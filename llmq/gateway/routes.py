@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from typing import Any
@@ -15,11 +16,16 @@ from redis.exceptions import RedisError
 from llmq.gateway import durable
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.auth import TenantDep
-from llmq.gateway.body import check_max_tokens, check_stored_size, parse_chat_body
+from llmq.gateway.body import (
+    check_max_tokens,
+    check_stored_size,
+    check_tools,
+    parse_chat_body,
+)
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
-from llmq.shared.chat import ChatCompletionRequest, band_for, to_job_spec
+from llmq.shared.chat import ChatCompletionRequest, band_for, new_job_id, to_job_spec
 from llmq.shared.errors import (
     ClientClosedRequest,
     EngineUnavailable,
@@ -64,7 +70,7 @@ async def _open_relay(
     timings: Timings,
     idempotency: tuple[str, str] | None,
 ) -> tuple[JobRelay, Event]:
-    job_id: str = request.state.request_id
+    job_id = new_job_id()
     band = band_for(body, tenant.band)
     # An Idempotency-Key implies store: a retry must find the job's events.
     spec = to_job_spec(
@@ -72,13 +78,19 @@ async def _open_relay(
     )
     capacity = st.admission.check_ready(spec.model)
     check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
+    check_tools(body, st.registry.auto_tools(spec.model))
     if spec.store:
         check_stored_size(body, st.settings.store_max_tokens)
-    record = StoredJob.of(spec, idempotency[1] if idempotency else "") if spec.store else None
+    record = None
+    if spec.store:
+        record = StoredJob.of(spec, idempotency[1] if idempotency else "", body.metadata)
+    # The messages are kept only when the client asked to store the completion (not for an
+    # Idempotency-Key alone): the stored-completion API lists them.
+    kept = json.dumps(spec.body["messages"], separators=(",", ":")) if body.store else ""
     sub = await st.subs.subscribe(job_id)  # before enqueue: pub/sub keeps no backlog
     relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
     try:
-        result = await st.admission.admit(spec, capacity, tenant, record, idempotency)
+        result = await st.admission.admit(spec, capacity, tenant, record, idempotency, kept)
         if result.status == AdmitStatus.IDEMPOTENT:
             prior_id, _, digest = result.prior.partition(" ")
             if idempotency is None or digest != idempotency[1]:
@@ -90,6 +102,7 @@ async def _open_relay(
         request.state.ratelimit_headers = ratelimit_headers(result, tenant)
         st.admission.raise_unless_admitted(result, spec, capacity, tenant)
         timings.admitted = time.monotonic()
+        request.state.request_id = job_id  # a completion exists now: x-request-id is its id
     except BaseException:
         await st.subs.unsubscribe(sub)
         raise
@@ -127,6 +140,7 @@ async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) ->
         return Response(status_code=499)
     except _Attach as attach:
         logger.info("Idempotency-Key: attached to job %s", attach.job_id)
+        request.state.request_id = attach.job_id
         return await durable.attach(st, request, tenant, attach.job_id)
     return await relay.respond(first)
 

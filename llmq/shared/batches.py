@@ -79,6 +79,9 @@ class BatchStore:
             pipe.hset(p.file_key(rec.id), mapping=rec.to_hash())
             pipe.pexpire(key, self.file_ttl_ms)
             pipe.pexpire(p.file_key(rec.id), self.file_ttl_ms)
+            index = p.tenant_files_key(tenant)
+            pipe.zadd(index, {rec.id: now * 1000})
+            pipe.zremrangebyscore(index, "-inf", (now * 1000) - self.file_ttl_ms)
             await pipe.execute()
         return rec
 
@@ -90,8 +93,31 @@ class BatchStore:
         out: list[bytes] = await self.redis.lrange(p.file_lines_key(file_id), start, stop)  # type: ignore[misc]
         return out
 
-    async def delete_file(self, file_id: str) -> None:
-        await self.redis.delete(p.file_key(file_id), p.file_lines_key(file_id))
+    async def delete_file(self, rec: FileRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(p.file_key(rec.id), p.file_lines_key(rec.id))
+            pipe.zrem(p.tenant_files_key(rec.tenant), rec.id)
+            await pipe.execute()
+
+    async def list_files(
+        self, tenant: str, *, purpose: str | None, after: str | None, limit: int, desc: bool
+    ) -> list[FileRecord]:
+        """The key's files (``purpose`` only, when given), by creation time, after the one
+        named ``after``; at most ``limit``. Expired files are dropped from the index."""
+        key = p.tenant_files_key(tenant)
+        ids = [i.decode() for i in await self.redis.zrange(key, 0, -1, desc=desc)]
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        out: list[FileRecord] = []
+        for file_id in ids:
+            rec = await self.file(file_id)
+            if rec is None:
+                await self.redis.zrem(key, file_id)
+            elif purpose is None or rec.purpose == purpose:
+                out.append(rec)
+                if len(out) >= limit:
+                    break
+        return out
 
     # -- batches -----------------------------------------------------------------------
     async def create_batch(self, rec: BatchRecord) -> None:

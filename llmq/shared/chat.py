@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from llmq.shared.protocol import ANONYMOUS, Band, JobSpec
 
@@ -26,6 +26,16 @@ class Message(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
+
+
+# OpenAI's metadata: up to 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[
+    dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=64)],
+        Annotated[str, StringConstraints(max_length=512)],
+    ],
+    Field(max_length=16),
+]
 
 
 class ChatCompletionRequest(BaseModel):
@@ -45,6 +55,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     service_tier: str | None = Field(None, max_length=32)
     store: bool = False  # keep the completion STORE_TTL_S: retrievable, resumable, detached
+    metadata: Metadata | None = None  # OpenAI's tags of a stored completion (listing filter)
 
 
 def new_job_id() -> str:

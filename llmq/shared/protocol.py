@@ -25,8 +25,11 @@ Keys and channels
     llmq:band:<band>:<name> zset    the tenant's waiting jobs in the band; score = enqueue ms
     llmq:events:<id>        pubsub  the job's events, sequence-numbered (Event)
     llmq:wake               pubsub  "a job was enqueued or aborted": wakes idle workers
-    llmq:stored:<id>        hash    a ``store: true`` job (StoredJob: owner, status, ...),
-                                    kept STORE_TTL_S; no prompt, no completion text
+    llmq:stored:<id>        hash    a stored job (StoredJob: owner, status, metadata, ...),
+                                    kept STORE_TTL_S; no completion text; its request's
+                                    messages (field ``messages``, JSON) only when the
+                                    client sent ``store: true`` (not for an Idempotency-Key
+                                    alone)
     llmq:log:<id>           stream  a stored job's events, entry id ``0-<seq>`` (``<ms>-<n>``
                                     for an out-of-band one), field ``e`` = the event as
                                     published; kept STORE_TTL_S after the job ended
@@ -40,6 +43,10 @@ Keys and channels
     llmq:batch:<id>:inflight set    the batch's job ids queued or running
     llmq:batches:active     set     batches that workers feed or finalize
     llmq:tenant:<name>:batches zset a key's batches; score = created (ms)
+    llmq:tenant:<name>:files zset   a key's files; score = created (ms); expired ones are
+                                    dropped when a listing finds them gone
+    llmq:tenant:<name>:stored zset  a key's stored completions; score = enqueue (ms); pruned
+                                    the same way
 
 Event wire format: ``"<seq> <type> <data>"``, one pub/sub message each. ``data`` of a
 ``chunk`` event is the OpenAI chunk JSON exactly as the gateway sends it to the client, so the
@@ -95,6 +102,9 @@ def events_channel(job_id: str) -> str:
     return EVENTS_PREFIX + job_id
 
 
+STORED_MESSAGES = "messages"  # the field of a stored record that holds the messages
+
+
 def stored_key(job_id: str) -> str:
     return STORED_PREFIX + job_id
 
@@ -133,6 +143,14 @@ def batch_part_key(batch_id: str, part: str) -> str:
 
 def tenant_batches_key(tenant: str) -> str:
     return f"{TENANT_PREFIX}{tenant}:batches"
+
+
+def tenant_files_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:files"
+
+
+def tenant_stored_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:stored"
 
 
 def batch_job_id(batch_id: str, index: int) -> str:
@@ -350,22 +368,30 @@ class StoredJob(BaseModel):
     enqueued_at_ms: int
     status: StoredStatus = StoredStatus.QUEUED
     body_digest: str = ""  # the Idempotency-Key's body check
+    metadata: dict[str, str] = Field(default_factory=dict)  # OpenAI's, for listing
 
     def to_hash(self) -> dict[str, str]:
-        return {k: str(int(v) if isinstance(v, bool) else v) for k, v in self}
+        return {
+            k: json.dumps(v) if isinstance(v, dict) else str(int(v) if isinstance(v, bool) else v)
+            for k, v in self
+        }
 
     @staticmethod
     def from_hash(raw: dict[bytes, bytes]) -> StoredJob:
-        return StoredJob.model_validate({k.decode(): v.decode() for k, v in raw.items()})
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        fields["metadata"] = json.loads(fields.get("metadata") or "{}")
+        return StoredJob.model_validate(fields)
 
     @staticmethod
-    def of(spec: JobSpec, body_digest: str = "") -> StoredJob:
+    def of(
+        spec: JobSpec, body_digest: str = "", metadata: dict[str, str] | None = None
+    ) -> StoredJob:
         fields = spec.model_dump(include=set(StoredJob.model_fields))
-        return StoredJob(**fields, body_digest=body_digest)
+        return StoredJob(**fields, body_digest=body_digest, metadata=metadata or {})
 
     def spec(self) -> JobSpec:
         """The job as far as cancelling it goes (no body: the prompt is not kept here)."""
-        fields = self.model_dump(exclude={"status", "body_digest"})
+        fields = self.model_dump(exclude={"status", "body_digest", "metadata"})
         return JobSpec(**fields, store=True, body={})
 
 
@@ -382,6 +408,8 @@ class WorkerInfo(BaseModel):
     engine_url: str
     started_at: float
     max_model_len: int = 0  # the engine's context length (0: not known)
+    # Whether the engine takes tools with tool_choice "auto" (None: not known yet).
+    auto_tools: bool | None = None
 
     def to_hash(self) -> dict[str, str]:
         return {
@@ -393,6 +421,7 @@ class WorkerInfo(BaseModel):
             "engine_url": self.engine_url,
             "started_at": f"{self.started_at:.3f}",
             "max_model_len": str(self.max_model_len),
+            "auto_tools": {None: "", True: "1", False: "0"}[self.auto_tools],
         }
 
     @staticmethod
@@ -410,4 +439,5 @@ class WorkerInfo(BaseModel):
             engine_url=h.get("engine_url", ""),
             started_at=float(h.get("started_at", "0")),
             max_model_len=int(h.get("max_model_len", "0")),
+            auto_tools={"1": True, "0": False}.get(h.get("auto_tools", "")),
         )

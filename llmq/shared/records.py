@@ -4,7 +4,9 @@ job's state are ``shared.store``'s scripts."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from arq.jobs import deserialize_job
 from redis.asyncio import Redis
@@ -33,13 +35,46 @@ class QueuedJob:
         )
 
 
+_RECORD_FIELDS = list(p.StoredJob.model_fields)
+
+# KEYS: a stored record. ARGV: its metadata (JSON). Set only while the record exists (an
+# HSET on an expired record would recreate it without its other fields or a TTL).
+_SET_METADATA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'metadata', ARGV[1])
+return 1
+"""
+
+
 class JobRecords:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._set_metadata = redis.register_script(_SET_METADATA)
 
     async def stored(self, job_id: str) -> p.StoredJob | None:
-        raw: dict[bytes, bytes] = await self.redis.hgetall(p.stored_key(job_id))  # type: ignore[misc]
-        return p.StoredJob.from_hash(raw) if raw else None
+        """A stored job's record (without its messages: ``messages`` reads those)."""
+        values = await self.redis.hmget(p.stored_key(job_id), _RECORD_FIELDS)  # type: ignore[misc]
+        raw = {k.encode(): v for k, v in zip(_RECORD_FIELDS, values, strict=True) if v is not None}
+        return p.StoredJob.from_hash(raw) if raw.get(b"id") else None
+
+    async def messages(self, job_id: str) -> list[dict[str, Any]] | None:
+        """The messages a ``store: true`` request sent; None when none were kept."""
+        raw = await self.redis.hget(p.stored_key(job_id), p.STORED_MESSAGES)  # type: ignore[misc]
+        return None if raw is None else list(json.loads(raw))
+
+    async def set_metadata(self, job_id: str, metadata: dict[str, str]) -> bool:
+        return bool(
+            await self._set_metadata(keys=[p.stored_key(job_id)], args=[json.dumps(metadata)])
+        )
+
+    async def stored_ids(self, tenant: str, *, desc: bool) -> list[str]:
+        """The tenant's stored jobs by enqueue time (some may have expired: ``forget``)."""
+        key = p.tenant_stored_key(tenant)
+        return [i.decode() for i in await self.redis.zrange(key, 0, -1, desc=desc)]
+
+    async def forget_stored(self, tenant: str, job_id: str) -> None:
+        """Drop an expired record's id from its tenant's index."""
+        await self.redis.zrem(p.tenant_stored_key(tenant), job_id)
 
     async def read_log(self, job_id: str, after: int = 0) -> list[p.Event]:
         """A stored job's logged events numbered after ``after`` (out-of-band ones too)."""
@@ -50,8 +85,11 @@ class JobRecords:
         rows = await self.redis.xrevrange(p.log_key(job_id), count=1)
         return p.Event.decode(rows[0][1][b"e"]) if rows else None
 
-    async def delete_stored(self, job_id: str) -> None:
-        await self.redis.delete(p.stored_key(job_id), p.log_key(job_id))
+    async def delete_stored(self, rec: p.StoredJob) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(p.stored_key(rec.id), p.log_key(rec.id))
+            pipe.zrem(p.tenant_stored_key(rec.tenant), rec.id)
+            await pipe.execute()
 
     async def job_spec(self, job_id: str) -> p.JobSpec | None:
         """A queued or running job as the gateway enqueued it (arq's payload), else None."""

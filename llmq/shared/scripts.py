@@ -35,10 +35,12 @@ end
 """
 
 # KEYS: admitted, queue, job key, tenant admitted, tenant rpm bucket, tenant tpm bucket,
-# band index, band queue of the tenant, stored record, idempotency key.
+# band index, band queue of the tenant, stored record, idempotency key, the tenant's index
+# of stored jobs.
 # ARGV: limit, hold_ms, payload, expire_ms, job_id, score_ms, wake channel, tenant,
 # max_concurrent, rpm, tpm, token estimate, store ttl ms (0: not stored), idempotency value
-# ("": no key), then the stored record's field/value pairs.
+# ("": no key), the stored index's horizon ms (older entries are dropped: their records
+# are gone), then the stored record's field/value pairs.
 # Returns {status, N, rpm left, rpm reset ms, tpm left, tpm reset ms, retry ms}; status 1
 # admitted, 0 global bound reached, -1 duplicate id, 2 tenant concurrency, 3 rpm, 4 tpm,
 # -2 the idempotency key is taken (an 8th element: its value, "<job id> <body digest>").
@@ -89,8 +91,10 @@ redis.call('ZADD', KEYS[8], ARGV[6], ARGV[5])
 redis.call('ZADD', KEYS[7], 'NX', 0, ARGV[8])
 local ttl = tonumber(ARGV[13])
 if ttl > 0 then
-  redis.call('HSET', KEYS[9], unpack(ARGV, 15))
+  redis.call('HSET', KEYS[9], unpack(ARGV, 16))
   redis.call('PEXPIRE', KEYS[9], ttl)
+  redis.call('ZADD', KEYS[11], ARGV[6], ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', tonumber(ARGV[6]) - tonumber(ARGV[15]))
   if ARGV[14] ~= '' then redis.call('SET', KEYS[10], ARGV[14], 'PX', ttl) end
 end
 redis.call('PUBLISH', ARGV[7], ARGV[5])
@@ -130,15 +134,22 @@ redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 0
 """
 
-# KEYS: admitted, tenant admitted, the worker's jobs, stored record. ARGV: job_id, hold_ms,
-# tenant. A job starts: re-arm its deadlines (self-healing N) and record which worker runs
-# it, and for whom (what the reaper needs if the worker dies); a stored job is in progress.
+# KEYS: admitted, tenant admitted, the worker's jobs, stored record, job key (arq's payload).
+# ARGV: job_id, hold_ms, tenant. A job starts: re-arm its deadlines (self-healing N) and
+# record which worker runs it, and for whom (what the reaper needs if the worker dies); a
+# stored job is in progress. Its payload, which expired QUEUE_TIMEOUT_S after the enqueue
+# (a job that never starts never runs), now lives as long as the job may run (arq deletes
+# it when the job ends): what operators read (llmq-jobs show, GET arq:job:<id>) is there
+# while the job runs. A longer expiry (a batch request's window) is kept.
 START = (
     NOW
     + """
 if redis.call('HGET', KEYS[4], 'status') == 'queued' then
   redis.call('HSET', KEYS[4], 'status', 'in_progress')
 end
+local keep = tonumber(ARGV[2]) + 10000  -- arq's own job timeout is the hold + 5 s
+local ttl = redis.call('PTTL', KEYS[5])
+if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', KEYS[5], keep) end
 local deadline = now + tonumber(ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[2], 'XX', deadline, ARGV[1])

@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     wake_fallback_s: float = Field(1.0, gt=0, le=60)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="plain text lines, or JSON lines for log shippers"
+    )
 
     @field_validator("redis_url")
     @classmethod

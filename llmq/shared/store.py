@@ -38,6 +38,20 @@ def _flat(fields: dict[str, str]) -> list[str]:
     return [x for kv in fields.items() for x in kv]
 
 
+# A stored record lives at most its wait and run (each bounded by a day in Settings) plus
+# STORE_TTL_S: index entries older than that name records that are gone.
+_STORED_INDEX_SLACK_MS = 2 * 86_400_000
+
+
+def _record_fields(record: p.StoredJob | None, messages: str) -> dict[str, str]:
+    if record is None:
+        return {}
+    fields = record.to_hash()
+    if messages:
+        fields[p.STORED_MESSAGES] = messages
+    return fields
+
+
 def _out_of_band(err: ServiceError) -> bytes:
     """An out-of-band error event (seq 0), as the reaper and a cancel publish it."""
     data = json.dumps(err.to_wire(), separators=(",", ":")).encode()
@@ -107,6 +121,7 @@ class Store:
         expire_s: float,
         tenant: TenantLimits | None = None,
         record: p.StoredJob | None = None,
+        messages: str = "",
         idempotency: tuple[str, str] | None = None,
     ) -> AdmitResult:
         """Admit and enqueue in one atomic step: nothing is ever half-enqueued.
@@ -115,7 +130,9 @@ class Store:
         and then the global ``limit``. ``hold_s`` bounds how long the job may hold its place
         before it starts (then the worker re-arms it); ``expire_s`` is the arq job key's
         expiry (QUEUE_TIMEOUT_S). The job joins its tenant's queue in its band.
-        ``record``: a stored job's record, written with it. ``idempotency``: (key digest,
+        ``record``: a stored job's record, written with it (and indexed for its tenant's
+        listing); ``messages``: the request's messages as JSON, kept in the record when the
+        client asked for it (``store: true``). ``idempotency``: (key digest,
         body digest) of an Idempotency-Key: when the key names an earlier job, nothing is
         admitted and the answer is IDEMPOTENT with that job (``prior``).
         """
@@ -140,6 +157,7 @@ class Store:
                 p.band_queue_key(spec.band, spec.tenant),
                 p.stored_key(spec.id),
                 p.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
+                p.tenant_stored_key(spec.tenant),
             ],
             args=[
                 limit,
@@ -156,7 +174,8 @@ class Store:
                 spec.token_estimate,
                 self.store_ttl_ms if record else 0,
                 f"{spec.id} {idempotency[1]}" if idempotency else "",
-                *_flat(record.to_hash() if record else {}),
+                self.store_ttl_ms + _STORED_INDEX_SLACK_MS,
+                *_flat(_record_fields(record, messages)),
             ],
         )
         prior = out[7].decode() if len(out) > 7 else ""
@@ -246,6 +265,7 @@ class Store:
                 p.tenant_admitted_key(spec.tenant),
                 p.worker_jobs_key(worker_id),
                 p.stored_key(spec.id),
+                p.job_key(spec.id),
             ],
             args=[spec.id, int(hold_s * 1000), spec.tenant],
         )

@@ -12,7 +12,7 @@ from llmq.worker.app import build_worker, serve_metrics
 
 def main() -> None:
     settings = load_settings()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     if settings.worker_processes > 1:
         raise SystemExit(supervisor.run_workers(settings))
     try:

@@ -24,6 +24,17 @@ logger = logging.getLogger(__name__)
 
 _MAX_ERROR_BODY = 64 * 1024
 _DRAIN_S = 1.0  # an engine that keeps the response open after [DONE] gets this long
+_TOOLS_PROBE_S = 60.0  # one token; a CPU engine's first request can take a while
+# vLLM's refusal of tool_choice "auto" names the flag it lacks.
+_AUTO_TOOLS_FLAG = b"--enable-auto-tool-choice"
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "probe",
+        "description": "not called: only asks the engine whether it takes tools",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
 
 
 def _upstream_error(status: int, raw: bytes) -> UpstreamError:
@@ -92,6 +103,35 @@ class EngineClient:
             logger.debug("engine probe failed: %r", exc)
             return None
 
+    async def auto_tools(self, model: str) -> bool | None:
+        """Whether the engine takes ``tools`` with ``tool_choice: "auto"`` (vLLM does only
+        when started with ``--enable-auto-tool-choice --tool-call-parser ...``): one
+        request of one token. None when the answer says nothing either way."""
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [_PROBE_TOOL],
+            "tool_choice": "auto",
+            "max_tokens": 1,
+            "stream": False,
+        }
+        try:
+            async with self._http().post(
+                self._chat,
+                json=body,
+                headers={"X-LLMQ-Probe": "tools"},  # says what it is (engines ignore it)
+                timeout=aiohttp.ClientTimeout(total=_TOOLS_PROBE_S),
+            ) as resp:
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.debug("tools probe failed: %r", exc)
+            return None
+        if resp.status == 200:
+            return True
+        if resp.status == 400 and _AUTO_TOOLS_FLAG in raw:
+            return False
+        return None
+
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """``stream=false``: one chat.completion."""
         try:
@@ -125,6 +165,11 @@ class EngineClient:
             yield _chunks(resp)
         finally:
             resp.release()  # back to the pool if read to its end, else closed
+
+
+def refuses_auto_tools(err: UpstreamError) -> bool:
+    """The engine's refusal of tool_choice "auto" (started without a tool-call parser)."""
+    return err.status == 400 and _AUTO_TOOLS_FLAG.decode() in err.message
 
 
 def stream_error(obj: dict[str, Any]) -> UpstreamError | None:

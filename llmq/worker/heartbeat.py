@@ -34,11 +34,26 @@ async def probe_engine(rt: Runtime) -> None:
     ready = models is not None
     if ready != rt.engine_ready:
         logger.info("engine at %s is %s", rt.engine.base_url, "ready" if ready else "NOT ready")
+    if ready and not rt.engine_ready:  # (re)started: its flags may have changed
+        rt.auto_tools = None
     rt.engine_ready = ready
     if models:
         rt.models = tuple(name for name, _ in models)
         rt.max_model_len = max(length for _, length in models)
     rt.metrics.engine_up.set(1 if ready else 0)
+
+
+async def probe_tools(rt: Runtime) -> None:
+    """Once per engine (re)start: does it take tools with tool_choice "auto"? One 1-token
+    request; the heartbeat carries the answer, and gateways refuse such requests at once
+    when it is no (a job also learns it from the engine's refusal)."""
+    if not rt.engine_ready or not rt.models or rt.auto_tools is not None:
+        return
+    rt.auto_tools = await rt.engine.auto_tools(rt.models[0])
+    logger.info(
+        "engine %s tools with tool_choice auto",
+        {True: "takes", False: "does NOT take", None: "may or may not take"}[rt.auto_tools],
+    )
 
 
 async def write_heartbeat(rt: Runtime) -> None:
@@ -51,6 +66,7 @@ async def write_heartbeat(rt: Runtime) -> None:
         models=rt.models,
         engine_ready=rt.engine_ready,
         max_model_len=rt.max_model_len,
+        auto_tools=rt.auto_tools,
         engine_url=rt.engine.base_url,
         started_at=rt.started_at,
     )
@@ -91,8 +107,15 @@ async def _forget_unreleased(rt: Runtime) -> None:
 
 
 async def probe_loop(rt: Runtime) -> None:
+    tried_tools = False
     while True:
+        was_ready = rt.engine_ready
         await probe_engine(rt)
+        if rt.engine_ready and not was_ready:
+            tried_tools = False
+        if not tried_tools and rt.engine_ready:
+            await probe_tools(rt)  # an unclear answer is not asked again until a restart
+            tried_tools = True
         await asyncio.sleep(rt.settings.heartbeat_interval_s)
 
 

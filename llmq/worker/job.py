@@ -14,16 +14,18 @@ from redis.exceptions import RedisError
 
 from llmq.shared.batches import BatchStore
 from llmq.shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
+from llmq.shared.logs import record_line
 from llmq.shared.protocol import EventType, JobSpec
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker import batch
-from llmq.worker.engine import EngineClient, stream_error
+from llmq.worker.engine import EngineClient, refuses_auto_tools, stream_error
 from llmq.worker.metrics import WorkerMetrics
 from llmq.worker.outbox import Outbox
 from llmq.worker.publisher import ClientGone, Publisher
 
 logger = logging.getLogger(__name__)
+jobs_logger = logging.getLogger("llmq.jobs")
 
 
 def _dumps(obj: Any) -> str:
@@ -49,6 +51,7 @@ class Runtime:
     models: tuple[str, ...] = ()
     max_model_len: int = 0  # the engine's context length, as /v1/models says
     engine_ready: bool = False
+    auto_tools: bool | None = None  # the engine takes tool_choice "auto" (None: not known)
     # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
     unreleased: dict[str, JobSpec] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
@@ -169,13 +172,13 @@ async def _complete(
 
 
 def _count(rt: Runtime, usage: dict[str, Any] | None, used: list[int]) -> None:
-    """Token metrics, and the exact tokens used (prompt + completion) into ``used``."""
+    """Token metrics, and the exact tokens used into ``used`` (prompt, completion)."""
     if usage:
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
         rt.metrics.tokens.inc(completion)
         rt.metrics.prompt_tokens.inc(prompt)
-        used.append(prompt + completion)
+        used.extend((prompt, completion))
 
 
 async def _fail(pub: Publisher, err: ServiceError) -> None:
@@ -187,7 +190,7 @@ async def _fail(pub: Publisher, err: ServiceError) -> None:
 
 async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int]) -> str:
     """Run the job inside REQUEST_TIMEOUT_S; returns the outcome label. The exact tokens
-    used (prompt + completion) go into ``used`` when the engine reported them."""
+    used (prompt, completion) go into ``used`` when the engine reported them."""
     s = rt.settings
     try:
         async with asyncio.timeout(s.request_timeout_s):
@@ -204,6 +207,8 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int])
     except UpstreamError as exc:
         # %r: the engine's message may echo client input (a newline must not forge a line).
         logger.info("job %s: engine answered %d: %r", spec.id, exc.status, exc.message[:500])
+        if refuses_auto_tools(exc):  # the next heartbeat tells gateways (they refuse at once)
+            rt.auto_tools = False
         await _fail(pub, exc)
         return "rejected" if exc.status < 500 else "engine_error"
     except ServiceError as exc:
@@ -228,7 +233,8 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     rt.metrics.active.set(rt.active)
     rt.metrics.pickup.observe(max(0.0, time.time() - spec.enqueued_at_ms / 1000))
     outcome = "cancelled"
-    used: list[int] = []  # exact tokens, when the engine reported them
+    used: list[int] = []  # exact tokens (prompt, completion), when the engine reported them
+    t_picked = time.monotonic()
     try:
         hold = rt.settings.request_timeout_s + rt.settings.orphan_grace_s
         # Announce the pickup while the engine request is already on its way: the two
@@ -267,7 +273,7 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         try:
-            tokens = used[0] if used else None
+            tokens = sum(used) if used else None
             await asyncio.shield(rt.store.release(spec, rt.settings.worker_id, tokens, outcome))
         except RedisError as exc:  # the heartbeat retries once Redis is back
             logger.warning("job %s: could not release its place yet: %s", spec.id, exc)
@@ -275,3 +281,25 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         rt.active -= 1
         rt.metrics.active.set(rt.active)
         rt.metrics.jobs.labels(outcome).inc()
+        _log_job(spec, outcome, t_picked, used, rt.settings.worker_id)
+
+
+def _log_job(spec: JobSpec, outcome: str, t_picked: float, used: list[int], worker: str) -> None:
+    """The job's line in the worker log (as the gateway's access log: metadata only)."""
+    wait_s = max(0.0, time.time() - (time.monotonic() - t_picked) - spec.enqueued_at_ms / 1000)
+    record_line(
+        jobs_logger,
+        "job",
+        {
+            "id": spec.id,
+            "key": spec.tenant,
+            "model": spec.model,
+            "band": spec.band.value,
+            "outcome": outcome,
+            "wait_ms": round(wait_s * 1000, 1),
+            "run_ms": round((time.monotonic() - t_picked) * 1000, 1),
+            "prompt_tokens": used[0] if used else None,
+            "completion_tokens": used[1] if used else None,
+            "worker": worker,
+        },
+    )

@@ -45,7 +45,7 @@ def _status_and_error(raw: bytes) -> tuple[int, dict]:
     status = int(head.split(b" ", 2)[1])
     err = json.loads(payload)["error"]
     assert set(err) == {"message", "type", "param", "code"}
-    assert b"x-request-id: chatcmpl-" in head
+    assert b"x-request-id: req_" in head
     return status, err
 
 

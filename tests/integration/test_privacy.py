@@ -122,25 +122,39 @@ def test_logs_hold_no_prompt_no_completion_and_no_forged_line(
     assert "bad\\nERROR forged line" in worker.output(), "logged, escaped"
 
 
-def test_a_stored_job_keeps_its_answer_not_its_prompt(stack: Stack, rdb: redis.Redis) -> None:
-    """store: true keeps the completion (its log) and a record, both with a TTL; the
-    prompt is gone with the job as for any other."""
+@pytest.mark.parametrize("ask", ["store", "idempotency-key"])
+def test_a_stored_job_keeps_what_its_client_asked_for_and_no_more(
+    stack: Stack, rdb: redis.Redis, ask: str
+) -> None:
+    """store: true keeps the completion (its log), a record and, as OpenAI's
+    stored-completion API lists them, the request's messages (in the record), all with a
+    TTL. An Idempotency-Key alone keeps the completion (a retry must find it), never the
+    prompt: it is gone with the job as for any other."""
     stack.worker()
     gw = stack.gateway()
     prompt = "PROMPT-" + secrets.token_hex(8)
     said = "SAID" + secrets.token_hex(8)
-    payload = {**body(stream=True, say=said, tokens=3), "store": True}
+    payload = body(stream=True, say=said, tokens=3)
+    headers = {}
+    if ask == "store":
+        payload["store"] = True
+    else:
+        headers["Idempotency-Key"] = secrets.token_hex(8)
     payload["messages"][0]["content"] = prompt
 
     async def run() -> str:
-        async with httpx.AsyncClient(timeout=60) as c:
+        async with httpx.AsyncClient(timeout=60, headers=headers) as c:
             r = await stream_chat(c, gw.url, payload)
             assert said in r.text
             return str(r.chunks[0]["id"])
 
     job_id = asyncio.run(run())
     assert_drained(rdb)
-    wait_for(lambda: not holding(rdb, prompt.encode()), 5, "the prompt to leave Redis")
+    stored = f"llmq:stored:{job_id}".encode()
+    if ask == "store":
+        wait_for(lambda: holding(rdb, prompt.encode()) == [stored], 5, "only the record")
+    else:
+        wait_for(lambda: not holding(rdb, prompt.encode()), 5, "the prompt to leave Redis")
     kept = holding(rdb, said.encode())
     assert kept == [f"llmq:log:{job_id}".encode()], kept
     for key in (f"llmq:log:{job_id}", f"llmq:stored:{job_id}"):

@@ -75,4 +75,5 @@ def test_a_non_streamed_job_is_its_result() -> None:
         Event(1, EventType.STARTED, b"w"),
         Event(2, EventType.RESULT, json.dumps(result).encode()),
     ]
-    assert assemble(record(StoredStatus.COMPLETED), events) == {**result, "status": "completed"}
+    expected = {**result, "status": "completed", "metadata": {}}
+    assert assemble(record(StoredStatus.COMPLETED), events) == expected

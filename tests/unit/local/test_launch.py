@@ -24,3 +24,12 @@ def test_redis_is_loopback_and_persistent_only_when_asked() -> None:
     assert tmp[tmp.index("--appendonly") + 1] == "no"
     assert kept[kept.index("--appendonly") + 1] == "yes"
     assert kept[kept.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def test_vllm_runs_with_tool_calling_unless_turned_off() -> None:
+    argv = vllm_argv("py", "/m", "name", 8001, max_num_seqs=4)
+    assert "--enable-auto-tool-choice" in argv
+    assert argv[argv.index("--tool-call-parser") + 1] == "hermes"
+    off = vllm_argv("py", "/m", "name", 8001, max_num_seqs=4, tool_parser="none")
+    assert "--enable-auto-tool-choice" not in off
+    assert "--tool-call-parser" not in off

@@ -63,6 +63,18 @@ async def test_mark_started_rearms_only_admitted_jobs(store: Store, fake_redis) 
     assert await store.in_system() == 1
 
 
+async def test_a_started_job_keeps_its_payload_while_it_may_run(store: Store, fake_redis) -> None:
+    """The payload expires QUEUE_TIMEOUT_S after the enqueue only if the job never starts;
+    once started it is kept as long as the job may run (regression: llmq-jobs show lost a
+    job that ran longer than the queue timeout)."""
+    await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
+    await store.mark_started(spec("a"), "w1", hold_s=300)
+    assert 300_000 < await fake_redis.pttl(p.job_key("a")) <= 310_000
+    await fake_redis.pexpire(p.job_key("a"), 900_000)  # a longer expiry (a batch's) is kept
+    await store.mark_started(spec("a"), "w1", hold_s=300)
+    assert await fake_redis.pttl(p.job_key("a")) > 800_000
+
+
 async def test_cancel_before_start_removes_every_trace(store: Store, fake_redis) -> None:
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     assert await store.cancel(spec("a")) is True

@@ -142,3 +142,43 @@ async def test_nobody_listening_past_the_grace_abandons_the_job(store, grace):
         result = await chat({RUNTIME: rt}, job())
         assert result["outcome"] == "client_gone"
         assert rt.metrics.jobs.labels("client_gone")._value.get() == 1
+
+
+async def test_an_engine_refusing_auto_tools_teaches_the_worker(store, fake_redis):
+    """vLLM without a tool-call parser refuses tool_choice "auto": the job fails with the
+    engine's 400, and the worker's heartbeat will say so (gateways then refuse at once)."""
+    message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser'
+    err = {"error": {"message": message, "type": "BadRequestError", "code": 400}}
+    async with runtime(store, lambda r: httpx.Response(400, json=err)) as rt:
+        assert rt.auto_tools is None
+        result, _events = await run_and_collect(store, fake_redis, rt)
+        assert result["outcome"] == "rejected"
+        assert rt.auto_tools is False
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "expected"),
+    [
+        (200, {"choices": []}, True),
+        (
+            400,
+            {"error": {"message": '"auto" tool choice requires --enable-auto-tool-choice'}},
+            False,
+        ),
+        (400, {"error": {"message": "some other complaint"}}, None),
+        (503, {"error": {"message": "busy"}}, None),
+    ],
+)
+async def test_the_tools_probe_reads_the_engines_answer(store, status, payload, expected):
+    seen: list[httpx.Request] = []
+
+    def engine(r: httpx.Request) -> httpx.Response:
+        seen.append(r)
+        return httpx.Response(status, json=payload)
+
+    async with runtime(store, engine) as rt:
+        assert await rt.engine.auto_tools("m") is expected
+    probe = json.loads(seen[0].content)
+    assert probe["tool_choice"] == "auto"
+    assert probe["max_tokens"] == 1
+    assert seen[0].headers["x-llmq-probe"] == "tools"
