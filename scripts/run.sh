@@ -18,6 +18,8 @@
 #   WORKER_METRICS_PORT=9100
 #   AUTH=none                       no API keys (otherwise a key "dev" is created and printed)
 #   PROMETHEUS_PORT=9090, or PROMETHEUS=0 to run without Prometheus
+#   OPEN_WEBUI=1 [OPEN_WEBUI_PORT=3000]  also Open WebUI (installed into .cache/webui-venv
+#                                   once), with compose/open-webui.env's settings, no login
 #   MAX_ACTIVE=4 QUEUE_MODE=queue QUEUE_MAX=64 ... (every setting of the service, see README)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,8 @@ REDIS_PORT="${REDIS_PORT:-6379}"
 PROMETHEUS="${PROMETHEUS:-1}"
 PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 VLLM_PORT="${VLLM_PORT:-8000}"
+OPEN_WEBUI="${OPEN_WEBUI:-0}"
+OPEN_WEBUI_PORT="${OPEN_WEBUI_PORT:-3000}"
 SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
 VLLM_ARGS="${VLLM_ARGS:-}"
 TOOL_CALL_PARSER="${TOOL_CALL_PARSER:-hermes}"
@@ -90,6 +94,22 @@ ensure_dev_key() {
   echo "  created the development API key 'dev' ($DEV_KEY_FILE)"
 }
 
+# Open WebUI as compose's webui profile runs it (compose/open-webui.env, the settings the
+# e2e browser test proves), for this host only: no login, nothing downloaded (documents
+# would be embedded through the API), the development key.
+run_open_webui() {
+  mkdir -p "$VAR_DIR/open-webui"
+  [ -s "$VAR_DIR/open-webui/secret-key" ] || (umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$VAR_DIR/open-webui/secret-key")
+  set -a
+  # shellcheck disable=SC1091
+  source compose/open-webui.env
+  set +a
+  export WEBUI_AUTH=False OFFLINE_MODE=True HF_HUB_OFFLINE=1 RAG_EMBEDDING_ENGINE=openai \
+    DATA_DIR="$VAR_DIR/open-webui" OPENAI_API_BASE_URL="http://127.0.0.1:$GATEWAY_PORT/v1" \
+    OPENAI_API_KEY="$LLMQ_API_KEY" WEBUI_SECRET_KEY="$(cat "$VAR_DIR/open-webui/secret-key")"
+  exec "$WEBUI_VENV/bin/open-webui" serve --host 127.0.0.1 --port "$OPEN_WEBUI_PORT"
+}
+
 fail_with_log() {
   echo >&2; tail -n 30 "$LOG_DIR/$1.log" >&2 || true
   die "$1 did not come up: $2 (full log: $LOG_DIR/$1.log)"
@@ -105,6 +125,7 @@ if [ "$START_ENGINE" = 1 ]; then
   ensure_engine_venv
   ensure_model
 fi
+[ "$OPEN_WEBUI" = 1 ] && ensure_webui_venv
 
 step "starting the service"
 if [[ "$REDIS_URL" == "redis://127.0.0.1:$REDIS_PORT/0" ]]; then
@@ -148,6 +169,15 @@ if [ "$PROMETHEUS" = 1 ]; then
   PROM_LINE="Prometheus: http://127.0.0.1:$PROMETHEUS_PORT  (alerts: /alerts; try histogram_quantile(0.95, sum by (le) (rate(api_time_to_first_token_seconds_bucket[1m]))))"
 fi
 
+WEBUI_LINE=""
+if [ "$OPEN_WEBUI" = 1 ]; then
+  start open-webui run_open_webui
+  echo "  waiting for Open WebUI (about 30 s)..."
+  wait_http "http://127.0.0.1:$OPEN_WEBUI_PORT/health" 300 open-webui "${PIDS[-1]}" \
+    || fail_with_log open-webui "/health is not 200 on port $OPEN_WEBUI_PORT"
+  WEBUI_LINE="Open WebUI: http://127.0.0.1:$OPEN_WEBUI_PORT  (no login; its data in $VAR_DIR/open-webui)"
+fi
+
 cat <<EOT
 
 ==> ready: http://127.0.0.1:$GATEWAY_PORT  (OpenAI API under /v1; health /health)
@@ -164,6 +194,7 @@ Try it:
   .venv/bin/python -c 'import os; from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key=os.environ["LLMQ_API_KEY"]); print(c.chat.completions.create(model="$SERVED_MODEL_NAME", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
 
 $PROM_LINE
+$WEBUI_LINE
 Logs: $LOG_DIR/*.log     Ctrl-C stops everything.
 EOT
 

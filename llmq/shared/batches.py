@@ -79,9 +79,10 @@ class BatchStore:
             pipe.hset(p.file_key(rec.id), mapping=rec.to_hash())
             pipe.pexpire(key, self.file_ttl_ms)
             pipe.pexpire(p.file_key(rec.id), self.file_ttl_ms)
-            index = p.tenant_files_key(tenant)
-            pipe.zadd(index, {rec.id: now * 1000})
-            pipe.zremrangebyscore(index, "-inf", (now * 1000) - self.file_ttl_ms)
+            index = p.tenant_files_key(tenant)  # score: µs, so quick uploads keep their order
+            created_us = time.time_ns() // 1000
+            pipe.zadd(index, {rec.id: created_us})
+            pipe.zremrangebyscore(index, "-inf", created_us - self.file_ttl_ms * 1000)
             await pipe.execute()
         return rec
 

@@ -43,7 +43,7 @@ Keys and channels
     llmq:batch:<id>:inflight set    the batch's job ids queued or running
     llmq:batches:active     set     batches that workers feed or finalize
     llmq:tenant:<name>:batches zset a key's batches; score = created (ms)
-    llmq:tenant:<name>:files zset   a key's files; score = created (ms); expired ones are
+    llmq:tenant:<name>:files zset   a key's files; score = created (µs); expired ones are
                                     dropped when a listing finds them gone
     llmq:tenant:<name>:stored zset  a key's stored completions; score = enqueue (ms); pruned
                                     the same way

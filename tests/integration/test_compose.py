@@ -282,3 +282,19 @@ def test_redis_acl_script_refuses_missing_and_weak_passwords(
     assert res.returncode == 1
     assert f"REDIS_GATEWAY_PASSWORD {message}" in res.stderr
     assert not (tmp_path / "users.acl").exists()
+
+
+def test_vllm_runs_with_tool_calling_and_open_webui_with_the_tested_settings() -> None:
+    """Open WebUI sends tools with tool_choice "auto" by default: vLLM needs a parser. Its
+    settings file is the one tests/e2e/test_open_webui.py starts Open WebUI with."""
+    services = stack()["services"]
+    command = services["vllm"]["command"]
+    assert "--enable-auto-tool-choice" in command
+    assert "--tool-call-parser=hermes" in command
+    webui = services["open-webui"]
+    assert webui["env_file"] == ["open-webui.env"]
+    assert (COMPOSE.parent / "open-webui.env").exists()
+    settings = env_file(COMPOSE.parent / "open-webui.env")
+    for task in ("TITLE", "TAGS", "FOLLOW_UP", "AUTOCOMPLETE"):
+        assert settings[f"ENABLE_{task}_GENERATION"] == "false"
+    assert webui["image"].endswith(":v0.12.4"), "the version the e2e test runs (scripts/lib.sh)"

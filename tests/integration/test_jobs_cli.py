@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -74,3 +75,41 @@ def test_list_show_cancel_purge(stack: Stack, rdb: redis.Redis, sim: Proc) -> No
     assert sim_stats(sim.url)["requests"] == 1
     assert jobs_cli(stack, "show", "chatcmpl-nosuchjob").returncode == 1
     assert_drained(rdb)
+
+
+@pytest.mark.timeout(240)
+def test_a_job_running_60s_shows_in_list_and_show_throughout(
+    stack: Stack, rdb: redis.Redis, sim: Proc
+) -> None:
+    """Twice QUEUE_TIMEOUT_S (30 s, its payload's expiry while it waited): a running job's
+    keys live as long as it runs (regression: `show` lost it after ~30 s while `list` still
+    listed it)."""
+    stack.worker()
+    gw = stack.gateway(queue_timeout_s=30)
+    answer: list[httpx.Response] = []
+
+    def go() -> None:
+        payload = body(stream=False, tokens=2, hold="long")
+        answer.append(httpx.post(gw.url + "/v1/chat/completions", json=payload, timeout=120))
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    wait_held(sim.url, "long", 1)
+    job_id = jobs_cli(stack, "list").stdout.split()[0]
+    started = time.monotonic()
+    checks = 0
+    while time.monotonic() - started < 60:
+        listed = jobs_cli(stack, "list").stdout
+        assert f"{job_id}  running" in listed, listed
+        shown = jobs_cli(stack, "show", job_id)
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["state"] == "running"
+        assert int(rdb.pttl(f"arq:job:{job_id}")) > 0  # type: ignore[arg-type]
+        checks += 1
+        time.sleep(2)
+    release(sim.url, "long")
+    t.join(30)
+    assert answer[0].status_code == 200
+    assert checks >= 10
+    assert_drained(rdb)
+    assert rdb.exists(f"arq:job:{job_id}") == 0, "deleted when the job ended"
