@@ -31,6 +31,7 @@ export GATEWAY_PORT="${GATEWAY_PORT:-8080}"
 # This host only; GATEWAY_HOST=0.0.0.0 serves other machines (every route still needs a key).
 export GATEWAY_HOST="${GATEWAY_HOST:-127.0.0.1}"
 export WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9100}"
+export WORKER_METRICS_HOST="${WORKER_METRICS_HOST:-127.0.0.1}"  # as every port of the local run
 export GATEWAY_METRICS_PORT="${GATEWAY_METRICS_PORT:-9101}"
 export MAX_ACTIVE="${MAX_ACTIVE:-4}"
 REDIS_PORT="${REDIS_PORT:-6379}"

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import uvicorn
 
+from llmq.gateway import http, server
 from llmq.gateway.app import build_state, create_app
 from llmq.gateway.http import guarded_protocol
 from llmq.gateway.server import DrainingServer
-from llmq.shared import logs, supervisor
+from llmq.shared import logs, seams, supervisor
 from llmq.shared.settings import load_settings
 
 
 def main() -> None:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
+    # Refuse to run on a uvicorn or sse-starlette whose overridden members changed (names
+    # and signatures; the unit tests also compare their source).
+    seams.refuse_on(http.seam_problems(check_source=False), "uvicorn")
+    seams.refuse_on(server.seam_problems(check_source=False), "uvicorn / sse-starlette")
     if settings.gateway_processes > 1:
         raise SystemExit(supervisor.run_gateways(settings))
     sock = supervisor.inherited_socket()  # set when this process is one of several

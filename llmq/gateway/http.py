@@ -27,16 +27,89 @@ import asyncio
 import json
 import logging
 
+from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llmq.gateway.middleware import new_request_id
+from llmq.shared import seams
 from llmq.shared.errors import ClientTimeout, HeadersTooLarge, ServiceError
+from llmq.shared.seams import Pin
 from llmq.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 _LINGER_S = 2.0
+
+_OVERRIDDEN = "overridden: ours counts the head or arms a deadline, then calls uvicorn's"
+# What this module overrides of uvicorn's httptools protocol or relies on (shared.seams),
+# pinned against uvicorn 0.54.0 (pyproject: <0.55). After an upgrade, read uvicorn's new
+# source of each member, adapt this module if needed, then update the hash.
+UVICORN_SEAM: dict[str, Pin] = {
+    "HttpToolsProtocol.__init__": Pin(
+        "(self, config: 'Config', server_state: 'ServerState', app_state: 'dict[str, Any]', "
+        "_loop: 'asyncio.AbstractEventLoop | None' = None) -> 'None'",
+        "4f08999410347141468656d82e71ffebccb59f09e41909a3753a810eeed685fa",
+        "sets self.loop and self.cycle (None between requests), which the deadlines use",
+    ),
+    "HttpToolsProtocol.connection_made": Pin(
+        "(self, transport: 'asyncio.Transport') -> 'None'",
+        "6efb565ff3d36b916c29bd42330a2b99b601b48932389e396e5ac53dbef6b91c",
+        _OVERRIDDEN + " (sets self.transport, which refusals write to)",
+    ),
+    "HttpToolsProtocol.connection_lost": Pin(
+        "(self, exc: 'Exception | None') -> 'None'",
+        "c91a4c9bf2e29c554a97418b5f3064e97f6e0ceaba3b90fc35a3460076c705ab",
+        "overridden: the deadline is cancelled first",
+    ),
+    "HttpToolsProtocol.data_received": Pin(
+        "(self, data: 'bytes') -> 'None'",
+        "010a7ae59a5d3b1a5e7326ce246878568629d126a076d8af5ba10cab040fae43",
+        _OVERRIDDEN + "; a parser callback's exception must end up in send_400_response",
+    ),
+    "HttpToolsProtocol.on_message_begin": Pin(
+        "(self) -> 'None'",
+        "96d377fdc7c2baef943c2bd245003abc53566ddb35777e0f4c7bc754198b5457",
+        _OVERRIDDEN,
+    ),
+    "HttpToolsProtocol.on_url": Pin(
+        "(self, url: 'bytes') -> 'None'",
+        "37be44e962b04ca87f76428ff8d7a3306ab601ffd5793d185e87c2295f0c6b6e",
+        _OVERRIDDEN,
+    ),
+    "HttpToolsProtocol.on_header": Pin(
+        "(self, name: 'bytes', value: 'bytes') -> 'None'",
+        "65d62c044f61fdbd354dcb3401aa590789259bfbdbc1c07512150ec924258cd6",
+        _OVERRIDDEN,
+    ),
+    "HttpToolsProtocol.on_headers_complete": Pin(
+        "(self) -> 'None'",
+        "1ea8589acfad92d8ff9182775f337d98fc469e0fa39642a83195fca920f5ca96",
+        _OVERRIDDEN,
+    ),
+    "HttpToolsProtocol.on_message_complete": Pin(
+        "(self) -> 'None'",
+        "1fbad42dc31fc01fd4106a9885b2a2e0f6ce8d38241a3df0f615c6a8663493e0",
+        _OVERRIDDEN,
+    ),
+    "HttpToolsProtocol.send_400_response": Pin(
+        "(self, msg: 'str') -> 'None'",
+        "ae5a4a3782b646fdd2d0ec5cfc28814fda9b6e3464bf6f45c58839982319bd0c",
+        "overridden: a refusal of ours is answered with its own status (431) instead",
+    ),
+    "RequestResponseCycle.__init__": Pin(
+        None,
+        "4d2f220910c33c12f2891cbf2fb89ad364464e1a189e7492e8dc43167563057a",
+        "sets response_started (read by the deadline) and disconnected (set by a refusal)",
+    ),
+}
+
+
+def seam_problems(check_source: bool = True) -> list[str]:
+    """What no longer matches between ``UVICORN_SEAM`` and the installed uvicorn."""
+    return seams.seam_problems(
+        httptools_impl, UVICORN_SEAM, library="uvicorn", check_source=check_source
+    )
 
 
 class _Refused(Exception):

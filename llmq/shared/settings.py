@@ -152,6 +152,9 @@ class Settings(BaseSettings):
         1, ge=1, le=256, description="worker processes for one engine, splitting MAX_ACTIVE"
     )
     worker_metrics_port: int = Field(9100, ge=0, le=65_535, description="0 disables")
+    worker_metrics_host: str = Field(
+        "0.0.0.0", description="address of the metrics port (the local run: 127.0.0.1)"
+    )
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
     orphan_grace_s: float = Field(10.0, gt=0, le=3600)
     wake_fallback_s: float = Field(1.0, gt=0, le=60)

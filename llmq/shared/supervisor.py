@@ -142,7 +142,10 @@ def run_workers(settings: Settings) -> int:
         for i in range(n)
     ]
     return supervise(
-        "llmq.worker", envs, metrics_port=settings.worker_metrics_port, metrics_addr="0.0.0.0"
+        "llmq.worker",
+        envs,
+        metrics_port=settings.worker_metrics_port,
+        metrics_addr=settings.worker_metrics_host,
     )
 
 

@@ -23,7 +23,7 @@ def main() -> None:
         pass
     asyncio.set_event_loop(asyncio.new_event_loop())
     worker = build_worker(settings)
-    serve_metrics(worker, settings.worker_metrics_port)
+    serve_metrics(worker, settings.worker_metrics_port, settings.worker_metrics_host)
     worker.run()
 
 

@@ -84,6 +84,6 @@ def build_worker(
     )
 
 
-def serve_metrics(worker: WakeableWorker, port: int) -> None:
+def serve_metrics(worker: WakeableWorker, port: int, host: str) -> None:
     if port:
-        start_http_server(port, registry=worker.runtime.metrics.registry)
+        start_http_server(port, addr=host, registry=worker.runtime.metrics.registry)

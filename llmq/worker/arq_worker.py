@@ -16,26 +16,27 @@ iteration (aborts, finished tasks, arq's health key) is arq's, step by step.
 
 This is the one module that touches arq's internals. ``ARQ_SEAM`` lists every member of
 ``arq.worker.Worker`` it relies on, with its signature and, for the methods it overrides or
-whose behaviour it depends on, a hash of arq's source. ``seam_problems()`` compares them
-with the installed arq: ``build_worker`` refuses to start when a member is missing or its
-signature changed, and a unit test (the tripwire) also checks the hashes, so an arq upgrade
-fails loudly instead of silently falling back to the WAKE_FALLBACK_S re-check.
+whose behaviour it depends on, a hash of arq's source (``shared.seams``, as for uvicorn and
+sse-starlette). ``seam_problems()`` compares them with the installed arq: ``build_worker``
+refuses to start when a member is missing or its signature changed, and a unit test (the
+tripwire) also checks the hashes, so an arq upgrade fails loudly instead of silently
+falling back to the WAKE_FALLBACK_S re-check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import inspect
 import logging
 import signal
-from dataclasses import dataclass
 from typing import Any
 
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from llmq.shared import seams
+from llmq.shared.seams import Pin
 from llmq.shared.tasks import log_failure, stop_if_cancelled, stop_task
 from llmq.worker.batch import BatchFeeder
 from llmq.worker.heartbeat import beat_once, heartbeat_loop, probe_loop, wake_listener
@@ -44,15 +45,6 @@ from llmq.worker.job import RUNTIME, Runtime
 logger = logging.getLogger(__name__)
 
 _BACKOFF_MAX_S = 5.0
-
-
-@dataclass(frozen=True)
-class Pin:
-    """One arq member this module relies on."""
-
-    signature: str | None = None  # str(inspect.signature(member)); None for plain attributes
-    source_sha256: str | None = None  # of inspect.getsource(member): behaviour we depend on
-    why: str = ""
 
 
 # Pinned against arq 0.28.0 (pyproject: >=0.28,<0.29). After an upgrade, read arq's new
@@ -127,37 +119,19 @@ INIT_KWARGS = (
 )
 
 
-def source_sha256(member: Any) -> str:
-    return hashlib.sha256(inspect.getsource(member).encode()).hexdigest()
-
-
 def seam_problems(
     worker_cls: type, instance: object | None = None, *, check_source: bool = True
 ) -> list[str]:
-    """What no longer matches between ``ARQ_SEAM`` and ``worker_cls`` (arq's Worker).
-
-    Attributes set in ``__init__`` are looked up on ``instance`` when one is given.
-    """
-    problems = []
+    """What no longer matches between ``ARQ_SEAM`` and ``worker_cls`` (arq's Worker), its
+    ``__init__`` keywords included. Attributes set in ``__init__`` are looked up on
+    ``instance`` when one is given."""
     init = getattr(worker_cls, "__init__", None)
     params = inspect.signature(init).parameters if init else {}
-    problems += [f"__init__ lost keyword {k!r}" for k in INIT_KWARGS if k not in params]
-    for name, pin in ARQ_SEAM.items():
-        if name == "__init__":
-            continue
-        if pin.signature is None:
-            if instance is not None and not hasattr(instance, name):
-                problems.append(f"attribute {name!r} is gone")
-            continue
-        member = inspect.getattr_static(worker_cls, name, None)
-        if member is None:
-            problems.append(f"method {name!r} is gone ({pin.why})")
-            continue
-        if str(inspect.signature(member)) != pin.signature:
-            problems.append(f"{name}{inspect.signature(member)} != pinned {pin.signature}")
-        elif check_source and pin.source_sha256 and source_sha256(member) != pin.source_sha256:
-            problems.append(f"arq's {name} changed ({pin.why}): review, then re-pin its hash")
-    return problems
+    problems = [f"__init__ lost keyword {k!r}" for k in INIT_KWARGS if k not in params]
+    pins = {name: pin for name, pin in ARQ_SEAM.items() if name != "__init__"}
+    return problems + seams.seam_problems(
+        worker_cls, pins, library="arq", instance=instance, check_source=check_source
+    )
 
 
 class WakeableWorker(Worker):
