@@ -24,7 +24,7 @@ from redis import Redis
 
 from bench.loadgen import RunResult, merge, run
 from bench.processes import Proc, local_stack
-from llmq.shared import protocol as p
+from llmq.shared import keys
 
 BODY: dict[str, Any] = {
     "model": "sim-model",
@@ -64,9 +64,9 @@ def stored_bytes(url: str, rdb: Any, tokens: int) -> tuple[str, int, int]:
             if line.startswith("data: {") and not job_id:
                 job_id = line.split('"id":"', 1)[1].split('"', 1)[0]
     time.sleep(0.2)  # the worker writes the record's final status just after [DONE]
-    keys = (p.stored_key(job_id), p.log_key(job_id))
-    size: int = sum(int(rdb.memory_usage(k, samples=0) or 0) for k in keys)
-    return job_id, size, int(rdb.xlen(p.log_key(job_id)))
+    stored_keys = (keys.stored_key(job_id), keys.log_key(job_id))
+    size: int = sum(int(rdb.memory_usage(k, samples=0) or 0) for k in stored_keys)
+    return job_id, size, int(rdb.xlen(keys.log_key(job_id)))
 
 
 def resume_ms(url: str, job_id: str) -> float:

@@ -30,7 +30,8 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from llmq.shared.errors import QueueUnavailable, ServiceError, StreamInterrupted
-from llmq.shared.protocol import OUT_OF_BAND, Event, events_channel
+from llmq.shared.keys import events_channel
+from llmq.shared.protocol import OUT_OF_BAND, Event
 from llmq.shared.tasks import stop_if_cancelled, stop_task
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from llmq.gateway.keys import cli_redis
-from llmq.shared import protocol as p
+from llmq.shared import keys
 from llmq.shared.errors import JobCancelled
 from llmq.shared.settings import load_settings
 from llmq.shared.store import Store
@@ -60,12 +60,12 @@ async def describe(store: Store, job_id: str) -> dict[str, Any] | None:
     r = store.redis
     spec = await store.records.job_spec(job_id)
     stored = await store.records.stored(job_id)
-    outcome = await r.get(p.outcome_key(job_id))
+    outcome = await r.get(keys.outcome_key(job_id))
     if spec is None and stored is None and outcome is None:
         return None
     out: dict[str, Any] = {"id": job_id}
     if spec is not None:
-        running = bool(await r.exists(p.in_progress_key(job_id)))
+        running = bool(await r.exists(keys.in_progress_key(job_id)))
         out["state"] = "running" if running else "queued"
         out["job"] = spec.model_dump(mode="json", exclude={"body"})
         out["job"]["request_bytes"] = len(json.dumps(spec.body))
@@ -75,8 +75,8 @@ async def describe(store: Store, job_id: str) -> dict[str, Any] | None:
         out["outcome"] = json.loads(outcome)
     if stored is not None:
         out["stored"] = stored.model_dump(mode="json", exclude={"body_digest"})
-        out["stored"]["logged_events"] = int(await r.xlen(p.log_key(job_id)))
-        out["stored"]["expires_in_s"] = round(max(0, await r.pttl(p.stored_key(job_id))) / 1000)
+        out["stored"]["logged_events"] = int(await r.xlen(keys.log_key(job_id)))
+        out["stored"]["expires_in_s"] = round(max(0, await r.pttl(keys.stored_key(job_id))) / 1000)
     return out
 
 

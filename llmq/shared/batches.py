@@ -21,6 +21,7 @@ from typing import Any
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.batch_records import (
     ACTIVE,
@@ -72,14 +73,14 @@ class BatchStore:
             created_at=now,
             expires_at=now + self.file_ttl_ms // 1000,
         )
-        key = p.file_lines_key(rec.id)
+        key = keys.file_lines_key(rec.id)
         async with self.redis.pipeline(transaction=True) as pipe:
             for i in range(0, len(lines), _CHUNK):
                 pipe.rpush(key, *lines[i : i + _CHUNK])
-            pipe.hset(p.file_key(rec.id), mapping=rec.to_hash())
+            pipe.hset(keys.file_key(rec.id), mapping=rec.to_hash())
             pipe.pexpire(key, self.file_ttl_ms)
-            pipe.pexpire(p.file_key(rec.id), self.file_ttl_ms)
-            index = p.tenant_files_key(tenant)  # score: µs, so quick uploads keep their order
+            pipe.pexpire(keys.file_key(rec.id), self.file_ttl_ms)
+            index = keys.tenant_files_key(tenant)  # score: µs, so quick uploads keep their order
             created_us = time.time_ns() // 1000
             pipe.zadd(index, {rec.id: created_us})
             pipe.zremrangebyscore(index, "-inf", created_us - self.file_ttl_ms * 1000)
@@ -87,17 +88,17 @@ class BatchStore:
         return rec
 
     async def file(self, file_id: str) -> FileRecord | None:
-        raw = await self.redis.hgetall(p.file_key(file_id))  # type: ignore[misc]
+        raw = await self.redis.hgetall(keys.file_key(file_id))  # type: ignore[misc]
         return FileRecord.model_validate(_decoded(raw)) if raw else None
 
     async def file_lines(self, file_id: str, start: int = 0, stop: int = -1) -> list[bytes]:
-        out: list[bytes] = await self.redis.lrange(p.file_lines_key(file_id), start, stop)  # type: ignore[misc]
+        out: list[bytes] = await self.redis.lrange(keys.file_lines_key(file_id), start, stop)  # type: ignore[misc]
         return out
 
     async def delete_file(self, rec: FileRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(p.file_key(rec.id), p.file_lines_key(rec.id))
-            pipe.zrem(p.tenant_files_key(rec.tenant), rec.id)
+            pipe.delete(keys.file_key(rec.id), keys.file_lines_key(rec.id))
+            pipe.zrem(keys.tenant_files_key(rec.tenant), rec.id)
             await pipe.execute()
 
     async def list_files(
@@ -105,7 +106,7 @@ class BatchStore:
     ) -> list[FileRecord]:
         """The key's files (``purpose`` only, when given), by creation time, after the one
         named ``after``; at most ``limit``. Expired files are dropped from the index."""
-        key = p.tenant_files_key(tenant)
+        key = keys.tenant_files_key(tenant)
         ids = [i.decode() for i in await self.redis.zrange(key, 0, -1, desc=desc)]
         if after is not None:
             ids = ids[ids.index(after) + 1 :] if after in ids else []
@@ -123,18 +124,18 @@ class BatchStore:
     # -- batches -----------------------------------------------------------------------
     async def create_batch(self, rec: BatchRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(p.batch_key(rec.id), mapping=rec.to_hash())
-            pipe.zadd(p.tenant_batches_key(rec.tenant), {rec.id: rec.created_at * 1000})
-            pipe.sadd(p.ACTIVE_BATCHES, rec.id)
+            pipe.hset(keys.batch_key(rec.id), mapping=rec.to_hash())
+            pipe.zadd(keys.tenant_batches_key(rec.tenant), {rec.id: rec.created_at * 1000})
+            pipe.sadd(keys.ACTIVE_BATCHES, rec.id)
             await pipe.execute()
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
-        raw = await self.redis.hgetall(p.batch_key(batch_id))  # type: ignore[misc]
+        raw = await self.redis.hgetall(keys.batch_key(batch_id))  # type: ignore[misc]
         return BatchRecord.model_validate(_decoded(raw)) if raw else None
 
     async def list_batches(self, tenant: str, after: str | None, limit: int) -> list[BatchRecord]:
         """The key's batches, newest first, after the one named ``after``."""
-        key = p.tenant_batches_key(tenant)
+        key = keys.tenant_batches_key(tenant)
         start = 0
         if after:
             rank = await self.redis.zrevrank(key, after)
@@ -150,24 +151,24 @@ class BatchStore:
         return out
 
     async def active(self) -> list[str]:
-        return sorted(m.decode() for m in await self.redis.smembers(p.ACTIVE_BATCHES))  # type: ignore[misc]
+        return sorted(m.decode() for m in await self.redis.smembers(keys.ACTIVE_BATCHES))  # type: ignore[misc]
 
     async def count_active(self) -> dict[str, int]:
         """Batches in flight by status (in_progress, cancelling, finalizing)."""
         counts = dict.fromkeys((s.value for s in ACTIVE), 0)
         for batch_id in await self.active():
-            status = await self.redis.hget(p.batch_key(batch_id), "status")  # type: ignore[misc]
+            status = await self.redis.hget(keys.batch_key(batch_id), "status")  # type: ignore[misc]
             if status is not None and status.decode() in counts:
                 counts[status.decode()] += 1
         return counts
 
     async def end(self, batch_id: str, why: str) -> str:
         """Stop feeding a batch (``cancelled`` or ``expired``); returns its status."""
-        out = await self._end(keys=[p.batch_key(batch_id)], args=[why, int(time.time())])
+        out = await self._end(keys=[keys.batch_key(batch_id)], args=[why, int(time.time())])
         return out.decode() if isinstance(out, bytes) else str(out)
 
     async def inflight(self, batch_id: str) -> list[str]:
-        ids = await self.redis.smembers(p.batch_part_key(batch_id, "inflight"))  # type: ignore[misc]
+        ids = await self.redis.smembers(keys.batch_part_key(batch_id, "inflight"))  # type: ignore[misc]
         return sorted(i.decode() for i in ids)
 
     async def feed(self, rec: BatchRecord, specs: list[p.JobSpec], new_next: int) -> int:
@@ -186,20 +187,20 @@ class BatchStore:
         now_ms = int(time.time() * 1000)
         out = await self._feed(
             keys=[
-                p.batch_key(rec.id),
-                p.batch_part_key(rec.id, "inflight"),
-                p.QUEUE,
-                p.band_key(p.Band.LOW),
-                p.band_queue_key(p.Band.LOW, rec.tenant),
+                keys.batch_key(rec.id),
+                keys.batch_part_key(rec.id, "inflight"),
+                keys.QUEUE,
+                keys.band_key(p.Band.LOW),
+                keys.band_queue_key(p.Band.LOW, rec.tenant),
             ],
             args=[
                 rec.next,
                 new_next,
                 max(1000, rec.expires_at * 1000 - now_ms),
                 now_ms,
-                p.WAKE_CHANNEL,
+                keys.WAKE_CHANNEL,
                 rec.tenant,
-                p.job_key(""),
+                keys.job_key(""),
                 *pairs,
             ],
         )
@@ -209,10 +210,10 @@ class BatchStore:
         """A request's result line, counted once (False: it was counted already)."""
         out = await self._result(
             keys=[
-                p.batch_key(spec.batch_id),
-                p.batch_part_key(spec.batch_id, "out"),
-                p.batch_part_key(spec.batch_id, "err"),
-                p.batch_part_key(spec.batch_id, "inflight"),
+                keys.batch_key(spec.batch_id),
+                keys.batch_part_key(spec.batch_id, "out"),
+                keys.batch_part_key(spec.batch_id, "err"),
+                keys.batch_part_key(spec.batch_id, "inflight"),
             ],
             args=[spec.id, spec.batch_index, line, "1" if ok else "0"],
         )
@@ -226,7 +227,7 @@ class BatchStore:
         for job_id in await self.inflight(rec.id):
             job = QueuedJob(job_id, p.Band.LOW, rec.tenant, 0)
             if await store.cancel(job.spec(), why, queued_only=True):
-                await self.redis.srem(p.batch_part_key(rec.id, "inflight"), job_id)  # type: ignore[misc]
+                await self.redis.srem(keys.batch_part_key(rec.id, "inflight"), job_id)  # type: ignore[misc]
             else:
                 running.append(job_id)
         return running
@@ -234,7 +235,7 @@ class BatchStore:
     async def finalize(self, rec: BatchRecord) -> BatchRecord | None:
         """Turn a batch's results into its output and error files and give it its final
         status (one worker does it: a lock; redone if that worker died midway)."""
-        lock = p.batch_part_key(rec.id, "finalizing")
+        lock = keys.batch_part_key(rec.id, "finalizing")
         if not await self.redis.set(lock, "1", nx=True, px=_FINALIZE_LOCK_MS):
             return None
         fresh = await self.batch(rec.id)  # another worker may have finalized it already
@@ -244,10 +245,10 @@ class BatchStore:
         rec = fresh
         now = int(time.time())
         await self.redis.hset(
-            p.batch_key(rec.id), mapping={"status": "finalizing", "finalizing_at": str(now)}
+            keys.batch_key(rec.id), mapping={"status": "finalizing", "finalizing_at": str(now)}
         )  # type: ignore[misc]
-        out = await self._sorted(p.batch_part_key(rec.id, "out"))
-        err = await self._sorted(p.batch_part_key(rec.id, "err"))
+        out = await self._sorted(keys.batch_part_key(rec.id, "out"))
+        err = await self._sorted(keys.batch_part_key(rec.id, "err"))
         if rec.ending == "expired" and rec.next < rec.total:  # never fed: batch_expired
             rest = await self.file_lines(rec.input_file_id, rec.next, rec.total - 1)
             err += [_expired_line(rec, rec.next + i, raw) for i, raw in enumerate(rest)]
@@ -265,13 +266,13 @@ class BatchStore:
         if final is BatchStatus.EXPIRED:
             fields["failed"] = str(rec.failed + (rec.total - rec.next))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(p.batch_key(rec.id), mapping=fields)
-            pipe.pexpire(p.batch_key(rec.id), self.file_ttl_ms)
-            pipe.srem(p.ACTIVE_BATCHES, rec.id)
+            pipe.hset(keys.batch_key(rec.id), mapping=fields)
+            pipe.pexpire(keys.batch_key(rec.id), self.file_ttl_ms)
+            pipe.srem(keys.ACTIVE_BATCHES, rec.id)
             pipe.delete(
-                p.batch_part_key(rec.id, "out"),
-                p.batch_part_key(rec.id, "err"),
-                p.batch_part_key(rec.id, "inflight"),
+                keys.batch_part_key(rec.id, "out"),
+                keys.batch_part_key(rec.id, "err"),
+                keys.batch_part_key(rec.id, "inflight"),
                 lock,
             )
             await pipe.execute()
@@ -282,11 +283,11 @@ class BatchStore:
         now = str(int(time.time()))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
-                p.batch_key(rec.id),
+                keys.batch_key(rec.id),
                 mapping={"status": "failed", "failed_at": now, "failure": message},
             )
-            pipe.pexpire(p.batch_key(rec.id), self.file_ttl_ms)
-            pipe.srem(p.ACTIVE_BATCHES, rec.id)
+            pipe.pexpire(keys.batch_key(rec.id), self.file_ttl_ms)
+            pipe.srem(keys.ACTIVE_BATCHES, rec.id)
             await pipe.execute()
 
     async def _sorted(self, key: str) -> list[bytes]:
@@ -299,5 +300,5 @@ class BatchStore:
 
 def _expired_line(rec: BatchRecord, index: int, raw: bytes) -> bytes:
     custom_id = str(json.loads(raw).get("custom_id", ""))
-    job_id = p.batch_job_id(rec.id, index)
+    job_id = keys.batch_job_id(rec.id, index)
     return failure_line(job_id, custom_id, "batch_expired", "the batch expired").encode()

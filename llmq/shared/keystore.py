@@ -18,6 +18,7 @@ import time
 
 from redis.asyncio import Redis
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 
 SECRET_PREFIX = "sk-llmq-"
@@ -49,44 +50,44 @@ class KeyStore:
         key = p.ApiKey(name=name, digest=digest(secret), created_at=time.time(), **limits.fields())
         if name == p.ANONYMOUS:
             raise KeyExists(name)  # the tenant of AUTH=none
-        if not await self.redis.hsetnx(p.API_KEYS, name, key.digest):  # type: ignore[misc]
+        if not await self.redis.hsetnx(keys.API_KEYS, name, key.digest):  # type: ignore[misc]
             raise KeyExists(name)
-        await self.redis.hset(p.api_key_record(key.digest), mapping=key.to_hash())  # type: ignore[misc]
+        await self.redis.hset(keys.api_key_record(key.digest), mapping=key.to_hash())  # type: ignore[misc]
         return key, secret
 
     async def lookup(self, secret: str) -> p.ApiKey | None:
         """The key whose secret this is, or None (unknown or revoked)."""
         wanted = digest(secret)
-        raw = await self.redis.hgetall(p.api_key_record(wanted))  # type: ignore[misc]
+        raw = await self.redis.hgetall(keys.api_key_record(wanted))  # type: ignore[misc]
         if not raw:
             return None
         key = p.ApiKey.from_hash(raw)
         return key if hmac.compare_digest(key.digest, wanted) else None
 
     async def get(self, name: str) -> p.ApiKey:
-        found = await self.redis.hget(p.API_KEYS, name)  # type: ignore[misc]
+        found = await self.redis.hget(keys.API_KEYS, name)  # type: ignore[misc]
         if found is None:
             raise KeyNotFound(name)
-        raw = await self.redis.hgetall(p.api_key_record(found.decode()))  # type: ignore[misc]
+        raw = await self.redis.hgetall(keys.api_key_record(found.decode()))  # type: ignore[misc]
         if not raw:
             raise KeyNotFound(name)
         return p.ApiKey.from_hash(raw)
 
     async def list(self) -> list[p.ApiKey]:
-        names = await self.redis.hkeys(p.API_KEYS)  # type: ignore[misc]
+        names = await self.redis.hkeys(keys.API_KEYS)  # type: ignore[misc]
         return [await self.get(n.decode()) for n in sorted(names)]
 
     async def update(self, name: str, limits: p.KeyLimits) -> p.ApiKey:
         key = await self.get(name)
         updated = key.model_copy(update=limits.fields())
         await self.redis.hset(  # type: ignore[misc]
-            p.api_key_record(key.digest), mapping=updated.to_hash()
+            keys.api_key_record(key.digest), mapping=updated.to_hash()
         )
         return updated
 
     async def revoke(self, name: str) -> None:
         key = await self.get(name)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(p.api_key_record(key.digest))
-            pipe.hdel(p.API_KEYS, name)
+            pipe.delete(keys.api_key_record(key.digest))
+            pipe.hdel(keys.API_KEYS, name)
             await pipe.execute()

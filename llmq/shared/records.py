@@ -11,6 +11,7 @@ from typing import Any
 from arq.jobs import deserialize_job
 from redis.asyncio import Redis
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 
 
@@ -53,47 +54,47 @@ class JobRecords:
 
     async def stored(self, job_id: str) -> p.StoredJob | None:
         """A stored job's record (without its messages: ``messages`` reads those)."""
-        values = await self.redis.hmget(p.stored_key(job_id), _RECORD_FIELDS)  # type: ignore[misc]
+        values = await self.redis.hmget(keys.stored_key(job_id), _RECORD_FIELDS)  # type: ignore[misc]
         raw = {k.encode(): v for k, v in zip(_RECORD_FIELDS, values, strict=True) if v is not None}
         return p.StoredJob.from_hash(raw) if raw.get(b"id") else None
 
     async def messages(self, job_id: str) -> list[dict[str, Any]] | None:
         """The messages a ``store: true`` request sent; None when none were kept."""
-        raw = await self.redis.hget(p.stored_key(job_id), p.STORED_MESSAGES)  # type: ignore[misc]
+        raw = await self.redis.hget(keys.stored_key(job_id), keys.STORED_MESSAGES)  # type: ignore[misc]
         return None if raw is None else list(json.loads(raw))
 
     async def set_metadata(self, job_id: str, metadata: dict[str, str]) -> bool:
         return bool(
-            await self._set_metadata(keys=[p.stored_key(job_id)], args=[json.dumps(metadata)])
+            await self._set_metadata(keys=[keys.stored_key(job_id)], args=[json.dumps(metadata)])
         )
 
     async def stored_ids(self, tenant: str, *, desc: bool) -> list[str]:
         """The tenant's stored jobs by enqueue time (some may have expired: ``forget``)."""
-        key = p.tenant_stored_key(tenant)
+        key = keys.tenant_stored_key(tenant)
         return [i.decode() for i in await self.redis.zrange(key, 0, -1, desc=desc)]
 
     async def forget_stored(self, tenant: str, job_id: str) -> None:
         """Drop an expired record's id from its tenant's index."""
-        await self.redis.zrem(p.tenant_stored_key(tenant), job_id)
+        await self.redis.zrem(keys.tenant_stored_key(tenant), job_id)
 
     async def read_log(self, job_id: str, after: int = 0) -> list[p.Event]:
         """A stored job's logged events numbered after ``after`` (out-of-band ones too)."""
-        rows = await self.redis.xrange(p.log_key(job_id), min=f"({p.log_entry_id(after)}")
+        rows = await self.redis.xrange(keys.log_key(job_id), min=f"({keys.log_entry_id(after)}")
         return [p.Event.decode(fields[b"e"]) for _, fields in rows]
 
     async def last_logged(self, job_id: str) -> p.Event | None:
-        rows = await self.redis.xrevrange(p.log_key(job_id), count=1)
+        rows = await self.redis.xrevrange(keys.log_key(job_id), count=1)
         return p.Event.decode(rows[0][1][b"e"]) if rows else None
 
     async def delete_stored(self, rec: p.StoredJob) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(p.stored_key(rec.id), p.log_key(rec.id))
-            pipe.zrem(p.tenant_stored_key(rec.tenant), rec.id)
+            pipe.delete(keys.stored_key(rec.id), keys.log_key(rec.id))
+            pipe.zrem(keys.tenant_stored_key(rec.tenant), rec.id)
             await pipe.execute()
 
     async def job_spec(self, job_id: str) -> p.JobSpec | None:
         """A queued or running job as the gateway enqueued it (arq's payload), else None."""
-        raw = await self.redis.get(p.job_key(job_id))
+        raw = await self.redis.get(keys.job_key(job_id))
         if raw is None:
             return None
         return p.JobSpec.model_validate(deserialize_job(raw, deserializer=p.json_loads).args[0])
@@ -102,10 +103,10 @@ class JobRecords:
         """Every job waiting in a band queue, by band (highest first), oldest first."""
         out: list[QueuedJob] = []
         for band in p.BANDS:
-            for raw in await self.redis.zrange(p.band_key(band), 0, -1):
+            for raw in await self.redis.zrange(keys.band_key(band), 0, -1):
                 tenant = raw.decode()
                 rows = await self.redis.zrange(
-                    p.band_queue_key(band, tenant), 0, -1, withscores=True
+                    keys.band_queue_key(band, tenant), 0, -1, withscores=True
                 )
                 out += [QueuedJob(i.decode(), p.Band(band), tenant, int(ms)) for i, ms in rows]
         return sorted(out, key=lambda j: (p.BANDS.index(j.band), j.enqueued_at_ms))
@@ -113,8 +114,8 @@ class JobRecords:
     async def running_jobs(self) -> list[tuple[str, str, str]]:
         """(job id, worker id, tenant) of every job a worker started and has not ended."""
         out = []
-        for raw in await self.redis.zrange(p.WORKERS, 0, -1):
+        for raw in await self.redis.zrange(keys.WORKERS, 0, -1):
             worker = raw.decode()
-            jobs: dict[bytes, bytes] = await self.redis.hgetall(p.worker_jobs_key(worker))  # type: ignore[misc]
+            jobs: dict[bytes, bytes] = await self.redis.hgetall(keys.worker_jobs_key(worker))  # type: ignore[misc]
             out += [(j.decode(), worker, t.decode()) for j, t in jobs.items()]
         return out

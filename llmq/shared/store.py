@@ -13,12 +13,12 @@ from typing import Any
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
+from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
-from llmq.shared import scripts
 from llmq.shared.errors import JobCancelled, ServiceError, WorkerLost
 from llmq.shared.records import JobRecords
 
-_WORKER_PREFIX = p.worker_key("")
+_WORKER_PREFIX = keys.worker_key("")
 _OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
 
 
@@ -48,7 +48,7 @@ def _record_fields(record: p.StoredJob | None, messages: str) -> dict[str, str]:
         return {}
     fields = record.to_hash()
     if messages:
-        fields[p.STORED_MESSAGES] = messages
+        fields[keys.STORED_MESSAGES] = messages
     return fields
 
 
@@ -147,17 +147,17 @@ class Store:
         )
         out = await self._admit(
             keys=[
-                p.ADMITTED,
-                p.QUEUE,
-                p.job_key(spec.id),
-                p.tenant_admitted_key(spec.tenant),
-                p.tenant_rpm_key(spec.tenant),
-                p.tenant_tpm_key(spec.tenant),
-                p.band_key(spec.band),
-                p.band_queue_key(spec.band, spec.tenant),
-                p.stored_key(spec.id),
-                p.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
-                p.tenant_stored_key(spec.tenant),
+                keys.ADMITTED,
+                keys.QUEUE,
+                keys.job_key(spec.id),
+                keys.tenant_admitted_key(spec.tenant),
+                keys.tenant_rpm_key(spec.tenant),
+                keys.tenant_tpm_key(spec.tenant),
+                keys.band_key(spec.band),
+                keys.band_queue_key(spec.band, spec.tenant),
+                keys.stored_key(spec.id),
+                keys.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
+                keys.tenant_stored_key(spec.tenant),
             ],
             args=[
                 limit,
@@ -166,7 +166,7 @@ class Store:
                 max(1, int(expire_s * 1000)),
                 spec.id,
                 spec.enqueued_at_ms,
-                p.WAKE_CHANNEL,
+                keys.WAKE_CHANNEL,
                 spec.tenant,
                 t.max_concurrent,
                 t.rpm,
@@ -194,24 +194,24 @@ class Store:
         )
         started = await self._cancel(
             keys=[
-                p.ADMITTED,
-                p.QUEUE,
-                p.job_key(spec.id),
-                p.in_progress_key(spec.id),
-                p.ABORT,
-                p.tenant_admitted_key(spec.tenant),
-                p.band_queue_key(spec.band, spec.tenant),
-                p.outcome_key(spec.id),
-                p.stored_key(spec.id),
-                p.log_key(spec.id),
+                keys.ADMITTED,
+                keys.QUEUE,
+                keys.job_key(spec.id),
+                keys.in_progress_key(spec.id),
+                keys.ABORT,
+                keys.tenant_admitted_key(spec.tenant),
+                keys.band_queue_key(spec.band, spec.tenant),
+                keys.outcome_key(spec.id),
+                keys.stored_key(spec.id),
+                keys.log_key(spec.id),
             ],
             args=[
                 spec.id,
                 int(time.time() * 1000),
-                p.WAKE_CHANNEL,
+                keys.WAKE_CHANNEL,
                 p.outcome_record("cancelled"),
                 _OUTCOME_TTL_MS,
-                p.events_channel(spec.id),
+                keys.events_channel(spec.id),
                 _out_of_band(why),
                 status,
                 self.store_ttl_ms,
@@ -221,18 +221,20 @@ class Store:
         return bool(started == 1)
 
     async def queue_depth(self, scan_limit: int = 100_000) -> int:
-        return int(await self._queue_depth(keys=[p.QUEUE], args=[p.IN_PROGRESS_PREFIX, scan_limit]))
+        return int(
+            await self._queue_depth(keys=[keys.QUEUE], args=[keys.IN_PROGRESS_PREFIX, scan_limit])
+        )
 
     async def depth_by_band(self) -> dict[str, int]:
         """Jobs waiting per priority band."""
-        out = await self._depth_by_band(keys=[], args=[p.BAND_PREFIX, *p.BANDS])
+        out = await self._depth_by_band(keys=[], args=[keys.BAND_PREFIX, *p.BANDS])
         return {band: int(n) for band, n in zip(p.BANDS, out, strict=True)}
 
     async def in_system(self) -> int:
-        return int(await self.redis.zcard(p.ADMITTED))
+        return int(await self.redis.zcard(keys.ADMITTED))
 
     async def live_workers(self) -> list[p.WorkerInfo]:
-        rows: list[list[bytes]] = await self._live(keys=[p.WORKERS], args=[_WORKER_PREFIX])
+        rows: list[list[bytes]] = await self._live(keys=[keys.WORKERS], args=[_WORKER_PREFIX])
         out = []
         for row in rows:
             flat = dict(zip(row[::2], row[1::2], strict=True))
@@ -245,11 +247,11 @@ class Store:
         for ``in_progress_s``): highest band first, and within a band the tenant served
         least recently (fair queuing); see ``scripts.PICK``. Returns (id, queue score)."""
         flat: list[Any] = await self._pick(
-            keys=[p.QUEUE],
+            keys=[keys.QUEUE],
             args=[
-                p.IN_PROGRESS_PREFIX,
-                p.job_key(""),
-                p.BAND_PREFIX,
+                keys.IN_PROGRESS_PREFIX,
+                keys.job_key(""),
+                keys.BAND_PREFIX,
                 int(time.time() * 1000),
                 limit,
                 max(1, int(in_progress_s * 1000)),
@@ -261,11 +263,11 @@ class Store:
     async def mark_started(self, spec: p.JobSpec, worker_id: str, hold_s: float) -> None:
         await self._start(
             keys=[
-                p.ADMITTED,
-                p.tenant_admitted_key(spec.tenant),
-                p.worker_jobs_key(worker_id),
-                p.stored_key(spec.id),
-                p.job_key(spec.id),
+                keys.ADMITTED,
+                keys.tenant_admitted_key(spec.tenant),
+                keys.worker_jobs_key(worker_id),
+                keys.stored_key(spec.id),
+                keys.job_key(spec.id),
             ],
             args=[spec.id, int(hold_s * 1000), spec.tenant],
         )
@@ -279,13 +281,13 @@ class Store:
         extra = 0 if tokens_used is None else tokens_used - spec.token_estimate
         await self._release(
             keys=[
-                p.ADMITTED,
-                p.tenant_admitted_key(spec.tenant),
-                p.worker_jobs_key(worker_id),
-                p.tenant_tpm_key(spec.tenant),
-                p.outcome_key(spec.id),
-                p.stored_key(spec.id),
-                p.log_key(spec.id),
+                keys.ADMITTED,
+                keys.tenant_admitted_key(spec.tenant),
+                keys.worker_jobs_key(worker_id),
+                keys.tenant_tpm_key(spec.tenant),
+                keys.outcome_key(spec.id),
+                keys.stored_key(spec.id),
+                keys.log_key(spec.id),
             ],
             args=[
                 spec.id,
@@ -302,13 +304,13 @@ class Store:
         """Remove every trace of a job that ended while Redis was unreachable."""
         await self._forget(
             keys=[
-                p.ADMITTED,
-                p.tenant_admitted_key(spec.tenant),
-                p.worker_jobs_key(worker_id),
-                p.QUEUE,
-                p.job_key(spec.id),
-                p.in_progress_key(spec.id),
-                p.outcome_key(spec.id),
+                keys.ADMITTED,
+                keys.tenant_admitted_key(spec.tenant),
+                keys.worker_jobs_key(worker_id),
+                keys.QUEUE,
+                keys.job_key(spec.id),
+                keys.in_progress_key(spec.id),
+                keys.outcome_key(spec.id),
             ],
             args=[spec.id, p.outcome_record("redis_error", worker_id), _OUTCOME_TTL_MS],
         )
@@ -320,24 +322,24 @@ class Store:
         lost = WorkerLost("the worker running this job stopped (its heartbeat expired)")
         head = p.Event(p.OUT_OF_BAND, p.EventType.ERROR, b"").encode()
         out: list[Any] = await self._reap(
-            keys=[p.WORKERS, p.ADMITTED, p.QUEUE],
+            keys=[keys.WORKERS, keys.ADMITTED, keys.QUEUE],
             args=[
                 _WORKER_PREFIX,
-                p.WORKER_JOBS_PREFIX,
-                p.job_key(""),
-                p.IN_PROGRESS_PREFIX,
-                p.EVENTS_PREFIX,
+                keys.WORKER_JOBS_PREFIX,
+                keys.job_key(""),
+                keys.IN_PROGRESS_PREFIX,
+                keys.EVENTS_PREFIX,
                 head,
                 json.dumps(lost.to_wire(), separators=(",", ":")),
-                p.TENANT_PREFIX,
-                p.OUTCOME_PREFIX,
+                keys.TENANT_PREFIX,
+                keys.OUTCOME_PREFIX,
                 p.outcome_record("worker_lost"),
                 _OUTCOME_TTL_MS,
-                p.STORED_PREFIX,
-                p.LOG_PREFIX,
+                keys.STORED_PREFIX,
+                keys.LOG_PREFIX,
                 self.store_ttl_ms,
-                p.BATCH_JOB_PREFIX,
-                p.BATCH_PREFIX,
+                keys.BATCH_JOB_PREFIX,
+                keys.BATCH_PREFIX,
             ],
         )
         return [w.decode() for w in out[:-1]], int(out[-1])
@@ -354,16 +356,16 @@ class Store:
         if len(batch) == 1 and not logged:  # the usual case at low load: a plain PUBLISH
             ((job_id, events),) = batch.items()  # is cheaper than a pipeline of one
             return [
-                int(await self.redis.publish(p.events_channel(job_id), p.encode_message(events)))
+                int(await self.redis.publish(keys.events_channel(job_id), p.encode_message(events)))
             ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id, entries in (logged or {}).items():
-                key = p.log_key(job_id)
+                key = keys.log_key(job_id)
                 for seq, event in entries:
-                    pipe.xadd(key, {"e": event}, id=p.log_entry_id(seq))
+                    pipe.xadd(key, {"e": event}, id=keys.log_entry_id(seq))
                 pipe.pexpire(key, self.store_ttl_ms)
             for job_id, events in batch.items():
-                pipe.publish(p.events_channel(job_id), p.encode_message(events))
+                pipe.publish(keys.events_channel(job_id), p.encode_message(events))
             out = await pipe.execute(raise_on_error=False)
         # A refused XADD (the reaper already ended that job's log: its worker was taken
         # for dead) must not fail the other jobs of the flush; a failed PUBLISH does.
@@ -375,12 +377,12 @@ class Store:
 
     async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
         await self._heartbeat(
-            keys=[p.worker_key(info.worker_id), p.WORKERS],
+            keys=[keys.worker_key(info.worker_id), keys.WORKERS],
             args=[info.worker_id, int(ttl_s * 1000), *_flat(info.to_hash())],
         )
 
     async def remove_worker(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(p.worker_key(worker_id))
-            pipe.zrem(p.WORKERS, worker_id)
+            pipe.delete(keys.worker_key(worker_id))
+            pipe.zrem(keys.WORKERS, worker_id)
             await pipe.execute()

@@ -9,7 +9,7 @@ from arq.worker import Worker
 from prometheus_client import start_http_server
 from redis.asyncio import ConnectionPool
 
-from llmq.shared import protocol
+from llmq.shared import keys, protocol
 from llmq.shared.batches import BatchStore
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
@@ -43,7 +43,7 @@ def build_worker(
         ),
         job_serializer=protocol.json_dumps,
         job_deserializer=protocol.json_loads,
-        default_queue_name=protocol.QUEUE,
+        default_queue_name=keys.QUEUE,
     )
     metrics = WorkerMetrics()
     metrics.max_active.set(settings.max_active)
@@ -65,7 +65,7 @@ def build_worker(
     return WakeableWorker(
         runtime,
         functions=[chat],
-        queue_name=protocol.QUEUE,
+        queue_name=keys.QUEUE,
         redis_pool=redis,
         max_jobs=settings.max_active,
         job_timeout=grace + 5,

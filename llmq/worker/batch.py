@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.batch_records import BatchRecord, BatchStatus, failure_line, output_line
 from llmq.shared.batches import BatchStore
@@ -73,7 +74,7 @@ async def record_cancelled(rt: Runtime, spec: p.JobSpec) -> None:
 def _line_spec(rec: BatchRecord, index: int, raw: bytes) -> p.JobSpec:
     line = json.loads(raw)
     req = ChatCompletionRequest.model_validate(line["body"])
-    spec = to_job_spec(req, p.batch_job_id(rec.id, index), tenant=rec.tenant, band=p.Band.LOW)
+    spec = to_job_spec(req, keys.batch_job_id(rec.id, index), tenant=rec.tenant, band=p.Band.LOW)
     update = {"batch_id": rec.id, "batch_index": index, "custom_id": str(line["custom_id"])}
     return spec.model_copy(update=update)
 

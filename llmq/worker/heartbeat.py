@@ -15,7 +15,8 @@ from collections.abc import Callable
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from llmq.shared.protocol import WAKE_CHANNEL, WorkerInfo
+from llmq.shared.keys import WAKE_CHANNEL
+from llmq.shared.protocol import WorkerInfo
 from llmq.shared.store import log_reaped
 from llmq.shared.tasks import stop_if_cancelled
 from llmq.worker.job import Runtime

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.batch_records import BatchRecord, BatchStatus, output_line
 from llmq.shared.batches import BatchStore
@@ -14,7 +15,7 @@ from llmq.shared.store import Store
 
 def spec(rec: BatchRecord, index: int) -> p.JobSpec:
     return p.JobSpec(
-        id=p.batch_job_id(rec.id, index),
+        id=keys.batch_job_id(rec.id, index),
         model="m",
         stream=False,
         include_usage=False,
@@ -49,7 +50,7 @@ async def test_feed_record_finalize_each_once(fake_redis) -> None:
     specs = [spec(rec, i) for i in range(3)]
     assert await batches.feed(rec, specs, 3) == 3
     assert await batches.feed(rec, specs, 3) == 0  # another feeder read the same ``next``
-    assert await fake_redis.zcard(p.QUEUE) == 3
+    assert await fake_redis.zcard(keys.QUEUE) == 3
     for i, s in enumerate(specs):
         ok = i != 1
         assert await batches.record(s, output_line(s.id, s.custom_id, 200 if ok else 400, {}), ok)
@@ -73,17 +74,17 @@ async def test_a_dead_workers_batch_request_becomes_one_error_line(fake_redis) -
     error line, counted as failed, and leaves the inflight set."""
     store = Store(fake_redis)
     batches = BatchStore(fake_redis, file_ttl_s=60)
-    rec_id, job_id = "batch_y", p.batch_job_id("batch_y", 4)
-    await fake_redis.hset(p.batch_key(rec_id), mapping={"failed": 0})
-    await fake_redis.sadd(p.batch_part_key(rec_id, "inflight"), job_id)
+    rec_id, job_id = "batch_y", keys.batch_job_id("batch_y", 4)
+    await fake_redis.hset(keys.batch_key(rec_id), mapping={"failed": 0})
+    await fake_redis.sadd(keys.batch_part_key(rec_id, "inflight"), job_id)
     payload = json.dumps({"a": [{"custom_id": "the-fifth"}]})
-    await fake_redis.set(p.job_key(job_id), payload)
-    await fake_redis.hset(p.worker_jobs_key("dead"), job_id, "t")
-    await fake_redis.zadd(p.WORKERS, {"dead": 1})
+    await fake_redis.set(keys.job_key(job_id), payload)
+    await fake_redis.hset(keys.worker_jobs_key("dead"), job_id, "t")
+    await fake_redis.zadd(keys.WORKERS, {"dead": 1})
     dead, jobs = await store.reap()
     assert (dead, jobs) == (["dead"], 1)
-    line = json.loads(await fake_redis.hget(p.batch_part_key(rec_id, "err"), "4"))
+    line = json.loads(await fake_redis.hget(keys.batch_part_key(rec_id, "err"), "4"))
     assert line["custom_id"] == "the-fifth"
     assert line["error"]["code"] == "worker_lost"
-    assert await fake_redis.hget(p.batch_key(rec_id), "failed") == b"1"
+    assert await fake_redis.hget(keys.batch_key(rec_id), "failed") == b"1"
     assert await batches.inflight(rec_id) == []

@@ -7,46 +7,47 @@ from typing import Any
 
 import pytest
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.keystore import KeyExists, KeyNotFound, KeyStore, digest
 
 
 @pytest.fixture
-def keys(fake_redis: Any) -> KeyStore:
+def keystore(fake_redis: Any) -> KeyStore:
     return KeyStore(fake_redis)
 
 
-async def test_create_stores_a_digest_never_the_secret(keys: KeyStore, fake_redis) -> None:
-    key, secret = await keys.create("app", p.KeyLimits(rpm=10, priority=p.Band.HIGH))
+async def test_create_stores_a_digest_never_the_secret(keystore: KeyStore, fake_redis) -> None:
+    key, secret = await keystore.create("app", p.KeyLimits(rpm=10, priority=p.Band.HIGH))
     assert secret.startswith("sk-llmq-")
     assert len(secret) > 40
     dump = b"".join(
-        [k + v for k, v in (await fake_redis.hgetall(p.api_key_record(key.digest))).items()]
-    ) + b"".join((await fake_redis.hgetall(p.API_KEYS)).values())
+        [k + v for k, v in (await fake_redis.hgetall(keys.api_key_record(key.digest))).items()]
+    ) + b"".join((await fake_redis.hgetall(keys.API_KEYS)).values())
     assert secret.encode() not in dump
     assert key.digest == digest(secret)
-    found = await keys.lookup(secret)
+    found = await keystore.lookup(secret)
     assert found is not None
     assert (found.name, found.rpm, found.priority) == ("app", 10, p.Band.HIGH)
-    assert await keys.lookup(secret + "x") is None
-    assert await keys.lookup("") is None
+    assert await keystore.lookup(secret + "x") is None
+    assert await keystore.lookup("") is None
 
 
-async def test_names_are_unique_and_anonymous_is_reserved(keys: KeyStore) -> None:
-    await keys.create("app", p.KeyLimits())
+async def test_names_are_unique_and_anonymous_is_reserved(keystore: KeyStore) -> None:
+    await keystore.create("app", p.KeyLimits())
     with pytest.raises(KeyExists):
-        await keys.create("app", p.KeyLimits())
+        await keystore.create("app", p.KeyLimits())
     with pytest.raises(KeyExists):
-        await keys.create(p.ANONYMOUS, p.KeyLimits())
+        await keystore.create(p.ANONYMOUS, p.KeyLimits())
 
 
-async def test_update_keeps_what_is_not_given_and_revoke_is_final(keys: KeyStore) -> None:
-    _, secret = await keys.create("app", p.KeyLimits(rpm=10, tpm=1000))
-    updated = await keys.update("app", p.KeyLimits(max_concurrent=2))
+async def test_update_keeps_what_is_not_given_and_revoke_is_final(keystore: KeyStore) -> None:
+    _, secret = await keystore.create("app", p.KeyLimits(rpm=10, tpm=1000))
+    updated = await keystore.update("app", p.KeyLimits(max_concurrent=2))
     assert (updated.max_concurrent, updated.rpm, updated.tpm) == (2, 10, 1000)
-    assert [k.name for k in await keys.list()] == ["app"]
-    await keys.revoke("app")
-    assert await keys.lookup(secret) is None
+    assert [k.name for k in await keystore.list()] == ["app"]
+    await keystore.revoke("app")
+    assert await keystore.lookup(secret) is None
     with pytest.raises(KeyNotFound):
-        await keys.get("app")
-    assert await keys.list() == []
+        await keystore.get("app")
+    assert await keystore.list() == []

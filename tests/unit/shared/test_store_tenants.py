@@ -3,6 +3,7 @@ admit script, token buckets corrected at release, priority bands and fair pickin
 
 from __future__ import annotations
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.store import AdmitStatus, Store, TenantLimits
 from tests.support.records import job_spec, worker_info
@@ -59,7 +60,7 @@ async def test_tpm_is_taken_at_admission_and_corrected_with_exact_usage(
     assert await admit(store, spec("t1", tpm=1000, estimate=600)) == AdmitStatus.TPM
     await store.mark_started(first, "w", hold_s=300)
     await store.release(first, "w", 100, "completed")  # it used 100, not 600: 500 come back
-    left = float(await fake_redis.hget(p.tenant_tpm_key("a"), "t"))
+    left = float(await fake_redis.hget(keys.tenant_tpm_key("a"), "t"))
     assert 890 <= left <= 1000
     assert await admit(store, spec("t1", tpm=1000, estimate=600)) == AdmitStatus.ADMITTED
 
@@ -76,7 +77,7 @@ async def test_cancel_removes_the_job_from_its_tenant_and_band(store: Store, fak
     assert await store.depth_by_band() == {"high": 1, "normal": 0, "low": 0}
     assert await store.cancel(s) is True
     assert await store.depth_by_band() == {"high": 0, "normal": 0, "low": 0}
-    assert await fake_redis.zcard(p.tenant_admitted_key("a")) == 0
+    assert await fake_redis.zcard(keys.tenant_admitted_key("a")) == 0
     assert await picked(store, 5) == []
 
 
@@ -108,6 +109,6 @@ async def test_reaper_gives_back_the_dead_workers_places_per_key(store: Store, f
     info = worker_info("dead", max_active=1, active=1)
     await store.heartbeat(info, ttl_s=30)
     await store.mark_started(s, "dead", hold_s=300)
-    await fake_redis.zadd(p.WORKERS, {"dead": 1})
+    await fake_redis.zadd(keys.WORKERS, {"dead": 1})
     assert await store.reap() == (["dead"], 1)
     assert await admit(store, spec("d1"), max_concurrent=1) == AdmitStatus.ADMITTED

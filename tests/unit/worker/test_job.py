@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.batches import BatchStore
 from llmq.shared.settings import Settings
@@ -71,7 +72,7 @@ def job(stream: bool = True) -> dict:
 
 async def run_and_collect(store: Store, fake_redis, rt: Runtime, stream: bool = True):
     pubsub = fake_redis.pubsub()
-    await pubsub.subscribe(p.events_channel("chatcmpl-x"))
+    await pubsub.subscribe(keys.events_channel("chatcmpl-x"))
     await pubsub.get_message(timeout=1)
     result = await chat({RUNTIME: rt}, job(stream))
     events = []

@@ -8,6 +8,7 @@ import json
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.store import Store
 from llmq.worker.job import relabel
@@ -25,7 +26,7 @@ async def _messages(pubsub) -> list[bytes]:
 
 async def test_events_ready_together_share_one_message_per_job(store: Store, fake_redis) -> None:
     pubsub = fake_redis.pubsub()
-    await pubsub.subscribe(p.events_channel("a"), p.events_channel("b"))
+    await pubsub.subscribe(keys.events_channel("a"), keys.events_channel("b"))
     outbox = Outbox(store)
     for seq in (1, 2, 3):  # no await between puts: all go in one flush
         outbox.put("a", p.Event(seq, p.EventType.CHUNK, b"x").encode())
@@ -132,7 +133,7 @@ async def test_started_is_published_again_until_a_subscriber_hears_it(
     await asyncio.wait_for(first_out.wait(), 5)
     assert heard[0] == 0, "the first STARTED went out to nobody"
     pubsub = fake_redis.pubsub()
-    await pubsub.subscribe(p.events_channel("a"))
+    await pubsub.subscribe(keys.events_channel("a"))
     await pub.announced()
     await pub.send(p.EventType.DONE, b"{}")
     events = [e for m in await _messages(pubsub) for e in p.Event.decode_message(m)]
@@ -183,5 +184,5 @@ async def test_a_stored_job_is_logged_once_and_never_client_gone(store: Store, f
     assert [e.seq for e in await store.records.read_log("s", after=5)] == [6, 7]
     assert (last := await store.records.last_logged("s")) is not None
     assert last.type is p.EventType.DONE
-    assert await fake_redis.pttl(p.log_key("s")) > 0
-    assert not await fake_redis.exists(p.log_key("unstored"))
+    assert await fake_redis.pttl(keys.log_key("s")) > 0
+    assert not await fake_redis.exists(keys.log_key("unstored"))

@@ -1,0 +1,182 @@
+"""Every Redis key and channel name of the service (as arq's ``constants.py``): the
+one place key strings are built. The messages that cross Redis are ``shared.protocol``'s.
+
+Keys and channels
+    llmq:queue              zset    the arq queue (arq keeps running jobs in it until they end)
+    arq:job:<id>            string  the arq job payload, JSON (readable with redis-cli GET)
+    arq:in-progress:<id>    string  arq's running marker
+    arq:result:<id>         -       not kept (arq's result repeats the job's arguments: the
+                                    prompt); llmq:outcome:<id> is kept instead
+    llmq:outcome:<id>       string  how a job ended, JSON {"outcome", "worker"}, kept
+                                    OUTCOME_TTL_S; never any prompt or completion text
+    arq:abort               zset    arq's abort requests
+    llmq:admitted           zset    admitted, unfinished jobs; score = deadline (ms, Redis clock)
+    llmq:workers            zset    live-worker index; score = heartbeat expiry (ms, Redis clock)
+    llmq:worker:<id>        hash    heartbeat of one worker (WorkerInfo), with a TTL
+    llmq:worker-jobs:<id>   hash    job id -> tenant, for the jobs a worker started and not ended
+    llmq:apikeys            hash    API key name -> digest (sha256 of the secret)
+    llmq:apikey:<digest>    hash    one API key: name, limits, priority band (ApiKey)
+    llmq:tenant:<name>:admitted  zset  the tenant's admitted, unfinished jobs (deadlines)
+    llmq:tenant:<name>:rpm  hash    the tenant's request bucket {t: tokens, ts: ms}
+    llmq:tenant:<name>:tpm  hash    the tenant's token bucket {t, ts}
+    llmq:band:<band>        zset    tenants with jobs waiting in the band; score = when last
+                                    served (a counter: llmq:band:served; 0 = not since idle)
+    llmq:band:<band>:<name> zset    the tenant's waiting jobs in the band; score = enqueue ms
+    llmq:events:<id>        pubsub  the job's events, sequence-numbered (Event)
+    llmq:wake               pubsub  "a job was enqueued or aborted": wakes idle workers
+    llmq:stored:<id>        hash    a stored job (StoredJob: owner, status, metadata, ...),
+                                    kept STORE_TTL_S; no completion text; its request's
+                                    messages (field ``messages``, JSON) only when the
+                                    client sent ``store: true`` (not for an Idempotency-Key
+                                    alone)
+    llmq:log:<id>           stream  a stored job's events, entry id ``0-<seq>`` (``<ms>-<n>``
+                                    for an out-of-band one), field ``e`` = the event as
+                                    published; kept STORE_TTL_S after the job ended
+    llmq:idem:<tenant>:<h>  string  ``<job id> <body digest>`` for an Idempotency-Key
+                                    (h = sha256 of the key), kept STORE_TTL_S
+    llmq:file:<id>          hash    an uploaded or result file (FileRecord), kept FILE_TTL_S
+    llmq:file:<id>:lines    list    its JSONL lines
+    llmq:batch:<id>         hash    a batch (BatchRecord: status, counts, progress)
+    llmq:batch:<id>:out     hash    line index -> output line, until the batch is finalized
+    llmq:batch:<id>:err     hash    line index -> error line, until the batch is finalized
+    llmq:batch:<id>:inflight set    the batch's job ids queued or running
+    llmq:batches:active     set     batches that workers feed or finalize
+    llmq:tenant:<name>:batches zset a key's batches; score = created (ms)
+    llmq:tenant:<name>:files zset   a key's files; score = created (µs); expired ones are
+                                    dropped when a listing finds them gone
+    llmq:tenant:<name>:stored zset  a key's stored completions; score = enqueue (ms); pruned
+                                    the same way
+"""
+
+from __future__ import annotations
+
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+
+QUEUE = "llmq:queue"
+ADMITTED = "llmq:admitted"
+WORKERS = "llmq:workers"
+WAKE_CHANNEL = "llmq:wake"
+ABORT = abort_jobs_ss
+OUTCOME_PREFIX = "llmq:outcome:"
+EVENTS_PREFIX = "llmq:events:"
+STORED_PREFIX = "llmq:stored:"
+LOG_PREFIX = "llmq:log:"
+
+
+def job_key(job_id: str) -> str:
+    return job_key_prefix + job_id
+
+
+def in_progress_key(job_id: str) -> str:
+    return in_progress_key_prefix + job_id
+
+
+IN_PROGRESS_PREFIX = in_progress_key_prefix
+
+
+def outcome_key(job_id: str) -> str:
+    return OUTCOME_PREFIX + job_id
+
+
+def events_channel(job_id: str) -> str:
+    return EVENTS_PREFIX + job_id
+
+
+STORED_MESSAGES = "messages"  # the field of a stored record that holds the messages
+
+
+def stored_key(job_id: str) -> str:
+    return STORED_PREFIX + job_id
+
+
+def log_key(job_id: str) -> str:
+    return LOG_PREFIX + job_id
+
+
+def log_entry_id(seq: int) -> str:
+    """A logged event's stream entry id: ``0-<seq>``, so that XRANGE reads by number."""
+    return f"0-{seq}"
+
+
+FILE_PREFIX = "llmq:file:"
+BATCH_PREFIX = "llmq:batch:"
+ACTIVE_BATCHES = "llmq:batches:active"
+BATCH_JOB_PREFIX = "breq_"  # a batch request's job id: breq_<batch id>_<line index>
+
+
+def file_key(file_id: str) -> str:
+    return FILE_PREFIX + file_id
+
+
+def file_lines_key(file_id: str) -> str:
+    return f"{FILE_PREFIX}{file_id}:lines"
+
+
+def batch_key(batch_id: str) -> str:
+    return BATCH_PREFIX + batch_id
+
+
+def batch_part_key(batch_id: str, part: str) -> str:
+    """``out``, ``err`` or ``inflight`` of a batch."""
+    return f"{BATCH_PREFIX}{batch_id}:{part}"
+
+
+def tenant_batches_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:batches"
+
+
+def tenant_files_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:files"
+
+
+def tenant_stored_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:stored"
+
+
+def batch_job_id(batch_id: str, index: int) -> str:
+    return f"{BATCH_JOB_PREFIX}{batch_id}_{index}"
+
+
+def idem_key(tenant: str, key_digest: str) -> str:
+    return f"llmq:idem:{tenant}:{key_digest}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"llmq:worker:{worker_id}"
+
+
+WORKER_JOBS_PREFIX = "llmq:worker-jobs:"
+
+
+def worker_jobs_key(worker_id: str) -> str:
+    return WORKER_JOBS_PREFIX + worker_id
+
+
+API_KEYS = "llmq:apikeys"
+TENANT_PREFIX = "llmq:tenant:"
+BAND_PREFIX = "llmq:band:"
+BAND_SERVED = BAND_PREFIX + "served"  # the counter that orders tenants in a band
+
+
+def api_key_record(digest: str) -> str:
+    return f"llmq:apikey:{digest}"
+
+
+def tenant_admitted_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:admitted"
+
+
+def tenant_rpm_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:rpm"
+
+
+def tenant_tpm_key(tenant: str) -> str:
+    return f"{TENANT_PREFIX}{tenant}:tpm"
+
+
+def band_key(band: str) -> str:
+    return BAND_PREFIX + band
+
+
+def band_queue_key(band: str, tenant: str) -> str:
+    return f"{BAND_PREFIX}{band}:{tenant}"
