@@ -1,4 +1,5 @@
-"""HTTP routes: the OpenAI surface plus /health and /metrics (stored completions: durable)."""
+"""HTTP routes: chat completions, /v1/models and /health (stored completions: durable and
+stored; files and batches: batch_api). Metrics are served on their own port (app)."""
 
 from __future__ import annotations
 

@@ -225,7 +225,8 @@ def runtime_of(ctx: dict[str, Any]) -> Runtime:
 
 
 async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
-    """arq job: ``chat(spec)``. Returns a small JSON summary kept as the arq result."""
+    """arq job: ``chat(spec)``. Returns a small summary for arq's log line (arq keeps no
+    result: ``keep_result=0``; the release script leaves ``llmq:outcome:<id>``)."""
     rt = runtime_of(ctx)
     spec = JobSpec.model_validate(raw_spec)
     pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.store)

@@ -63,6 +63,12 @@ class Outbox:
     def pending(self, job_id: str) -> int:
         return len(self._pending.get(job_id, ()))
 
+    async def flushed(self) -> None:
+        """Until every event queued so far is out (or its flush failed); the publishers'
+        callbacks on that flush have run by then. For tests that need one flush per event."""
+        if self._generation is not None:
+            await asyncio.wait([self._generation])
+
     async def _flush_all(self) -> None:
         busy = False
         try:

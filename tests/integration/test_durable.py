@@ -73,13 +73,15 @@ def test_dropped_stream_runs_on_and_resumes_on_another_gateway(
 
     async def run() -> None:
         async with httpx.AsyncClient(timeout=30) as c:
-            first = await post(c, gw1, stored(hold="r", hold_after=5), max_chunks=3)
+            # 300 ms a token: after the client leaves (3 chunks), tokens 4-8 are published
+            # to nobody for ~1.5 s, past ORPHAN_GRACE_S (1 s), before the engine holds. A job
+            # that is not detached would be abandoned there and never reach the hold.
+            first = await post(c, gw1, stored(hold="r", hold_after=8, itl_ms=300), max_chunks=3)
             assert first.status == 200
             assert first.ids == [2, 3, 4]
             job_id = first.chunks[0]["id"]
-            # The client left; the job is detached: still running past ORPHAN_GRACE_S.
-            await asyncio.to_thread(wait_held, sim.url, "r", 1)
-            await asyncio.sleep(1.5)
+            await asyncio.to_thread(wait_held, sim.url, "r", 1, 20)
+            assert sim_stats(sim.url)["streams_abandoned"] == 0
             assert (await c.get(f"{gw2.url}/v1/chat/completions/{job_id}")).json()[
                 "status"
             ] == "in_progress"

@@ -61,12 +61,13 @@ async def test_terminal_events_wait_until_out_and_redis_errors_reach_the_job(sto
 
 
 async def test_nobody_listening_for_longer_than_the_grace_is_client_gone(store) -> None:
-    pub = Publisher(Outbox(store), "a", orphan_grace_s=0)
+    outbox = Outbox(store)
+    pub = Publisher(outbox, "a", orphan_grace_s=0)
 
     async def publish_to_nobody() -> None:
         for _ in range(10):
             await pub.send(p.EventType.CHUNK, b"x")
-            await asyncio.sleep(0.01)  # each event in a flush of its own
+            await outbox.flushed()  # each event in a flush of its own
 
     with pytest.raises(ClientGone):
         await publish_to_nobody()
@@ -146,7 +147,8 @@ async def test_started_heard_by_nobody_for_the_grace_then_chunks_are_client_gone
 ) -> None:
     """Nobody comes (the gateway died): STARTED is retried for the grace (here shorter than
     STARTED_WAIT_S), then the job carries on and its silence counts from the first STARTED."""
-    pub = Publisher(Outbox(store), "a", orphan_grace_s=0.2)
+    outbox = Outbox(store)
+    pub = Publisher(outbox, "a", orphan_grace_s=0.2)
 
     async def started() -> None:
         return None
@@ -157,7 +159,7 @@ async def test_started_heard_by_nobody_for_the_grace_then_chunks_are_client_gone
     async def publish_to_nobody() -> None:
         for _ in range(10):
             await pub.send(p.EventType.CHUNK, b"x")
-            await asyncio.sleep(0.01)  # the flush's "nobody" is read before the next send
+            await outbox.flushed()  # the flush's "nobody" is read before the next send
 
     with pytest.raises(ClientGone):
         await publish_to_nobody()
@@ -176,7 +178,7 @@ async def test_a_stored_job_is_logged_once_and_never_client_gone(store: Store, f
     await pub.announced()  # nobody listens: published again, logged once
     for _ in range(5):
         await pub.send(p.EventType.CHUNK, b"x")
-        await asyncio.sleep(0.01)  # a flush of its own each: nobody heard any
+        await outbox.flushed()  # a flush of its own each: nobody heard any
     await pub.send(p.EventType.DONE, b"{}")
     events = await store.records.read_log("s")
     assert [e.seq for e in events] == list(range(1, 8))
