@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import time
 
+from arq.jobs import serialize_job
+
 from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.batch_records import BatchRecord, BatchStatus, output_line
 from llmq.shared.batches import BatchStore
 from llmq.shared.store import Store
+from tests.support.records import job_spec
 
 
 def spec(rec: BatchRecord, index: int) -> p.JobSpec:
@@ -77,7 +80,12 @@ async def test_a_dead_workers_batch_request_becomes_one_error_line(fake_redis) -
     rec_id, job_id = "batch_y", keys.batch_job_id("batch_y", 4)
     await fake_redis.hset(keys.batch_key(rec_id), mapping={"failed": 0})
     await fake_redis.sadd(keys.batch_part_key(rec_id, "inflight"), job_id)
-    payload = json.dumps({"a": [{"custom_id": "the-fifth"}]})
+    request = job_spec(job_id).model_copy(
+        update={"batch_id": rec_id, "batch_index": 4, "custom_id": "the-fifth"}
+    )
+    payload = serialize_job(  # as the feed script stores it: arq's own format
+        p.JOB_FUNCTION, (request.model_dump(mode="json"),), {}, 1, 0, serializer=p.json_dumps
+    )
     await fake_redis.set(keys.job_key(job_id), payload)
     await fake_redis.hset(keys.worker_jobs_key("dead"), job_id, "t")
     await fake_redis.zadd(keys.WORKERS, {"dead": 1})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import time
 
+from arq.jobs import Job, JobStatus
+
 from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.errors import ServiceError, WorkerLost
@@ -200,3 +202,20 @@ async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
     assert (type(lost), lost.status) == (WorkerLost, 502)
     await pubsub.aclose()
     assert await store.reap() == ([], 0), "idempotent"
+
+
+async def test_arq_reads_an_admitted_job_and_sees_the_picks_claim(store: Store, fake_redis) -> None:
+    """The admit script writes arq's payload (arq's own serializer) and the pick script
+    claims it as arq's start_jobs would: arq's Job API reads both back. (The Lua reads the
+    payload's format, and the worker skips arq's claim: an arq change shows here.)"""
+    job = spec("a")
+    await store.admit(job, limit=5, hold_s=30, expire_s=30)
+    arq_job = Job("a", fake_redis, _queue_name=keys.QUEUE, _deserializer=p.json_loads)
+    assert await arq_job.status() == JobStatus.queued
+    info = await arq_job.info()
+    assert info is not None
+    assert info.function == p.JOB_FUNCTION
+    assert p.JobSpec.model_validate(info.args[0]) == job
+    assert info.job_try == 1
+    assert await picked(store, 1) == ["a"]
+    assert await arq_job.status() == JobStatus.in_progress, "claimed: arq's in-progress key"
