@@ -22,7 +22,22 @@ JOB_FUNCTION = "chat"
 OUTCOME_TTL_S = 300
 
 
-def outcome_record(outcome: str, worker_id: str = "") -> str:
+class Outcome(StrEnum):
+    """How a job ended: ``worker_jobs_total{outcome}``, ``llmq:outcome:<id>``, the job's log
+    line, and what a stored job's status becomes (``StoredStatus.after``)."""
+
+    COMPLETED = "completed"
+    REJECTED = "rejected"  # the engine answered 4xx
+    ENGINE_ERROR = "engine_error"  # 5xx, or its stream broke
+    TIMEOUT = "timeout"  # REQUEST_TIMEOUT_S
+    CLIENT_GONE = "client_gone"  # nobody listened for ORPHAN_GRACE_S
+    CANCELLED = "cancelled"  # aborted (a client's cancel or disconnect), or the worker stopped
+    ERROR = "error"  # a bug in the worker
+    REDIS_ERROR = "redis_error"  # its events could not be delivered
+    WORKER_LOST = "worker_lost"  # its worker died (set by the reaper)
+
+
+def outcome_record(outcome: Outcome, worker_id: str = "") -> str:
     """What is kept of a job once it ended (OUTCOME_TTL_S): no prompt, no completion."""
     return json.dumps({"outcome": outcome, "worker": worker_id}, separators=(",", ":"))
 
@@ -37,11 +52,11 @@ class StoredStatus(StrEnum):
     CANCELLED = "cancelled"
 
     @staticmethod
-    def after(outcome: str) -> StoredStatus:
+    def after(outcome: Outcome) -> StoredStatus:
         """The status a job's worker outcome leaves."""
-        if outcome == "completed":
+        if outcome is Outcome.COMPLETED:
             return StoredStatus.COMPLETED
-        if outcome in ("cancelled", "client_gone"):
+        if outcome in (Outcome.CANCELLED, Outcome.CLIENT_GONE):
             return StoredStatus.CANCELLED
         return StoredStatus.FAILED
 

@@ -209,7 +209,7 @@ class Store:
                 spec.id,
                 int(time.time() * 1000),
                 keys.WAKE_CHANNEL,
-                p.outcome_record("cancelled"),
+                p.outcome_record(p.Outcome.CANCELLED),
                 _OUTCOME_TTL_MS,
                 keys.events_channel(spec.id),
                 _out_of_band(why),
@@ -273,7 +273,7 @@ class Store:
         )
 
     async def release(
-        self, spec: p.JobSpec, worker_id: str, tokens_used: int | None, outcome: str
+        self, spec: p.JobSpec, worker_id: str, tokens_used: int | None, outcome: p.Outcome
     ) -> None:
         """The job ended: free its places, leave its outcome record; correct the tenant's
         token bucket with the exact usage (``tokens_used``, prompt + completion; None when
@@ -312,7 +312,7 @@ class Store:
                 keys.in_progress_key(spec.id),
                 keys.outcome_key(spec.id),
             ],
-            args=[spec.id, p.outcome_record("redis_error", worker_id), _OUTCOME_TTL_MS],
+            args=[spec.id, p.outcome_record(p.Outcome.REDIS_ERROR, worker_id), _OUTCOME_TTL_MS],
         )
 
     async def reap(self) -> tuple[list[str], int]:
@@ -333,7 +333,7 @@ class Store:
                 json.dumps(lost.to_wire(), separators=(",", ":")),
                 keys.TENANT_PREFIX,
                 keys.OUTCOME_PREFIX,
-                p.outcome_record("worker_lost"),
+                p.outcome_record(p.Outcome.WORKER_LOST),
                 _OUTCOME_TTL_MS,
                 keys.STORED_PREFIX,
                 keys.LOG_PREFIX,

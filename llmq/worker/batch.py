@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # job.py imports this module
 logger = logging.getLogger(__name__)
 
 
-async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[str, dict[str, Any] | None]:
+async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, Any] | None]:
     """Run one batch request and record its line; returns the job's outcome and the
     engine's usage (None when it did not answer)."""
     batches = rt.batches
@@ -45,17 +45,19 @@ async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[str, dict[str, Any] | 
         async with asyncio.timeout(rt.settings.request_timeout_s):
             result = await rt.engine.complete(spec.body)
         result["id"] = spec.id
-        line, ok, outcome = output_line(spec.id, spec.custom_id, 200, result), True, "completed"
+        line, ok = output_line(spec.id, spec.custom_id, 200, result), True
+        outcome = p.Outcome.COMPLETED
         usage = result.get("usage")
     except TimeoutError:
         message = f"generation exceeded {rt.settings.request_timeout_s:g}s"
-        line, outcome = failure_line(spec.id, spec.custom_id, "request_timeout", message), "timeout"
+        line = failure_line(spec.id, spec.custom_id, "request_timeout", message)
+        outcome = p.Outcome.TIMEOUT
     except UpstreamError as exc:  # the engine's answer: a response with its status
         line = output_line(spec.id, spec.custom_id, exc.status, exc.body())
-        outcome = "rejected" if exc.status < 500 else "engine_error"
+        outcome = p.Outcome.REJECTED if exc.status < 500 else p.Outcome.ENGINE_ERROR
     except ServiceError as exc:
         line = failure_line(spec.id, spec.custom_id, exc.code or "error", exc.message)
-        outcome = "engine_error"
+        outcome = p.Outcome.ENGINE_ERROR
     await batches.record(spec, line, ok)
     rt.metrics.batch_requests.labels("completed" if ok else "failed").inc()
     return outcome, usage

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from llmq.shared.batches import BatchStore
 from llmq.shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
 from llmq.shared.logs import record_line
-from llmq.shared.protocol import EventType, JobSpec
+from llmq.shared.protocol import EventType, JobSpec, Outcome
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker import batch
@@ -188,7 +188,7 @@ async def _fail(pub: Publisher, err: ServiceError) -> None:
         await pub.send(EventType.ERROR, _dumps(err.to_wire()))
 
 
-async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int]) -> str:
+async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int]) -> Outcome:
     """Run the job inside REQUEST_TIMEOUT_S; returns the outcome label. The exact tokens
     used (prompt, completion) go into ``used`` when the engine reported them."""
     s = rt.settings
@@ -196,25 +196,25 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int])
         async with asyncio.timeout(s.request_timeout_s):
             run = _stream if spec.stream else _complete
             _count(rt, await run(rt, spec, pub, time.time()), used)
-        return "completed"
+        return Outcome.COMPLETED
     except TimeoutError:
         logger.warning("job %s: request timeout after %.1fs", spec.id, s.request_timeout_s)
         await _fail(pub, RequestTimeout(f"generation exceeded {s.request_timeout_s:g}s"))
-        return "timeout"
+        return Outcome.TIMEOUT
     except ClientGone:
         logger.info("job %s: no listener for %.1fs, abandoning", spec.id, s.orphan_grace_s)
-        return "client_gone"
+        return Outcome.CLIENT_GONE
     except UpstreamError as exc:
         # %r: the engine's message may echo client input (a newline must not forge a line).
         logger.info("job %s: engine answered %d: %r", spec.id, exc.status, exc.message[:500])
         if refuses_auto_tools(exc):  # the next heartbeat tells gateways (they refuse at once)
             rt.auto_tools = False
         await _fail(pub, exc)
-        return "rejected" if exc.status < 500 else "engine_error"
+        return Outcome.REJECTED if exc.status < 500 else Outcome.ENGINE_ERROR
     except ServiceError as exc:
         logger.warning("job %s: %r", spec.id, exc.message[:500])
         await _fail(pub, exc)
-        return "engine_error"
+        return Outcome.ENGINE_ERROR
 
 
 def runtime_of(ctx: dict[str, Any]) -> Runtime:
@@ -233,7 +233,7 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     rt.active += 1
     rt.metrics.active.set(rt.active)
     rt.metrics.pickup.observe(max(0.0, time.time() - spec.enqueued_at_ms / 1000))
-    outcome = "cancelled"
+    outcome = Outcome.CANCELLED
     used: list[int] = []  # exact tokens (prompt, completion), when the engine reported them
     t_picked = time.monotonic()
     try:
@@ -259,16 +259,16 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         await _fail(pub, ShuttingDown("the job was cancelled (client gone or worker stopping)"))
         raise
     except ClientGone:
-        outcome = "client_gone"
+        outcome = Outcome.CLIENT_GONE
         return {"id": spec.id, "outcome": outcome}
     except RedisError as exc:
         # Its events cannot be delivered: stop (leaving the engine stream aborts the
         # request inside the engine). The gateway tells the client (queue_unavailable).
-        outcome = "redis_error"
+        outcome = Outcome.REDIS_ERROR
         logger.warning("job %s: lost Redis (%s); stopped", spec.id, exc)
         return {"id": spec.id, "outcome": outcome}
     except Exception:
-        outcome = "error"
+        outcome = Outcome.ERROR
         logger.exception("job %s: failed", spec.id)
         await _fail(pub, ServiceError("the worker failed while running the job"))
         raise
@@ -285,7 +285,9 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         _log_job(spec, outcome, t_picked, used, rt.settings.worker_id)
 
 
-def _log_job(spec: JobSpec, outcome: str, t_picked: float, used: list[int], worker: str) -> None:
+def _log_job(
+    spec: JobSpec, outcome: Outcome, t_picked: float, used: list[int], worker: str
+) -> None:
     """The job's line in the worker log (as the gateway's access log: metadata only)."""
     wait_s = max(0.0, time.time() - (time.monotonic() - t_picked) - spec.enqueued_at_ms / 1000)
     record_line(
@@ -296,7 +298,7 @@ def _log_job(spec: JobSpec, outcome: str, t_picked: float, used: list[int], work
             "key": spec.tenant,
             "model": spec.model,
             "band": spec.band.value,
-            "outcome": outcome,
+            "outcome": outcome.value,
             "wait_ms": round(wait_s * 1000, 1),
             "run_ms": round((time.monotonic() - t_picked) * 1000, 1),
             "prompt_tokens": used[0] if used else None,

@@ -5,18 +5,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmq.shared.buckets import FAST_BUCKETS
+from llmq.shared.protocol import Outcome
 
-# How a job ended (worker_jobs_total{outcome}); every outcome is exported from the start.
-OUTCOMES = (
-    "completed",
-    "rejected",
-    "engine_error",
-    "timeout",
-    "client_gone",
-    "cancelled",
-    "error",
-    "redis_error",
-)
+# How a job ended (worker_jobs_total{outcome}); every outcome a worker records is exported
+# from the start (worker_lost is the reaper's: the job's worker is gone).
+OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.WORKER_LOST)
 _RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0)
 
 

@@ -159,7 +159,7 @@ async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     await store.mark_started(spec("a"), "w1", hold_s=300)
     assert await fake_redis.hgetall(keys.worker_jobs_key("w1")) == {b"a": b"anonymous"}
-    await store.release(spec("a"), "w1", None, "completed")
+    await store.release(spec("a"), "w1", None, p.Outcome.COMPLETED)
     assert json.loads(await fake_redis.get(keys.outcome_key("a"))) == {
         "outcome": "completed",
         "worker": "w1",

@@ -34,7 +34,7 @@ async def test_max_concurrent_counts_queued_and_running_jobs_per_key(store: Stor
     assert statuses == [AdmitStatus.ADMITTED, AdmitStatus.ADMITTED, AdmitStatus.CONCURRENCY]
     assert await admit(store, spec("b0", tenant="b"), max_concurrent=2) == AdmitStatus.ADMITTED
     await store.mark_started(spec("a0"), "w", hold_s=300)
-    await store.release(spec("a0"), "w", None, "completed")
+    await store.release(spec("a0"), "w", None, p.Outcome.COMPLETED)
     assert await admit(store, spec("a3"), max_concurrent=2) == AdmitStatus.ADMITTED
 
 
@@ -59,7 +59,7 @@ async def test_tpm_is_taken_at_admission_and_corrected_with_exact_usage(
     assert await admit(store, first) == AdmitStatus.ADMITTED
     assert await admit(store, spec("t1", tpm=1000, estimate=600)) == AdmitStatus.TPM
     await store.mark_started(first, "w", hold_s=300)
-    await store.release(first, "w", 100, "completed")  # it used 100, not 600: 500 come back
+    await store.release(first, "w", 100, p.Outcome.COMPLETED)  # it used 100, not 600: 500 come back
     left = float(await fake_redis.hget(keys.tenant_tpm_key("a"), "t"))
     assert 890 <= left <= 1000
     assert await admit(store, spec("t1", tpm=1000, estimate=600)) == AdmitStatus.ADMITTED
