@@ -24,12 +24,12 @@ REQUEST_TIMEOUT_S bound those.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from llmq.gateway.errors import render
 from llmq.gateway.middleware import new_request_id
 from llmq.shared import seams
 from llmq.shared.errors import ClientTimeout, HeadersTooLarge, ServiceError
@@ -226,16 +226,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app, if it runs, reads a disconnect
-        body = json.dumps(err.body()).encode()
+        headers, body = render(err)
+        headers += [(b"x-request-id", new_request_id().encode()), (b"connection", b"close")]
         reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
-        head = [
-            b"HTTP/1.1 %d %s\r\n" % (err.status, reason.get(err.status, b"Error")),
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"x-request-id: %s\r\n" % new_request_id().encode(),
-            b"connection: close\r\n\r\n",
-        ]
-        self.transport.write(b"".join(head) + body)
+        head = b"HTTP/1.1 %d %s\r\n" % (err.status, reason.get(err.status, b"Error"))
+        head += b"".join(b"%s: %s\r\n" % kv for kv in headers)
+        self.transport.write(head + b"\r\n" + body)
         if self._received and self.transport.can_write_eof():
             # Lingering close: closing with unread bytes in the socket would send a reset
             # that can destroy this answer before the client reads it. Half-close instead,

@@ -15,7 +15,6 @@ but it replaces the 413 with a plain-text body; OpenAI clients expect a JSON err
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -23,6 +22,7 @@ import time
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmq.gateway.errors import render
 from llmq.gateway.state import GatewayState
 from llmq.shared.errors import RequestTooLarge, ServiceError
 from llmq.shared.logs import record_line
@@ -145,15 +145,6 @@ def _too_large(limit: int) -> str:
 
 
 async def _send_json(send: Send, err: ServiceError) -> None:
-    body = json.dumps(err.body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+    headers, body = render(err)
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
