@@ -1,5 +1,6 @@
-"""Files and batches as stored in Redis (keys in ``shared.protocol``), their OpenAI shapes,
-and the Lua scripts that change a batch atomically (``shared.batches`` is the only caller).
+"""Files and batches as stored in Redis (keys in ``shared.keys``) and their OpenAI shapes;
+``output_line`` and ``failure_line`` write every line of a batch's results (the reaper's
+script fills in a ``failure_line`` rendered here). The scripts are ``shared.scripts``'.
 
 A batch's status follows OpenAI's machine: ``validating`` (never seen here: the input was
 validated at upload) -> ``in_progress`` -> ``finalizing`` -> ``completed``; or ``expired``
@@ -151,56 +152,3 @@ def failure_line(job_id: str, custom_id: str, code: str, message: str) -> str:
         },
         separators=(",", ":"),
     )
-
-
-# KEYS: batch, its inflight set, queue, band index, band queue of the tenant.
-# ARGV: expected next, new next, job key expiry ms, queue score ms, wake channel, tenant,
-# job key prefix, then job id / payload pairs.
-# Feed the next lines of a batch that is in progress and not ending, if nobody fed them
-# first (``next`` still as read): any worker may run the feeder, a line is enqueued once.
-FEED = """
-local b = redis.call('HMGET', KEYS[1], 'status', 'next', 'ending')
-if b[1] ~= 'in_progress' or b[2] ~= ARGV[1] or (b[3] and b[3] ~= '') then return 0 end
-local n = 0
-for i = 8, #ARGV, 2 do
-  local id = ARGV[i]
-  redis.call('SET', ARGV[7] .. id, ARGV[i + 1], 'PX', ARGV[3])
-  redis.call('ZADD', KEYS[3], ARGV[4], id)
-  redis.call('ZADD', KEYS[5], ARGV[4], id)
-  redis.call('SADD', KEYS[2], id)
-  n = n + 1
-end
-redis.call('ZADD', KEYS[4], 'NX', 0, ARGV[6])
-redis.call('HSET', KEYS[1], 'next', ARGV[2])
-redis.call('PUBLISH', ARGV[5], 'batch')
-return n
-"""
-
-# KEYS: batch, its out hash, its err hash, its inflight set. ARGV: job id, line index, the
-# line, "1" for an output line ("0": an error line). Counted once per request.
-RESULT = """
-if redis.call('SREM', KEYS[4], ARGV[1]) == 0 then return 0 end
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-  redis.call('HINCRBY', KEYS[1], 'completed', 1)
-else
-  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-  redis.call('HINCRBY', KEYS[1], 'failed', 1)
-end
-return 1
-"""
-
-# KEYS: batch. ARGV: why ("cancelled" / "expired"), now (s). A batch still running stops
-# being fed; a cancel also shows ``cancelling``. Returns the status it leaves.
-END = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'in_progress' and status ~= 'validating' then return status end
-local ending = redis.call('HGET', KEYS[1], 'ending')
-if ending and ending ~= '' then return status end
-redis.call('HSET', KEYS[1], 'ending', ARGV[1])
-if ARGV[1] == 'cancelled' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[2])
-  return 'cancelling'
-end
-return status
-"""

@@ -1,5 +1,5 @@
 """Every Redis operation on files and batches (the Batch API). Keys come from
-``shared.protocol``; records and scripts from ``shared.batch_records``.
+``shared.keys``; records from ``shared.batch_records``, scripts from ``shared.scripts``.
 
 Nothing about a batch lives only in a process: its input lines, progress (``next``: the
 next line to feed), the requests in flight, their results and its status are in Redis, so
@@ -21,19 +21,17 @@ from typing import Any
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
-from llmq.shared import keys
+from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
 from llmq.shared.batch_records import (
     ACTIVE,
-    END,
-    FEED,
-    RESULT,
     BatchRecord,
     BatchStatus,
     FileRecord,
     failure_line,
 )
 from llmq.shared.errors import JobCancelled
+from llmq.shared.lua import Registered
 from llmq.shared.records import QueuedJob
 from llmq.shared.store import Store
 
@@ -54,9 +52,9 @@ class BatchStore:
     def __init__(self, redis: Redis, file_ttl_s: float) -> None:
         self.redis = redis
         self.file_ttl_ms = int(file_ttl_s * 1000)
-        self._feed = redis.register_script(FEED)
-        self._result = redis.register_script(RESULT)
-        self._end = redis.register_script(END)
+        self._feed = Registered(redis, scripts.FEED)
+        self._result = Registered(redis, scripts.RESULT)
+        self._end = Registered(redis, scripts.END)
 
     # -- files -------------------------------------------------------------------------
     async def create_file(
@@ -164,11 +162,13 @@ class BatchStore:
 
     async def end(self, batch_id: str, why: str) -> str:
         """Stop feeding a batch (``cancelled`` or ``expired``); returns its status."""
-        out = await self._end(keys=[keys.batch_key(batch_id)], args=[why, int(time.time())])
+        out = await self._end(
+            keys={"batch": keys.batch_key(batch_id)}, args={"why": why, "now_s": int(time.time())}
+        )
         return out.decode() if isinstance(out, bytes) else str(out)
 
     async def inflight(self, batch_id: str) -> list[str]:
-        ids = await self.redis.smembers(keys.batch_part_key(batch_id, "inflight"))  # type: ignore[misc]
+        ids = await self.redis.smembers(keys.batch_part_key(batch_id, keys.BATCH_INFLIGHT))  # type: ignore[misc]
         return sorted(i.decode() for i in ids)
 
     async def feed(self, rec: BatchRecord, specs: list[p.JobSpec], new_next: int) -> int:
@@ -186,36 +186,41 @@ class BatchStore:
             pairs += [spec.id, payload]
         now_ms = int(time.time() * 1000)
         out = await self._feed(
-            keys=[
-                keys.batch_key(rec.id),
-                keys.batch_part_key(rec.id, "inflight"),
-                keys.QUEUE,
-                keys.band_key(p.Band.LOW),
-                keys.band_queue_key(p.Band.LOW, rec.tenant),
-            ],
-            args=[
-                rec.next,
-                new_next,
-                max(1000, rec.expires_at * 1000 - now_ms),
-                now_ms,
-                keys.WAKE_CHANNEL,
-                rec.tenant,
-                keys.job_key(""),
-                *pairs,
-            ],
+            keys={
+                "batch": keys.batch_key(rec.id),
+                "inflight": keys.batch_part_key(rec.id, keys.BATCH_INFLIGHT),
+                "queue": keys.QUEUE,
+                "band_index": keys.band_key(p.Band.LOW),
+                "band_queue": keys.band_queue_key(p.Band.LOW, rec.tenant),
+            },
+            args={
+                "expected_next": rec.next,
+                "new_next": new_next,
+                "job_ttl_ms": max(1000, rec.expires_at * 1000 - now_ms),
+                "score_ms": now_ms,
+                "wake": keys.WAKE_CHANNEL,
+                "tenant": rec.tenant,
+                "job_prefix": keys.job_key(""),
+            },
+            rest=pairs,
         )
         return int(out)
 
     async def record(self, spec: p.JobSpec, line: str, ok: bool) -> bool:
         """A request's result line, counted once (False: it was counted already)."""
         out = await self._result(
-            keys=[
-                keys.batch_key(spec.batch_id),
-                keys.batch_part_key(spec.batch_id, "out"),
-                keys.batch_part_key(spec.batch_id, "err"),
-                keys.batch_part_key(spec.batch_id, "inflight"),
-            ],
-            args=[spec.id, spec.batch_index, line, "1" if ok else "0"],
+            keys={
+                "batch": keys.batch_key(spec.batch_id),
+                "out": keys.batch_part_key(spec.batch_id, keys.BATCH_OUT),
+                "err": keys.batch_part_key(spec.batch_id, keys.BATCH_ERR),
+                "inflight": keys.batch_part_key(spec.batch_id, keys.BATCH_INFLIGHT),
+            },
+            args={
+                "job_id": spec.id,
+                "index": spec.batch_index,
+                "line": line,
+                "ok": "1" if ok else "0",
+            },
         )
         return bool(out)
 
@@ -227,7 +232,7 @@ class BatchStore:
         for job_id in await self.inflight(rec.id):
             job = QueuedJob(job_id, p.Band.LOW, rec.tenant, 0)
             if await store.cancel(job.spec(), why, queued_only=True):
-                await self.redis.srem(keys.batch_part_key(rec.id, "inflight"), job_id)  # type: ignore[misc]
+                await self.redis.srem(keys.batch_part_key(rec.id, keys.BATCH_INFLIGHT), job_id)  # type: ignore[misc]
             else:
                 running.append(job_id)
         return running
@@ -247,8 +252,8 @@ class BatchStore:
         await self.redis.hset(
             keys.batch_key(rec.id), mapping={"status": "finalizing", "finalizing_at": str(now)}
         )  # type: ignore[misc]
-        out = await self._sorted(keys.batch_part_key(rec.id, "out"))
-        err = await self._sorted(keys.batch_part_key(rec.id, "err"))
+        out = await self._sorted(keys.batch_part_key(rec.id, keys.BATCH_OUT))
+        err = await self._sorted(keys.batch_part_key(rec.id, keys.BATCH_ERR))
         if rec.ending == "expired" and rec.next < rec.total:  # never fed: batch_expired
             rest = await self.file_lines(rec.input_file_id, rec.next, rec.total - 1)
             err += [_expired_line(rec, rec.next + i, raw) for i, raw in enumerate(rest)]
@@ -270,9 +275,9 @@ class BatchStore:
             pipe.pexpire(keys.batch_key(rec.id), self.file_ttl_ms)
             pipe.srem(keys.ACTIVE_BATCHES, rec.id)
             pipe.delete(
-                keys.batch_part_key(rec.id, "out"),
-                keys.batch_part_key(rec.id, "err"),
-                keys.batch_part_key(rec.id, "inflight"),
+                keys.batch_part_key(rec.id, keys.BATCH_OUT),
+                keys.batch_part_key(rec.id, keys.BATCH_ERR),
+                keys.batch_part_key(rec.id, keys.BATCH_INFLIGHT),
                 lock,
             )
             await pipe.execute()

@@ -116,8 +116,11 @@ def batch_key(batch_id: str) -> str:
     return BATCH_PREFIX + batch_id
 
 
+BATCH_OUT, BATCH_ERR, BATCH_INFLIGHT = "out", "err", "inflight"  # parts of a batch
+
+
 def batch_part_key(batch_id: str, part: str) -> str:
-    """``out``, ``err`` or ``inflight`` of a batch."""
+    """``BATCH_OUT``, ``BATCH_ERR`` or ``BATCH_INFLIGHT`` of a batch (or its lock)."""
     return f"{BATCH_PREFIX}{batch_id}:{part}"
 
 
@@ -162,8 +165,11 @@ def api_key_record(digest: str) -> str:
     return f"llmq:apikey:{digest}"
 
 
+TENANT_ADMITTED_SUFFIX = ":admitted"
+
+
 def tenant_admitted_key(tenant: str) -> str:
-    return f"{TENANT_PREFIX}{tenant}:admitted"
+    return f"{TENANT_PREFIX}{tenant}{TENANT_ADMITTED_SUFFIX}"
 
 
 def tenant_rpm_key(tenant: str) -> str:
@@ -178,5 +184,8 @@ def band_key(band: str) -> str:
     return BAND_PREFIX + band
 
 
+BAND_QUEUE_SEP = ":"  # band_key(band) + BAND_QUEUE_SEP + tenant: a tenant's queue in a band
+
+
 def band_queue_key(band: str, tenant: str) -> str:
-    return f"{BAND_PREFIX}{band}:{tenant}"
+    return f"{band_key(band)}{BAND_QUEUE_SEP}{tenant}"

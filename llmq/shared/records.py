@@ -11,8 +11,9 @@ from typing import Any
 from arq.jobs import deserialize_job
 from redis.asyncio import Redis
 
-from llmq.shared import keys
+from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
+from llmq.shared.lua import Registered
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,19 +39,11 @@ class QueuedJob:
 
 _RECORD_FIELDS = list(p.StoredJob.model_fields)
 
-# KEYS: a stored record. ARGV: its metadata (JSON). Set only while the record exists (an
-# HSET on an expired record would recreate it without its other fields or a TTL).
-_SET_METADATA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'metadata', ARGV[1])
-return 1
-"""
-
 
 class JobRecords:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._set_metadata = redis.register_script(_SET_METADATA)
+        self._set_metadata = Registered(redis, scripts.SET_METADATA)
 
     async def stored(self, job_id: str) -> p.StoredJob | None:
         """A stored job's record (without its messages: ``messages`` reads those)."""
@@ -65,7 +58,9 @@ class JobRecords:
 
     async def set_metadata(self, job_id: str, metadata: dict[str, str]) -> bool:
         return bool(
-            await self._set_metadata(keys=[keys.stored_key(job_id)], args=[json.dumps(metadata)])
+            await self._set_metadata(
+                keys={"stored": keys.stored_key(job_id)}, args={"metadata": json.dumps(metadata)}
+            )
         )
 
     async def stored_ids(self, tenant: str, *, desc: bool) -> list[str]:

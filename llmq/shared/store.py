@@ -15,8 +15,13 @@ from redis.asyncio import Redis
 
 from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
+from llmq.shared.batch_records import failure_line
 from llmq.shared.errors import JobCancelled, ServiceError, WorkerLost
+from llmq.shared.lua import Registered
 from llmq.shared.records import JobRecords
+from llmq.shared.scripts import AdmitStatus, CancelResult
+
+__all__ = ["AdmitResult", "AdmitStatus", "Store", "TenantLimits"]
 
 _WORKER_PREFIX = keys.worker_key("")
 _OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
@@ -52,25 +57,21 @@ def _record_fields(record: p.StoredJob | None, messages: str) -> dict[str, str]:
     return fields
 
 
+# A dead worker's batch request: its error line, with the placeholders the reap script fills.
+_REAPED_BATCH_LINE = failure_line(
+    "@@ID@@", "@@CUSTOM_ID@@", "worker_lost", "the worker running it stopped"
+)
+
+
 def _out_of_band(err: ServiceError) -> bytes:
     """An out-of-band error event (seq 0), as the reaper and a cancel publish it."""
     data = json.dumps(err.to_wire(), separators=(",", ":")).encode()
     return p.Event(p.OUT_OF_BAND, p.EventType.ERROR, data).encode()
 
 
-class AdmitStatus:
-    ADMITTED = 1
-    FULL = 0  # the global bound (QUEUE_MODE, QUEUE_MAX)
-    DUPLICATE = -1
-    IDEMPOTENT = -2  # the Idempotency-Key names a job already admitted
-    CONCURRENCY = 2  # the tenant's max_concurrent
-    RPM = 3
-    TPM = 4
-
-
 @dataclass(frozen=True, slots=True)
 class AdmitResult:
-    status: int  # AdmitStatus
+    status: AdmitStatus
     in_system: int  # N after the attempt: admitted jobs not yet finished
     rpm_left: int = -1  # -1: no such limit
     rpm_reset_ms: int = 0  # until the bucket is full again
@@ -99,17 +100,17 @@ class Store:
         self.redis = redis
         self.store_ttl_ms = int(store_ttl_s * 1000)  # STORE_TTL_S
         self.records = JobRecords(redis)
-        self._admit = redis.register_script(scripts.ADMIT)
-        self._cancel = redis.register_script(scripts.CANCEL)
-        self._start = redis.register_script(scripts.START)
-        self._release = redis.register_script(scripts.RELEASE)
-        self._reap = redis.register_script(scripts.REAP)
-        self._forget = redis.register_script(scripts.FORGET)
-        self._queue_depth = redis.register_script(scripts.QUEUE_DEPTH)
-        self._depth_by_band = redis.register_script(scripts.DEPTH_BY_BAND)
-        self._pick = redis.register_script(scripts.PICK)
-        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
-        self._live = redis.register_script(scripts.LIVE_WORKERS)
+        self._admit = Registered(redis, scripts.ADMIT)
+        self._cancel = Registered(redis, scripts.CANCEL)
+        self._start = Registered(redis, scripts.START)
+        self._release = Registered(redis, scripts.RELEASE)
+        self._reap = Registered(redis, scripts.REAP)
+        self._forget = Registered(redis, scripts.FORGET)
+        self._queue_depth = Registered(redis, scripts.QUEUE_DEPTH)
+        self._depth_by_band = Registered(redis, scripts.DEPTH_BY_BAND)
+        self._pick = Registered(redis, scripts.PICK)
+        self._heartbeat = Registered(redis, scripts.HEARTBEAT)
+        self._live = Registered(redis, scripts.LIVE_WORKERS)
 
     # -- gateway side ------------------------------------------------------------------
     async def admit(
@@ -146,40 +147,41 @@ class Store:
             serializer=p.json_dumps,
         )
         out = await self._admit(
-            keys=[
-                keys.ADMITTED,
-                keys.QUEUE,
-                keys.job_key(spec.id),
-                keys.tenant_admitted_key(spec.tenant),
-                keys.tenant_rpm_key(spec.tenant),
-                keys.tenant_tpm_key(spec.tenant),
-                keys.band_key(spec.band),
-                keys.band_queue_key(spec.band, spec.tenant),
-                keys.stored_key(spec.id),
-                keys.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
-                keys.tenant_stored_key(spec.tenant),
-            ],
-            args=[
-                limit,
-                int(hold_s * 1000),
-                payload,
-                max(1, int(expire_s * 1000)),
-                spec.id,
-                spec.enqueued_at_ms,
-                keys.WAKE_CHANNEL,
-                spec.tenant,
-                t.max_concurrent,
-                t.rpm,
-                spec.tpm,
-                spec.token_estimate,
-                self.store_ttl_ms if record else 0,
-                f"{spec.id} {idempotency[1]}" if idempotency else "",
-                self.store_ttl_ms + _STORED_INDEX_SLACK_MS,
-                *_flat(_record_fields(record, messages)),
-            ],
+            keys={
+                "admitted": keys.ADMITTED,
+                "queue": keys.QUEUE,
+                "job": keys.job_key(spec.id),
+                "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
+                "rpm_bucket": keys.tenant_rpm_key(spec.tenant),
+                "tpm_bucket": keys.tenant_tpm_key(spec.tenant),
+                "band_index": keys.band_key(spec.band),
+                "band_queue": keys.band_queue_key(spec.band, spec.tenant),
+                "stored": keys.stored_key(spec.id),
+                "idem": keys.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
+                "stored_index": keys.tenant_stored_key(spec.tenant),
+            },
+            args={
+                "limit": limit,
+                "hold_ms": int(hold_s * 1000),
+                "payload": payload,
+                "expire_ms": max(1, int(expire_s * 1000)),
+                "job_id": spec.id,
+                "score_ms": spec.enqueued_at_ms,
+                "wake": keys.WAKE_CHANNEL,
+                "tenant": spec.tenant,
+                "max_concurrent": t.max_concurrent,
+                "rpm": t.rpm,
+                "tpm": spec.tpm,
+                "cost": spec.token_estimate,
+                "store_ttl_ms": self.store_ttl_ms if record else 0,
+                "idem_value": f"{spec.id} {idempotency[1]}" if idempotency else "",
+                "index_horizon_ms": self.store_ttl_ms + _STORED_INDEX_SLACK_MS,
+            },
+            rest=_flat(_record_fields(record, messages)),
         )
         prior = out[7].decode() if len(out) > 7 else ""
-        status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry = (int(v) for v in out[:7])
+        n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry = (int(v) for v in out[1:7])
+        status = AdmitStatus(int(out[0]))
         return AdmitResult(status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry, prior)
 
     async def cancel(
@@ -192,49 +194,56 @@ class Store:
         status = (
             p.StoredStatus.CANCELLED if isinstance(why, JobCancelled) else p.StoredStatus.FAILED
         )
-        started = await self._cancel(
-            keys=[
-                keys.ADMITTED,
-                keys.QUEUE,
-                keys.job_key(spec.id),
-                keys.in_progress_key(spec.id),
-                keys.ABORT,
-                keys.tenant_admitted_key(spec.tenant),
-                keys.band_queue_key(spec.band, spec.tenant),
-                keys.outcome_key(spec.id),
-                keys.stored_key(spec.id),
-                keys.log_key(spec.id),
-            ],
-            args=[
-                spec.id,
-                int(time.time() * 1000),
-                keys.WAKE_CHANNEL,
-                p.outcome_record(p.Outcome.CANCELLED),
-                _OUTCOME_TTL_MS,
-                keys.events_channel(spec.id),
-                _out_of_band(why),
-                status,
-                self.store_ttl_ms,
-                "1" if queued_only else "0",
-            ],
+        result = await self._cancel(
+            keys={
+                "admitted": keys.ADMITTED,
+                "queue": keys.QUEUE,
+                "job": keys.job_key(spec.id),
+                "in_progress": keys.in_progress_key(spec.id),
+                "abort": keys.ABORT,
+                "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
+                "band_queue": keys.band_queue_key(spec.band, spec.tenant),
+                "outcome": keys.outcome_key(spec.id),
+                "stored": keys.stored_key(spec.id),
+                "log": keys.log_key(spec.id),
+            },
+            args={
+                "job_id": spec.id,
+                "now_ms": int(time.time() * 1000),
+                "wake": keys.WAKE_CHANNEL,
+                "outcome_record": p.outcome_record(p.Outcome.CANCELLED),
+                "outcome_ttl_ms": _OUTCOME_TTL_MS,
+                "events": keys.events_channel(spec.id),
+                "error_event": _out_of_band(why),
+                "new_status": status,
+                "store_ttl_ms": self.store_ttl_ms,
+                "queued_only": "1" if queued_only else "0",
+            },
         )
-        return bool(started == 1)
+        return CancelResult(int(result)) is CancelResult.NEVER_RAN
 
     async def queue_depth(self, scan_limit: int = 100_000) -> int:
         return int(
-            await self._queue_depth(keys=[keys.QUEUE], args=[keys.IN_PROGRESS_PREFIX, scan_limit])
+            await self._queue_depth(
+                keys={"queue": keys.QUEUE},
+                args={"in_progress_prefix": keys.IN_PROGRESS_PREFIX, "scan_limit": scan_limit},
+            )
         )
 
     async def depth_by_band(self) -> dict[str, int]:
         """Jobs waiting per priority band."""
-        out = await self._depth_by_band(keys=[], args=[keys.BAND_PREFIX, *p.BANDS])
+        out = await self._depth_by_band(
+            keys={}, args={"band_prefix": keys.BAND_PREFIX}, rest=p.BANDS
+        )
         return {band: int(n) for band, n in zip(p.BANDS, out, strict=True)}
 
     async def in_system(self) -> int:
         return int(await self.redis.zcard(keys.ADMITTED))
 
     async def live_workers(self) -> list[p.WorkerInfo]:
-        rows: list[list[bytes]] = await self._live(keys=[keys.WORKERS], args=[_WORKER_PREFIX])
+        rows: list[list[bytes]] = await self._live(
+            keys={"workers": keys.WORKERS}, args={"worker_prefix": _WORKER_PREFIX}
+        )
         out = []
         for row in rows:
             flat = dict(zip(row[::2], row[1::2], strict=True))
@@ -247,29 +256,28 @@ class Store:
         for ``in_progress_s``): highest band first, and within a band the tenant served
         least recently (fair queuing); see ``scripts.PICK``. Returns (id, queue score)."""
         flat: list[Any] = await self._pick(
-            keys=[keys.QUEUE],
-            args=[
-                keys.IN_PROGRESS_PREFIX,
-                keys.job_key(""),
-                keys.BAND_PREFIX,
-                int(time.time() * 1000),
-                limit,
-                max(1, int(in_progress_s * 1000)),
-                *p.BANDS,
-            ],
+            keys={"queue": keys.QUEUE, "served": keys.BAND_SERVED},
+            args={
+                "in_progress_prefix": keys.IN_PROGRESS_PREFIX,
+                "job_prefix": keys.job_key(""),
+                "band_prefix": keys.BAND_PREFIX,
+                "limit": limit,
+                "claim_ms": max(1, int(in_progress_s * 1000)),
+            },
+            rest=p.BANDS,
         )
         return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def mark_started(self, spec: p.JobSpec, worker_id: str, hold_s: float) -> None:
         await self._start(
-            keys=[
-                keys.ADMITTED,
-                keys.tenant_admitted_key(spec.tenant),
-                keys.worker_jobs_key(worker_id),
-                keys.stored_key(spec.id),
-                keys.job_key(spec.id),
-            ],
-            args=[spec.id, int(hold_s * 1000), spec.tenant],
+            keys={
+                "admitted": keys.ADMITTED,
+                "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
+                "worker_jobs": keys.worker_jobs_key(worker_id),
+                "stored": keys.stored_key(spec.id),
+                "job": keys.job_key(spec.id),
+            },
+            args={"job_id": spec.id, "hold_ms": int(hold_s * 1000), "tenant": spec.tenant},
         )
 
     async def release(
@@ -280,39 +288,43 @@ class Store:
         unknown)."""
         extra = 0 if tokens_used is None else tokens_used - spec.token_estimate
         await self._release(
-            keys=[
-                keys.ADMITTED,
-                keys.tenant_admitted_key(spec.tenant),
-                keys.worker_jobs_key(worker_id),
-                keys.tenant_tpm_key(spec.tenant),
-                keys.outcome_key(spec.id),
-                keys.stored_key(spec.id),
-                keys.log_key(spec.id),
-            ],
-            args=[
-                spec.id,
-                extra,
-                spec.tpm,
-                p.outcome_record(outcome, worker_id),
-                _OUTCOME_TTL_MS,
-                p.StoredStatus.after(outcome) if spec.store else "",
-                self.store_ttl_ms,
-            ],
+            keys={
+                "admitted": keys.ADMITTED,
+                "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
+                "worker_jobs": keys.worker_jobs_key(worker_id),
+                "tpm_bucket": keys.tenant_tpm_key(spec.tenant),
+                "outcome": keys.outcome_key(spec.id),
+                "stored": keys.stored_key(spec.id),
+                "log": keys.log_key(spec.id),
+            },
+            args={
+                "job_id": spec.id,
+                "extra": extra,
+                "tpm": spec.tpm,
+                "outcome_record": p.outcome_record(outcome, worker_id),
+                "outcome_ttl_ms": _OUTCOME_TTL_MS,
+                "stored_status": p.StoredStatus.after(outcome) if spec.store else "",
+                "store_ttl_ms": self.store_ttl_ms,
+            },
         )
 
     async def forget(self, spec: p.JobSpec, worker_id: str) -> None:
         """Remove every trace of a job that ended while Redis was unreachable."""
         await self._forget(
-            keys=[
-                keys.ADMITTED,
-                keys.tenant_admitted_key(spec.tenant),
-                keys.worker_jobs_key(worker_id),
-                keys.QUEUE,
-                keys.job_key(spec.id),
-                keys.in_progress_key(spec.id),
-                keys.outcome_key(spec.id),
-            ],
-            args=[spec.id, p.outcome_record(p.Outcome.REDIS_ERROR, worker_id), _OUTCOME_TTL_MS],
+            keys={
+                "admitted": keys.ADMITTED,
+                "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
+                "worker_jobs": keys.worker_jobs_key(worker_id),
+                "queue": keys.QUEUE,
+                "job": keys.job_key(spec.id),
+                "in_progress": keys.in_progress_key(spec.id),
+                "outcome": keys.outcome_key(spec.id),
+            },
+            args={
+                "job_id": spec.id,
+                "outcome_record": p.outcome_record(p.Outcome.REDIS_ERROR, worker_id),
+                "outcome_ttl_ms": _OUTCOME_TTL_MS,
+            },
         )
 
     async def reap(self) -> tuple[list[str], int]:
@@ -320,27 +332,26 @@ class Store:
 
         Each reclaimed job's client gets ``worker_lost`` as an out-of-band error event."""
         lost = WorkerLost("the worker running this job stopped (its heartbeat expired)")
-        head = p.Event(p.OUT_OF_BAND, p.EventType.ERROR, b"").encode()
         out: list[Any] = await self._reap(
-            keys=[keys.WORKERS, keys.ADMITTED, keys.QUEUE],
-            args=[
-                _WORKER_PREFIX,
-                keys.WORKER_JOBS_PREFIX,
-                keys.job_key(""),
-                keys.IN_PROGRESS_PREFIX,
-                keys.EVENTS_PREFIX,
-                head,
-                json.dumps(lost.to_wire(), separators=(",", ":")),
-                keys.TENANT_PREFIX,
-                keys.OUTCOME_PREFIX,
-                p.outcome_record(p.Outcome.WORKER_LOST),
-                _OUTCOME_TTL_MS,
-                keys.STORED_PREFIX,
-                keys.LOG_PREFIX,
-                self.store_ttl_ms,
-                keys.BATCH_JOB_PREFIX,
-                keys.BATCH_PREFIX,
-            ],
+            keys={"workers": keys.WORKERS, "admitted": keys.ADMITTED, "queue": keys.QUEUE},
+            args={
+                "worker_prefix": _WORKER_PREFIX,
+                "worker_jobs_prefix": keys.WORKER_JOBS_PREFIX,
+                "job_prefix": keys.job_key(""),
+                "in_progress_prefix": keys.IN_PROGRESS_PREFIX,
+                "events_prefix": keys.EVENTS_PREFIX,
+                "error_event": _out_of_band(lost),
+                "tenant_prefix": keys.TENANT_PREFIX,
+                "outcome_prefix": keys.OUTCOME_PREFIX,
+                "outcome_record": p.outcome_record(p.Outcome.WORKER_LOST),
+                "outcome_ttl_ms": _OUTCOME_TTL_MS,
+                "stored_prefix": keys.STORED_PREFIX,
+                "log_prefix": keys.LOG_PREFIX,
+                "store_ttl_ms": self.store_ttl_ms,
+                "batch_job_prefix": keys.BATCH_JOB_PREFIX,
+                "batch_prefix": keys.BATCH_PREFIX,
+                "failure_line": _REAPED_BATCH_LINE,
+            },
         )
         return [w.decode() for w in out[:-1]], int(out[-1])
 
@@ -377,8 +388,9 @@ class Store:
 
     async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
         await self._heartbeat(
-            keys=[keys.worker_key(info.worker_id), keys.WORKERS],
-            args=[info.worker_id, int(ttl_s * 1000), *_flat(info.to_hash())],
+            keys={"worker": keys.worker_key(info.worker_id), "workers": keys.WORKERS},
+            args={"worker_id": info.worker_id, "ttl_ms": int(ttl_s * 1000)},
+            rest=_flat(info.to_hash()),
         )
 
     async def remove_worker(self, worker_id: str) -> None:

@@ -31,7 +31,13 @@ def test_wheel_ships_only_the_llmq_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"llmq", wheel.name.split("-py")[0] + ".dist-info"}
     packages = {n.rsplit("/", 1)[0] for n in names if n.endswith("__init__.py")}
-    assert packages == {"llmq", "llmq/shared", "llmq/gateway", "llmq/worker"}
+    assert packages == {
+        "llmq",
+        "llmq/shared",
+        "llmq/shared/scripts",
+        "llmq/gateway",
+        "llmq/worker",
+    }
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "llmq-gateway = llmq.gateway.__main__:main" in text

@@ -79,7 +79,7 @@ async def test_a_dead_workers_batch_request_becomes_one_error_line(fake_redis) -
     batches = BatchStore(fake_redis, file_ttl_s=60)
     rec_id, job_id = "batch_y", keys.batch_job_id("batch_y", 4)
     await fake_redis.hset(keys.batch_key(rec_id), mapping={"failed": 0})
-    await fake_redis.sadd(keys.batch_part_key(rec_id, "inflight"), job_id)
+    await fake_redis.sadd(keys.batch_part_key(rec_id, keys.BATCH_INFLIGHT), job_id)
     request = job_spec(job_id).model_copy(
         update={"batch_id": rec_id, "batch_index": 4, "custom_id": "the-fifth"}
     )
@@ -91,8 +91,22 @@ async def test_a_dead_workers_batch_request_becomes_one_error_line(fake_redis) -
     await fake_redis.zadd(keys.WORKERS, {"dead": 1})
     dead, jobs = await store.reap()
     assert (dead, jobs) == (["dead"], 1)
-    line = json.loads(await fake_redis.hget(keys.batch_part_key(rec_id, "err"), "4"))
+    line = json.loads(await fake_redis.hget(keys.batch_part_key(rec_id, keys.BATCH_ERR), "4"))
     assert line["custom_id"] == "the-fifth"
     assert line["error"]["code"] == "worker_lost"
     assert await fake_redis.hget(keys.batch_key(rec_id), "failed") == b"1"
     assert await batches.inflight(rec_id) == []
+
+
+async def test_end_stops_a_running_batch_once_and_a_cancel_shows_cancelling(fake_redis) -> None:
+    batches = BatchStore(fake_redis, file_ttl_s=60)
+    for batch_id in ("batch_c", "batch_e"):
+        await fake_redis.hset(keys.batch_key(batch_id), mapping={"status": "in_progress"})
+    assert await batches.end("batch_c", "cancelled") == BatchStatus.CANCELLING
+    assert await batches.end("batch_c", "expired") == BatchStatus.CANCELLING, "ended once"
+    assert await fake_redis.hget(keys.batch_key("batch_c"), "ending") == b"cancelled"
+    assert await batches.end("batch_e", "expired") == BatchStatus.IN_PROGRESS
+    assert await fake_redis.hget(keys.batch_key("batch_e"), "ending") == b"expired"
+    await fake_redis.hset(keys.batch_key("batch_d"), mapping={"status": "completed"})
+    assert await batches.end("batch_d", "cancelled") == BatchStatus.COMPLETED
+    assert await fake_redis.hget(keys.batch_key("batch_d"), "ending") is None

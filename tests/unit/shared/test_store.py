@@ -219,3 +219,11 @@ async def test_arq_reads_an_admitted_job_and_sees_the_picks_claim(store: Store, 
     assert info.job_try == 1
     assert await picked(store, 1) == ["a"]
     assert await arq_job.status() == JobStatus.in_progress, "claimed: arq's in-progress key"
+
+
+async def test_metadata_is_set_only_while_the_record_lives(store: Store, fake_redis) -> None:
+    await fake_redis.hset(keys.stored_key("s"), mapping={"id": "s"})
+    assert await store.records.set_metadata("s", {"team": "a"})
+    assert await fake_redis.hget(keys.stored_key("s"), "metadata") == b'{"team": "a"}'
+    assert not await store.records.set_metadata("gone", {"team": "a"})
+    assert await fake_redis.exists(keys.stored_key("gone")) == 0, "no record recreated"

@@ -1,0 +1,55 @@
+"""Every Lua script of the service, in this package: each step that touches several keys
+atomically. ``jobs`` (a job's life), ``workers`` (pick, heartbeat, reaper, queue readings),
+``batches`` (a batch's).
+
+Each is a ``lua.Script``: its KEYS and ARGV are named in its first lines and passed by name
+(``Store``, ``BatchStore`` and ``JobRecords`` are the callers); key prefixes and suffixes,
+status codes and statuses come from the Python that owns them (``keys``, ``protocol``,
+``batch_records``, ``AdmitStatus`` and ``CancelResult`` here). Times come from Redis' own
+clock (``now``), so hosts with different clocks agree. Scripts that build key names inside
+Lua (a worker's records, a tenant's queue) need one Redis, not a cluster.
+"""
+
+from __future__ import annotations
+
+from llmq.shared.scripts.batches import END, FEED, RESULT
+from llmq.shared.scripts.jobs import (
+    ADMIT,
+    CANCEL,
+    FORGET,
+    PAYLOAD_SLACK_MS,
+    RELEASE,
+    SET_METADATA,
+    START,
+    AdmitStatus,
+    CancelResult,
+)
+from llmq.shared.scripts.workers import (
+    DEPTH_BY_BAND,
+    HEARTBEAT,
+    LIVE_WORKERS,
+    PICK,
+    QUEUE_DEPTH,
+    REAP,
+)
+
+__all__ = [
+    "ADMIT",
+    "CANCEL",
+    "DEPTH_BY_BAND",
+    "END",
+    "FEED",
+    "FORGET",
+    "HEARTBEAT",
+    "LIVE_WORKERS",
+    "PAYLOAD_SLACK_MS",
+    "PICK",
+    "QUEUE_DEPTH",
+    "REAP",
+    "RELEASE",
+    "RESULT",
+    "SET_METADATA",
+    "START",
+    "AdmitStatus",
+    "CancelResult",
+]

@@ -1,0 +1,186 @@
+"""The workers' scripts: pick (fair, by band), heartbeat, the reaper of dead workers, and
+the readings of the queue."""
+
+from __future__ import annotations
+
+from llmq.shared import keys
+from llmq.shared.lua import Script
+from llmq.shared.protocol import StoredStatus
+
+# Workers whose heartbeat expired are dead: each job they had started loses its places,
+# queue entry, in-progress marker and payload (it never runs again: at most once), gets the
+# outcome record ``outcome_record``, and its client is told (``error_event``, out of band;
+# logged too for a stored job, whose status becomes failed). A batch request's error line is
+# ``failure_line`` (batch_records.failure_line's, rendered in Python) with its id and
+# custom_id (read from arq's payload) filled in, counted as failed, never run again.
+# Idempotent; any process may run it. Returns {dead worker ids..., reaped job count}.
+REAP = Script(
+    keys=("workers", "admitted", "queue"),
+    args=("worker_prefix", "worker_jobs_prefix", "job_prefix", "in_progress_prefix",
+          "events_prefix", "error_event", "tenant_prefix", "outcome_prefix", "outcome_record",
+          "outcome_ttl_ms", "stored_prefix", "log_prefix", "store_ttl_ms", "batch_job_prefix",
+          "batch_prefix", "failure_line"),
+    consts={
+        "TENANT_ADMITTED": keys.TENANT_ADMITTED_SUFFIX,
+        "INFLIGHT": ":" + keys.BATCH_INFLIGHT,
+        "ERR": ":" + keys.BATCH_ERR,
+        "FAILED": StoredStatus.FAILED.value,
+        "LINE_ID": '"@@ID@@"',
+        "LINE_CUSTOM_ID": '"@@CUSTOM_ID@@"',
+    },
+    clock=True,
+    body="""
+local function batch_line(id, bid, index)
+  local custom = ''
+  local payload = redis.call('GET', job_prefix .. id)
+  if payload then
+    local ok, job = pcall(cjson.decode, payload)
+    if ok then custom = job['a'][1]['custom_id'] or '' end
+  end
+  local line = failure_line:gsub(LINE_ID, function() return cjson.encode(id) end)
+  line = line:gsub(LINE_CUSTOM_ID, function() return cjson.encode(custom) end)
+  redis.call('HSET', batch_prefix .. bid .. ERR, index, line)
+  redis.call('HINCRBY', batch_prefix .. bid, 'failed', 1)
+end
+local dead = redis.call('ZRANGEBYSCORE', workers, '-inf', now)
+local jobs = 0
+for _, w in ipairs(dead) do
+  local records = worker_jobs_prefix .. w
+  local pairs_ = redis.call('HGETALL', records)
+  for i = 1, #pairs_, 2 do
+    local id, tenant = pairs_[i], pairs_[i + 1]
+    redis.call('ZREM', admitted, id)
+    redis.call('ZREM', tenant_prefix .. tenant .. TENANT_ADMITTED, id)
+    redis.call('ZREM', queue, id)
+    local bid, index = string.match(id, '^' .. batch_job_prefix .. '(.+)_(%d+)$')
+    if bid and redis.call('SREM', batch_prefix .. bid .. INFLIGHT, id) == 1 then
+      batch_line(id, bid, index)
+    end
+    redis.call('DEL', job_prefix .. id, in_progress_prefix .. id)
+    redis.call('SET', outcome_prefix .. id, outcome_record, 'PX', outcome_ttl_ms)
+    redis.call('PUBLISH', events_prefix .. id, error_event)
+    if redis.call('EXISTS', stored_prefix .. id) == 1 then
+      redis.call('HSET', stored_prefix .. id, 'status', FAILED)
+      redis.call('XADD', log_prefix .. id, '*', 'e', error_event)
+      redis.call('PEXPIRE', stored_prefix .. id, store_ttl_ms)
+      redis.call('PEXPIRE', log_prefix .. id, store_ttl_ms)
+    end
+    jobs = jobs + 1
+  end
+  redis.call('DEL', records, worker_prefix .. w)
+  redis.call('ZREM', workers, w)
+end
+table.insert(dead, jobs)
+return dead
+""",
+)  # fmt: skip
+
+# Up to ``limit`` waiting jobs to start: the highest non-empty band first (``bands``, from
+# the highest); within a band, the tenant served least recently (scores are a counter,
+# ``served``, so ties cannot happen; a tenant that just got work queued counts as never
+# served: score 0), that tenant's oldest job. Jobs that expired, already run or left the
+# queue are dropped on the way. Each job returned is claimed in the same step (arq's
+# in-progress key, for ``claim_ms``, as arq's start_jobs would set it in four round trips of
+# its own). Returns {id, queue score, id, queue score, ...}. (The queue score is the
+# gateway's enqueue time: unlike arq, never compared with now, as nothing here is deferred
+# and the gateway's clock may be ahead of the worker's; a job dropped for that was lost.)
+PICK = Script(
+    keys=("queue", "served"),
+    args=("in_progress_prefix", "job_prefix", "band_prefix", "limit", "claim_ms"),
+    rest="bands",
+    consts={"SEP": keys.BAND_QUEUE_SEP},
+    body="""
+local out = {}
+local want = tonumber(limit) * 2
+for _, band in ipairs(bands) do
+  local index = band_prefix .. band
+  while #out < want do
+    local first = redis.call('ZRANGE', index, 0, 0)
+    if #first == 0 then break end
+    local tenant = first[1]
+    local tenant_queue = index .. SEP .. tenant
+    local head = redis.call('ZRANGE', tenant_queue, 0, 0)
+    if #head > 0 then
+      local id = head[1]
+      redis.call('ZREM', tenant_queue, id)
+      local score = tonumber(redis.call('ZSCORE', queue, id))
+      if score and redis.call('EXISTS', job_prefix .. id) == 1
+          and redis.call('EXISTS', in_progress_prefix .. id) == 0 then
+        redis.call('PSETEX', in_progress_prefix .. id, claim_ms, '1')
+        table.insert(out, id)
+        table.insert(out, score)
+        redis.call('ZADD', index, 'XX', redis.call('INCR', served), tenant)
+      end
+    end
+    if redis.call('ZCARD', tenant_queue) == 0 then redis.call('ZREM', index, tenant) end
+  end
+  if #out >= want then break end
+end
+return out
+""",
+)
+
+# Waiting jobs per band (as many numbers as ``bands``).
+DEPTH_BY_BAND = Script(
+    keys=(),
+    args=("band_prefix",),
+    rest="bands",
+    consts={"SEP": keys.BAND_QUEUE_SEP},
+    body="""
+local out = {}
+for _, band in ipairs(bands) do
+  local index = band_prefix .. band
+  local waiting = 0
+  for _, tenant in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+    waiting = waiting + redis.call('ZCARD', index .. SEP .. tenant)
+  end
+  table.insert(out, waiting)
+end
+return out
+""",
+)
+
+# One worker's heartbeat (``fields``: field/value pairs), live for ``ttl_ms``.
+HEARTBEAT = Script(
+    keys=("worker", "workers"),
+    args=("worker_id", "ttl_ms"),
+    rest="fields",
+    clock=True,
+    body="""
+redis.call('DEL', worker)
+redis.call('HSET', worker, unpack(fields))
+redis.call('PEXPIRE', worker, ttl_ms)
+redis.call('ZADD', workers, now + tonumber(ttl_ms), worker_id)
+return 1
+""",
+)
+
+# Hashes of live workers (expired ones are left in the index for the reaper, which needs
+# them to find their jobs).
+LIVE_WORKERS = Script(
+    keys=("workers",),
+    args=("worker_prefix",),
+    clock=True,
+    body="""
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', workers, now, '+inf')) do
+  local h = redis.call('HGETALL', worker_prefix .. id)
+  if #h > 0 then table.insert(out, h) end
+end
+return out
+""",
+)
+
+# Jobs in the queue that are not running (the first ``scan_limit`` looked at).
+QUEUE_DEPTH = Script(
+    keys=("queue",),
+    args=("in_progress_prefix", "scan_limit"),
+    body="""
+local ids = redis.call('ZRANGE', queue, 0, tonumber(scan_limit) - 1)
+local waiting = 0
+for _, id in ipairs(ids) do
+  if redis.call('EXISTS', in_progress_prefix .. id) == 0 then waiting = waiting + 1 end
+end
+return waiting
+""",
+)

@@ -1,0 +1,64 @@
+"""Scripts bind their KEYS and ARGV to names, and are called by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmq.shared import scripts
+from llmq.shared.lua import Registered, Script
+
+ECHO = Script(
+    keys=("first", "second"),
+    args=("a", "b"),
+    rest="more",
+    consts={"CODE": 7, "WORD": 'say "hi"'},
+    clock=True,
+    body="return {first, second, a, b, #more, CODE, WORD, now > 0 and 1 or 0}",
+)
+
+
+def test_the_source_binds_every_name_in_its_first_lines() -> None:
+    head = ECHO.source.splitlines()
+    assert head[:4] == [
+        "local first = KEYS[1]",
+        "local second = KEYS[2]",
+        "local a = ARGV[1]",
+        "local b = ARGV[2]",
+    ]
+    assert head[4] == "local more = {unpack(ARGV, 3)}"
+    assert head[5:7] == ["local CODE = 7", 'local WORD = "say \\"hi\\""']
+
+
+def test_arguments_are_passed_by_name_and_checked() -> None:
+    keys, argv = ECHO.bind({"second": "k2", "first": "k1"}, {"b": 2, "a": 1}, rest=[9, 9])
+    assert (keys, argv) == (["k1", "k2"], [1, 2, 9, 9])
+    with pytest.raises(TypeError, match="missing \\['second'\\]"):
+        ECHO.bind({"first": "k1"}, {"a": 1, "b": 2})
+    with pytest.raises(TypeError, match="unknown \\['c'\\]"):
+        ECHO.bind({"first": "k1", "second": "k2"}, {"a": 1, "b": 2, "c": 3})
+    with pytest.raises(TypeError, match="no trailing"):
+        scripts.SET_METADATA.bind({"stored": "k"}, {"metadata": "{}"}, rest=[1])
+
+
+async def test_a_script_runs_with_its_names(fake_redis: Any) -> None:
+    out = await Registered(fake_redis, ECHO)(
+        keys={"first": "k1", "second": "k2"}, args={"a": "x", "b": "y"}, rest=["1", "2", "3"]
+    )
+    assert out == [b"k1", b"k2", b"x", b"y", 3, 7, b'say "hi"', 1]
+
+
+SCRIPTS = [n for n in scripts.__all__ if isinstance(getattr(scripts, n), Script)]
+
+
+def test_the_package_holds_every_script() -> None:
+    assert len(SCRIPTS) == 15
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_uses_only_its_names(name: str) -> None:
+    """No KEYS[n] or ARGV[n] in a body: positions appear only in the generated header."""
+    script = getattr(scripts, name)
+    assert "KEYS[" not in script.body
+    assert "ARGV[" not in script.body
