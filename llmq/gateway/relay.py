@@ -179,7 +179,7 @@ class JobRelay:
         gateway ending the job itself after a timeout or lost events (counted where raised).
         """
         with anyio.CancelScope(shield=True):
-            if self.spec.store and not self.finished:  # detached: it runs on
+            if self.spec.stored and not self.finished:  # detached: it runs on
                 if client_gone:
                     logger.info("job %s: client gone, the stored job runs on", self.spec.id)
             elif not self.finished:

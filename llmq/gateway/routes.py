@@ -80,10 +80,10 @@ async def _open_relay(
     capacity = st.admission.check_ready(spec.model)
     check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
     check_tools(body, st.registry.auto_tools(spec.model))
-    if spec.store:
+    if spec.stored:
         check_stored_size(body, st.settings.store_max_tokens)
     record = None
-    if spec.store:
+    if spec.stored:
         record = StoredJob.of(spec, idempotency[1] if idempotency else "", body.metadata)
     # The messages are kept only when the client asked to store the completion (not for an
     # Idempotency-Key alone): the stored-completion API lists them.
@@ -112,7 +112,7 @@ async def _open_relay(
         job_id,
         spec.model,
         spec.stream,
-        spec.store,
+        spec.stored,
     )
     try:
         first = await until_disconnect(request, relay.open())

@@ -116,5 +116,5 @@ def to_job_spec(
         band=band,
         tpm=tpm,
         token_estimate=estimate_tokens(req) if tpm else 0,
-        store=store or req.store,
+        stored=store or req.store,
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 JOB_FUNCTION = "chat"
 OUTCOME_TTL_S = 300
@@ -190,7 +190,10 @@ class JobSpec(BaseModel):
     band: Band = Band.NORMAL
     tpm: int = 0  # the tenant's tokens-per-minute limit (the worker corrects the bucket)
     token_estimate: int = 0  # tokens taken from the tenant's bucket at admission
-    store: bool = False  # events logged (llmq:log:<id>); the job outlives its client
+    # A stored job: its events logged (llmq:log:<id>), it outlives its client (the request's
+    # ``store``, or an Idempotency-Key). Read as "store" too: payloads queued by an older
+    # gateway during an upgrade.
+    stored: bool = Field(False, validation_alias=AliasChoices("stored", "store"))
     batch_id: str = ""  # a batch request: its result goes to the batch, not to a client
     batch_index: int = -1  # its line in the batch's input file
     custom_id: str = ""
@@ -235,7 +238,7 @@ class StoredJob(BaseModel):
     def spec(self) -> JobSpec:
         """The job as far as cancelling it goes (no body: the prompt is not kept here)."""
         fields = self.model_dump(exclude={"status", "body_digest", "metadata"})
-        return JobSpec(**fields, store=True, body={})
+        return JobSpec(**fields, stored=True, body={})
 
 
 class WorkerInfo(BaseModel):

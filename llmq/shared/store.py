@@ -303,7 +303,7 @@ class Store:
                 "tpm": spec.tpm,
                 "outcome_record": p.outcome_record(outcome, worker_id),
                 "outcome_ttl_ms": _OUTCOME_TTL_MS,
-                "stored_status": p.StoredStatus.after(outcome) if spec.store else "",
+                "stored_status": p.StoredStatus.after(outcome) if spec.stored else "",
                 "store_ttl_ms": self.store_ttl_ms,
             },
         )

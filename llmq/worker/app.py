@@ -15,9 +15,10 @@ from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker.arq_worker import WakeableWorker, seam_problems
 from llmq.worker.engine import EngineClient
-from llmq.worker.job import Runtime, chat
+from llmq.worker.job import chat
 from llmq.worker.metrics import WorkerMetrics
 from llmq.worker.outbox import Outbox
+from llmq.worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

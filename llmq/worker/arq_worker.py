@@ -40,7 +40,7 @@ from llmq.shared.seams import Pin
 from llmq.shared.tasks import log_failure, stop_if_cancelled, stop_task
 from llmq.worker.batch import BatchFeeder
 from llmq.worker.heartbeat import beat_once, heartbeat_loop, probe_loop, wake_listener
-from llmq.worker.job import RUNTIME, Runtime
+from llmq.worker.runtime import RUNTIME, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class WakeableWorker(Worker):
             await asyncio.wait_for(self._wake_event.wait(), self._fallback_s)
         self._wake_event.clear()
         try:
-            await self._pick_and_reap()
+            await self._turn()
         except (RedisError, OSError) as exc:
             stop_if_cancelled()
             if not self._redis_failures:
@@ -176,7 +176,9 @@ class WakeableWorker(Worker):
             logger.info("Redis reachable again after %d failed turn(s)", self._redis_failures)
             self._redis_failures = 0
 
-    async def _pick_and_reap(self) -> None:
+    async def _turn(self) -> None:
+        """After a wake-up: start waiting jobs in the free slots, then arq's own steps
+        (aborts, finished tasks, its health key). Dead workers are reaped by the heartbeat."""
         free = self.max_jobs - self.job_counter
         if self.allow_pick_jobs and free > 0:
             picked = await self.runtime.store.pick_jobs(free, self.in_progress_timeout_s)

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -28,9 +28,7 @@ from llmq.shared.batch_records import BatchRecord, BatchStatus, failure_line, ou
 from llmq.shared.batches import BatchStore
 from llmq.shared.chat import ChatCompletionRequest, to_job_spec
 from llmq.shared.errors import ServiceError, UpstreamError
-
-if TYPE_CHECKING:  # job.py imports this module
-    from llmq.worker.job import Runtime
+from llmq.worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

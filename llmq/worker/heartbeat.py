@@ -19,7 +19,7 @@ from llmq.shared.keys import WAKE_CHANNEL
 from llmq.shared.protocol import WorkerInfo
 from llmq.shared.store import log_reaped
 from llmq.shared.tasks import stop_if_cancelled
-from llmq.worker.job import Runtime
+from llmq.worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

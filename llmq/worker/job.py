@@ -7,22 +7,17 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from llmq.shared.batches import BatchStore
 from llmq.shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
 from llmq.shared.logs import record_line
 from llmq.shared.protocol import EventType, JobSpec, Outcome
-from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 from llmq.worker import batch
-from llmq.worker.engine import EngineClient, refuses_auto_tools, stream_error
-from llmq.worker.metrics import WorkerMetrics
-from llmq.worker.outbox import Outbox
+from llmq.worker.engine import refuses_auto_tools, stream_error
 from llmq.worker.publisher import ClientGone, Publisher
+from llmq.worker.runtime import Runtime, runtime_of
 
 logger = logging.getLogger(__name__)
 jobs_logger = logging.getLogger("llmq.jobs")
@@ -30,31 +25,6 @@ jobs_logger = logging.getLogger("llmq.jobs")
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
-
-
-# The one key of arq's per-worker ``ctx`` dict this service uses: arq hands ``ctx`` to every
-# job function, and the job finds the worker's Runtime under it.
-RUNTIME = "llmq_runtime"
-
-
-@dataclass
-class Runtime:
-    """What a job needs, built once per worker process and kept in arq's ``ctx``."""
-
-    settings: Settings
-    store: Store
-    batches: BatchStore
-    engine: EngineClient
-    metrics: WorkerMetrics
-    outbox: Outbox
-    active: int = 0
-    models: tuple[str, ...] = ()
-    max_model_len: int = 0  # the engine's context length, as /v1/models says
-    engine_ready: bool = False
-    auto_tools: bool | None = None  # the engine takes tool_choice "auto" (None: not known)
-    # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
-    unreleased: dict[str, JobSpec] = field(default_factory=dict)
-    started_at: float = field(default_factory=time.time)
 
 
 _ID_PREFIX = b'{"id":"'
@@ -150,7 +120,7 @@ async def _stream(
     await pub.announced()
     tokens = _tokens(usage)
     done: dict[str, Any] = {"final": final, "usage": usage}
-    if spec.store:
+    if spec.stored:
         done["timings"] = _timings(spec, t_picked, t_first_wall, tokens)
     await pub.send(EventType.DONE, _dumps(done))
     if t_first and tokens > 1:
@@ -164,7 +134,7 @@ async def _complete(
     result = await rt.engine.complete(spec.body)
     await pub.announced()
     result["id"] = spec.id
-    if spec.store:
+    if spec.stored:
         result["timings"] = _timings(spec, t_picked, 0.0, _tokens(result.get("usage")))
     await pub.send(EventType.RESULT, _dumps(result))
     usage: dict[str, Any] | None = result.get("usage")
@@ -217,19 +187,12 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int])
         return Outcome.ENGINE_ERROR
 
 
-def runtime_of(ctx: dict[str, Any]) -> Runtime:
-    rt = ctx[RUNTIME]
-    if not isinstance(rt, Runtime):  # pragma: no cover - a wiring error, not a job error
-        raise TypeError(f"ctx[{RUNTIME!r}] is {type(rt).__name__}, not Runtime")
-    return rt
-
-
 async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     """arq job: ``chat(spec)``. Returns a small summary for arq's log line (arq keeps no
     result: ``keep_result=0``; the release script leaves ``llmq:outcome:<id>``)."""
     rt = runtime_of(ctx)
     spec = JobSpec.model_validate(raw_spec)
-    pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.store)
+    pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.stored)
     rt.active += 1
     rt.metrics.active.set(rt.active)
     rt.metrics.pickup.observe(max(0.0, time.time() - spec.enqueued_at_ms / 1000))

@@ -15,8 +15,9 @@ from tests.support.stack import Proc
 
 
 @pytest.fixture(params=["fakeredis", "redis-server"])
-async def fake_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """Named as the unit tier's fixture it overrides; here it is fake or real, in turn."""
+async def contract_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """The Redis of a contract test: fakeredis, then a real redis-server (each test runs
+    on both)."""
     if request.param == "fakeredis":
         client: Any = fakeredis.FakeAsyncRedis()
     else:
@@ -28,5 +29,5 @@ async def fake_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-def store(fake_redis: Any) -> Store:
-    return Store(fake_redis)
+def store(contract_redis: Any) -> Store:
+    return Store(contract_redis)

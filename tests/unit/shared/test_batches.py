@@ -32,8 +32,8 @@ def spec(rec: BatchRecord, index: int) -> p.JobSpec:
     )
 
 
-async def test_feed_record_finalize_each_once(fake_redis) -> None:
-    batches = BatchStore(fake_redis, file_ttl_s=60)
+async def test_feed_record_finalize_each_once(contract_redis) -> None:
+    batches = BatchStore(contract_redis, file_ttl_s=60)
     lines = [json.dumps({"custom_id": f"c{i}"}).encode() for i in range(3)]
     source = await batches.create_file("t", "batch", "in.jsonl", lines)
     now = int(time.time())
@@ -53,7 +53,7 @@ async def test_feed_record_finalize_each_once(fake_redis) -> None:
     specs = [spec(rec, i) for i in range(3)]
     assert await batches.feed(rec, specs, 3) == 3
     assert await batches.feed(rec, specs, 3) == 0  # another feeder read the same ``next``
-    assert await fake_redis.zcard(keys.QUEUE) == 3
+    assert await contract_redis.zcard(keys.QUEUE) == 3
     for i, s in enumerate(specs):
         ok = i != 1
         assert await batches.record(s, output_line(s.id, s.custom_id, 200 if ok else 400, {}), ok)
@@ -72,41 +72,41 @@ async def test_feed_record_finalize_each_once(fake_redis) -> None:
     assert await batches.active() == []
 
 
-async def test_a_dead_workers_batch_request_becomes_one_error_line(fake_redis) -> None:
+async def test_a_dead_workers_batch_request_becomes_one_error_line(contract_redis) -> None:
     """The reaper: a batch request of a worker whose heartbeat expired is a worker_lost
     error line, counted as failed, and leaves the inflight set."""
-    store = Store(fake_redis)
-    batches = BatchStore(fake_redis, file_ttl_s=60)
+    store = Store(contract_redis)
+    batches = BatchStore(contract_redis, file_ttl_s=60)
     rec_id, job_id = "batch_y", keys.batch_job_id("batch_y", 4)
-    await fake_redis.hset(keys.batch_key(rec_id), mapping={"failed": 0})
-    await fake_redis.sadd(keys.batch_part_key(rec_id, keys.BATCH_INFLIGHT), job_id)
+    await contract_redis.hset(keys.batch_key(rec_id), mapping={"failed": 0})
+    await contract_redis.sadd(keys.batch_part_key(rec_id, keys.BATCH_INFLIGHT), job_id)
     request = job_spec(job_id).model_copy(
         update={"batch_id": rec_id, "batch_index": 4, "custom_id": "the-fifth"}
     )
     payload = serialize_job(  # as the feed script stores it: arq's own format
         p.JOB_FUNCTION, (request.model_dump(mode="json"),), {}, 1, 0, serializer=p.json_dumps
     )
-    await fake_redis.set(keys.job_key(job_id), payload)
-    await fake_redis.hset(keys.worker_jobs_key("dead"), job_id, "t")
-    await fake_redis.zadd(keys.WORKERS, {"dead": 1})
+    await contract_redis.set(keys.job_key(job_id), payload)
+    await contract_redis.hset(keys.worker_jobs_key("dead"), job_id, "t")
+    await contract_redis.zadd(keys.WORKERS, {"dead": 1})
     dead, jobs = await store.reap()
     assert (dead, jobs) == (["dead"], 1)
-    line = json.loads(await fake_redis.hget(keys.batch_part_key(rec_id, keys.BATCH_ERR), "4"))
+    line = json.loads(await contract_redis.hget(keys.batch_part_key(rec_id, keys.BATCH_ERR), "4"))
     assert line["custom_id"] == "the-fifth"
     assert line["error"]["code"] == "worker_lost"
-    assert await fake_redis.hget(keys.batch_key(rec_id), "failed") == b"1"
+    assert await contract_redis.hget(keys.batch_key(rec_id), "failed") == b"1"
     assert await batches.inflight(rec_id) == []
 
 
-async def test_end_stops_a_running_batch_once_and_a_cancel_shows_cancelling(fake_redis) -> None:
-    batches = BatchStore(fake_redis, file_ttl_s=60)
+async def test_end_stops_a_running_batch_once_and_a_cancel_shows_cancelling(contract_redis) -> None:
+    batches = BatchStore(contract_redis, file_ttl_s=60)
     for batch_id in ("batch_c", "batch_e"):
-        await fake_redis.hset(keys.batch_key(batch_id), mapping={"status": "in_progress"})
+        await contract_redis.hset(keys.batch_key(batch_id), mapping={"status": "in_progress"})
     assert await batches.end("batch_c", "cancelled") == BatchStatus.CANCELLING
     assert await batches.end("batch_c", "expired") == BatchStatus.CANCELLING, "ended once"
-    assert await fake_redis.hget(keys.batch_key("batch_c"), "ending") == b"cancelled"
+    assert await contract_redis.hget(keys.batch_key("batch_c"), "ending") == b"cancelled"
     assert await batches.end("batch_e", "expired") == BatchStatus.IN_PROGRESS
-    assert await fake_redis.hget(keys.batch_key("batch_e"), "ending") == b"expired"
-    await fake_redis.hset(keys.batch_key("batch_d"), mapping={"status": "completed"})
+    assert await contract_redis.hget(keys.batch_key("batch_e"), "ending") == b"expired"
+    await contract_redis.hset(keys.batch_key("batch_d"), mapping={"status": "completed"})
     assert await batches.end("batch_d", "cancelled") == BatchStatus.COMPLETED
-    assert await fake_redis.hget(keys.batch_key("batch_d"), "ending") is None
+    assert await contract_redis.hget(keys.batch_key("batch_d"), "ending") is None

@@ -13,17 +13,17 @@ from llmq.shared.keystore import KeyExists, KeyNotFound, KeyStore, digest
 
 
 @pytest.fixture
-def keystore(fake_redis: Any) -> KeyStore:
-    return KeyStore(fake_redis)
+def keystore(contract_redis: Any) -> KeyStore:
+    return KeyStore(contract_redis)
 
 
-async def test_create_stores_a_digest_never_the_secret(keystore: KeyStore, fake_redis) -> None:
+async def test_create_stores_a_digest_never_the_secret(keystore: KeyStore, contract_redis) -> None:
     key, secret = await keystore.create("app", p.KeyLimits(rpm=10, priority=p.Band.HIGH))
     assert secret.startswith("sk-llmq-")
     assert len(secret) > 40
     dump = b"".join(
-        [k + v for k, v in (await fake_redis.hgetall(keys.api_key_record(key.digest))).items()]
-    ) + b"".join((await fake_redis.hgetall(keys.API_KEYS)).values())
+        [k + v for k, v in (await contract_redis.hgetall(keys.api_key_record(key.digest))).items()]
+    ) + b"".join((await contract_redis.hgetall(keys.API_KEYS)).values())
     assert secret.encode() not in dump
     assert key.digest == digest(secret)
     found = await keystore.lookup(secret)

@@ -42,8 +42,8 @@ def test_arguments_are_passed_by_name_and_checked() -> None:
         scripts.SET_METADATA.bind({"stored": "k"}, {"metadata": "{}"}, rest=[1])
 
 
-async def test_a_script_runs_with_its_names(fake_redis: Any) -> None:
-    out = await Registered(fake_redis, ECHO)(
+async def test_a_script_runs_with_its_names(contract_redis: Any) -> None:
+    out = await Registered(contract_redis, ECHO)(
         keys={"first": "k1", "second": "k2"}, args={"a": "x", "b": "y"}, rest=["1", "2", "3"]
     )
     assert out == [b"k1", b"k2", b"x", b"y", 3, 7, b'say "hi"', 1]

@@ -30,15 +30,15 @@ async def picked(store: Store, limit: int) -> list[str]:
     return [job_id for job_id, _score in await store.pick_jobs(limit, in_progress_s=60)]
 
 
-async def test_admit_enqueues_json_job_until_the_limit(store: Store, fake_redis) -> None:
+async def test_admit_enqueues_json_job_until_the_limit(store: Store, contract_redis) -> None:
     results = [await store.admit(spec(f"j{i}"), limit=3, hold_s=30, expire_s=30) for i in range(5)]
     assert [r.admitted for r in results] == [True, True, True, False, False]
     assert [r.in_system for r in results] == [1, 2, 3, 3, 3]
-    assert await fake_redis.zcard(keys.QUEUE) == 3
-    job = json.loads(await fake_redis.get(keys.job_key("j0")))
+    assert await contract_redis.zcard(keys.QUEUE) == 3
+    job = json.loads(await contract_redis.get(keys.job_key("j0")))
     assert job["f"] == "chat"
     assert job["a"][0]["id"] == "j0"
-    assert 0 < await fake_redis.pttl(keys.job_key("j0")) <= 30_000
+    assert 0 < await contract_redis.pttl(keys.job_key("j0")) <= 30_000
 
 
 async def test_admit_refuses_a_duplicate_id(store: Store) -> None:
@@ -48,104 +48,108 @@ async def test_admit_refuses_a_duplicate_id(store: Store) -> None:
     assert not again.admitted
 
 
-async def test_places_of_dead_jobs_heal_after_their_hold(store: Store, fake_redis) -> None:
+async def test_places_of_dead_jobs_heal_after_their_hold(store: Store, contract_redis) -> None:
     await store.admit(spec("a"), limit=1, hold_s=30, expire_s=30)
     assert not (await store.admit(spec("b"), limit=1, hold_s=30, expire_s=30)).admitted
-    await fake_redis.zadd(keys.ADMITTED, {"a": PAST})  # its hold ran out (its gateway died)
+    await contract_redis.zadd(keys.ADMITTED, {"a": PAST})  # its hold ran out (its gateway died)
     assert (await store.admit(spec("b"), limit=1, hold_s=30, expire_s=30)).admitted
-    assert await fake_redis.zrange(keys.ADMITTED, 0, -1) == [b"b"]
+    assert await contract_redis.zrange(keys.ADMITTED, 0, -1) == [b"b"]
 
 
-async def test_mark_started_rearms_only_admitted_jobs(store: Store, fake_redis) -> None:
+async def test_mark_started_rearms_only_admitted_jobs(store: Store, contract_redis) -> None:
     await store.admit(spec("a"), limit=5, hold_s=1, expire_s=30)
-    held_until = await fake_redis.zscore(keys.ADMITTED, "a")
+    held_until = await contract_redis.zscore(keys.ADMITTED, "a")
     await store.mark_started(spec("a"), "w1", hold_s=300)
     await store.mark_started(spec("ghost"), "w1", hold_s=300)
-    assert await fake_redis.zscore(keys.ADMITTED, "a") >= held_until + 250_000
-    assert await fake_redis.zscore(keys.ADMITTED, "ghost") is None
+    assert await contract_redis.zscore(keys.ADMITTED, "a") >= held_until + 250_000
+    assert await contract_redis.zscore(keys.ADMITTED, "ghost") is None
     assert await store.in_system() == 1
 
 
-async def test_a_started_job_keeps_its_payload_while_it_may_run(store: Store, fake_redis) -> None:
+async def test_a_started_job_keeps_its_payload_while_it_may_run(
+    store: Store, contract_redis
+) -> None:
     """The payload expires QUEUE_TIMEOUT_S after the enqueue only if the job never starts;
     once started it is kept as long as the job may run (regression: llmq-jobs show lost a
     job that ran longer than the queue timeout)."""
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     await store.mark_started(spec("a"), "w1", hold_s=300)
-    assert 300_000 < await fake_redis.pttl(keys.job_key("a")) <= 310_000
-    await fake_redis.pexpire(keys.job_key("a"), 900_000)  # a longer expiry (a batch's) is kept
+    assert 300_000 < await contract_redis.pttl(keys.job_key("a")) <= 310_000
+    await contract_redis.pexpire(keys.job_key("a"), 900_000)  # a longer expiry (a batch's) is kept
     await store.mark_started(spec("a"), "w1", hold_s=300)
-    assert await fake_redis.pttl(keys.job_key("a")) > 800_000
+    assert await contract_redis.pttl(keys.job_key("a")) > 800_000
 
 
-async def test_cancel_before_start_removes_every_trace(store: Store, fake_redis) -> None:
+async def test_cancel_before_start_removes_every_trace(store: Store, contract_redis) -> None:
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     assert await store.cancel(spec("a")) is True
-    assert await fake_redis.exists(keys.job_key("a")) == 0
-    assert await fake_redis.zcard(keys.QUEUE) == 0
+    assert await contract_redis.exists(keys.job_key("a")) == 0
+    assert await contract_redis.zcard(keys.QUEUE) == 0
     assert await store.in_system() == 0
 
 
-async def test_cancel_of_running_job_requests_arq_abort_and_wakes(store: Store, fake_redis) -> None:
+async def test_cancel_of_running_job_requests_arq_abort_and_wakes(
+    store: Store, contract_redis
+) -> None:
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
-    await fake_redis.set(keys.in_progress_key("a"), b"1")
-    pubsub = fake_redis.pubsub()
+    await contract_redis.set(keys.in_progress_key("a"), b"1")
+    pubsub = contract_redis.pubsub()
     await pubsub.subscribe(keys.WAKE_CHANNEL)
     await pubsub.get_message(timeout=1)
     assert await store.cancel(spec("a")) is False
-    assert await fake_redis.zscore(keys.ABORT, "a") is not None
-    assert await fake_redis.zcard(keys.QUEUE) == 1  # arq removes it when the task ends
+    assert await contract_redis.zscore(keys.ABORT, "a") is not None
+    assert await contract_redis.zcard(keys.QUEUE) == 1  # arq removes it when the task ends
     msg = await pubsub.get_message(timeout=1)
     assert msg is not None
     assert msg["data"] == b"a"
     await pubsub.aclose()
 
 
-async def test_queue_depth_counts_only_waiting_jobs(store: Store, fake_redis) -> None:
+async def test_queue_depth_counts_only_waiting_jobs(store: Store, contract_redis) -> None:
     for i in range(4):
         await store.admit(spec(f"j{i}"), limit=10, hold_s=30, expire_s=30)
-    await fake_redis.set(keys.in_progress_key("j1"), b"1")
+    await contract_redis.set(keys.in_progress_key("j1"), b"1")
     assert await store.queue_depth() == 3
     assert await store.in_system() == 4
 
 
-async def test_heartbeats_expire_and_workers_can_leave(store: Store, fake_redis) -> None:
+async def test_heartbeats_expire_and_workers_can_leave(store: Store, contract_redis) -> None:
     info = worker_info("w1", max_active=4, active=1)
     await store.heartbeat(info, ttl_s=30)
     await store.heartbeat(info.model_copy(update={"worker_id": "w2"}), ttl_s=30)
     assert {w.worker_id for w in await store.live_workers()} == {"w1", "w2"}
-    assert 0 < await fake_redis.pttl(keys.worker_key("w2")) <= 30_000
-    await fake_redis.zadd(keys.WORKERS, {"w2": PAST})  # w2 stopped beating
+    assert 0 < await contract_redis.pttl(keys.worker_key("w2")) <= 30_000
+    await contract_redis.zadd(keys.WORKERS, {"w2": PAST})  # w2 stopped beating
     assert [w.worker_id for w in await store.live_workers()] == ["w1"]
-    assert await fake_redis.zscore(keys.WORKERS, "w2") == PAST, "left for the reaper"
+    assert await contract_redis.zscore(keys.WORKERS, "w2") == PAST, "left for the reaper"
     assert (await store.live_workers())[0] == info
     await store.remove_worker("w1")
     assert await store.live_workers() == []
 
 
-async def test_pick_skips_running_and_expired_jobs(store: Store, fake_redis) -> None:
+async def test_pick_skips_running_and_expired_jobs(store: Store, contract_redis) -> None:
     for i in range(4):
         await store.admit(spec(f"j{i}"), limit=10, hold_s=30, expire_s=30)
-    await fake_redis.set(keys.in_progress_key("j0"), b"1")
-    await fake_redis.delete(keys.job_key("j1"))  # expired: its gateway died before it ran
+    await contract_redis.set(keys.in_progress_key("j0"), b"1")
+    await contract_redis.delete(keys.job_key("j1"))  # expired: its gateway died before it ran
     assert await picked(store, 1) == ["j2"]
-    assert 0 < await fake_redis.pttl(keys.in_progress_key("j2")) <= 60_000, "claimed for arq"
+    assert 0 < await contract_redis.pttl(keys.in_progress_key("j2")) <= 60_000, "claimed for arq"
     assert await picked(store, 10) == ["j3"]
     assert await picked(store, 10) == []
 
 
 async def test_pick_returns_queue_scores_and_drops_jobs_no_longer_queued(
-    store: Store, fake_redis
+    store: Store, contract_redis
 ) -> None:
     for name in ("gone", "kept"):
         await store.admit(spec(name), limit=10, hold_s=30, expire_s=30)
-    await fake_redis.zrem(keys.QUEUE, "gone")  # left the queue (arq finished it elsewhere)
+    await contract_redis.zrem(keys.QUEUE, "gone")  # left the queue (arq finished it elsewhere)
     # the gateway that enqueued "kept" has a clock a minute ahead of this worker's
-    await fake_redis.zadd(keys.QUEUE, {"kept": int(time.time() * 1000) + 60_000})
+    await contract_redis.zadd(keys.QUEUE, {"kept": int(time.time() * 1000) + 60_000})
     [(job_id, score)] = await store.pick_jobs(10, in_progress_s=5)
     assert job_id == "kept"
-    assert score == await fake_redis.zscore(keys.QUEUE, "kept")
-    assert not await fake_redis.exists(keys.in_progress_key("gone"))
+    assert score == await contract_redis.zscore(keys.QUEUE, "kept")
+    assert not await contract_redis.exists(keys.in_progress_key("gone"))
     assert await store.depth_by_band() == {"high": 0, "normal": 0, "low": 0}
 
 
@@ -154,46 +158,46 @@ def _worker(worker_id: str) -> p.WorkerInfo:
 
 
 async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(
-    store: Store, fake_redis
+    store: Store, contract_redis
 ) -> None:
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     await store.mark_started(spec("a"), "w1", hold_s=300)
-    assert await fake_redis.hgetall(keys.worker_jobs_key("w1")) == {b"a": b"anonymous"}
+    assert await contract_redis.hgetall(keys.worker_jobs_key("w1")) == {b"a": b"anonymous"}
     await store.release(spec("a"), "w1", None, p.Outcome.COMPLETED)
-    assert json.loads(await fake_redis.get(keys.outcome_key("a"))) == {
+    assert json.loads(await contract_redis.get(keys.outcome_key("a"))) == {
         "outcome": "completed",
         "worker": "w1",
     }
-    assert await fake_redis.hgetall(keys.worker_jobs_key("w1")) == {}
+    assert await contract_redis.hgetall(keys.worker_jobs_key("w1")) == {}
     assert await store.in_system() == 0
 
 
 async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
-    store: Store, fake_redis
+    store: Store, contract_redis
 ) -> None:
     for job in ("run1", "run2", "queued", "other"):
         await store.admit(spec(job), limit=10, hold_s=30, expire_s=30)
     await store.heartbeat(_worker("dead"), ttl_s=30)
     await store.heartbeat(_worker("alive"), ttl_s=30)
     for job, worker in (("run1", "dead"), ("run2", "dead"), ("other", "alive")):
-        await fake_redis.set(keys.in_progress_key(job), b"1")
+        await contract_redis.set(keys.in_progress_key(job), b"1")
         await store.mark_started(spec(job), worker, hold_s=300)
-    pubsub = fake_redis.pubsub()
+    pubsub = contract_redis.pubsub()
     await pubsub.subscribe(keys.events_channel("run1"))
     await pubsub.get_message(timeout=1)
 
     assert await store.reap() == ([], 0), "nobody is dead yet"
-    await fake_redis.zadd(keys.WORKERS, {"dead": PAST})  # its heartbeat expired
+    await contract_redis.zadd(keys.WORKERS, {"dead": PAST})  # its heartbeat expired
     assert [w.worker_id for w in await store.live_workers()] == ["alive"]
     assert await store.reap() == (["dead"], 2)
 
-    assert sorted(await fake_redis.zrange(keys.ADMITTED, 0, -1)) == [b"other", b"queued"]
-    assert sorted(await fake_redis.zrange(keys.QUEUE, 0, -1)) == [b"other", b"queued"]
+    assert sorted(await contract_redis.zrange(keys.ADMITTED, 0, -1)) == [b"other", b"queued"]
+    assert sorted(await contract_redis.zrange(keys.QUEUE, 0, -1)) == [b"other", b"queued"]
     for job in ("run1", "run2"):  # started jobs never run again
-        assert await fake_redis.exists(keys.in_progress_key(job), keys.job_key(job)) == 0
-    assert await fake_redis.exists(keys.job_key("queued")) == 1, "a queued job still runs"
-    assert await fake_redis.exists(keys.worker_jobs_key("dead"), keys.worker_key("dead")) == 0
-    assert await fake_redis.zscore(keys.WORKERS, "dead") is None
+        assert await contract_redis.exists(keys.in_progress_key(job), keys.job_key(job)) == 0
+    assert await contract_redis.exists(keys.job_key("queued")) == 1, "a queued job still runs"
+    assert await contract_redis.exists(keys.worker_jobs_key("dead"), keys.worker_key("dead")) == 0
+    assert await contract_redis.zscore(keys.WORKERS, "dead") is None
     msg = await pubsub.get_message(timeout=1)
     assert msg is not None
     event = p.Event.decode(msg["data"])
@@ -204,13 +208,15 @@ async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
     assert await store.reap() == ([], 0), "idempotent"
 
 
-async def test_arq_reads_an_admitted_job_and_sees_the_picks_claim(store: Store, fake_redis) -> None:
+async def test_arq_reads_an_admitted_job_and_sees_the_picks_claim(
+    store: Store, contract_redis
+) -> None:
     """The admit script writes arq's payload (arq's own serializer) and the pick script
     claims it as arq's start_jobs would: arq's Job API reads both back. (The Lua reads the
     payload's format, and the worker skips arq's claim: an arq change shows here.)"""
     job = spec("a")
     await store.admit(job, limit=5, hold_s=30, expire_s=30)
-    arq_job = Job("a", fake_redis, _queue_name=keys.QUEUE, _deserializer=p.json_loads)
+    arq_job = Job("a", contract_redis, _queue_name=keys.QUEUE, _deserializer=p.json_loads)
     assert await arq_job.status() == JobStatus.queued
     info = await arq_job.info()
     assert info is not None
@@ -221,9 +227,9 @@ async def test_arq_reads_an_admitted_job_and_sees_the_picks_claim(store: Store, 
     assert await arq_job.status() == JobStatus.in_progress, "claimed: arq's in-progress key"
 
 
-async def test_metadata_is_set_only_while_the_record_lives(store: Store, fake_redis) -> None:
-    await fake_redis.hset(keys.stored_key("s"), mapping={"id": "s"})
+async def test_metadata_is_set_only_while_the_record_lives(store: Store, contract_redis) -> None:
+    await contract_redis.hset(keys.stored_key("s"), mapping={"id": "s"})
     assert await store.records.set_metadata("s", {"team": "a"})
-    assert await fake_redis.hget(keys.stored_key("s"), "metadata") == b'{"team": "a"}'
+    assert await contract_redis.hget(keys.stored_key("s"), "metadata") == b'{"team": "a"}'
     assert not await store.records.set_metadata("gone", {"team": "a"})
-    assert await fake_redis.exists(keys.stored_key("gone")) == 0, "no record recreated"
+    assert await contract_redis.exists(keys.stored_key("gone")) == 0, "no record recreated"

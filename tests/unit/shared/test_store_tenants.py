@@ -53,14 +53,14 @@ async def test_rpm_bucket_refuses_with_the_time_until_a_request_fits(store: Stor
 
 
 async def test_tpm_is_taken_at_admission_and_corrected_with_exact_usage(
-    store: Store, fake_redis
+    store: Store, contract_redis
 ) -> None:
     first = spec("t0", tpm=1000, estimate=600)
     assert await admit(store, first) == AdmitStatus.ADMITTED
     assert await admit(store, spec("t1", tpm=1000, estimate=600)) == AdmitStatus.TPM
     await store.mark_started(first, "w", hold_s=300)
     await store.release(first, "w", 100, p.Outcome.COMPLETED)  # it used 100, not 600: 500 come back
-    left = float(await fake_redis.hget(keys.tenant_tpm_key("a"), "t"))
+    left = float(await contract_redis.hget(keys.tenant_tpm_key("a"), "t"))
     assert 890 <= left <= 1000
     assert await admit(store, spec("t1", tpm=1000, estimate=600)) == AdmitStatus.ADMITTED
 
@@ -71,13 +71,15 @@ async def test_per_key_limits_come_before_the_global_bound(store: Store) -> None
     assert await admit(store, spec("y0", tenant="b"), limit=1) == AdmitStatus.FULL
 
 
-async def test_cancel_removes_the_job_from_its_tenant_and_band(store: Store, fake_redis) -> None:
+async def test_cancel_removes_the_job_from_its_tenant_and_band(
+    store: Store, contract_redis
+) -> None:
     s = spec("c0", band=HIGH)
     assert await admit(store, s, max_concurrent=1) == AdmitStatus.ADMITTED
     assert await store.depth_by_band() == {"high": 1, "normal": 0, "low": 0}
     assert await store.cancel(s) is True
     assert await store.depth_by_band() == {"high": 0, "normal": 0, "low": 0}
-    assert await fake_redis.zcard(keys.tenant_admitted_key("a")) == 0
+    assert await contract_redis.zcard(keys.tenant_admitted_key("a")) == 0
     assert await picked(store, 5) == []
 
 
@@ -103,12 +105,14 @@ async def test_within_a_band_the_key_served_least_recently_goes_first(store: Sto
     assert await picked(store, 5) == ["b2", "a2", "b3", "a3"], "both backlogged: turns"
 
 
-async def test_reaper_gives_back_the_dead_workers_places_per_key(store: Store, fake_redis) -> None:
+async def test_reaper_gives_back_the_dead_workers_places_per_key(
+    store: Store, contract_redis
+) -> None:
     s = spec("d0")
     assert await admit(store, s, max_concurrent=1) == AdmitStatus.ADMITTED
     info = worker_info("dead", max_active=1, active=1)
     await store.heartbeat(info, ttl_s=30)
     await store.mark_started(s, "dead", hold_s=300)
-    await fake_redis.zadd(keys.WORKERS, {"dead": 1})
+    await contract_redis.zadd(keys.WORKERS, {"dead": 1})
     assert await store.reap() == (["dead"], 1)
     assert await admit(store, spec("d1"), max_concurrent=1) == AdmitStatus.ADMITTED

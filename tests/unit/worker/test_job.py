@@ -18,9 +18,10 @@ from llmq.shared.batches import BatchStore
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker.engine import EngineClient
-from llmq.worker.job import RUNTIME, Runtime, chat
+from llmq.worker.job import chat
 from llmq.worker.metrics import WorkerMetrics
 from llmq.worker.outbox import Outbox
+from llmq.worker.runtime import RUNTIME, Runtime
 from tests.support.clients import sse_bytes as sse
 from tests.support.fake_engine import Handler, fake_engine
 

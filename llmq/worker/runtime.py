@@ -1,0 +1,51 @@
+"""What a worker's jobs share: the ``Runtime`` (settings, Redis, engine client, metrics,
+outbox, what the engine said of itself), built once per process and kept in arq's ``ctx``.
+
+Its own module so that the chat job (``job``) and the batch request (``batch``) both use it
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmq.shared.batches import BatchStore
+from llmq.shared.protocol import JobSpec
+from llmq.shared.settings import Settings
+from llmq.shared.store import Store
+from llmq.worker.engine import EngineClient
+from llmq.worker.metrics import WorkerMetrics
+from llmq.worker.outbox import Outbox
+
+# The one key of arq's per-worker ``ctx`` dict this service uses: arq hands ``ctx`` to every
+# job function, and the job finds the worker's Runtime under it.
+RUNTIME = "llmq_runtime"
+
+
+@dataclass
+class Runtime:
+    """What a job needs, built once per worker process and kept in arq's ``ctx``."""
+
+    settings: Settings
+    store: Store
+    batches: BatchStore
+    engine: EngineClient
+    metrics: WorkerMetrics
+    outbox: Outbox
+    active: int = 0
+    models: tuple[str, ...] = ()
+    max_model_len: int = 0  # the engine's context length, as /v1/models says
+    engine_ready: bool = False
+    auto_tools: bool | None = None  # the engine takes tool_choice "auto" (None: not known)
+    # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
+    unreleased: dict[str, JobSpec] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+
+
+def runtime_of(ctx: dict[str, Any]) -> Runtime:
+    rt = ctx[RUNTIME]
+    if not isinstance(rt, Runtime):  # pragma: no cover - a wiring error, not a job error
+        raise TypeError(f"ctx[{RUNTIME!r}] is {type(rt).__name__}, not Runtime")
+    return rt
