@@ -9,7 +9,8 @@ The connection is supervised by its one reader task:
   connection: its check makes whichever coroutine sends the next command (a request's
   SUBSCRIBE) also *read* the PING reply, racing the reader ("read() called while another
   coroutine is already waiting"): after an idle spell, one request in a few got a 500.
-  Liveness is checked by the reader itself instead: when the connection has been silent
+  Liveness is checked by the reader itself instead (``shared.pubsub.listen``, as the
+  worker's wake listener does): when the connection has been silent
   for ``PING_S`` it sends PING, and no answer within ``DEAD_AFTER_S`` counts as lost (a
   frozen Redis never closes the socket).
 - When the connection is lost, subscriptions that have seen events fail at once with
@@ -32,13 +33,12 @@ from redis.exceptions import RedisError
 from llmq.shared.errors import QueueUnavailable, ServiceError, StreamInterrupted
 from llmq.shared.keys import events_channel
 from llmq.shared.protocol import OUT_OF_BAND, Event
+from llmq.shared.pubsub import listen
 from llmq.shared.tasks import stop_if_cancelled, stop_task
 
 logger = logging.getLogger(__name__)
 
 CONFIRM_TIMEOUT_S = 2.0
-PING_S = 1.0
-DEAD_AFTER_S = 3.0
 _BACKOFF_MAX_S = 1.0  # < the worker's STARTED_WAIT_S: a waiting request is back in time
 _LOST = b""  # queued to a subscription whose events may have been lost
 # Events buffered per stream while its client reads slower than the engine writes. Beyond
@@ -218,20 +218,7 @@ class Subscriptions:
 
     async def _pump(self) -> None:
         """Read and dispatch until the connection fails or stops answering PING."""
-        loop = asyncio.get_running_loop()
-        heard = loop.time()
-        pinged = False
-        while True:
-            msg = await self._pubsub.get_message(timeout=PING_S)
-            now = loop.time()
-            if msg is not None:
-                heard, pinged = now, False
-                self._dispatch(msg)
-            elif now - heard >= DEAD_AFTER_S:
-                raise ConnectionError(f"no answer from Redis for {now - heard:.1f}s")
-            elif not pinged and now - heard >= PING_S:
-                await self._pubsub.ping()
-                pinged = True
+        await listen(self._pubsub, self._dispatch)
 
     async def _lost(self) -> None:
         """Fail the subscriptions that may have missed events; start a fresh connection."""

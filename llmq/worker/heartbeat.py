@@ -12,20 +12,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from llmq.shared.keys import WAKE_CHANNEL
 from llmq.shared.protocol import WorkerInfo
+from llmq.shared.pubsub import listen
 from llmq.shared.store import log_reaped
 from llmq.shared.tasks import stop_if_cancelled
 from llmq.worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-# How often a silent wake-listener connection is pinged, and how long without an answer
-# makes it reconnect.
-_WAKE_PING_S = 1.0
 _BACKOFF_MAX_S = 5.0
 
 
@@ -134,7 +131,7 @@ async def wake_listener(rt: Runtime, wake: Callable[[], None]) -> None:
             await pubsub.subscribe(WAKE_CHANNEL)
             wake()  # anything enqueued while we were not subscribed
             backoff = 0.1
-            await _listen(pubsub, wake)
+            await listen(pubsub, lambda msg: wake() if msg.get("type") == "message" else None)
         except (RedisError, OSError) as exc:
             stop_if_cancelled()
             logger.warning("wake listener lost Redis (%s); resubscribing in %.1fs", exc, backoff)
@@ -142,21 +139,3 @@ async def wake_listener(rt: Runtime, wake: Callable[[], None]) -> None:
             backoff = min(_BACKOFF_MAX_S, backoff * 2)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-async def _listen(pubsub: PubSub, wake: Callable[[], None]) -> None:
-    loop = asyncio.get_running_loop()
-    heard = loop.time()
-    pinged = False
-    while True:
-        msg = await pubsub.get_message(timeout=_WAKE_PING_S)
-        now = loop.time()
-        if msg is not None:
-            heard, pinged = now, False
-            if msg.get("type") == "message":
-                wake()
-        elif not pinged and now - heard >= _WAKE_PING_S:
-            await pubsub.ping()
-            pinged = True
-        elif pinged and now - heard >= 3 * _WAKE_PING_S:
-            raise ConnectionError("no answer to PING on the wake channel")
