@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 
-def page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    """OpenAI's cursor page of ``items`` (read one beyond ``limit`` to know has_more)."""
+def page(items: list[dict[str, Any]], limit: int, *, more: bool = False) -> dict[str, Any]:
+    """OpenAI's cursor page of ``items`` (read one beyond ``limit`` to know has_more, or
+    say ``more`` when the caller knows there are more without building them)."""
     data = items[:limit]
     return {
         "object": "list",
         "data": data,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
-        "has_more": len(items) > limit,
+        "has_more": more or len(items) > limit,
     }

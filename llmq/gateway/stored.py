@@ -98,7 +98,10 @@ async def list_completions(
         want=limit + 1,
         desc=order == "desc",
     )
-    return page([await _completion(st, r) for r in recs[: limit + 1]], limit)
+    # Only the page's completions are assembled (each reads its log); the record found
+    # beyond it just says there are more.
+    items = [await _completion(st, r) for r in recs[:limit]]
+    return page(items, limit, more=len(recs) > limit)
 
 
 def _store_message(job_id: str, index: int, message: dict[str, Any]) -> dict[str, Any]:
@@ -146,6 +149,7 @@ async def update(
 ) -> dict[str, Any]:
     """Replace a stored completion's metadata (the only field OpenAI lets one change)."""
     rec = await owned(st, job_id, tenant)
-    if not await st.store.records.set_metadata(rec.id, req.metadata or {}):
+    metadata = req.metadata or {}
+    if not await st.store.records.set_metadata(rec.id, metadata):
         raise NotFound(f"no stored chat completion {job_id!r} (unknown, expired or not stored)")
-    return await _completion(st, await owned(st, job_id, tenant))
+    return await _completion(st, rec.model_copy(update={"metadata": metadata}))

@@ -195,7 +195,8 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.stored)
     rt.active += 1
     rt.metrics.active.set(rt.active)
-    rt.metrics.pickup.observe(max(0.0, time.time() - spec.enqueued_at_ms / 1000))
+    waited_s = max(0.0, time.time() - spec.enqueued_at_ms / 1000)
+    rt.metrics.pickup.observe(waited_s)
     outcome = Outcome.CANCELLED
     used: list[int] = []  # exact tokens (prompt, completion), when the engine reported them
     t_picked = time.monotonic()
@@ -245,14 +246,13 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         rt.active -= 1
         rt.metrics.active.set(rt.active)
         rt.metrics.jobs.labels(outcome).inc()
-        _log_job(spec, outcome, t_picked, used, rt.settings.worker_id)
+        _log_job(spec, outcome, waited_s, t_picked, used, rt.settings.worker_id)
 
 
 def _log_job(
-    spec: JobSpec, outcome: Outcome, t_picked: float, used: list[int], worker: str
+    spec: JobSpec, outcome: Outcome, waited_s: float, t_picked: float, used: list[int], worker: str
 ) -> None:
     """The job's line in the worker log (as the gateway's access log: metadata only)."""
-    wait_s = max(0.0, time.time() - (time.monotonic() - t_picked) - spec.enqueued_at_ms / 1000)
     record_line(
         jobs_logger,
         "job",
@@ -262,7 +262,7 @@ def _log_job(
             "model": spec.model,
             "band": spec.band.value,
             "outcome": outcome.value,
-            "wait_ms": round(wait_s * 1000, 1),
+            "wait_ms": round(waited_s * 1000, 1),
             "run_ms": round((time.monotonic() - t_picked) * 1000, 1),
             "prompt_tokens": used[0] if used else None,
             "completion_tokens": used[1] if used else None,
