@@ -155,7 +155,8 @@ async def worker_kill(rig: Rig, a: argparse.Namespace) -> Row:
         store = redis.Redis(port=rig.redis.port)
 
         async def reclaimed() -> bool:
-            return int(cast(int, store.zcard("llmq:admitted"))) == 0
+            places = [cast(int, store.zcard(k)) for k in store.scan_iter("llmq:model:*:admitted")]
+            return sum(places) == 0
 
         places = await _until(reclaimed)
         store.close()

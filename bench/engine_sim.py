@@ -30,7 +30,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import uvicorn
@@ -42,7 +42,8 @@ from starlette.routing import Route
 
 @dataclass
 class SimConfig:
-    model: str = "sim-model"
+    model: str = "sim-model"  # served names, comma-separated (vLLM's --served-model-name)
+    adapters: str = ""  # LoRA adapters, comma-separated: listed with parent = the first name
     ttft_ms: float = 20.0
     itl_ms: float = 10.0
     tokens: int = 64
@@ -61,6 +62,8 @@ class SimStats:
     running: int = 0
     failures_injected: int = 0
     probes: int = 0  # the worker's capability probes (PROBE_HEADER), not in ``requests``
+    by_model: dict[str, int] = field(default_factory=dict)  # requests per model asked for
+    not_found: int = 0  # requests for a model this engine does not serve (answered 404)
 
 
 class DroppedStream(Exception):
@@ -132,10 +135,20 @@ PROBE_HEADER = "x-llmq-probe"
 class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
+        self.names = [m for m in config.model.split(",") if m]
+        self.adapters = [a for a in config.adapters.split(",") if a]
+        self.served = set(self.names) | set(self.adapters)
         self.stats = SimStats()
         self.holds = Holds()
         # The "tag" knob of each request, in the order they reached the engine (bounded).
         self.tags: collections.deque[str] = collections.deque(maxlen=10_000)
+
+    def _serves(self, model: str, *, probe: bool) -> bool:
+        """Whether this engine serves ``model``; counted per model (probes apart)."""
+        if not probe:
+            self.stats.by_model[model] = self.stats.by_model.get(model, 0) + 1
+            self.stats.not_found += model not in self.served
+        return model in self.served
 
     def knobs(self, body: dict[str, Any]) -> dict[str, Any]:
         over = body.get("sim") or {}
@@ -157,6 +170,7 @@ class Simulator:
             "tag": over.get("tag"),
             "say": str(over.get("say", "tok")),
             "fail_message": over.get("fail_message"),
+            "model": str(body.get("model")),
         }
 
     async def chat(self, request: Request) -> Response:
@@ -169,7 +183,7 @@ class Simulator:
             messages = body["messages"]
         except (ValueError, KeyError):
             return _error(400, "invalid body")
-        if body.get("model") != self.config.model:
+        if not self._serves(str(body.get("model")), probe=bool(request.headers.get(PROBE_HEADER))):
             return _error(404, f"The model `{body.get('model')}` does not exist.")
         auto = body.get("tools") and body.get("tool_choice", "auto") == "auto"
         if auto and not self.config.auto_tools:  # vLLM's own words
@@ -188,7 +202,7 @@ class Simulator:
             return _error(int(k["fail_status"] or self.config.fail_status), message)
         if k["hang"]:
             await asyncio.sleep(3600)
-        rid = "chatcmpl-sim" + str(self.stats.requests)
+        rid = f"chatcmpl-sim{self.stats.requests}@{k['model']}"  # the model after "@"
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
@@ -212,7 +226,7 @@ class Simulator:
                 "id": rid,
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": self.config.model,
+                "model": k["model"],
                 "choices": [
                     {
                         "index": 0,
@@ -234,7 +248,7 @@ class Simulator:
             "id": rid,
             "object": "chat.completion.chunk",
             "created": int(time.time()),
-            "model": self.config.model,
+            "model": rid.partition("@")[2],
             "choices": choices,
             **extra,
         }
@@ -293,20 +307,18 @@ class Simulator:
             self.stats.running -= 1
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.config.model,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "sim",
-                        "max_model_len": self.config.max_model_len,
-                    }
-                ],
-            }
-        )
+        """As vLLM lists them: each served name, then each adapter with its ``parent``."""
+        base = self.names[0]
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "sim", "root": base,
+             "parent": None, "max_model_len": self.config.max_model_len}
+            for m in self.names
+        ] + [
+            {"id": a, "object": "model", "created": 0, "owned_by": "sim", "root": f"/lora/{a}",
+             "parent": base, "max_model_len": self.config.max_model_len}
+            for a in self.adapters
+        ]  # fmt: skip
+        return JSONResponse({"object": "list", "data": data})
 
     async def get_stats(self, request: Request) -> Response:
         stats = {**asdict(self.stats), "held": dict(self.holds.held), "tags": list(self.tags)}
@@ -330,7 +342,7 @@ class Simulator:
 
     async def metrics(self, request: Request) -> Response:
         return PlainTextResponse(
-            f'vllm:num_requests_running{{model_name="{self.config.model}"}} {self.stats.running}\n'
+            f'vllm:num_requests_running{{model_name="{self.names[0]}"}} {self.stats.running}\n'
         )
 
     async def health(self, request: Request) -> Response:
@@ -360,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     defaults = SimConfig()
-    ap.add_argument("--model", default=defaults.model)
+    ap.add_argument("--model", default=defaults.model, help="served names, comma-separated")
+    ap.add_argument("--adapters", default="", help="LoRA adapter names, comma-separated")
     ap.add_argument("--ttft-ms", type=float, default=defaults.ttft_ms)
     ap.add_argument("--itl-ms", type=float, default=defaults.itl_ms)
     ap.add_argument("--tokens", type=int, default=defaults.tokens)
@@ -375,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     config = SimConfig(
         model=a.model,
+        adapters=a.adapters,
         ttft_ms=a.ttft_ms,
         itl_ms=a.itl_ms,
         tokens=a.tokens,

@@ -25,10 +25,11 @@ from llmq.shared.store import AdmitResult, AdmitStatus, Store, TenantLimits
 _HOLD_GRACE_S = 5.0
 
 
-def admission_limit(settings: Settings, capacity: int) -> int:
-    """N may grow to C + QUEUE_MAX in queue mode, to C in reject mode."""
+def admission_limit(settings: Settings, capacity: int, model: str = "") -> int:
+    """The model's N may grow to C + its queue places in queue mode, to C in reject mode
+    (C: the slots of the live ready workers serving it)."""
     if settings.queue_mode == "queue":
-        return capacity + settings.queue_max
+        return capacity + settings.queue_max_for(model)
     return capacity
 
 
@@ -39,17 +40,18 @@ class Admission:
         self._registry = registry
 
     def check_ready(self, model: str) -> int:
-        """Capacity for ``model``; raises 503 when no engine is ready, 404 for unknown models."""
+        """Capacity for ``model`` (a served name: aliases resolved); 404 for a model no
+        worker serves or served lately, 503 when none of its engines is ready."""
         reg = self._registry
         if not reg.redis_ok:
             raise QueueUnavailable.because(reg.redis_error)
-        if not reg.ready():
-            raise EngineUnavailable("no live worker with a ready engine; try again shortly")
-        if model not in reg.models():
+        if not reg.known(model):
+            if not any(w.models for w in reg.workers):  # no engine has said what it serves
+                raise EngineUnavailable("no live worker with a ready engine; try again shortly")
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         capacity = reg.capacity(model)
         if capacity == 0:
-            raise EngineUnavailable(f"no ready engine serves `{model}` right now")
+            raise EngineUnavailable(f"no live worker with a ready engine serves `{model}` now")
         return capacity
 
     async def admit(
@@ -61,7 +63,7 @@ class Admission:
         idempotency: tuple[str, str] | None = None,
         messages: str = "",
     ) -> AdmitResult:
-        """Try to admit and enqueue atomically (the tenant's limits, then the global bound),
+        """Try to admit and enqueue atomically (the tenant's limits, then the model's bound),
         with a stored job's record and its Idempotency-Key (see ``Store.admit``).
 
         ``ratelimit_headers(result, tenant)`` describes the key's budget either way; then
@@ -70,7 +72,7 @@ class Admission:
         s = self._settings
         result = await self._store.admit(
             spec,
-            limit=admission_limit(s, capacity),
+            limit=admission_limit(s, capacity, spec.model),
             hold_s=s.queue_timeout_s + _HOLD_GRACE_S,
             expire_s=s.queue_timeout_s,
             tenant=TenantLimits(tenant.max_concurrent, tenant.rpm),
@@ -108,10 +110,13 @@ class Admission:
             return ServiceError(f"job id {spec.id} already exists; retry")
         if s.queue_mode == "queue":
             return QueueFull(
-                f"queue full ({result.in_system} jobs admitted); retry later",
+                f"queue full for `{spec.model}` ({result.in_system} jobs admitted); retry later",
                 retry_after_s=s.retry_after_s,
             )
-        return ServerBusy(f"all {capacity} slots busy; retry later", retry_after_s=s.retry_after_s)
+        return ServerBusy(
+            f"all {capacity} slots of `{spec.model}` busy; retry later",
+            retry_after_s=s.retry_after_s,
+        )
 
 
 def _duration(ms: int) -> str:

@@ -19,6 +19,7 @@ from llmq.gateway.metrics import GatewayMetrics
 from llmq.gateway.middleware import GatewayMiddleware
 from llmq.gateway.registry import WorkerRegistry
 from llmq.gateway.routes import router
+from llmq.gateway.scaling import ModelRow, desired_workers
 from llmq.gateway.state import GatewayState
 from llmq.shared.batches import BatchStore
 from llmq.shared.keystore import KeyStore
@@ -49,7 +50,9 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
     )
     store = Store(redis, settings.store_ttl_s)
     metrics = GatewayMetrics()
-    registry = WorkerRegistry(store, settings.registry_refresh_s)
+    registry = WorkerRegistry(
+        store, settings.registry_refresh_s, settings.model_aliases, settings.model_memory_s
+    )
     return GatewayState(
         settings=settings,
         redis=redis,
@@ -64,21 +67,37 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
 
 
 async def refresh_gauges(st: GatewayState) -> None:
-    """The gauges read from Redis (every replica reports the same truth) and the registry."""
-    m = st.metrics
+    """The gauges read from Redis (every replica reports the same truth) and the registry:
+    each labelled model's load, capacity, drain rate and scaling signal."""
+    m, reg = st.metrics, st.registry
+    models = reg.labelled_models()
     try:
-        m.queue_depth.set(await st.store.queue_depth())
-        m.in_system.set(await st.store.in_system())
-        for band, n in (await st.store.depth_by_band()).items():
-            m.band_depth.labels(band).set(n)
+        loads = await st.store.readings.load(models)
         for status, n in (await st.batches.count_active()).items():
             m.batches.labels(status).set(n)
     except RedisError as exc:
         stop_if_cancelled()
         logger.debug("metrics: cannot read Redis: %s", exc)
-    m.capacity.set(st.registry.capacity())
-    m.workers.set(len(st.registry.workers))
-    m.redis_up.set(1 if st.registry.redis_ok else 0)
+        loads = None
+    if loads is not None:
+        rows = {}
+        for model, load in loads.items():
+            ready = reg.ready(model)
+            capacity = reg.capacity(model)
+            drain = st.drains.update(model, load.done)
+            slots = capacity / len(ready) if ready else st.settings.max_active
+            desired = desired_workers(
+                running=load.running,
+                waiting=load.waiting,
+                drain_per_s=drain,
+                slots_per_worker=slots,
+                target_wait_s=st.settings.scale_target_wait_s,
+            )
+            rows[model] = ModelRow(load, capacity, len(ready), drain, desired)
+        st.drains.forget(set(rows))
+        m.export_models(rows)
+    m.workers.set(len(reg.workers))
+    m.redis_up.set(1 if reg.redis_ok else 0)
 
 
 async def _gauges_loop(st: GatewayState) -> None:

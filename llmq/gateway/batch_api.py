@@ -29,16 +29,16 @@ from llmq.shared.batch_records import (
     FileRecord,
 )
 from llmq.shared.batches import new_id
-from llmq.shared.errors import InvalidRequest, NotFound, ServiceError
+from llmq.shared.errors import InvalidRequest, ModelNotFound, NotFound, ServiceError
 from llmq.shared.settings import Settings
 
 router = APIRouter()
 CHAT = "/v1/chat/completions"
 
 
-def validate_lines(raw: bytes, settings: Settings) -> list[bytes]:
-    """The file's JSONL lines, each a valid batch request; InvalidRequest naming the first
-    bad line (1-based) otherwise."""
+def validate_lines(raw: bytes, settings: Settings) -> tuple[list[bytes], list[str]]:
+    """The file's JSONL lines, each a valid batch request, and the models they name;
+    InvalidRequest naming the first bad line (1-based) otherwise."""
     lines = [line for line in raw.split(b"\n") if line.strip()]
     if not lines:
         raise InvalidRequest("the file holds no request", param="file")
@@ -48,17 +48,20 @@ def validate_lines(raw: bytes, settings: Settings) -> list[bytes]:
             param="file",
         )
     seen: set[str] = set()
+    models: dict[str, None] = {}
     for n, line in enumerate(lines, 1):
         try:
-            seen.add(_check_line(line, settings, seen))
+            custom_id, model = _check_line(line, settings, seen)
+            seen.add(custom_id)
+            models.setdefault(model, None)
         except ServiceError as exc:
             raise InvalidRequest(f"line {n}: {exc.message}", param="file") from None
         except Exception as exc:  # pydantic's errors, as 400s naming the line
             raise InvalidRequest(f"line {n}: {_short(exc)}", param="file") from None
-    return lines
+    return lines, list(models)
 
 
-def _check_line(line: bytes, settings: Settings, seen: set[str]) -> str:
+def _check_line(line: bytes, settings: Settings, seen: set[str]) -> tuple[str, str]:
     try:
         item = json.loads(line)
     except ValueError as exc:
@@ -80,7 +83,7 @@ def _check_line(line: bytes, settings: Settings, seen: set[str]) -> str:
     req = parse_chat_body(json.dumps(body).encode(), settings)
     if req.stream:
         raise InvalidRequest("a batch request cannot stream")
-    return custom_id
+    return custom_id, req.model
 
 
 def _short(exc: Exception) -> str:
@@ -118,8 +121,9 @@ async def create_file(
             'purpose must be "batch" (the only use of files here)', param="purpose"
         )
     raw = await file.read()
-    lines = await anyio.to_thread.run_sync(validate_lines, raw, st.settings)
-    rec = await st.batches.create_file(tenant.name, purpose, file.filename or "input.jsonl", lines)
+    lines, models = await anyio.to_thread.run_sync(validate_lines, raw, st.settings)
+    name = file.filename or "input.jsonl"
+    rec = await st.batches.create_file(tenant.name, purpose, name, lines, models)
     return rec.to_openai()
 
 
@@ -165,6 +169,22 @@ class BatchRequest(BaseModel):
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
 
+def _routes(st: GatewayState, source: FileRecord) -> dict[str, str]:
+    """The served model of each aliased name the file's lines use (MODEL_ALIASES, fixed
+    for the batch's life: workers feed lines by it); 404 for a model nobody serves."""
+    routes = {}
+    for model in json.loads(source.models or "[]"):
+        served = st.registry.resolve(model)
+        if not st.registry.known(served):
+            raise ModelNotFound(
+                f"The model `{model}` (named by the input file) does not exist.",
+                param="input_file_id",
+            )
+        if served != model:
+            routes[model] = served
+    return routes
+
+
 @router.post("/v1/batches")
 async def create_batch(req: BatchRequest, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
     if req.endpoint != CHAT:
@@ -175,6 +195,7 @@ async def create_batch(req: BatchRequest, st: StateDep, tenant: TenantDep) -> di
     source = await _owned_file(st, req.input_file_id, tenant)
     if source.purpose != "batch":
         raise InvalidRequest("the input file is not a batch input", param="input_file_id")
+    routes = _routes(st, source)
     now = int(time.time())
     cap = st.settings.batch_max_inflight
     rec = BatchRecord(
@@ -190,6 +211,7 @@ async def create_batch(req: BatchRequest, st: StateDep, tenant: TenantDep) -> di
         total=source.lines,
         max_inflight=min(cap, tenant.max_concurrent) if tenant.max_concurrent else cap,
         metadata=json.dumps(req.metadata),
+        routes=json.dumps(routes),
     )
     await st.batches.create_batch(rec)
     return rec.to_openai()

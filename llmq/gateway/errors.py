@@ -49,7 +49,9 @@ def error_response(err: ServiceError, extra: Mapping[str, str] | None = None) ->
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    request.app.state.gateway.metrics.reject(exc.code, getattr(request.state, "tenant", None))
+    request.app.state.gateway.metrics.reject(
+        exc.code, getattr(request.state, "tenant", None), getattr(request.state, "model", "")
+    )
     return error_response(exc)
 
 

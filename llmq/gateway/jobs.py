@@ -1,6 +1,7 @@
 """Operator CLI for jobs (console script ``llmq-jobs``; or ``python -m llmq.gateway.jobs``).
 
-    llmq-jobs list             queued jobs (by band, oldest first), then running ones
+    llmq-jobs list             by model: its queued jobs (by band, oldest first), then its
+                               running ones
     llmq-jobs show ID          one job: where it stands, its settings, its stored record
     llmq-jobs cancel ID        a queued job never runs; a running one is aborted
     llmq-jobs purge --queued   cancel every job still waiting (running ones are left alone)
@@ -46,12 +47,18 @@ def _age(ms: int) -> str:
 async def list_jobs(store: Store) -> None:
     queued = await store.records.queued_jobs()
     running = await store.records.running_jobs()
-    for j in queued:
-        print(
-            f"{j.id}  queued   band={j.band.value} key={j.tenant} waiting={_age(j.enqueued_at_ms)}"
-        )
-    for job_id, worker, tenant in running:
-        print(f"{job_id}  running  worker={worker} key={tenant}")
+    models = sorted({j.model for j in queued} | {r[3] for r in running})
+    for model in models:
+        mq = [j for j in queued if j.model == model]
+        mr = [r for r in running if r[3] == model]
+        print(f"model {model or '?'}: {len(mq)} queued, {len(mr)} running")
+        for j in mq:
+            print(
+                f"  {j.id}  queued   band={j.band.value} key={j.tenant} "
+                f"waiting={_age(j.enqueued_at_ms)}"
+            )
+        for job_id, worker, tenant, _ in mr:
+            print(f"  {job_id}  running  worker={worker} key={tenant}")
     print(f"{len(queued)} queued, {len(running)} running", file=sys.stderr)
 
 

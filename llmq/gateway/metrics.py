@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llmq.gateway.scaling import ModelRow
 from llmq.shared.batch_records import ACTIVE as BATCH_ACTIVE
 from llmq.shared.buckets import FAST_BUCKETS, LATENCY_BUCKETS
 from llmq.shared.protocol import BANDS
@@ -36,8 +37,8 @@ class GatewayMetrics:
         )
         self.latency = Histogram(
             "api_request_latency_seconds",
-            "HTTP request latency to the last byte",
-            ["route"],
+            "HTTP request latency to the last byte (model: a chat request's, once known)",
+            ["route", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -49,27 +50,60 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # Per model (labels bounded: WorkerRegistry.labelled_models); read from Redis by the
+        # gauges loop, so every replica reports the same truth.
         self.queue_depth = Gauge(
             "api_queue_depth",
-            "Jobs waiting in Redis (read at scrape time)",
+            "Jobs waiting, by model",
+            ["model"],
             registry=r,
             multiprocess_mode="livemostrecent",
         )
         self.in_system = Gauge(
             "api_jobs_in_system",
-            "Admitted jobs not yet finished, running or waiting (N)",
+            "Admitted jobs not yet finished, running or waiting (N), by model",
+            ["model"],
             registry=r,
             multiprocess_mode="livemostrecent",
         )
         self.capacity = Gauge(
             "api_capacity_slots",
-            "Σ MAX_ACTIVE over live ready workers",
+            "Σ MAX_ACTIVE over live ready workers serving the model",
+            ["model"],
             registry=r,
             multiprocess_mode="livemostrecent",
         )
         self.workers = Gauge(
             "api_live_workers",
             "Workers with a fresh heartbeat",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.running = Gauge(
+            "api_running_jobs",
+            "Admitted jobs not waiting (started), by model",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.model_workers = Gauge(
+            "api_model_ready_workers",
+            "Live workers with a ready engine serving the model",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.drain_rate = Gauge(
+            "api_model_drain_rate",
+            "Jobs of the model ending per second (all workers, smoothed)",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.desired_workers = Gauge(
+            "api_model_desired_workers",
+            "Workers the model needs for its load (the scaling signal; gateway.scaling)",
+            ["model"],
             registry=r,
             multiprocess_mode="livemostrecent",
         )
@@ -82,12 +116,14 @@ class GatewayMetrics:
         self.ttft = Histogram(
             "api_time_to_first_token_seconds",
             "Request arrival to first token",
+            ["model"],
             buckets=FAST_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
             "api_queue_wait_seconds",
             "Admission to worker pickup",
+            ["model"],
             buckets=FAST_BUCKETS,
             registry=r,
         )
@@ -97,11 +133,18 @@ class GatewayMetrics:
         self.prompt_tokens = Counter(
             "api_prompt_tokens", "Prompt tokens of served requests", registry=r
         )
+        self.admissions = Counter(
+            "api_admissions", "Chat requests admitted, by model", ["model"], registry=r
+        )
         self.rejections = Counter(
-            "api_rejections", "Requests refused or ended early, by reason", ["reason"], registry=r
+            "api_rejections",
+            'Requests refused or ended early, by reason and model ("": before a model was '
+            "known: an unknown one, a bad key, a full Redis)",
+            ["reason", "model"],
+            registry=r,
         )
         for reason in REJECTION_REASONS:
-            self.rejections.labels(reason)
+            self.rejections.labels(reason, "")
         # Per tenant: labelled by the API key's *name* (never the secret); the number of
         # keys is bounded by the operator.
         self.tenant_requests = Counter(
@@ -128,13 +171,11 @@ class GatewayMetrics:
         )
         self.band_depth = Gauge(
             "api_queue_depth_band",
-            "Jobs waiting, by priority band",
-            ["band"],
+            "Jobs waiting, by priority band and model",
+            ["band", "model"],
             registry=r,
             multiprocess_mode="livemostrecent",
         )
-        for band in BANDS:
-            self.band_depth.labels(band)
         self.batches = Gauge(
             "api_batches",
             "Batches in flight, by status (read from Redis)",
@@ -144,10 +185,39 @@ class GatewayMetrics:
         )
         for status in BATCH_ACTIVE:
             self.batches.labels(status)
+        self._exported: set[str] = set()  # models with per-model series
 
-    def reject(self, code: str | None, tenant: str | None = None) -> None:
+    def reject(self, code: str | None, tenant: str | None = None, model: str = "") -> None:
         """Count a refusal by its error code; other errors (engine refusals) are not counted."""
         if code in REJECTION_REASONS:
-            self.rejections.labels(code).inc()
+            self.rejections.labels(code, model).inc()
             if tenant:
                 self.tenant_rejections.labels(tenant, code).inc()
+
+    def export_models(self, rows: dict[str, ModelRow]) -> None:
+        """Set the per-model gauges; a model that left the labelled set loses its series."""
+        per_model = (
+            self.queue_depth,
+            self.in_system,
+            self.capacity,
+            self.running,
+            self.model_workers,
+            self.drain_rate,
+            self.desired_workers,
+        )
+        for gone in self._exported - set(rows):
+            for gauge in per_model:
+                gauge.remove(gone)
+            for band in BANDS:
+                self.band_depth.remove(band, gone)
+        for model, row in rows.items():
+            self.queue_depth.labels(model).set(row.load.waiting)
+            self.in_system.labels(model).set(row.load.in_system)
+            self.running.labels(model).set(row.load.running)
+            self.capacity.labels(model).set(row.capacity)
+            self.model_workers.labels(model).set(row.workers)
+            self.drain_rate.labels(model).set(row.drain_per_s)
+            self.desired_workers.labels(model).set(row.desired_workers)
+            for band, n in row.load.waiting_by_band.items():
+                self.band_depth.labels(band, model).set(n)
+        self._exported = set(rows)

@@ -111,7 +111,8 @@ class GatewayMiddleware:
         st.metrics.active.dec()
         route = _route(scope)
         st.metrics.requests.labels(scope["method"], route, str(status)).inc()
-        st.metrics.latency.labels(route).observe(elapsed)
+        model = str(scope.get("state", {}).get("model", ""))  # a chat request's, once known
+        st.metrics.latency.labels(route, model).observe(elapsed)
         _access(scope, route, status, elapsed, sent)
 
 

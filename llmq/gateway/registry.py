@@ -8,7 +8,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from llmq.shared.protocol import WorkerInfo
+from llmq.shared.protocol import ModelCard, WorkerInfo
 from llmq.shared.store import Store, log_reaped
 from llmq.shared.tasks import stop_if_cancelled
 
@@ -23,12 +23,26 @@ class WorkerRegistry:
 
     Stale by at most REGISTRY_REFRESH_S. Capacity only gates admission: the bound itself is
     enforced atomically in Redis, so two gateways with the same view admit the same total.
+
+    Models: what live workers serve (their engines' ``/v1/models``), plus those a worker
+    served within MODEL_MEMORY_S (``llmq:models``): a model whose last worker died is still
+    known (503 engine_unavailable), not unknown (404). MODEL_ALIASES maps public names to
+    served ones.
     """
 
-    def __init__(self, store: Store, refresh_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        refresh_s: float,
+        aliases: dict[str, str] | None = None,
+        memory_s: float = 3600.0,
+    ) -> None:
         self._store = store
         self._refresh_s = refresh_s
+        self.aliases = dict(aliases or {})
+        self._memory_s = memory_s
         self.workers: list[WorkerInfo] = []
+        self.remembered: list[str] = []  # served within MODEL_MEMORY_S, live or not
         self.redis_ok = False
         self.redis_error: RedisError | None = None  # the last refresh's, while not redis_ok
         self.updated_at = 0.0
@@ -36,7 +50,10 @@ class WorkerRegistry:
     async def refresh(self) -> None:
         try:
             log_reaped(logger, *await self._store.reap())
-            self.workers = await self._store.live_workers()
+            readings = self._store.readings
+            self.workers = await readings.live_workers()
+            since_ms = int((time.time() - self._memory_s) * 1000)
+            self.remembered = await readings.models_seen(since_ms)
             self.redis_ok = True
             self.redis_error = None
         except RedisError as exc:
@@ -53,26 +70,54 @@ class WorkerRegistry:
             await self.refresh()
             await asyncio.sleep(self._refresh_s)
 
-    def ready(self) -> list[WorkerInfo]:
-        return [w for w in self.workers if w.engine_ready]
+    def ready(self, model: str | None = None) -> list[WorkerInfo]:
+        """Live workers with a ready engine (serving ``model``)."""
+        return [w for w in self.workers if w.engine_ready and (model is None or model in w.models)]
 
     def capacity(self, model: str | None = None) -> int:
-        """Σ MAX_ACTIVE over live workers with a ready engine (serving ``model``)."""
-        return sum(w.max_active for w in self.ready() if model is None or model in w.models)
+        """Σ MAX_ACTIVE over live workers with a ready engine (serving ``model``). A worker
+        whose engine serves several models counts its slots for each (they share them)."""
+        return sum(w.max_active for w in self.ready(model))
 
     def max_model_len(self, model: str) -> int:
         """The smallest context length of the ready engines serving ``model`` (0: unknown)."""
-        lengths = [w.max_model_len for w in self.ready() if model in w.models and w.max_model_len]
+        lengths = [w.max_model_len for w in self.ready(model) if w.max_model_len]
         return min(lengths, default=0)
 
     def models(self) -> list[str]:
+        """What live workers serve, in the order first seen."""
         seen: dict[str, None] = {}
         for w in self.workers:
             for m in w.models:
                 seen.setdefault(m, None)
         return list(seen)
 
+    def cards(self) -> dict[str, ModelCard]:
+        """Each served model as its engine describes it (the first live worker's card)."""
+        out: dict[str, ModelCard] = {}
+        for w in self.workers:
+            by_id = {c.id: c for c in w.cards}
+            for m in w.models:
+                out.setdefault(m, by_id.get(m) or ModelCard(id=m))
+        return out
+
+    def resolve(self, name: str) -> str:
+        """The served model a request's ``model`` names (MODEL_ALIASES, else itself)."""
+        return self.aliases.get(name, name)
+
+    def known(self, model: str) -> bool:
+        """Served by a live worker, or within MODEL_MEMORY_S, or an alias' target."""
+        return model in self.models() or model in self.remembered or model in self.aliases.values()
+
+    def labelled_models(self) -> list[str]:
+        """The models metrics carry a label for: bounded by the operator's fleet (served
+        now or within MODEL_MEMORY_S, or an alias' target)."""
+        seen = dict.fromkeys(self.models())
+        seen.update(dict.fromkeys(self.remembered))
+        seen.update(dict.fromkeys(self.aliases.values()))
+        return list(seen)
+
     def auto_tools(self, model: str) -> bool:
         """False when a ready engine serving ``model`` said it refuses tool_choice "auto"
         (a job may land on any of them); True otherwise, unknown included."""
-        return not any(w.auto_tools is False for w in self.ready() if model in w.models)
+        return not any(w.auto_tools is False for w in self.ready(model))

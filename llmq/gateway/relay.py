@@ -126,7 +126,7 @@ class JobRelay:
                 raise RequestTimeout("the worker took the job but sent nothing") from None
         t.started = time.monotonic()
         self._raise_if_error(event)  # a cancel while it waited (an out-of-band error)
-        self.metrics.queue_wait.observe(t.started - t.admitted)
+        self.metrics.queue_wait.labels(self.spec.model).observe(t.started - t.admitted)
         self.metrics.band_queue_wait.labels(self.spec.band).observe(t.started - t.admitted)
         try:
             event = await self.sub.next(s.request_timeout_s + self.silence_grace_s)
@@ -135,7 +135,7 @@ class JobRelay:
         self._raise_if_error(event)
         self.finished = event.type in TERMINAL
         t.first = time.monotonic()
-        self.metrics.ttft.observe(t.first - t.arrived)
+        self.metrics.ttft.labels(self.spec.model).observe(t.first - t.arrived)
         return event
 
     async def follow(self, queued_until: float) -> Event:
@@ -185,7 +185,7 @@ class JobRelay:
             elif not self.finished:
                 if client_gone:
                     logger.info("job %s: client gone, cancelling", self.spec.id)
-                    self.metrics.reject("client_cancelled", self.spec.tenant)
+                    self.metrics.reject("client_cancelled", self.spec.tenant, self.spec.model)
                 try:
                     await self.store.cancel(self.spec)
                 except RedisError as exc:  # the worker's orphan check stops it instead
@@ -254,7 +254,7 @@ class JobRelay:
         return [_frame(json.dumps(f, separators=(",", ":"))) for f in frames]
 
     def _error_frame(self, err: ServiceError) -> bytes:
-        self.metrics.reject(err.code, self.spec.tenant)
+        self.metrics.reject(err.code, self.spec.tenant, self.spec.model)
         return _frame(json.dumps(err.body(), separators=(",", ":")))
 
     async def respond(self, first: Event) -> Response:

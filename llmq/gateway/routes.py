@@ -73,11 +73,13 @@ async def _open_relay(
 ) -> tuple[JobRelay, Event]:
     job_id = new_job_id()
     band = band_for(body, tenant.band)
+    body.model = st.registry.resolve(body.model)  # MODEL_ALIASES: the served name
     # An Idempotency-Key implies store: a retry must find the job's events.
     spec = to_job_spec(
         body, job_id, tenant=tenant.name, band=band, tpm=tenant.tpm, store=bool(idempotency)
     )
     capacity = st.admission.check_ready(spec.model)
+    request.state.model = spec.model  # a known model: the metrics' label
     check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
     check_tools(body, st.registry.auto_tools(spec.model))
     if spec.stored:
@@ -103,6 +105,7 @@ async def _open_relay(
         request.state.ratelimit_headers = ratelimit_headers(result, tenant)
         st.admission.raise_unless_admitted(result, spec, capacity, tenant)
         timings.admitted = time.monotonic()
+        st.metrics.admissions.labels(spec.model).inc()
         request.state.request_id = job_id  # a completion exists now: x-request-id is its id
     except BaseException:
         await st.subs.unsubscribe(sub)
@@ -148,16 +151,28 @@ async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) ->
 
 @router.get("/v1/models")
 async def list_models(st: StateDep, tenant: TenantDep) -> dict[str, Any]:
-    if not st.registry.redis_ok:
+    """What live workers serve (base models, extra served names, LoRA adapters with their
+    ``parent``), then the MODEL_ALIASES whose model is served (``root``: that model)."""
+    reg = st.registry
+    if not reg.redis_ok:
         raise QueueUnavailable("cannot read worker heartbeats from Redis")
-    created = int(min((w.started_at for w in st.registry.workers), default=time.time()))
-    return {
-        "object": "list",
-        "data": [
-            {"id": m, "object": "model", "created": created, "owned_by": "llmq"}
-            for m in st.registry.models()
-        ],
-    }
+    created = int(min((w.started_at for w in reg.workers), default=time.time()))
+    cards = reg.cards()
+    data: list[dict[str, Any]] = []
+    for card in cards.values():
+        entry = {"id": card.id, "object": "model", "created": created}
+        entry["owned_by"] = card.owned_by or "llmq"
+        if card.parent:
+            entry["parent"] = card.parent
+        data.append(entry)
+    for alias, target in reg.aliases.items():
+        if target in cards and alias not in cards:
+            owner = cards[target].owned_by or "llmq"
+            data.append(
+                {"id": alias, "object": "model", "created": created, "owned_by": owner,
+                 "root": target}
+            )  # fmt: skip
+    return {"object": "list", "data": data}
 
 
 @router.get("/health")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +12,7 @@ from llmq.gateway.admission import Admission
 from llmq.gateway.events import Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
 from llmq.gateway.registry import WorkerRegistry
+from llmq.gateway.scaling import DrainRates
 from llmq.shared.batches import BatchStore
 from llmq.shared.keystore import KeyStore
 from llmq.shared.settings import Settings
@@ -31,6 +32,7 @@ class GatewayState:
     batches: BatchStore
     draining: bool = False
     active: int = 0  # requests in flight (counted by the ASGI middleware), drained on SIGTERM
+    drains: DrainRates = field(default_factory=DrainRates)  # per model, for the gauges
 
 
 async def get_state(request: Request) -> GatewayState:

@@ -53,6 +53,7 @@ class FileRecord(_Hashed):
     lines: int
     created_at: int
     expires_at: int
+    models: str = ""  # JSON list: the models a batch input's lines name ("": not recorded)
 
     def to_openai(self) -> dict[str, Any]:
         return {
@@ -85,6 +86,7 @@ class BatchRecord(_Hashed):
     max_inflight: int = 1
     ending: str = ""  # "expired" / "cancelled": stop feeding, finalize as that
     metadata: str = "null"  # JSON
+    routes: str = "{}"  # JSON: aliased model name -> served one, fixed at creation
     output_file_id: str | None = None
     error_file_id: str | None = None
     in_progress_at: int | None = None

@@ -58,8 +58,14 @@ class BatchStore:
 
     # -- files -------------------------------------------------------------------------
     async def create_file(
-        self, tenant: str, purpose: str, filename: str, lines: Sequence[bytes]
+        self,
+        tenant: str,
+        purpose: str,
+        filename: str,
+        lines: Sequence[bytes],
+        models: Sequence[str] = (),
     ) -> FileRecord:
+        """A file of JSONL ``lines``; ``models``: those a batch input's lines name."""
         now = int(time.time())
         rec = FileRecord(
             id=new_id("file"),
@@ -70,6 +76,7 @@ class BatchStore:
             lines=len(lines),
             created_at=now,
             expires_at=now + self.file_ttl_ms // 1000,
+            models=json.dumps(list(models)),
         )
         key = keys.file_lines_key(rec.id)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -125,6 +132,7 @@ class BatchStore:
             pipe.hset(keys.batch_key(rec.id), mapping=rec.to_hash())
             pipe.zadd(keys.tenant_batches_key(rec.tenant), {rec.id: rec.created_at * 1000})
             pipe.sadd(keys.ACTIVE_BATCHES, rec.id)
+            pipe.publish(keys.WAKE_CHANNEL, "batch")  # idle workers feed it at once
             await pipe.execute()
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
@@ -171,9 +179,13 @@ class BatchStore:
         ids = await self.redis.smembers(keys.batch_part_key(batch_id, keys.BATCH_INFLIGHT))  # type: ignore[misc]
         return sorted(i.decode() for i in ids)
 
+    async def count_inflight(self, batch_id: str) -> int:
+        return int(await self.redis.scard(keys.batch_part_key(batch_id, keys.BATCH_INFLIGHT)))  # type: ignore[misc]
+
     async def feed(self, rec: BatchRecord, specs: list[p.JobSpec], new_next: int) -> int:
-        """Enqueue the next lines' jobs, unless another worker fed them first."""
-        pairs: list[Any] = []
+        """Enqueue the next lines' jobs (each into its model's queue), unless another worker
+        fed them first."""
+        triples: list[Any] = []
         for spec in specs:
             payload = serialize_job(
                 p.JOB_FUNCTION,
@@ -183,15 +195,13 @@ class BatchStore:
                 spec.enqueued_at_ms,
                 serializer=p.json_dumps,
             )
-            pairs += [spec.id, payload]
+            triples += [spec.id, payload, spec.model]
         now_ms = int(time.time() * 1000)
         out = await self._feed(
             keys={
                 "batch": keys.batch_key(rec.id),
                 "inflight": keys.batch_part_key(rec.id, keys.BATCH_INFLIGHT),
                 "queue": keys.QUEUE,
-                "band_index": keys.band_key(p.Band.LOW),
-                "band_queue": keys.band_queue_key(p.Band.LOW, rec.tenant),
             },
             args={
                 "expected_next": rec.next,
@@ -201,8 +211,9 @@ class BatchStore:
                 "wake": keys.WAKE_CHANNEL,
                 "tenant": rec.tenant,
                 "job_prefix": keys.job_key(""),
+                "model_prefix": keys.MODEL_PREFIX,
             },
-            rest=pairs,
+            rest=triples,
         )
         return int(out)
 
@@ -230,7 +241,9 @@ class BatchStore:
         running = []
         why = JobCancelled(f"batch {rec.id} is {rec.ending or 'ending'}")
         for job_id in await self.inflight(rec.id):
-            job = QueuedJob(job_id, p.Band.LOW, rec.tenant, 0)
+            spec = await store.records.job_spec(job_id)  # None: its payload expired
+            model = spec.model if spec else ""
+            job = QueuedJob(job_id, p.Band.LOW, rec.tenant, 0, model)
             if await store.cancel(job.spec(), why, queued_only=True):
                 await self.redis.srem(keys.batch_part_key(rec.id, keys.BATCH_INFLIGHT), job_id)  # type: ignore[misc]
             else:

@@ -10,20 +10,30 @@ Keys and channels
     llmq:outcome:<id>       string  how a job ended, JSON {"outcome", "worker"}, kept
                                     OUTCOME_TTL_S; never any prompt or completion text
     arq:abort               zset    arq's abort requests
-    llmq:admitted           zset    admitted, unfinished jobs; score = deadline (ms, Redis clock)
+    llmq:models             zset    every model a worker served; score = its last heartbeat (ms)
+    llmq:models:served      zset    model -> when last served (llmq:band:served's counter): the
+                                    order a worker serving several models shares its slots in
+    llmq:model:<m>:admitted zset    the model's admitted, unfinished jobs; score = deadline
+                                    (ms, Redis clock): its bound counts these
+    llmq:model:<m>:done     string  jobs of the model that ended (a counter: the drain rate)
     llmq:workers            zset    live-worker index; score = heartbeat expiry (ms, Redis clock)
     llmq:worker:<id>        hash    heartbeat of one worker (WorkerInfo), with a TTL
-    llmq:worker-jobs:<id>   hash    job id -> tenant, for the jobs a worker started and not ended
+    llmq:worker-jobs:<id>   hash    job id -> JSON [tenant, model], for the jobs a worker
+                                    started and not ended
     llmq:apikeys            hash    API key name -> digest (sha256 of the secret)
     llmq:apikey:<digest>    hash    one API key: name, limits, priority band (ApiKey)
     llmq:tenant:<name>:admitted  zset  the tenant's admitted, unfinished jobs (deadlines)
     llmq:tenant:<name>:rpm  hash    the tenant's request bucket {t: tokens, ts: ms}
     llmq:tenant:<name>:tpm  hash    the tenant's token bucket {t, ts}
-    llmq:band:<band>        zset    tenants with jobs waiting in the band; score = when last
-                                    served (a counter: llmq:band:served; 0 = not since idle)
-    llmq:band:<band>:<name> zset    the tenant's waiting jobs in the band; score = enqueue ms
+    llmq:model:<m>:band:<band>  zset  tenants with jobs for the model waiting in the band;
+                                    score = when last served (a counter: llmq:band:served;
+                                    0 = not since idle)
+    llmq:model:<m>:band:<band>:<name>  zset  the tenant's waiting jobs for the model in the
+                                    band; score = enqueue ms
     llmq:events:<id>        pubsub  the job's events, sequence-numbered (Event)
-    llmq:wake               pubsub  "a job was enqueued or aborted": wakes idle workers
+    llmq:wake               pubsub  wakes idle workers: "model:<m>" (a job for that model
+                                    was enqueued: only its workers wake), anything else (an
+                                    abort, a batch created) wakes every worker
     llmq:stored:<id>        hash    a stored job (StoredJob: owner, status, metadata, ...),
                                     kept STORE_TTL_S; no completion text; its request's
                                     messages (field ``messages``, JSON) only when the
@@ -53,7 +63,6 @@ from __future__ import annotations
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 
 QUEUE = "llmq:queue"
-ADMITTED = "llmq:admitted"
 WORKERS = "llmq:workers"
 WAKE_CHANNEL = "llmq:wake"
 ABORT = abort_jobs_ss
@@ -144,8 +153,11 @@ def idem_key(tenant: str, key_digest: str) -> str:
     return f"llmq:idem:{tenant}:{key_digest}"
 
 
+WORKER_PREFIX = "llmq:worker:"
+
+
 def worker_key(worker_id: str) -> str:
-    return f"llmq:worker:{worker_id}"
+    return WORKER_PREFIX + worker_id
 
 
 WORKER_JOBS_PREFIX = "llmq:worker-jobs:"
@@ -157,8 +169,25 @@ def worker_jobs_key(worker_id: str) -> str:
 
 API_KEYS = "llmq:apikeys"
 TENANT_PREFIX = "llmq:tenant:"
-BAND_PREFIX = "llmq:band:"
-BAND_SERVED = BAND_PREFIX + "served"  # the counter that orders tenants in a band
+BAND_SERVED = "llmq:band:served"  # the counter that orders tenants (and models) in a band
+MODELS = "llmq:models"
+MODELS_SERVED = "llmq:models:served"
+MODEL_PREFIX = "llmq:model:"
+# Parts of a model's keys (MODEL_PREFIX + model + part), also built by the scripts.
+ADMITTED_PART, DONE_PART, BAND_PART = ":admitted", ":done", ":band:"
+WAKE_MODEL = "model:"  # a wake-up for a model's workers: WAKE_MODEL + model
+
+
+def wake_for(model: str) -> str:
+    return WAKE_MODEL + model
+
+
+def model_admitted_key(model: str) -> str:
+    return MODEL_PREFIX + model + ADMITTED_PART
+
+
+def model_done_key(model: str) -> str:
+    return MODEL_PREFIX + model + DONE_PART
 
 
 def api_key_record(digest: str) -> str:
@@ -180,12 +209,13 @@ def tenant_tpm_key(tenant: str) -> str:
     return f"{TENANT_PREFIX}{tenant}:tpm"
 
 
-def band_key(band: str) -> str:
-    return BAND_PREFIX + band
+def band_key(model: str, band: str) -> str:
+    """The model's tenants with jobs waiting in the band."""
+    return MODEL_PREFIX + model + BAND_PART + band
 
 
-BAND_QUEUE_SEP = ":"  # band_key(band) + BAND_QUEUE_SEP + tenant: a tenant's queue in a band
+BAND_QUEUE_SEP = ":"  # band_key(...) + BAND_QUEUE_SEP + tenant: a tenant's queue in a band
 
 
-def band_queue_key(band: str, tenant: str) -> str:
-    return f"{band_key(band)}{BAND_QUEUE_SEP}{tenant}"
+def band_queue_key(model: str, band: str, tenant: str) -> str:
+    return f"{band_key(model, band)}{BAND_QUEUE_SEP}{tenant}"

@@ -50,7 +50,9 @@ end
 """
 
 
-def _literal(value: str | int) -> str:
+def _literal(value: str | int | tuple[str, ...]) -> str:
+    if isinstance(value, tuple):  # a Lua list
+        return "{" + ", ".join(json.dumps(v) for v in value) + "}"
     return str(value) if isinstance(value, int) else json.dumps(str(value))
 
 
@@ -60,7 +62,7 @@ class Script:
     args: tuple[str, ...]
     body: str
     rest: str = ""  # a Lua table of the ARGV after ``args`` (field/value pairs, ids, ...)
-    consts: Mapping[str, str | int] = field(default_factory=dict)
+    consts: Mapping[str, str | int | tuple[str, ...]] = field(default_factory=dict)
     clock: bool = False  # ``now``, from Redis' TIME: hosts with different clocks agree
     bucket: bool = False  # the token bucket functions (needs the clock)
 

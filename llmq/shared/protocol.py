@@ -241,6 +241,38 @@ class StoredJob(BaseModel):
         return JobSpec(**fields, stored=True, body={})
 
 
+def worker_job_owner(raw: bytes | str) -> tuple[str, str]:
+    """(tenant, model) of a running job's entry in ``llmq:worker-jobs:<id>`` (JSON [tenant,
+    model]; a bare tenant from an older worker: model "")."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        tenant, model = json.loads(text)
+        return str(tenant), str(model)
+    except (ValueError, TypeError):
+        return text, ""
+
+
+class ModelCard(BaseModel):
+    """One model as its engine's ``/v1/models`` lists it: a base model, an extra served name
+    or a LoRA adapter (``parent``: the model it adapts, as vLLM reports it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    owned_by: str = ""
+    parent: str | None = None
+    max_model_len: int = 0  # 0: not said
+
+    @staticmethod
+    def from_engine(entry: dict[str, Any]) -> ModelCard:
+        return ModelCard(
+            id=str(entry["id"]),
+            owned_by=str(entry.get("owned_by") or ""),
+            parent=entry.get("parent") or None,
+            max_model_len=int(entry.get("max_model_len") or 0),
+        )
+
+
 class WorkerInfo(BaseModel):
     """One worker's heartbeat, stored as the hash ``llmq:worker:<id>``."""
 
@@ -256,6 +288,7 @@ class WorkerInfo(BaseModel):
     max_model_len: int = 0  # the engine's context length (0: not known)
     # Whether the engine takes tools with tool_choice "auto" (None: not known yet).
     auto_tools: bool | None = None
+    cards: tuple[ModelCard, ...] = ()  # what the engine says of each of ``models``
 
     def to_hash(self) -> dict[str, str]:
         return {
@@ -268,6 +301,7 @@ class WorkerInfo(BaseModel):
             "started_at": f"{self.started_at:.3f}",
             "max_model_len": str(self.max_model_len),
             "auto_tools": {None: "", True: "1", False: "0"}[self.auto_tools],
+            "cards": json.dumps([c.model_dump(exclude_defaults=True) for c in self.cards]),
         }
 
     @staticmethod
@@ -286,4 +320,5 @@ class WorkerInfo(BaseModel):
             started_at=float(h.get("started_at", "0")),
             max_model_len=int(h.get("max_model_len", "0")),
             auto_tools={"1": True, "0": False}.get(h.get("auto_tools", "")),
+            cards=tuple(ModelCard(**c) for c in json.loads(h.get("cards") or "[]")),
         )

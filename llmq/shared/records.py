@@ -22,12 +22,13 @@ class QueuedJob:
     band: p.Band
     tenant: str
     enqueued_at_ms: int
+    model: str
 
     def spec(self) -> p.JobSpec:
         """Enough of the job to cancel it (its payload may have expired)."""
         return p.JobSpec(
             id=self.id,
-            model="",
+            model=self.model,
             stream=False,
             include_usage=False,
             enqueued_at_ms=self.enqueued_at_ms,
@@ -94,23 +95,38 @@ class JobRecords:
             return None
         return p.JobSpec.model_validate(deserialize_job(raw, deserializer=p.json_loads).args[0])
 
-    async def queued_jobs(self) -> list[QueuedJob]:
-        """Every job waiting in a band queue, by band (highest first), oldest first."""
-        out: list[QueuedJob] = []
-        for band in p.BANDS:
-            for raw in await self.redis.zrange(keys.band_key(band), 0, -1):
-                tenant = raw.decode()
-                rows = await self.redis.zrange(
-                    keys.band_queue_key(band, tenant), 0, -1, withscores=True
-                )
-                out += [QueuedJob(i.decode(), p.Band(band), tenant, int(ms)) for i, ms in rows]
-        return sorted(out, key=lambda j: (p.BANDS.index(j.band), j.enqueued_at_ms))
+    async def models(self) -> list[str]:
+        """Every model a worker served (llmq:models), most recently seen first."""
+        return [m.decode() for m in await self.redis.zrevrange(keys.MODELS, 0, -1)]
 
-    async def running_jobs(self) -> list[tuple[str, str, str]]:
-        """(job id, worker id, tenant) of every job a worker started and has not ended."""
+    async def queued_jobs(self) -> list[QueuedJob]:
+        """Every job waiting in a band queue, by model, then band (highest first), oldest
+        first."""
+        out: list[QueuedJob] = []
+        models = sorted(await self.models())
+        for model in models:
+            for band in p.BANDS:
+                for raw in await self.redis.zrange(keys.band_key(model, band), 0, -1):
+                    tenant = raw.decode()
+                    rows = await self.redis.zrange(
+                        keys.band_queue_key(model, band, tenant), 0, -1, withscores=True
+                    )
+                    out += [
+                        QueuedJob(i.decode(), p.Band(band), tenant, int(ms), model)
+                        for i, ms in rows
+                    ]
+        return sorted(
+            out, key=lambda j: (models.index(j.model), p.BANDS.index(j.band), j.enqueued_at_ms)
+        )
+
+    async def running_jobs(self) -> list[tuple[str, str, str, str]]:
+        """(job id, worker id, tenant, model) of every job a worker started and has not
+        ended."""
         out = []
         for raw in await self.redis.zrange(keys.WORKERS, 0, -1):
             worker = raw.decode()
             jobs: dict[bytes, bytes] = await self.redis.hgetall(keys.worker_jobs_key(worker))  # type: ignore[misc]
-            out += [(j.decode(), worker, t.decode()) for j, t in jobs.items()]
+            for job, value in jobs.items():
+                tenant, model = p.worker_job_owner(value)
+                out.append((job.decode(), worker, tenant, model))
         return out

@@ -75,6 +75,24 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, le=86_400)
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After on 429")
 
+    # Fleets: several models (ARCHITECTURE.md, "Models and routing").
+    queue_max_per_model: dict[str, int] = Field(
+        default_factory=dict, description='QUEUE_MAX per model, JSON: {"served-name": 16}'
+    )
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description='public names of served models, JSON: {"gpt-4o-mini": "Qwen2.5-7B-Instruct"}',
+    )
+    model_memory_s: float = Field(
+        3600.0,
+        gt=0,
+        le=30 * 86_400,
+        description="a model no live worker serves is still known (503, not 404) this long",
+    )
+    scale_target_wait_s: float = Field(
+        10.0, gt=0, le=3600, description="the wait the scaling signal sizes a model's workers for"
+    )
+
     # Gateway.
     gateway_host: str = "0.0.0.0"
     gateway_port: int = Field(8080, ge=1, le=65_535)
@@ -133,7 +151,7 @@ class Settings(BaseSettings):
         3 * 86_400, gt=0, description="how long uploaded and result files are kept"
     )
     batch_max_inflight: int = Field(
-        32, ge=1, le=10_000, description="a batch's requests queued or running at once"
+        256, ge=1, le=10_000, description="a batch's requests queued or running at once"
     )
     batch_feed_s: float = Field(0.5, gt=0, le=60, description="how often workers feed batches")
     store_max_tokens: int = Field(
@@ -177,6 +195,27 @@ class Settings(BaseSettings):
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return url
+
+    @field_validator("queue_max_per_model")
+    @classmethod
+    def _check_queue_max_per_model(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(n < 0 for n in value.values()):
+            raise ValueError("queue places cannot be negative")
+        return value
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _check_aliases(cls, value: dict[str, str]) -> dict[str, str]:
+        for alias, target in value.items():
+            if not alias or not target or alias == target:
+                raise ValueError(f"alias {alias!r} must name another, non-empty model")
+            if target in value:
+                raise ValueError(f"alias {alias!r} names an alias ({target!r}): name the model")
+        return value
+
+    def queue_max_for(self, model: str) -> int:
+        """The model's queue places: QUEUE_MAX_PER_MODEL's, else QUEUE_MAX."""
+        return self.queue_max_per_model.get(model, self.queue_max)
 
     def redis_auth(self) -> RedisAuth:
         """redis-py's ``username``/``password`` keywords, when set (a password in REDIS_URL

@@ -18,12 +18,13 @@ from llmq.shared import protocol as p
 from llmq.shared.batch_records import failure_line
 from llmq.shared.errors import JobCancelled, ServiceError, WorkerLost
 from llmq.shared.lua import Registered
+from llmq.shared.readings import Readings
 from llmq.shared.records import JobRecords
 from llmq.shared.scripts import AdmitStatus, CancelResult
 
 __all__ = ["AdmitResult", "AdmitStatus", "Store", "TenantLimits"]
 
-_WORKER_PREFIX = keys.worker_key("")
+_WORKER_PREFIX = keys.WORKER_PREFIX
 _OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
 
 
@@ -106,11 +107,9 @@ class Store:
         self._release = Registered(redis, scripts.RELEASE)
         self._reap = Registered(redis, scripts.REAP)
         self._forget = Registered(redis, scripts.FORGET)
-        self._queue_depth = Registered(redis, scripts.QUEUE_DEPTH)
-        self._depth_by_band = Registered(redis, scripts.DEPTH_BY_BAND)
         self._pick = Registered(redis, scripts.PICK)
         self._heartbeat = Registered(redis, scripts.HEARTBEAT)
-        self._live = Registered(redis, scripts.LIVE_WORKERS)
+        self.readings = Readings(redis)
 
     # -- gateway side ------------------------------------------------------------------
     async def admit(
@@ -148,14 +147,14 @@ class Store:
         )
         out = await self._admit(
             keys={
-                "admitted": keys.ADMITTED,
+                "admitted": keys.model_admitted_key(spec.model),
                 "queue": keys.QUEUE,
                 "job": keys.job_key(spec.id),
                 "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
                 "rpm_bucket": keys.tenant_rpm_key(spec.tenant),
                 "tpm_bucket": keys.tenant_tpm_key(spec.tenant),
-                "band_index": keys.band_key(spec.band),
-                "band_queue": keys.band_queue_key(spec.band, spec.tenant),
+                "band_index": keys.band_key(spec.model, spec.band),
+                "band_queue": keys.band_queue_key(spec.model, spec.band, spec.tenant),
                 "stored": keys.stored_key(spec.id),
                 "idem": keys.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
                 "stored_index": keys.tenant_stored_key(spec.tenant),
@@ -168,6 +167,7 @@ class Store:
                 "job_id": spec.id,
                 "score_ms": spec.enqueued_at_ms,
                 "wake": keys.WAKE_CHANNEL,
+                "wake_message": keys.wake_for(spec.model),
                 "tenant": spec.tenant,
                 "max_concurrent": t.max_concurrent,
                 "rpm": t.rpm,
@@ -196,13 +196,13 @@ class Store:
         )
         result = await self._cancel(
             keys={
-                "admitted": keys.ADMITTED,
+                "admitted": keys.model_admitted_key(spec.model),
                 "queue": keys.QUEUE,
                 "job": keys.job_key(spec.id),
                 "in_progress": keys.in_progress_key(spec.id),
                 "abort": keys.ABORT,
                 "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
-                "band_queue": keys.band_queue_key(spec.band, spec.tenant),
+                "band_queue": keys.band_queue_key(spec.model, spec.band, spec.tenant),
                 "outcome": keys.outcome_key(spec.id),
                 "stored": keys.stored_key(spec.id),
                 "log": keys.log_key(spec.id),
@@ -222,62 +222,48 @@ class Store:
         )
         return CancelResult(int(result)) is CancelResult.NEVER_RAN
 
-    async def queue_depth(self, scan_limit: int = 100_000) -> int:
-        return int(
-            await self._queue_depth(
-                keys={"queue": keys.QUEUE},
-                args={"in_progress_prefix": keys.IN_PROGRESS_PREFIX, "scan_limit": scan_limit},
-            )
-        )
-
-    async def depth_by_band(self) -> dict[str, int]:
-        """Jobs waiting per priority band."""
-        out = await self._depth_by_band(
-            keys={}, args={"band_prefix": keys.BAND_PREFIX}, rest=p.BANDS
-        )
-        return {band: int(n) for band, n in zip(p.BANDS, out, strict=True)}
-
-    async def in_system(self) -> int:
-        return int(await self.redis.zcard(keys.ADMITTED))
-
-    async def live_workers(self) -> list[p.WorkerInfo]:
-        rows: list[list[bytes]] = await self._live(
-            keys={"workers": keys.WORKERS}, args={"worker_prefix": _WORKER_PREFIX}
-        )
-        out = []
-        for row in rows:
-            flat = dict(zip(row[::2], row[1::2], strict=True))
-            out.append(p.WorkerInfo.from_hash(flat))
-        return out
-
     # -- worker side -------------------------------------------------------------------
-    async def pick_jobs(self, limit: int, in_progress_s: float) -> list[tuple[str, int]]:
-        """Up to ``limit`` waiting jobs to start now, each claimed (arq's in-progress key,
-        for ``in_progress_s``): highest band first, and within a band the tenant served
-        least recently (fair queuing); see ``scripts.PICK``. Returns (id, queue score)."""
+    async def pick_jobs(
+        self, models: tuple[str, ...], limit: int, in_progress_s: float
+    ) -> list[tuple[str, int]]:
+        """Up to ``limit`` waiting jobs for ``models`` to start now, each claimed (arq's
+        in-progress key, for ``in_progress_s``): highest band first; within a band the model
+        served least recently, then its tenant served least recently (fair queuing); see
+        ``scripts.PICK``. Returns (id, queue score)."""
+        if not models:
+            return []
         flat: list[Any] = await self._pick(
-            keys={"queue": keys.QUEUE, "served": keys.BAND_SERVED},
+            keys={
+                "queue": keys.QUEUE,
+                "served": keys.BAND_SERVED,
+                "models_served": keys.MODELS_SERVED,
+            },
             args={
                 "in_progress_prefix": keys.IN_PROGRESS_PREFIX,
                 "job_prefix": keys.job_key(""),
-                "band_prefix": keys.BAND_PREFIX,
+                "model_prefix": keys.MODEL_PREFIX,
                 "limit": limit,
                 "claim_ms": max(1, int(in_progress_s * 1000)),
             },
-            rest=p.BANDS,
+            rest=models,
         )
         return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def mark_started(self, spec: p.JobSpec, worker_id: str, hold_s: float) -> None:
         await self._start(
             keys={
-                "admitted": keys.ADMITTED,
+                "admitted": keys.model_admitted_key(spec.model),
                 "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
                 "worker_jobs": keys.worker_jobs_key(worker_id),
                 "stored": keys.stored_key(spec.id),
                 "job": keys.job_key(spec.id),
             },
-            args={"job_id": spec.id, "hold_ms": int(hold_s * 1000), "tenant": spec.tenant},
+            args={
+                "job_id": spec.id,
+                "hold_ms": int(hold_s * 1000),
+                "tenant": spec.tenant,
+                "model": spec.model,
+            },
         )
 
     async def release(
@@ -289,13 +275,14 @@ class Store:
         extra = 0 if tokens_used is None else tokens_used - spec.token_estimate
         await self._release(
             keys={
-                "admitted": keys.ADMITTED,
+                "admitted": keys.model_admitted_key(spec.model),
                 "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
                 "worker_jobs": keys.worker_jobs_key(worker_id),
                 "tpm_bucket": keys.tenant_tpm_key(spec.tenant),
                 "outcome": keys.outcome_key(spec.id),
                 "stored": keys.stored_key(spec.id),
                 "log": keys.log_key(spec.id),
+                "done": keys.model_done_key(spec.model),
             },
             args={
                 "job_id": spec.id,
@@ -312,7 +299,7 @@ class Store:
         """Remove every trace of a job that ended while Redis was unreachable."""
         await self._forget(
             keys={
-                "admitted": keys.ADMITTED,
+                "admitted": keys.model_admitted_key(spec.model),
                 "tenant_admitted": keys.tenant_admitted_key(spec.tenant),
                 "worker_jobs": keys.worker_jobs_key(worker_id),
                 "queue": keys.QUEUE,
@@ -333,8 +320,9 @@ class Store:
         Each reclaimed job's client gets ``worker_lost`` as an out-of-band error event."""
         lost = WorkerLost("the worker running this job stopped (its heartbeat expired)")
         out: list[Any] = await self._reap(
-            keys={"workers": keys.WORKERS, "admitted": keys.ADMITTED, "queue": keys.QUEUE},
+            keys={"workers": keys.WORKERS, "queue": keys.QUEUE},
             args={
+                "model_prefix": keys.MODEL_PREFIX,
                 "worker_prefix": _WORKER_PREFIX,
                 "worker_jobs_prefix": keys.WORKER_JOBS_PREFIX,
                 "job_prefix": keys.job_key(""),
@@ -388,8 +376,16 @@ class Store:
 
     async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
         await self._heartbeat(
-            keys={"worker": keys.worker_key(info.worker_id), "workers": keys.WORKERS},
-            args={"worker_id": info.worker_id, "ttl_ms": int(ttl_s * 1000)},
+            keys={
+                "worker": keys.worker_key(info.worker_id),
+                "workers": keys.WORKERS,
+                "models": keys.MODELS,
+            },
+            args={
+                "worker_id": info.worker_id,
+                "ttl_ms": int(ttl_s * 1000),
+                "models_json": json.dumps(list(info.models)),
+            },
             rest=_flat(info.to_hash()),
         )
 

@@ -45,6 +45,9 @@ from llmq.worker.runtime import RUNTIME, Runtime
 logger = logging.getLogger(__name__)
 
 _BACKOFF_MAX_S = 5.0
+# Feed-and-pick rounds per turn for idle slots: a batch whose next lines are another model's
+# feeds those (its workers are woken) and this worker tries again, a few times per turn.
+_FEED_ROUNDS = 4
 
 
 # Pinned against arq 0.28.0 (pyproject: >=0.28,<0.29). After an upgrade, read arq's new
@@ -152,6 +155,7 @@ class WakeableWorker(Worker):
         self._fallback_s = wake_fallback_s
         self._withdrawing: asyncio.Task[None] | None = None
         self._redis_failures = 0
+        self.feeder = BatchFeeder(runtime)
 
     def wake(self) -> None:
         self._wake_event.set()
@@ -181,8 +185,7 @@ class WakeableWorker(Worker):
         (aborts, finished tasks, its health key). Dead workers are reaped by the heartbeat."""
         free = self.max_jobs - self.job_counter
         if self.allow_pick_jobs and free > 0:
-            picked = await self.runtime.store.pick_jobs(free, self.in_progress_timeout_s)
-            await self._start_claimed(picked)
+            await self._fill(free)
         if self.allow_abort_jobs:
             await self._cancel_aborted_jobs()
         for job_id, task in list(self.tasks.items()):
@@ -193,6 +196,22 @@ class WakeableWorker(Worker):
                 except (RedisError, OSError) as exc:  # arq could not record the outcome
                     logger.warning("job %s: arq lost Redis while finishing it: %s", job_id, exc)
         await self.heart_beat()
+
+    async def _fill(self, free: int) -> None:
+        """Start waiting jobs of this worker's models in the ``free`` slots; slots still
+        idle then take batch lines at once (fed now, not at the feeder's next tick), so a
+        batch fills a model's idle capacity while interactive jobs, in higher bands, keep
+        the first claim on every slot that frees."""
+        rt = self.runtime
+        picked = await rt.store.pick_jobs(rt.models, free, self.in_progress_timeout_s)
+        await self._start_claimed(picked)
+        idle = free - len(picked)
+        for _ in range(_FEED_ROUNDS):
+            if idle <= 0 or not rt.engine_ready or not await self.feeder.fill(idle):
+                return
+            picked = await rt.store.pick_jobs(rt.models, idle, self.in_progress_timeout_s)
+            await self._start_claimed(picked)
+            idle -= len(picked)
 
     async def _start_claimed(self, picked: list[tuple[str, int]]) -> None:
         """arq's ``start_jobs`` for jobs the pick script already claimed: the same slot
@@ -225,7 +244,7 @@ class WakeableWorker(Worker):
             asyncio.create_task(heartbeat_loop(rt), name="heartbeat"),
             asyncio.create_task(probe_loop(rt), name="engine-probe"),
             asyncio.create_task(wake_listener(rt, self.wake), name="wake-listener"),
-            asyncio.create_task(BatchFeeder(rt).run(), name="batch-feeder"),
+            asyncio.create_task(self.feeder.run(), name="batch-feeder"),
         ]
         for task in self.background:
             task.add_done_callback(log_failure)

@@ -1,15 +1,19 @@
 """The worker's part of the Batch API: running one batch request, and feeding batches.
 
-A batch request is an ordinary job in the lowest band (so a free slot always goes to an
-interactive job first, and one waits at most for one job to end), run without a client:
-its answer becomes one line of the batch's results. Batch jobs are not admitted through
-the bound: they never count toward QUEUE_MAX or wait under QUEUE_TIMEOUT_S (their job key
-lives until the batch's window ends), and the feeder keeps at most the batch's
-``max_inflight`` of them queued or running, so a 50k-line batch never floods the queue.
+A batch request is an ordinary job in the lowest band of its line's model (so a free slot
+always goes to an interactive job first, and one waits at most for one job to end), run
+without a client: its answer becomes one line of the batch's results. Batch jobs are not
+admitted through the bound: they never count toward QUEUE_MAX or wait under QUEUE_TIMEOUT_S
+(their job key lives until the batch's window ends).
 
-Every worker process runs a feeder (``BatchFeeder``): each BATCH_FEED_S it looks at the
-active batches; the feed script enqueues a batch's next lines only if nobody fed them first,
-so several feeders enqueue each line once.
+Lines are fed for idle slots: a worker whose free slots found no waiting job feeds that many
+lines at once (``BatchFeeder.fill``, from the worker's turn: woken, not polled) and picks
+them, so a batch fills a model's idle capacity and never floods the queue; the batch's
+``max_inflight`` (BATCH_MAX_INFLIGHT, or its key's max_concurrent) bounds its requests
+queued or running. The feed script enqueues a batch's next lines only if nobody fed them
+first, so several workers enqueue each line once. Every worker also ticks each BATCH_FEED_S
+for the rest of a batch's life: expiry, taking back an ending batch's queued lines,
+finalizing.
 """
 
 from __future__ import annotations
@@ -71,9 +75,10 @@ async def record_cancelled(rt: Runtime, spec: p.JobSpec) -> None:
         logger.warning("batch request %s: could not record its end: %s", spec.id, exc)
 
 
-def _line_spec(rec: BatchRecord, index: int, raw: bytes) -> p.JobSpec:
+def _line_spec(rec: BatchRecord, index: int, raw: bytes, aliases: dict[str, str]) -> p.JobSpec:
     line = json.loads(raw)
     req = ChatCompletionRequest.model_validate(line["body"])
+    req.model = aliases.get(req.model, req.model)  # the served name (the batch's routes)
     spec = to_job_spec(req, keys.batch_job_id(rec.id, index), tenant=rec.tenant, band=p.Band.LOW)
     update = {"batch_id": rec.id, "batch_index": index, "custom_id": str(line["custom_id"])}
     return spec.model_copy(update=update)
@@ -122,22 +127,39 @@ class BatchFeeder:
             return
         if rec.status is not BatchStatus.IN_PROGRESS:
             return
-        room = rec.max_inflight - len(inflight)
-        if rec.next < rec.total and room > 0:
-            await self._feed(rec, room)
-        elif rec.next >= rec.total and not inflight:
+        if rec.next >= rec.total and not inflight:
             await self._finalize(rec)
 
-    async def _feed(self, rec: BatchRecord, room: int) -> None:
+    async def fill(self, idle: int) -> int:
+        """Feed up to ``idle`` lines of the active batches (each within its
+        ``max_inflight``) for the caller's idle slots; returns how many were fed."""
+        fed = 0
+        for batch_id in await self.batches.active():
+            if fed >= idle:
+                break
+            rec = await self.batches.batch(batch_id)
+            if rec is None or rec.status is not BatchStatus.IN_PROGRESS or rec.ending:
+                continue
+            if rec.next >= rec.total or time.time() >= rec.expires_at:  # the tick ends it
+                continue
+            room = min(idle - fed, rec.max_inflight - await self.batches.count_inflight(rec.id))
+            if room > 0:
+                fed += await self._feed(rec, room)
+        return fed
+
+    async def _feed(self, rec: BatchRecord, room: int) -> int:
         stop = min(rec.total, rec.next + room)
         lines = await self.batches.file_lines(rec.input_file_id, rec.next, stop - 1)
         if len(lines) != stop - rec.next:
             logger.warning("batch %s: its input file is gone", rec.id)
             await self.batches.fail(rec, "the input file expired or was deleted")
-            return
-        specs = [_line_spec(rec, rec.next + i, raw) for i, raw in enumerate(lines)]
-        if await self.batches.feed(rec, specs, stop):
-            logger.info("batch %s: fed lines %d..%d", rec.id, rec.next, stop - 1)
+            return 0
+        aliases = json.loads(rec.routes or "{}")
+        specs = [_line_spec(rec, rec.next + i, raw, aliases) for i, raw in enumerate(lines)]
+        fed = await self.batches.feed(rec, specs, stop)
+        if fed:
+            logger.debug("batch %s: fed lines %d..%d", rec.id, rec.next, stop - 1)
+        return fed
 
     async def _finalize(self, rec: BatchRecord) -> None:
         done = await self.batches.finalize(rec)

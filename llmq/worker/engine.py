@@ -18,6 +18,7 @@ import aiohttp
 
 from llmq.shared import sse
 from llmq.shared.errors import EngineUnavailable, UpstreamError
+from llmq.shared.protocol import ModelCard
 from llmq.shared.settings import ENGINE_PROBE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,9 @@ class EngineClient:
         if self._session is not None:
             await self._session.close()
 
-    async def models(self) -> list[tuple[str, int]] | None:
-        """Served models as (id, max_model_len; 0 when not said), or None when the engine
-        does not answer (not ready)."""
+    async def models(self) -> list[ModelCard] | None:
+        """Served models (base models, extra served names, LoRA adapters), or None when the
+        engine does not answer (not ready)."""
         try:
             async with self._http().get(
                 self.base_url + "/v1/models",
@@ -98,7 +99,7 @@ class EngineClient:
             ) as resp:
                 resp.raise_for_status()
                 data = json.loads(await resp.read())
-            return [(m["id"], int(m.get("max_model_len") or 0)) for m in data.get("data", [])]
+            return [ModelCard.from_engine(m) for m in data.get("data", [])]
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
             logger.debug("engine probe failed: %r", exc)
             return None

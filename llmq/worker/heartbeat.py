@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from llmq.shared.keys import WAKE_CHANNEL
+from llmq.shared.keys import WAKE_CHANNEL, WAKE_MODEL
 from llmq.shared.protocol import WorkerInfo
 from llmq.shared.pubsub import listen
 from llmq.shared.store import log_reaped
@@ -36,8 +36,11 @@ async def probe_engine(rt: Runtime) -> None:
         rt.auto_tools = None
     rt.engine_ready = ready
     if models:
-        rt.models = tuple(name for name, _ in models)
-        rt.max_model_len = max(length for _, length in models)
+        if rt.models and tuple(m.id for m in models) != rt.models:
+            logger.info("engine now serves %s", ", ".join(m.id for m in models))
+        rt.cards = tuple(models)
+        rt.models = tuple(m.id for m in models)
+        rt.max_model_len = max(m.max_model_len for m in models)
     rt.metrics.engine_up.set(1 if ready else 0)
 
 
@@ -65,6 +68,7 @@ async def write_heartbeat(rt: Runtime) -> None:
         engine_ready=rt.engine_ready,
         max_model_len=rt.max_model_len,
         auto_tools=rt.auto_tools,
+        cards=rt.cards,
         engine_url=rt.engine.base_url,
         started_at=rt.started_at,
     )
@@ -117,6 +121,18 @@ async def probe_loop(rt: Runtime) -> None:
         await asyncio.sleep(rt.settings.heartbeat_interval_s)
 
 
+def _on_wake(rt: Runtime, msg: dict[str, object], wake: Callable[[], None]) -> None:
+    """A job enqueued for a model wakes only the workers serving it; anything else (an
+    abort, a batch created) wakes every worker."""
+    if msg.get("type") != "message":
+        return
+    data = msg.get("data")
+    text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+    if text.startswith(WAKE_MODEL) and text[len(WAKE_MODEL) :] not in rt.models:
+        return
+    wake()
+
+
 async def wake_listener(rt: Runtime, wake: Callable[[], None]) -> None:
     """Call ``wake()`` for every message on the wake channel; reconnect after errors.
 
@@ -131,7 +147,7 @@ async def wake_listener(rt: Runtime, wake: Callable[[], None]) -> None:
             await pubsub.subscribe(WAKE_CHANNEL)
             wake()  # anything enqueued while we were not subscribed
             backoff = 0.1
-            await listen(pubsub, lambda msg: wake() if msg.get("type") == "message" else None)
+            await listen(pubsub, lambda msg: _on_wake(rt, msg, wake))
         except (RedisError, OSError) as exc:
             stop_if_cancelled()
             logger.warning("wake listener lost Redis (%s); resubscribing in %.1fs", exc, backoff)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmq.shared.batches import BatchStore
-from llmq.shared.protocol import JobSpec
+from llmq.shared.protocol import JobSpec, ModelCard
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker.engine import EngineClient
@@ -35,7 +35,8 @@ class Runtime:
     metrics: WorkerMetrics
     outbox: Outbox
     active: int = 0
-    models: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # what the engine serves: the jobs this worker takes
+    cards: tuple[ModelCard, ...] = ()
     max_model_len: int = 0  # the engine's context length, as /v1/models says
     engine_ready: bool = False
     auto_tools: bool | None = None  # the engine takes tool_choice "auto" (None: not known)

@@ -13,6 +13,7 @@ import redis
 
 from tests.chaos.conftest import OwnRedis
 from tests.support.clients import (
+    admitted,
     assert_drained,
     body,
     release,
@@ -133,7 +134,7 @@ def test_full_redis_refuses_new_requests_with_503_and_recovers(
             assert "memory limit" in resp.json()["error"]["message"]
             assert resp.headers["retry-after"]
         assert rdb.zcard("llmq:queue") == 0
-        assert rdb.zcard("llmq:admitted") == 0
+        assert admitted(rdb) == 0
     finally:
         rdb.config_set("maxmemory", 0)
 

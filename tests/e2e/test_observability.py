@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from local.prometheus_config import SOURCE, localize
+from tests.support.clients import admitted
 from tests.support.stack import BUNDLED_MODEL as MODEL
 from tests.support.stack import ROOT, Proc, Stack, free_port, spawn, wait_for
 
@@ -96,9 +97,7 @@ async def drive_load(url: str, rdb: redis.Redis) -> list[int]:
             *(c.post(url + "/v1/chat/completions", json=long) for _ in range(3))
         )
         # The worker frees the slot just after the last event went out: wait for it.
-        await asyncio.to_thread(
-            wait_for, lambda: rdb.zcard("llmq:admitted") == 0, 30, "the slot to be free"
-        )
+        await asyncio.to_thread(wait_for, lambda: admitted(rdb) == 0, 30, "the slot to be free")
         more = [
             await c.post(url + "/v1/chat/completions", json={**body, "stream": False}),
             await c.post(url + "/v1/chat/completions", json={**body, "model": "nope"}),

@@ -95,7 +95,9 @@ def test_a_job_running_60s_shows_in_list_and_show_throughout(
     t = threading.Thread(target=go, daemon=True)
     t.start()
     wait_held(sim.url, "long", 1)
-    job_id = jobs_cli(stack, "list").stdout.split()[0]
+    listed = jobs_cli(stack, "list").stdout
+    assert listed.startswith("model sim-model: 0 queued, 1 running\n"), "grouped by model"
+    job_id = next(line.split()[0] for line in listed.splitlines() if " running " in line)
     started = time.monotonic()
     checks = 0
     while time.monotonic() - started < 60:

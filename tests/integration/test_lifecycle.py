@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from tests.support.clients import (
+    admitted,
     assert_drained,
     body,
     get_json,
@@ -42,9 +43,7 @@ def test_sigterm_drains_running_and_queued_requests(
                 for _ in range(3)
             ]
             await asyncio.to_thread(wait_held, sim.url, "drain", 1)  # one runs, two queued
-            await asyncio.to_thread(
-                wait_for, lambda: rdb.zcard("llmq:admitted") == 3, 10, "three jobs admitted"
-            )
+            await asyncio.to_thread(wait_for, lambda: admitted(rdb) == 3, 10, "three jobs admitted")
             gw.signal(signal.SIGTERM)
             await asyncio.to_thread(wait_for, draining, 10, "the gateway to drain")
             late = await c.post(gw.url + "/v1/chat/completions", json=body())

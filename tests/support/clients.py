@@ -111,13 +111,18 @@ def wait_held(sim_url: str, name: str, count: int, within: float = 10.0) -> None
     wait_for(lambda: held(sim_url, name) == count, within, f"{count} request(s) held as {name!r}")
 
 
+def admitted(rdb: Any) -> int:
+    """Admitted, unfinished jobs of every model (a sync redis client)."""
+    return sum(int(rdb.zcard(k)) for k in rdb.scan_iter(match="llmq:model:*:admitted"))
+
+
 def assert_drained(rdb: Any, within: float = 3.0) -> None:
     """No admitted place and no queued job left. The worker releases a job's place and arq
     removes it from the queue just after the last event went out, so allow a moment."""
     wait_for(
-        lambda: rdb.zcard("llmq:admitted") == 0 and rdb.zcard("llmq:queue") == 0,
+        lambda: admitted(rdb) == 0 and rdb.zcard("llmq:queue") == 0,
         within,
-        f"Redis to drain (admitted={rdb.zcard('llmq:admitted')}, queue={rdb.zcard('llmq:queue')})",
+        f"Redis to drain (admitted={admitted(rdb)}, queue={rdb.zcard('llmq:queue')})",
     )
 
 

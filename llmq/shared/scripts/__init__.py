@@ -25,7 +25,7 @@ from llmq.shared.scripts.jobs import (
     CancelResult,
 )
 from llmq.shared.scripts.workers import (
-    DEPTH_BY_BAND,
+    DEPTH,
     HEARTBEAT,
     LIVE_WORKERS,
     PICK,
@@ -36,7 +36,7 @@ from llmq.shared.scripts.workers import (
 __all__ = [
     "ADMIT",
     "CANCEL",
-    "DEPTH_BY_BAND",
+    "DEPTH",
     "END",
     "FEED",
     "FORGET",

@@ -33,7 +33,8 @@ _STORED = {"QUEUED": StoredStatus.QUEUED.value, "IN_PROGRESS": StoredStatus.IN_P
 PAYLOAD_SLACK_MS = 10_000
 
 
-# The tenant's limits first (max_concurrent, rpm, tpm), then the global bound; tokens leave
+# The tenant's limits first (max_concurrent, rpm, tpm), then the model's bound (``admitted``
+# is the model's: ``limit`` its slots + queue places); tokens leave
 # the buckets only when the job is admitted. An Idempotency-Key naming an earlier job is
 # answered first (IDEMPOTENT, with "<job id> <body digest>" as an 8th element): a retry
 # starts nothing. Nothing is written before the decision, and the first write (a bucket
@@ -46,9 +47,9 @@ PAYLOAD_SLACK_MS = 10_000
 ADMIT = Script(
     keys=("admitted", "queue", "job", "tenant_admitted", "rpm_bucket", "tpm_bucket",
           "band_index", "band_queue", "stored", "idem", "stored_index"),
-    args=("limit", "hold_ms", "payload", "expire_ms", "job_id", "score_ms", "wake", "tenant",
-          "max_concurrent", "rpm", "tpm", "cost", "store_ttl_ms", "idem_value",
-          "index_horizon_ms"),
+    args=("limit", "hold_ms", "payload", "expire_ms", "job_id", "score_ms", "wake",
+          "wake_message", "tenant", "max_concurrent", "rpm", "tpm", "cost", "store_ttl_ms",
+          "idem_value", "index_horizon_ms"),
     rest="record",
     consts={s.name: s.value for s in AdmitStatus},
     bucket=True,
@@ -97,7 +98,7 @@ if ttl > 0 then
   redis.call('ZREMRANGEBYSCORE', stored_index, '-inf', horizon)
   if idem_value ~= '' then redis.call('SET', idem, idem_value, 'PX', ttl) end
 end
-redis.call('PUBLISH', wake, job_id)
+redis.call('PUBLISH', wake, wake_message)
 n = n + 1
 return answer(ADMITTED, 0)
 """,
@@ -137,15 +138,16 @@ return ABORT_REQUESTED
 """,
 )  # fmt: skip
 
-# A job starts: its deadlines re-armed (self-healing N), which worker runs it and for whom
-# (what the reaper needs if the worker dies); a stored job is in progress. Its payload, which
-# expired QUEUE_TIMEOUT_S after the enqueue (a job that never starts never runs), now lives
+# A job starts: its deadlines re-armed (self-healing N), which worker runs it, for whom and
+# for which model (what the reaper needs if the worker dies); a stored job is in progress.
+# Its payload, which expired QUEUE_TIMEOUT_S after the enqueue (a job that never starts never
+# runs), now lives
 # as long as the job may run (arq deletes it when the job ends): what operators read
 # (llmq-jobs show, GET arq:job:<id>) is there while it runs. A longer expiry (a batch
 # request's window) is kept.
 START = Script(
     keys=("admitted", "tenant_admitted", "worker_jobs", "stored", "job"),
-    args=("job_id", "hold_ms", "tenant"),
+    args=("job_id", "hold_ms", "tenant", "model"),
     consts={**_STORED, "PAYLOAD_SLACK_MS": PAYLOAD_SLACK_MS},
     clock=True,
     body="""
@@ -156,18 +158,20 @@ local keep = tonumber(hold_ms) + PAYLOAD_SLACK_MS
 local ttl = redis.call('PTTL', job)
 if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', job, keep) end
 local deadline = now + tonumber(hold_ms)
-redis.call('HSET', worker_jobs, job_id, tenant)
+redis.call('HSET', worker_jobs, job_id, cjson.encode({tenant, model}))
 redis.call('ZADD', tenant_admitted, 'XX', deadline, job_id)
 return redis.call('ZADD', admitted, 'XX', deadline, job_id)
 """,
 )
 
-# A job ended, whatever the outcome: its places go, the tenant's token bucket is corrected
+# A job ended, whatever the outcome: its places go, its model's ``done`` counter (the drain
+# rate the scaling signal reads) counts it, the tenant's token bucket is corrected
 # with the exact usage (``extra``: tokens used beyond the admission estimate, may be
 # negative); a stored job's record and log are kept STORE_TTL_S from now (``stored_status``
 # "": not stored).
 RELEASE = Script(
-    keys=("admitted", "tenant_admitted", "worker_jobs", "tpm_bucket", "outcome", "stored", "log"),
+    keys=("admitted", "tenant_admitted", "worker_jobs", "tpm_bucket", "outcome", "stored", "log",
+          "done"),
     args=("job_id", "extra", "tpm", "outcome_record", "outcome_ttl_ms", "stored_status",
           "store_ttl_ms"),
     bucket=True,
@@ -180,6 +184,7 @@ end
 redis.call('HDEL', worker_jobs, job_id)
 redis.call('ZREM', tenant_admitted, job_id)
 redis.call('SET', outcome, outcome_record, 'PX', outcome_ttl_ms)
+redis.call('INCR', done)
 local cap, used = tonumber(tpm), tonumber(extra)
 if cap > 0 and used ~= 0 then
   redis.call('HSET', tpm_bucket, 't', math.min(cap, refilled(tpm_bucket, cap) - used), 'ts', now)

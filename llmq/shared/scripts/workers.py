@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from llmq.shared import keys
 from llmq.shared.lua import Script
-from llmq.shared.protocol import StoredStatus
+from llmq.shared.protocol import BANDS, StoredStatus
 
 # Workers whose heartbeat expired are dead: each job they had started loses its places,
 # queue entry, in-progress marker and payload (it never runs again: at most once), gets the
@@ -15,13 +15,14 @@ from llmq.shared.protocol import StoredStatus
 # custom_id (read from arq's payload) filled in, counted as failed, never run again.
 # Idempotent; any process may run it. Returns {dead worker ids..., reaped job count}.
 REAP = Script(
-    keys=("workers", "admitted", "queue"),
-    args=("worker_prefix", "worker_jobs_prefix", "job_prefix", "in_progress_prefix",
+    keys=("workers", "queue"),
+    args=("model_prefix", "worker_prefix", "worker_jobs_prefix", "job_prefix", "in_progress_prefix",
           "events_prefix", "error_event", "tenant_prefix", "outcome_prefix", "outcome_record",
           "outcome_ttl_ms", "stored_prefix", "log_prefix", "store_ttl_ms", "batch_job_prefix",
           "batch_prefix", "failure_line"),
     consts={
         "TENANT_ADMITTED": keys.TENANT_ADMITTED_SUFFIX,
+        "MODEL_ADMITTED": keys.ADMITTED_PART,
         "INFLIGHT": ":" + keys.BATCH_INFLIGHT,
         "ERR": ":" + keys.BATCH_ERR,
         "FAILED": StoredStatus.FAILED.value,
@@ -48,8 +49,10 @@ for _, w in ipairs(dead) do
   local records = worker_jobs_prefix .. w
   local pairs_ = redis.call('HGETALL', records)
   for i = 1, #pairs_, 2 do
-    local id, tenant = pairs_[i], pairs_[i + 1]
-    redis.call('ZREM', admitted, id)
+    local id, tenant, model = pairs_[i], pairs_[i + 1], nil
+    local ok, v = pcall(cjson.decode, tenant)  -- [tenant, model]
+    if ok and type(v) == 'table' then tenant, model = v[1], v[2] end
+    if model then redis.call('ZREM', model_prefix .. model .. MODEL_ADMITTED, id) end
     redis.call('ZREM', tenant_prefix .. tenant .. TENANT_ADMITTED, id)
     redis.call('ZREM', queue, id)
     local bid, index = string.match(id, '^' .. batch_job_prefix .. '(.+)_(%d+)$')
@@ -75,44 +78,60 @@ return dead
 """,
 )  # fmt: skip
 
-# Up to ``limit`` waiting jobs to start: the highest non-empty band first (``bands``, from
-# the highest); within a band, the tenant served least recently (scores are a counter,
-# ``served``, so ties cannot happen; a tenant that just got work queued counts as never
-# served: score 0), that tenant's oldest job. Jobs that expired, already run or left the
-# queue are dropped on the way. Each job returned is claimed in the same step (arq's
-# in-progress key, for ``claim_ms``, as arq's start_jobs would set it in four round trips of
-# its own). Returns {id, queue score, id, queue score, ...}. (The queue score is the
-# gateway's enqueue time: unlike arq, never compared with now, as nothing here is deferred
-# and the gateway's clock may be ahead of the worker's; a job dropped for that was lost.)
+# Up to ``limit`` waiting jobs to start, for the worker's ``models``: the highest band with a
+# waiting job first; within a band, the model served least recently (llmq:models:served), so
+# a worker serving several models shares its slots among them; within the model, the tenant
+# served least recently (scores are a counter, ``served``, so ties cannot happen; a tenant
+# that just got work queued counts as never served: score 0), that tenant's oldest job. Jobs
+# that expired, already run or left the queue are dropped on the way. Each job returned is
+# claimed in the same step (arq's in-progress key, for ``claim_ms``, as arq's start_jobs
+# would set it in four round trips of its own). Returns {id, queue score, id, queue score,
+# ...}. (The queue score is the gateway's enqueue time: unlike arq, never compared with now,
+# as nothing here is deferred and the gateway's clock may be ahead of the worker's; a job
+# dropped for that was lost.)
 PICK = Script(
-    keys=("queue", "served"),
-    args=("in_progress_prefix", "job_prefix", "band_prefix", "limit", "claim_ms"),
-    rest="bands",
-    consts={"SEP": keys.BAND_QUEUE_SEP},
+    keys=("queue", "served", "models_served"),
+    args=("in_progress_prefix", "job_prefix", "model_prefix", "limit", "claim_ms"),
+    rest="models",
+    consts={"SEP": keys.BAND_QUEUE_SEP, "BAND_PART": keys.BAND_PART, "BANDS": BANDS},
     body="""
 local out = {}
 local want = tonumber(limit) * 2
-for _, band in ipairs(bands) do
-  local index = band_prefix .. band
-  while #out < want do
-    local first = redis.call('ZRANGE', index, 0, 0)
-    if #first == 0 then break end
-    local tenant = first[1]
-    local tenant_queue = index .. SEP .. tenant
-    local head = redis.call('ZRANGE', tenant_queue, 0, 0)
-    if #head > 0 then
-      local id = head[1]
-      redis.call('ZREM', tenant_queue, id)
-      local score = tonumber(redis.call('ZSCORE', queue, id))
-      if score and redis.call('EXISTS', job_prefix .. id) == 1
-          and redis.call('EXISTS', in_progress_prefix .. id) == 0 then
-        redis.call('PSETEX', in_progress_prefix .. id, claim_ms, '1')
-        table.insert(out, id)
-        table.insert(out, score)
-        redis.call('ZADD', index, 'XX', redis.call('INCR', served), tenant)
-      end
+for _, band in ipairs(BANDS) do
+  local waiting = {}
+  for _, m in ipairs(models) do
+    local index = model_prefix .. m .. BAND_PART .. band
+    if redis.call('EXISTS', index) == 1 then table.insert(waiting, {m, index}) end
+  end
+  while #out < want and #waiting > 0 do
+    local best, best_score = 1, nil
+    for i, w in ipairs(waiting) do
+      local s = tonumber(redis.call('ZSCORE', models_served, w[1])) or 0
+      if best_score == nil or s < best_score then best, best_score = i, s end
     end
-    if redis.call('ZCARD', tenant_queue) == 0 then redis.call('ZREM', index, tenant) end
+    local model, index = waiting[best][1], waiting[best][2]
+    local first = redis.call('ZRANGE', index, 0, 0)
+    if #first > 0 then
+      local tenant = first[1]
+      local tenant_queue = index .. SEP .. tenant
+      local head = redis.call('ZRANGE', tenant_queue, 0, 0)
+      if #head > 0 then
+        local id = head[1]
+        redis.call('ZREM', tenant_queue, id)
+        local score = tonumber(redis.call('ZSCORE', queue, id))
+        if score and redis.call('EXISTS', job_prefix .. id) == 1
+            and redis.call('EXISTS', in_progress_prefix .. id) == 0 then
+          redis.call('PSETEX', in_progress_prefix .. id, claim_ms, '1')
+          table.insert(out, id)
+          table.insert(out, score)
+          local tick = redis.call('INCR', served)
+          redis.call('ZADD', index, 'XX', tick, tenant)
+          redis.call('ZADD', models_served, tick, model)
+        end
+      end
+      if redis.call('ZCARD', tenant_queue) == 0 then redis.call('ZREM', index, tenant) end
+    end
+    if redis.call('EXISTS', index) == 0 then table.remove(waiting, best) end
   end
   if #out >= want then break end
 end
@@ -120,33 +139,37 @@ return out
 """,
 )
 
-# Waiting jobs per band (as many numbers as ``bands``).
-DEPTH_BY_BAND = Script(
+# Waiting jobs per model and band: for each of ``models``, as many numbers as BANDS.
+DEPTH = Script(
     keys=(),
-    args=("band_prefix",),
-    rest="bands",
-    consts={"SEP": keys.BAND_QUEUE_SEP},
+    args=("model_prefix",),
+    rest="models",
+    consts={"SEP": keys.BAND_QUEUE_SEP, "BAND_PART": keys.BAND_PART, "BANDS": BANDS},
     body="""
 local out = {}
-for _, band in ipairs(bands) do
-  local index = band_prefix .. band
-  local waiting = 0
-  for _, tenant in ipairs(redis.call('ZRANGE', index, 0, -1)) do
-    waiting = waiting + redis.call('ZCARD', index .. SEP .. tenant)
+for _, m in ipairs(models) do
+  for _, band in ipairs(BANDS) do
+    local index = model_prefix .. m .. BAND_PART .. band
+    local waiting = 0
+    for _, tenant in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+      waiting = waiting + redis.call('ZCARD', index .. SEP .. tenant)
+    end
+    table.insert(out, waiting)
   end
-  table.insert(out, waiting)
 end
 return out
 """,
 )
 
-# One worker's heartbeat (``fields``: field/value pairs), live for ``ttl_ms``.
+# One worker's heartbeat (``fields``: field/value pairs), live for ``ttl_ms``; the models it
+# serves (``models_json``, a JSON list) are remembered in ``models`` as seen now.
 HEARTBEAT = Script(
-    keys=("worker", "workers"),
-    args=("worker_id", "ttl_ms"),
+    keys=("worker", "workers", "models"),
+    args=("worker_id", "ttl_ms", "models_json"),
     rest="fields",
     clock=True,
     body="""
+for _, m in ipairs(cjson.decode(models_json)) do redis.call('ZADD', models, now, m) end
 redis.call('DEL', worker)
 redis.call('HSET', worker, unpack(fields))
 redis.call('PEXPIRE', worker, ttl_ms)

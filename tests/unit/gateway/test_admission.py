@@ -50,6 +50,53 @@ def test_limit_per_mode() -> None:
     assert admission_limit(Settings(queue_mode="reject", queue_max=5), 4) == 4
 
 
+def test_queue_max_per_model_overrides_queue_max() -> None:
+    s = Settings(queue_mode="queue", queue_max=5, queue_max_per_model={"big": 50, "none": 0})
+    assert admission_limit(s, 4, "big") == 54
+    assert admission_limit(s, 4, "none") == 4
+    assert admission_limit(s, 4, "other") == 9
+    reject = Settings(queue_mode="reject", queue_max_per_model={"big": 50})
+    assert admission_limit(reject, 4, "big") == 4, "reject mode has no queue places"
+
+
+def test_capacity_and_readiness_are_per_model(store: Store) -> None:
+    a = admission(store, [worker("a", models=("m",)), worker("b", ready=False, models=("b",))])
+    assert a.check_ready("m") == 2
+    with pytest.raises(EngineUnavailable) as exc:
+        a.check_ready("b")  # known (its worker lists it), its engine not ready
+    assert "`b`" in exc.value.message
+    with pytest.raises(ModelNotFound):
+        a.check_ready("nope")
+
+
+def test_a_model_whose_workers_died_is_503_until_forgotten(store: Store) -> None:
+    """llmq:models remembers what was served (MODEL_MEMORY_S): 503, not 404."""
+    a = admission(store, [worker("a", models=("m",))])
+    a._registry.remembered = ["m", "gone"]
+    with pytest.raises(EngineUnavailable):
+        a.check_ready("gone")
+    a._registry.remembered = ["m"]
+    with pytest.raises(ModelNotFound):
+        a.check_ready("gone")
+
+
+def test_aliases_resolve_to_served_models_and_count_as_known(store: Store) -> None:
+    reg = WorkerRegistry(store, 1, aliases={"gpt-4o-mini": "m", "later": "unserved"})
+    reg.workers = [worker("a", models=("m", "m-lora"))]
+    reg.redis_ok = True
+    assert reg.resolve("gpt-4o-mini") == "m"
+    assert reg.resolve("m-lora") == "m-lora"
+    assert reg.known("unserved"), "an alias' target is the operator's: 503 until served"
+    assert reg.labelled_models() == ["m", "m-lora", "unserved"]
+
+
+def test_aliases_must_name_models_not_aliases() -> None:
+    with pytest.raises(ValueError, match="names an alias"):
+        Settings(model_aliases={"a": "b", "b": "m"})
+    with pytest.raises(ValueError, match="another"):
+        Settings(model_aliases={"a": "a"})
+
+
 def test_capacity_counts_only_ready_workers_serving_the_model(store: Store) -> None:
     a = admission(
         store,

@@ -65,7 +65,7 @@ def test_redis_outage_is_503_queue_unavailable(
     assert health.status_code == 503
     assert health.json()["redis"] is False
     metrics = generate_latest(client.app.state.gateway.metrics.registry).decode()  # type: ignore[attr-defined]
-    assert 'api_rejections_total{reason="queue_unavailable"} 1.0' in metrics
+    assert 'api_rejections_total{model="m",reason="queue_unavailable"} 1.0' in metrics
 
 
 def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:

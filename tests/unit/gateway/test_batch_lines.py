@@ -24,9 +24,11 @@ def item(custom_id: str, **body: object) -> bytes:
     return json.dumps(line).encode()
 
 
-def test_good_lines_come_back_blank_lines_skipped() -> None:
-    raw = item("a") + b"\n\n" + item("b", max_tokens=5) + b"\n"
-    assert validate_lines(raw, SETTINGS) == [item("a"), item("b", max_tokens=5)]
+def test_good_lines_come_back_blank_lines_skipped_with_their_models() -> None:
+    raw = item("a") + b"\n\n" + item("b", max_tokens=5) + b"\n" + item("c", model="other")
+    lines, models = validate_lines(raw, SETTINGS)
+    assert lines == [item("a"), item("b", max_tokens=5), item("c", model="other")]
+    assert models == ["m", "other"]
 
 
 @pytest.mark.parametrize(

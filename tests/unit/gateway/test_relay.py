@@ -138,7 +138,7 @@ async def test_silent_worker_times_out_and_cancels() -> None:
 
 
 def rejections(r: JobRelay, reason: str) -> float:
-    value: float = r.metrics.rejections.labels(reason)._value.get()
+    value: float = r.metrics.rejections.labels(reason, r.spec.model)._value.get()
     return value
 
 

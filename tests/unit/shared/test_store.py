@@ -27,7 +27,7 @@ def spec(job_id: str) -> p.JobSpec:
 
 async def picked(store: Store, limit: int) -> list[str]:
     """Ids the pick script returns (and claims)."""
-    return [job_id for job_id, _score in await store.pick_jobs(limit, in_progress_s=60)]
+    return [job_id for job_id, _score in await store.pick_jobs(("m",), limit, in_progress_s=60)]
 
 
 async def test_admit_enqueues_json_job_until_the_limit(store: Store, contract_redis) -> None:
@@ -51,19 +51,21 @@ async def test_admit_refuses_a_duplicate_id(store: Store) -> None:
 async def test_places_of_dead_jobs_heal_after_their_hold(store: Store, contract_redis) -> None:
     await store.admit(spec("a"), limit=1, hold_s=30, expire_s=30)
     assert not (await store.admit(spec("b"), limit=1, hold_s=30, expire_s=30)).admitted
-    await contract_redis.zadd(keys.ADMITTED, {"a": PAST})  # its hold ran out (its gateway died)
+    await contract_redis.zadd(
+        keys.model_admitted_key("m"), {"a": PAST}
+    )  # its hold ran out (its gateway died)
     assert (await store.admit(spec("b"), limit=1, hold_s=30, expire_s=30)).admitted
-    assert await contract_redis.zrange(keys.ADMITTED, 0, -1) == [b"b"]
+    assert await contract_redis.zrange(keys.model_admitted_key("m"), 0, -1) == [b"b"]
 
 
 async def test_mark_started_rearms_only_admitted_jobs(store: Store, contract_redis) -> None:
     await store.admit(spec("a"), limit=5, hold_s=1, expire_s=30)
-    held_until = await contract_redis.zscore(keys.ADMITTED, "a")
+    held_until = await contract_redis.zscore(keys.model_admitted_key("m"), "a")
     await store.mark_started(spec("a"), "w1", hold_s=300)
     await store.mark_started(spec("ghost"), "w1", hold_s=300)
-    assert await contract_redis.zscore(keys.ADMITTED, "a") >= held_until + 250_000
-    assert await contract_redis.zscore(keys.ADMITTED, "ghost") is None
-    assert await store.in_system() == 1
+    assert await contract_redis.zscore(keys.model_admitted_key("m"), "a") >= held_until + 250_000
+    assert await contract_redis.zscore(keys.model_admitted_key("m"), "ghost") is None
+    assert await store.readings.in_system("m") == 1
 
 
 async def test_a_started_job_keeps_its_payload_while_it_may_run(
@@ -85,7 +87,7 @@ async def test_cancel_before_start_removes_every_trace(store: Store, contract_re
     assert await store.cancel(spec("a")) is True
     assert await contract_redis.exists(keys.job_key("a")) == 0
     assert await contract_redis.zcard(keys.QUEUE) == 0
-    assert await store.in_system() == 0
+    assert await store.readings.in_system("m") == 0
 
 
 async def test_cancel_of_running_job_requests_arq_abort_and_wakes(
@@ -109,22 +111,22 @@ async def test_queue_depth_counts_only_waiting_jobs(store: Store, contract_redis
     for i in range(4):
         await store.admit(spec(f"j{i}"), limit=10, hold_s=30, expire_s=30)
     await contract_redis.set(keys.in_progress_key("j1"), b"1")
-    assert await store.queue_depth() == 3
-    assert await store.in_system() == 4
+    assert await store.readings.queue_depth() == 3
+    assert await store.readings.in_system("m") == 4
 
 
 async def test_heartbeats_expire_and_workers_can_leave(store: Store, contract_redis) -> None:
     info = worker_info("w1", max_active=4, active=1)
     await store.heartbeat(info, ttl_s=30)
     await store.heartbeat(info.model_copy(update={"worker_id": "w2"}), ttl_s=30)
-    assert {w.worker_id for w in await store.live_workers()} == {"w1", "w2"}
+    assert {w.worker_id for w in await store.readings.live_workers()} == {"w1", "w2"}
     assert 0 < await contract_redis.pttl(keys.worker_key("w2")) <= 30_000
     await contract_redis.zadd(keys.WORKERS, {"w2": PAST})  # w2 stopped beating
-    assert [w.worker_id for w in await store.live_workers()] == ["w1"]
+    assert [w.worker_id for w in await store.readings.live_workers()] == ["w1"]
     assert await contract_redis.zscore(keys.WORKERS, "w2") == PAST, "left for the reaper"
-    assert (await store.live_workers())[0] == info
+    assert (await store.readings.live_workers())[0] == info
     await store.remove_worker("w1")
-    assert await store.live_workers() == []
+    assert await store.readings.live_workers() == []
 
 
 async def test_pick_skips_running_and_expired_jobs(store: Store, contract_redis) -> None:
@@ -146,11 +148,11 @@ async def test_pick_returns_queue_scores_and_drops_jobs_no_longer_queued(
     await contract_redis.zrem(keys.QUEUE, "gone")  # left the queue (arq finished it elsewhere)
     # the gateway that enqueued "kept" has a clock a minute ahead of this worker's
     await contract_redis.zadd(keys.QUEUE, {"kept": int(time.time() * 1000) + 60_000})
-    [(job_id, score)] = await store.pick_jobs(10, in_progress_s=5)
+    [(job_id, score)] = await store.pick_jobs(("m",), 10, in_progress_s=5)
     assert job_id == "kept"
     assert score == await contract_redis.zscore(keys.QUEUE, "kept")
     assert not await contract_redis.exists(keys.in_progress_key("gone"))
-    assert await store.depth_by_band() == {"high": 0, "normal": 0, "low": 0}
+    assert (await store.readings.depth(["m"]))["m"] == {"high": 0, "normal": 0, "low": 0}
 
 
 def _worker(worker_id: str) -> p.WorkerInfo:
@@ -162,14 +164,14 @@ async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(
 ) -> None:
     await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     await store.mark_started(spec("a"), "w1", hold_s=300)
-    assert await contract_redis.hgetall(keys.worker_jobs_key("w1")) == {b"a": b"anonymous"}
+    assert await contract_redis.hgetall(keys.worker_jobs_key("w1")) == {b"a": b'["anonymous","m"]'}
     await store.release(spec("a"), "w1", None, p.Outcome.COMPLETED)
     assert json.loads(await contract_redis.get(keys.outcome_key("a"))) == {
         "outcome": "completed",
         "worker": "w1",
     }
     assert await contract_redis.hgetall(keys.worker_jobs_key("w1")) == {}
-    assert await store.in_system() == 0
+    assert await store.readings.in_system("m") == 0
 
 
 async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
@@ -188,10 +190,13 @@ async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
 
     assert await store.reap() == ([], 0), "nobody is dead yet"
     await contract_redis.zadd(keys.WORKERS, {"dead": PAST})  # its heartbeat expired
-    assert [w.worker_id for w in await store.live_workers()] == ["alive"]
+    assert [w.worker_id for w in await store.readings.live_workers()] == ["alive"]
     assert await store.reap() == (["dead"], 2)
 
-    assert sorted(await contract_redis.zrange(keys.ADMITTED, 0, -1)) == [b"other", b"queued"]
+    assert sorted(await contract_redis.zrange(keys.model_admitted_key("m"), 0, -1)) == [
+        b"other",
+        b"queued",
+    ]
     assert sorted(await contract_redis.zrange(keys.QUEUE, 0, -1)) == [b"other", b"queued"]
     for job in ("run1", "run2"):  # started jobs never run again
         assert await contract_redis.exists(keys.in_progress_key(job), keys.job_key(job)) == 0

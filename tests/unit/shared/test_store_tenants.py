@@ -26,7 +26,7 @@ async def admit(store: Store, s: p.JobSpec, limit: int = 100, **tenant: int) -> 
 
 async def picked(store: Store, limit: int) -> list[str]:
     """Ids the pick script returns (and claims)."""
-    return [job_id for job_id, _score in await store.pick_jobs(limit, in_progress_s=60)]
+    return [job_id for job_id, _score in await store.pick_jobs(("m",), limit, in_progress_s=60)]
 
 
 async def test_max_concurrent_counts_queued_and_running_jobs_per_key(store: Store) -> None:
@@ -49,7 +49,7 @@ async def test_rpm_bucket_refuses_with_the_time_until_a_request_fits(store: Stor
     assert [r.rpm_left for r in results[:3]] == [2, 1, 0]
     assert 0 < results[3].retry_after_ms <= 20_000  # one request refills in 60 s / 3
     assert results[0].tpm_left == -1, "no tpm limit"
-    assert await store.in_system() == 3, "a refused request takes nothing"
+    assert await store.readings.in_system("m") == 3, "a refused request takes nothing"
 
 
 async def test_tpm_is_taken_at_admission_and_corrected_with_exact_usage(
@@ -76,9 +76,9 @@ async def test_cancel_removes_the_job_from_its_tenant_and_band(
 ) -> None:
     s = spec("c0", band=HIGH)
     assert await admit(store, s, max_concurrent=1) == AdmitStatus.ADMITTED
-    assert await store.depth_by_band() == {"high": 1, "normal": 0, "low": 0}
+    assert (await store.readings.depth(["m"]))["m"] == {"high": 1, "normal": 0, "low": 0}
     assert await store.cancel(s) is True
-    assert await store.depth_by_band() == {"high": 0, "normal": 0, "low": 0}
+    assert (await store.readings.depth(["m"]))["m"] == {"high": 0, "normal": 0, "low": 0}
     assert await contract_redis.zcard(keys.tenant_admitted_key("a")) == 0
     assert await picked(store, 5) == []
 

@@ -111,7 +111,9 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
 ) -> None:
     picked: list[int] = []
 
-    async def pick_jobs(limit: int, in_progress_s: float) -> list[tuple[str, int]]:
+    async def pick_jobs(
+        models: tuple[str, ...], limit: int, in_progress_s: float
+    ) -> list[tuple[str, int]]:
         picked.append(limit)
         return []
 

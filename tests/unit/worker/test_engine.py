@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from llmq.shared.errors import EngineUnavailable, UpstreamError
+from llmq.shared.protocol import ModelCard
 from llmq.worker.engine import EngineClient
 from tests.support.clients import sse_bytes as sse
 from tests.support.fake_engine import Handler, fake_engine
@@ -81,10 +82,20 @@ async def test_unreachable_engine_is_unavailable() -> None:
         await c.aclose()
 
 
-async def test_models_lists_ids_and_context_lengths() -> None:
-    data = {"data": [{"id": "m1", "max_model_len": 2048}, {"id": "m2"}]}
+async def test_models_lists_ids_context_lengths_owners_and_adapter_parents() -> None:
+    data = {
+        "data": [
+            {"id": "m1", "max_model_len": 2048, "owned_by": "vllm", "parent": None},
+            {"id": "m2"},
+            {"id": "sql-lora", "owned_by": "vllm", "parent": "m1", "root": "/adapters/sql"},
+        ]
+    }
     async with client(lambda r: httpx.Response(200, json=data)) as c:
-        assert await c.models() == [("m1", 2048), ("m2", 0)]
+        assert await c.models() == [
+            ModelCard(id="m1", owned_by="vllm", max_model_len=2048),
+            ModelCard(id="m2"),
+            ModelCard(id="sql-lora", owned_by="vllm", parent="m1"),
+        ]
 
 
 async def test_the_api_key_is_sent() -> None:

@@ -100,7 +100,7 @@ async def test_stream_publishes_numbered_chunks_and_holds_the_final_one(store, f
         done = json.loads(events[3].data)
         assert done["final"]["choices"][0]["finish_reason"] == "stop"
         assert done["usage"]["completion_tokens"] == 2
-        assert await store.in_system() == 0, "the job's place is released"
+        assert await store.readings.in_system("m") == 0, "the job's place is released"
         assert rt.active == 0
 
 

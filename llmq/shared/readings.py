@@ -1,0 +1,94 @@
+"""Readings of the queue and the fleet: what metrics, the registry and the scaling signal
+read (never written here; ``Store`` writes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from llmq.shared import keys, scripts
+from llmq.shared import protocol as p
+from llmq.shared.lua import Registered
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    """One model's load, read at once: admitted jobs (waiting or running), waiting ones by
+    band, and the count of its jobs that ever ended (a counter: its rate is the drain
+    rate)."""
+
+    in_system: int
+    waiting_by_band: dict[str, int]
+    done: int
+
+    @property
+    def waiting(self) -> int:
+        return sum(self.waiting_by_band.values())
+
+    @property
+    def running(self) -> int:
+        """Admitted and not waiting: started (or being picked)."""
+        return max(0, self.in_system - self.waiting)
+
+
+class Readings:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._queue_depth = Registered(redis, scripts.QUEUE_DEPTH)
+        self._depth = Registered(redis, scripts.DEPTH)
+        self._live = Registered(redis, scripts.LIVE_WORKERS)
+
+    async def queue_depth(self, scan_limit: int = 100_000) -> int:
+        """Jobs in arq's queue not running, every model's (the first ``scan_limit``)."""
+        return int(
+            await self._queue_depth(
+                keys={"queue": keys.QUEUE},
+                args={"in_progress_prefix": keys.IN_PROGRESS_PREFIX, "scan_limit": scan_limit},
+            )
+        )
+
+    async def depth(self, models: list[str]) -> dict[str, dict[str, int]]:
+        """Jobs waiting per model and band."""
+        if not models:
+            return {}
+        out = await self._depth(keys={}, args={"model_prefix": keys.MODEL_PREFIX}, rest=models)
+        n = len(p.BANDS)
+        return {
+            m: {band: int(out[i * n + j]) for j, band in enumerate(p.BANDS)}
+            for i, m in enumerate(models)
+        }
+
+    async def load(self, models: list[str]) -> dict[str, ModelLoad]:
+        """Each model's ``ModelLoad``."""
+        if not models:
+            return {}
+        depth = await self.depth(models)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for m in models:
+                pipe.zcard(keys.model_admitted_key(m))
+                pipe.get(keys.model_done_key(m))
+            raw = await pipe.execute()
+        return {
+            m: ModelLoad(int(raw[2 * i]), depth[m], int(raw[2 * i + 1] or 0))
+            for i, m in enumerate(models)
+        }
+
+    async def in_system(self, model: str) -> int:
+        """The model's admitted jobs not yet finished (N of its bound)."""
+        return int(await self.redis.zcard(keys.model_admitted_key(model)))
+
+    async def models_seen(self, since_ms: int) -> list[str]:
+        """Models a worker served since ``since_ms`` (Unix ms), most recent first."""
+        raw = await self.redis.zrevrangebyscore(keys.MODELS, "+inf", since_ms)
+        return [m.decode() for m in raw]
+
+    async def live_workers(self) -> list[p.WorkerInfo]:
+        rows: list[list[bytes]] = await self._live(
+            keys={"workers": keys.WORKERS}, args={"worker_prefix": keys.WORKER_PREFIX}
+        )
+        out = []
+        for row in rows:
+            flat = dict(zip(row[::2], row[1::2], strict=True))
+            out.append(p.WorkerInfo.from_hash(flat))
+        return out
