@@ -200,16 +200,22 @@ def engine_paths() -> tuple[Path, Path]:
 
 
 def spawn_vllm(
-    logdir: Path, *, max_model_len: int, max_num_seqs: int, api_key: str | None = None
+    logdir: Path,
+    *,
+    max_model_len: int,
+    max_num_seqs: int,
+    api_key: str | None = None,
+    names: str = BUNDLED_MODEL,
 ) -> Proc:
-    """Start vLLM's CPU build serving the bundled model (float32, eager: quick to start);
-    with ``api_key``, its /v1 routes need it (vLLM reads VLLM_API_KEY)."""
+    """Start vLLM's CPU build serving the bundled model (float32, eager: quick to start)
+    under ``names`` (comma-separated served names); with ``api_key``, its /v1 routes need
+    it (vLLM reads VLLM_API_KEY)."""
     python, model = engine_paths()
     port = free_port()
     args = vllm_argv(
         str(python),
         str(model),
-        BUNDLED_MODEL,
+        names,
         port,
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,

@@ -62,8 +62,9 @@ def vllm_argv(
     tool_parser: str = DEFAULT_TOOL_PARSER,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """vLLM's OpenAI server (CPU build) for one model on loopback; tool calling with
-    ``tool_parser`` unless it is "none"."""
+    """vLLM's OpenAI server (CPU build) for one model on loopback, under the served names
+    ``name`` (comma-separated: each is a model id clients may send, the first is the one
+    vLLM answers with); tool calling with ``tool_parser`` unless it is "none"."""
     tools = (
         ("--enable-auto-tool-choice", "--tool-call-parser", tool_parser)
         if tool_parser != "none"
@@ -76,7 +77,7 @@ def vllm_argv(
         "--model",
         model,
         "--served-model-name",
-        name,
+        *name.split(","),
         "--host",
         "127.0.0.1",
         "--port",
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     v = sub.add_parser("vllm")
     v.add_argument("--python", required=True, help="the engine venv's python")
     v.add_argument("--model", required=True)
-    v.add_argument("--name", required=True, help="served model name")
+    v.add_argument("--name", required=True, help="served model name(s), comma-separated")
     v.add_argument("--port", type=int, required=True)
     v.add_argument("--max-num-seqs", type=int, required=True)
     v.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)

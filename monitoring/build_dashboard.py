@@ -3,8 +3,10 @@
     python monitoring/build_dashboard.py > monitoring/grafana/dashboards/llmq-operator.json
 
 Generated so that ids, grid positions and datasource references stay consistent; a test
-checks the committed file equals this script's output. Queries use the ``$datasource`` and
-``$instance`` template variables and Grafana's ``$__rate_interval``.
+checks the committed file equals this script's output. Queries use the ``$datasource``,
+``$instance`` and ``$model`` template variables and Grafana's ``$__rate_interval``. Every
+gateway replica reports the same per-model gauges (read from Redis), so they take ``max by
+(model)`` across replicas, then ``sum`` across models.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 DS = {"type": "prometheus", "uid": "${datasource}"}
 GW = 'instance=~"$instance"'  # gateway and worker series carry their scrape instance
 API = f'{GW},route!~"/metrics|/health"'
+GWM = f'{GW},model=~"$model"'  # per-model series of the selected models
+QUEUED = f"sum(max by (model) (api_queue_depth{{{GWM}}}))"
 RI = "$__rate_interval"
 SATURATION = f"sum(worker_active_jobs{{{GW}}}) / clamp_min(sum(worker_max_active{{{GW}}}), 1)"
 # "or vector(0)": no 5xx series at all means 0 %, not "No data".
@@ -24,8 +28,12 @@ ERRORS = (
 )
 
 
-def pct(quantile: float, metric: str, sel: str = GW) -> str:
-    return f"histogram_quantile({quantile}, sum by (le) (rate({metric}_bucket{{{sel}}}[{RI}])))"
+def pct(quantile: float, metric: str, sel: str = GW, by: str = "le") -> str:
+    return f"histogram_quantile({quantile}, sum by ({by}) (rate({metric}_bucket{{{sel}}}[{RI}])))"
+
+
+def per_model(metric: str) -> str:
+    return f"max by (model) ({metric}{{{GWM}}})"
 
 
 def pcts(metric: str, sel: str = GW) -> list[tuple[str, str]]:
@@ -45,10 +53,10 @@ GLANCE: list[tuple[str, str, str, tuple[float, float] | None, str, int]] = [
      "Share of API requests answered 5xx (/metrics and /health excluded)", 4),
     ("p95 latency", pct(0.95, "api_request_latency_seconds", API), "s", (30, 120),
      "95th percentile of request latency to the last byte", 3),
-    ("p95 TTFT", pct(0.95, "api_time_to_first_token_seconds"), "s", (1, 2),
-     "95th percentile time to first token, as the client sees it", 3),
-    ("Queue depth", f"max(api_queue_depth{{{GW}}})", "short", (10, 50),
-     "Jobs waiting in Redis (not yet picked up)", 3),
+    ("p95 TTFT", pct(0.95, "api_time_to_first_token_seconds", GWM), "s", (1, 2),
+     "95th percentile time to first token, as the client sees it (selected models)", 3),
+    ("Queue depth", QUEUED, "short", (10, 50),
+     "Jobs of the selected models waiting in Redis (not yet picked up)", 3),
     ("Saturation", SATURATION, "percentunit", (0.8, 0.95),
      "Σ active jobs / Σ MAX_ACTIVE over workers", 4),
     ("Live workers", f"max(api_live_workers{{{GW}}})", "short", None,
@@ -62,20 +70,44 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
                                  "{{status}}")], "reqps", "API request rate by HTTP status", 12),
         ("Request latency", pcts("api_request_latency_seconds", API), "s",
          "Latency to the last byte (streams included)", 12),
-        ("Time to first token", pcts("api_time_to_first_token_seconds"), "s",
-         "Request arrival to first token at the gateway", 12),
+        ("Time to first token", pcts("api_time_to_first_token_seconds", GWM), "s",
+         "Request arrival to first token at the gateway (selected models)", 12),
         ("In flight", [(f"sum(api_active_requests{{{GW}}})", "HTTP requests in flight"),
-                       (f"max(api_jobs_in_system{{{GW}}})", "admitted jobs (running + waiting)"),
-                       (f"max(api_capacity_slots{{{GW}}})", "capacity (Σ MAX_ACTIVE)")],
-         "short", "Requests in flight against capacity", 12),
+                       (f"sum({per_model('api_jobs_in_system')})",
+                        "admitted jobs (running + waiting)"),
+                       (f"sum({per_model('api_capacity_slots')})", "capacity (Σ MAX_ACTIVE)")],
+         "short", "Requests in flight against capacity (selected models; a worker serving "
+         "several models counts its slots for each)", 12),
+    ]),
+    ("Models", 8, [
+        ("Queue depth by model", [(per_model("api_queue_depth"), "{{model}}")], "short",
+         "Jobs waiting per model: each model has its own queue and bound", 8),
+        ("Running vs capacity by model", [
+            (per_model("api_running_jobs"), "{{model}} running"),
+            (per_model("api_capacity_slots"), "{{model}} slots")], "short",
+         "Started jobs against the slots of the ready workers serving the model", 8),
+        ("Scaling signal", [
+            (per_model("api_model_desired_workers"), "{{model}} desired"),
+            (per_model("api_model_ready_workers"), "{{model}} ready")], "short",
+         "Workers each model needs (running + waiting / (per-slot drain x "
+         "SCALE_TARGET_WAIT_S), over slots per worker) against its ready workers", 8),
+        ("TTFT by model (p95)", [(pct(0.95, "api_time_to_first_token_seconds", GWM, "le, model"),
+                                  "{{model}}")], "s", "Time to first token per model", 8),
+        ("Drain rate by model", [(per_model("api_model_drain_rate"), "{{model}}")], "ops",
+         "Jobs of each model ending per second, over all workers", 8),
+        ("Rejections by model", [(
+            f"sum by (model, reason) (rate(api_rejections_total{{{GWM}}}[{RI}]))",
+            "{{model}} {{reason}}")], "reqps",
+         "Refusals per model (model \"\": refused before a model was known)", 8),
     ]),
     ("Bottlenecks: queue vs saturation vs latency", 8, [
-        ("Queue depth", [(f"max(api_queue_depth{{{GW}}})", "waiting jobs"),
-                         (f"max by (band) (api_queue_depth_band{{{GW}}})", "band {{band}}")],
-         "short", "Jobs waiting for a slot, in all and per priority band", 8),
+        ("Queue depth", [(QUEUED, "waiting jobs"),
+                         (f"sum by (band) (max by (band, model) (api_queue_depth_band{{{GWM}}}))",
+                          "band {{band}}")],
+         "short", "Jobs waiting for a slot, in all and per priority band (selected models)", 8),
         ("Saturation", [(SATURATION, "saturation")], "percentunit", "Σ active / Σ MAX_ACTIVE", 8),
         ("Queue wait vs engine TTFT (p95)", [
-            (pct(0.95, "api_queue_wait_seconds"), "queue wait p95"),
+            (pct(0.95, "api_queue_wait_seconds", GWM), "queue wait p95"),
             (pct(0.95, "worker_engine_ttft_seconds"), "engine TTFT p95"),
             (pct(0.95, "worker_pickup_latency_seconds"), "enqueue→start p95")], "s",
          "Where time to first token goes: waiting for a slot or the engine", 8),
@@ -223,6 +255,7 @@ def dashboard() -> dict[str, Any]:
         for title, targets, unit, desc, w in panels:
             lay.add(timeseries(title, targets, unit, desc), w, height)
     instances = 'label_values(up{job=~"gateway|worker"}, instance)'
+    models = "label_values(api_capacity_slots, model)"
     return {
         "uid": "llmq-operator", "title": "LLM service — operator", "tags": ["llmq"],
         "schemaVersion": 39, "version": 1, "editable": True, "refresh": "10s",
@@ -233,6 +266,10 @@ def dashboard() -> dict[str, Any]:
              "query": "prometheus", "current": {}, "hide": 0, "refresh": 1},
             {"name": "instance", "label": "Instance", "type": "query", "datasource": DS,
              "query": {"query": instances, "refId": "instance"}, "definition": instances,
+             "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
+             "current": {"selected": True, "text": "All", "value": "$__all"}, "hide": 0},
+            {"name": "model", "label": "Model", "type": "query", "datasource": DS,
+             "query": {"query": models, "refId": "model"}, "definition": models,
              "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
              "current": {"selected": True, "text": "All", "value": "$__all"}, "hide": 0},
         ]},

@@ -6,12 +6,13 @@ Both processes build a ``Settings`` at start-up and pass it down explicitly
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-from typing import Literal, TypedDict
+from typing import Annotated, Literal, TypedDict
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENGINE_PROBE_TIMEOUT_S = 2.0
 
@@ -75,11 +76,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, le=86_400)
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After on 429")
 
-    # Fleets: several models (ARCHITECTURE.md, "Models and routing").
-    queue_max_per_model: dict[str, int] = Field(
+    # Fleets: several models (ARCHITECTURE.md, "Fleets: models and routing").
+    # JSON objects; an empty value is {} (compose passes unset variables as "").
+    queue_max_per_model: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict, description='QUEUE_MAX per model, JSON: {"served-name": 16}'
     )
-    model_aliases: dict[str, str] = Field(
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description='public names of served models, JSON: {"gpt-4o-mini": "Qwen2.5-7B-Instruct"}',
     )
@@ -195,6 +197,13 @@ class Settings(BaseSettings):
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return url
+
+    @field_validator("queue_max_per_model", "model_aliases", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        return value
 
     @field_validator("queue_max_per_model")
     @classmethod

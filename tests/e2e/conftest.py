@@ -14,8 +14,10 @@ import pytest
 import redis
 
 from tests.support.stack import (
+    BUNDLED_MODEL,
     E2E_ENGINE_KEY,
     E2E_MAX_MODEL_LEN,
+    E2E_SECOND_NAME,
     Proc,
     Stack,
     engine_paths,
@@ -37,7 +39,13 @@ def vllm(logdir: Path) -> Iterator[Proc]:
             "which installs both",
             pytrace=False,
         )
-    proc = spawn_vllm(logdir, max_model_len=E2E_MAX_MODEL_LEN, max_num_seqs=8, api_key=ENGINE_KEY)
+    proc = spawn_vllm(
+        logdir,
+        max_model_len=E2E_MAX_MODEL_LEN,
+        max_num_seqs=8,
+        api_key=ENGINE_KEY,
+        names=f"{BUNDLED_MODEL},{E2E_SECOND_NAME}",  # a fleet of one engine, two models
+    )
     try:
         wait_for(
             lambda: (

@@ -67,7 +67,8 @@ def dashboard_queries() -> list[tuple[str, str]]:
     out = []
     for panel in dash["panels"]:
         for t in panel.get("targets", []):
-            expr = t["expr"].replace("$instance", ".*").replace("$__rate_interval", "1m")
+            expr = t["expr"].replace("$instance", ".*").replace("$model", ".*")
+            expr = expr.replace("$__rate_interval", "1m")
             out.append((panel["title"], expr))
     return out
 

@@ -19,6 +19,7 @@ from tests.support.clients import assert_drained, read_frames, stream_chat
 from tests.support.stack import BUNDLED_MODEL as MODEL
 from tests.support.stack import E2E_ENGINE_KEY as ENGINE_KEY
 from tests.support.stack import E2E_MAX_MODEL_LEN as MAX_MODEL_LEN
+from tests.support.stack import E2E_SECOND_NAME as SECOND
 from tests.support.stack import ROOT, Proc, Stack, engine_paths, wait_for
 
 # The first test also waits for vLLM to start (a minute or more on 2 cores).
@@ -35,13 +36,40 @@ def running(vllm: Proc) -> float:
     return sum(float(v) for v in values)
 
 
-def test_models_lists_the_served_model(stack: Stack, vllm: Proc, sdk) -> None:
-    """vLLM runs with an API key (as compose runs it): refused without it, so the model
-    listed through the gateway proves the worker sends VLLM_API_KEY."""
+def test_models_lists_the_served_models(stack: Stack, vllm: Proc, sdk) -> None:
+    """vLLM runs with an API key (as compose runs it): refused without it, so the models
+    listed through the gateway prove the worker sends VLLM_API_KEY. The engine serves the
+    bundled model under two names (vLLM's --served-model-name): both listed, as vLLM owns
+    them, with an alias of the second."""
     assert httpx.get(vllm.url + "/v1/models").status_code == 401
     stack.worker()
-    gw = stack.gateway()
-    assert [m.id for m in sdk(gw.url).models.list().data] == [MODEL]
+    gw = stack.gateway(model_aliases=json.dumps({"gpt-4o-mini": SECOND}))
+    listed = sdk(gw.url).models.list().data
+    assert [m.id for m in listed] == [MODEL, SECOND, "gpt-4o-mini"]
+    assert {m.owned_by for m in listed} == {"vllm"}
+
+
+def test_each_served_name_is_a_model_with_its_own_queue_and_metrics(
+    stack: Stack, vllm: Proc, rdb: redis.Redis, sdk
+) -> None:
+    """Requests for the second served name (and its alias) run on the real engine; the
+    gateway counts them under that model, its bound under its own key."""
+    stack.worker()
+    gw = stack.gateway(model_aliases=json.dumps({"gpt-4o-mini": SECOND}))
+    client = sdk(gw.url)
+    for model in (SECOND, "gpt-4o-mini", MODEL):
+        out = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+        )
+        assert out.choices[0].message.content
+        assert out.usage is not None
+        assert out.usage.completion_tokens >= 1
+    text = httpx.get(f"http://127.0.0.1:{gw.metrics_port}/metrics").text
+    assert f'api_admissions_total{{model="{SECOND}"}} 2.0' in text
+    assert f'api_admissions_total{{model="{MODEL}"}} 1.0' in text
+    assert f'api_capacity_slots{{model="{SECOND}"}}' in text
+    assert_drained(rdb)
+    assert rdb.zrange("llmq:models", 0, -1) == sorted([MODEL.encode(), SECOND.encode()])
 
 
 def test_usage_through_the_gateway_equals_vllm_direct(stack: Stack, vllm: Proc, sdk) -> None:

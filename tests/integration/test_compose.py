@@ -140,7 +140,11 @@ def test_every_scrape_target_is_a_service_with_that_port() -> None:
     services = stack()["services"]
     prom = yaml.safe_load((ROOT / "monitoring/prometheus/prometheus.yml").read_text())
     for job in prom["scrape_configs"]:
-        for target in job["static_configs"][0]["targets"]:
+        targets = [t for c in job.get("static_configs", []) for t in c["targets"]]
+        for dns in job.get("dns_sd_configs", []):
+            targets += [f"{name}:{dns['port']}" for name in dns["names"]]
+        assert targets, job
+        for target in targets:
             host, port = target.split(":")
             if host == "localhost":
                 continue
@@ -298,3 +302,21 @@ def test_vllm_runs_with_tool_calling_and_open_webui_with_the_tested_settings() -
     for task in ("TITLE", "TAGS", "FOLLOW_UP", "AUTOCOMPLETE"):
         assert settings[f"ENABLE_{task}_GENERATION"] == "false"
     assert webui["image"].endswith(":v0.12.4"), "the version the e2e test runs (scripts/lib.sh)"
+
+
+def test_the_two_models_profile_pairs_a_second_engine_with_its_own_worker() -> None:
+    services = stack()["services"]
+    engine, worker = services["vllm-2"], services["worker-2"]
+    assert engine["profiles"] == worker["profiles"] == ["two-models"]
+    assert worker["environment"]["VLLM_URL"] == "http://vllm-2:8000"
+    assert worker["depends_on"]["vllm-2"] == {"condition": "service_healthy"}
+    cmd = engine["command"]
+    assert cmd[cmd.index("--max-num-seqs") + 1] == worker["environment"]["MAX_ACTIVE"]
+    name = cmd[cmd.index("--served-model-name") + 1]
+    first = services["vllm"]["command"]
+    assert name != first[first.index("--served-model-name") + 1], "two models, two names"
+    gpus = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+            for s in (services["vllm"], engine)]  # fmt: skip
+    assert gpus == [["0"], ["1"]], "one GPU each by default"
+    assert engine["environment"]["VLLM_API_KEY"] == services["vllm"]["environment"]["VLLM_API_KEY"]
+    Settings(**{k.lower(): v for k, v in worker["environment"].items()})

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from local.prometheus_config import SOURCE, localize
 from tests.support.stack import ROOT
@@ -41,8 +42,13 @@ def test_promtool_accepts_config_and_rules(tmp_path: Path) -> None:
 
 def test_prometheus_scrapes_every_service_by_compose_name() -> None:
     text = SOURCE.read_text()
-    for target in ("gateway:9101", "worker:9100", "vllm:8000", "dcgm-exporter:9400"):
+    for target in ("gateway:9101", "dcgm-exporter:9400"):
         assert f'"{target}"' in text
+    config = yaml.safe_load(text)
+    found = {j["job_name"]: j["dns_sd_configs"][0] for j in config["scrape_configs"]
+             if "dns_sd_configs" in j}  # fmt: skip
+    assert (found["worker"]["names"], found["worker"]["port"]) == (["worker", "worker-2"], 9100)
+    assert (found["vllm"]["names"], found["vllm"]["port"]) == (["vllm", "vllm-2"], 8000)
 
 
 def test_every_alert_has_summary_and_runbook_description() -> None:

@@ -31,12 +31,14 @@ from bench.processes import (
 )
 
 E2E_MAX_MODEL_LEN = 512  # the e2e vLLM's context length: small, so overflow is cheap to test
+E2E_SECOND_NAME = "smol-second"  # the e2e vLLM's second served name
 E2E_ENGINE_KEY = "e2e-engine-key"  # the e2e vLLM needs it, as compose's does: workers send it
 
 __all__ = [
     "BUNDLED_MODEL",
     "E2E_ENGINE_KEY",
     "E2E_MAX_MODEL_LEN",
+    "E2E_SECOND_NAME",
     "ROOT",
     "Proc",
     "Stack",
