@@ -8,7 +8,10 @@
 #   VLLM_URL=http://gpu-host:8000   use a running vLLM instead of starting one (skips the
 #                                   engine install); SERVED_MODEL_NAME must match it
 #   MODEL_DIR=/path/to/hf-folder    serve another model folder with the local vLLM
-#   SERVED_MODEL_NAME=name          the model id clients send (default SmolLM2-135M-Instruct)
+#   SERVED_MODEL_NAME=name          the model id clients send (default SmolLM2-135M-Instruct);
+#                                   several, comma-separated, serve the model under each name
+#                                   (each a model of its own to the queue, README "Several
+#                                   models"), e.g. SmolLM2-135M-Instruct,smol-mini
 #   VLLM_ARGS="..."                 more engine flags, after the defaults of local/launch.py
 #                                   (--max-model-len 2048 --dtype float32 --enforce-eager);
 #                                   a flag given again wins, e.g. "--max-model-len 4096"
@@ -41,6 +44,7 @@ VLLM_PORT="${VLLM_PORT:-8000}"
 OPEN_WEBUI="${OPEN_WEBUI:-0}"
 OPEN_WEBUI_PORT="${OPEN_WEBUI_PORT:-3000}"
 SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
+SAMPLE_MODEL="${SERVED_MODEL_NAME%%,*}"  # the first served name, for the samples printed
 VLLM_ARGS="${VLLM_ARGS:-}"
 TOOL_CALL_PARSER="${TOOL_CALL_PARSER:-hermes}"
 START_ENGINE=1
@@ -190,9 +194,9 @@ Development API key (kept in $DEV_KEY_FILE; more keys: .venv/bin/llmq-keys --hel
 Try it:
   curl -N http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
     -H "Authorization: Bearer \$LLMQ_API_KEY" \\
-    -d '{"model": "$SERVED_MODEL_NAME", "stream": true, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+    -d '{"model": "$SAMPLE_MODEL", "stream": true, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
 
-  .venv/bin/python -c 'import os; from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key=os.environ["LLMQ_API_KEY"]); print(c.chat.completions.create(model="$SERVED_MODEL_NAME", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
+  .venv/bin/python -c 'import os; from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key=os.environ["LLMQ_API_KEY"]); print(c.chat.completions.create(model="$SAMPLE_MODEL", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
 
 $PROM_LINE
 $WEBUI_LINE

@@ -33,3 +33,10 @@ def test_vllm_runs_with_tool_calling_unless_turned_off() -> None:
     off = vllm_argv("py", "/m", "name", 8001, max_num_seqs=4, tool_parser="none")
     assert "--enable-auto-tool-choice" not in off
     assert "--tool-call-parser" not in off
+
+
+def test_several_served_names_are_one_engine_serving_each() -> None:
+    argv = vllm_argv("py", "/m", "smol,smol-mini", 8001, max_num_seqs=4)
+    i = argv.index("--served-model-name")
+    assert argv[i + 1 : i + 3] == ["smol", "smol-mini"]
+    assert argv[i + 3].startswith("--")

@@ -140,3 +140,21 @@ def test_only_the_seam_module_subclasses_arq() -> None:
         if "(Worker)" in path.read_text()
     ]
     assert subclassing == ["worker/arq_worker.py"]
+
+
+async def test_a_wake_up_for_a_model_wakes_only_the_workers_serving_it(
+    worker: WakeableWorker,
+) -> None:
+    from llmq.worker.heartbeat import _on_wake
+
+    rt = worker.runtime
+    rt.models = ("alpha", "alpha-lora")
+    woken: list[str] = []
+
+    def msg(data: bytes, kind: str = "message") -> dict[str, object]:
+        return {"type": kind, "data": data}
+
+    for data in (b"model:alpha", b"model:alpha-lora", b"model:beta", b"chatcmpl-1", b"batch"):
+        _on_wake(rt, msg(data), lambda d=data: woken.append(d.decode()))
+    _on_wake(rt, msg(b"1", "subscribe"), lambda: woken.append("subscribe"))
+    assert woken == ["model:alpha", "model:alpha-lora", "chatcmpl-1", "batch"]
