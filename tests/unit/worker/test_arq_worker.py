@@ -5,6 +5,7 @@ have signatures that print exactly as arq's do.
 """
 
 import asyncio
+import functools
 import inspect
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,6 @@ async def test_a_wake_up_for_a_model_wakes_only_the_workers_serving_it(
         return {"type": kind, "data": data}
 
     for data in (b"model:alpha", b"model:alpha-lora", b"model:beta", b"chatcmpl-1", b"batch"):
-        _on_wake(rt, msg(data), lambda d=data: woken.append(d.decode()))
-    _on_wake(rt, msg(b"1", "subscribe"), lambda: woken.append("subscribe"))
+        _on_wake(rt, msg(data), functools.partial(woken.append, data.decode()))
+    _on_wake(rt, msg(b"1", "subscribe"), functools.partial(woken.append, "subscribe"))
     assert woken == ["model:alpha", "model:alpha-lora", "chatcmpl-1", "batch"]
