@@ -53,6 +53,7 @@ class WorkerRegistry:
             readings = self._store.readings
             self.workers = await readings.live_workers()
             since_ms = int((time.time() - self._memory_s) * 1000)
+            await self._store.forget_models(since_ms)
             self.remembered = await readings.models_seen(since_ms)
             self.redis_ok = True
             self.redis_error = None

@@ -189,6 +189,7 @@ async def health(st: StateDep) -> JSONResponse:
         "live_workers": len(st.registry.workers),
         "ready_workers": ready,
         "capacity": st.registry.capacity(),
+        "models": {m: st.registry.capacity(m) for m in st.registry.models()},
         "draining": st.draining,
     }
     problem: ServiceError | None = None

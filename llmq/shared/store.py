@@ -389,6 +389,10 @@ class Store:
             rest=_flat(info.to_hash()),
         )
 
+    async def forget_models(self, before_ms: int) -> None:
+        """Models no worker served since ``before_ms`` (Unix ms) leave ``llmq:models``."""
+        await self.redis.zremrangebyscore(keys.MODELS, "-inf", f"({before_ms}")
+
     async def remove_worker(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.worker_key(worker_id))

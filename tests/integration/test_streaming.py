@@ -80,6 +80,7 @@ def test_models_health_and_metrics(stack: Stack, rdb: redis.Redis, sdk) -> None:
     health = httpx.get(gw.url + "/health")
     assert health.status_code == 200
     assert health.json()["capacity"] == 3
+    assert health.json()["models"] == {MODEL: 3}, "capacity per model"
     assert health.headers["x-request-id"].startswith("req_")
     httpx.post(gw.url + "/v1/chat/completions", json=body(stream=False, tokens=2))
     assert httpx.get(gw.url + "/metrics").status_code == 404, "not on the public port"

@@ -102,6 +102,10 @@ async def test_the_heartbeat_remembers_the_models_served(store: Store, contract_
     await store.remove_worker("w1")
     assert sorted(await store.readings.models_seen(before_ms)) == ["alpha", "alpha-lora"]
     assert await store.readings.models_seen(int(time.time() * 1000) + 60_000) == []
+    await store.forget_models(before_ms)
+    assert len(await store.readings.models_seen(0)) == 2, "seen after before_ms: kept"
+    await store.forget_models(int(time.time() * 1000) + 60_000)
+    assert await store.readings.models_seen(0) == []
     assert await store.readings.live_workers() == []
 
 
