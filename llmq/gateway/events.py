@@ -39,6 +39,8 @@ from llmq.shared.tasks import stop_if_cancelled, stop_task
 logger = logging.getLogger(__name__)
 
 CONFIRM_TIMEOUT_S = 2.0
+_CONNECT_TIMEOUT_S = 2.0  # one reconnection try (connect, handshake, re-subscribe)
+_COMMAND_TIMEOUT_S = 1.0  # an UNSUBSCRIBE's send
 _BACKOFF_MAX_S = 1.0  # < the worker's STARTED_WAIT_S: a waiting request is back in time
 _LOST = b""  # queued to a subscription whose events may have been lost
 # Events buffered per stream while its client reads slower than the engine writes. Beyond
@@ -198,9 +200,16 @@ class Subscriptions:
         fut = self._confirm.pop(sub.key, None)
         if fut is not None and not fut.done():
             fut.cancel()
+        if not self.connected.is_set():
+            # Lost: the fresh connection never subscribed it (it left ``_subs`` before the
+            # reconnect's SUBSCRIBE, or that SUBSCRIBE's stray messages are dropped by
+            # _dispatch). Connecting here would wait for a frozen Redis to answer the
+            # handshake: a request answered only when Redis came back (regression).
+            return
         try:
-            await self._pubsub.unsubscribe(sub.channel)
-        except (RedisError, OSError) as exc:  # stray messages are dropped by _dispatch
+            async with asyncio.timeout(_COMMAND_TIMEOUT_S):
+                await self._pubsub.unsubscribe(sub.channel)
+        except (RedisError, OSError, TimeoutError) as exc:  # strays dropped by _dispatch
             logger.warning("job %s: unsubscribe failed: %s", sub.job_id, exc)
 
     async def _read(self) -> None:
@@ -237,14 +246,22 @@ class Subscriptions:
                 fut.set_exception(QueueUnavailable("lost the connection to Redis; retry"))
 
     async def _reconnect(self) -> bool:
-        """Connect the fresh pub/sub and re-subscribe the jobs still waiting to start."""
+        """Connect the fresh pub/sub and re-subscribe the jobs still waiting to start; a
+        try is bounded (the handshake waits for replies: a frozen Redis accepts the TCP
+        connection and answers nothing) and a failed one leaves a fresh PubSub behind."""
         try:
-            await self._pubsub.connect()  # type: ignore[no-untyped-call]
-            if self._subs:
-                await self._pubsub.subscribe(*(subs[0].channel for subs in self._subs.values()))
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                await self._pubsub.connect()  # type: ignore[no-untyped-call]
+                if self._subs:
+                    channels = (subs[0].channel for subs in self._subs.values())
+                    await self._pubsub.subscribe(*channels)
+        except (RedisError, OSError, TimeoutError) as exc:
             stop_if_cancelled()
-            logger.info("Redis still unreachable: %s", exc)
+            logger.info("Redis still unreachable: %s", exc or "no answer")
+            old, self._pubsub = self._pubsub, self.redis.pubsub()
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                    await old.aclose()  # type: ignore[no-untyped-call]
             return False
         self.connected.set()
         logger.info("pub/sub reconnected; %d waiting job(s) re-subscribed", len(self._subs))

@@ -146,3 +146,41 @@ def test_full_redis_refuses_new_requests_with_503_and_recovers(
     assert worker.alive(), worker.output()[-2000:]
     assert gw.alive(), gw.output()[-2000:]
     assert " ERROR " not in gw.output(), "a full Redis is a 503, not a server error"
+
+
+def test_requests_arriving_as_redis_freezes_are_answered_without_waiting_it_out(
+    own_stack: Stack, own_redis: OwnRedis, sim: Proc
+) -> None:
+    """Requests sent in the first seconds of a freeze (some mid-subscription when the
+    pub/sub connection is declared lost) each get their 503 within the detection time,
+    not when Redis comes back (regression: one waited out a 20 s freeze, 19 s, in the
+    reconnection's handshake). The freeze outlasts the bound, so waiting it out fails."""
+    own_stack.worker()
+    gw = own_stack.gateway()
+    freeze_s, bound_s = 25.0, 10.0  # bench.chaos reports the real figures (~2 s)
+
+    async def run() -> list[tuple[float, int, float]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            assert (await c.post(gw.url + "/v1/chat/completions", json=body())).is_success
+
+            async def one(delay: float) -> tuple[float, int, float]:
+                await asyncio.sleep(delay)
+                t0 = time.monotonic()
+                r = await c.post(gw.url + "/v1/chat/completions", json=body())
+                return delay, r.status_code, time.monotonic() - t0
+
+            own_redis.proc.signal(signal.SIGSTOP)
+            try:
+                delays = [0.0, 0.3, 0.6, 1.0, 1.3, 1.6, 2.0, 3.0, 4.0]
+                answers = await asyncio.wait_for(
+                    asyncio.gather(*(one(d) for d in delays)), freeze_s - 5
+                )
+            finally:
+                own_redis.proc.signal(signal.SIGCONT)
+            await _first_200_after(c, gw.url)
+            return answers
+
+    answers = asyncio.run(run())
+    assert [status for _, status, _ in answers] == [503] * len(answers), answers
+    slow = [(d, round(w, 1)) for d, _, w in answers if w > bound_s]
+    assert not slow, f"requests (sent at, waited s) beyond {bound_s}s: {slow}"
