@@ -22,6 +22,7 @@ from llmq.gateway.routes import router
 from llmq.gateway.scaling import ModelRow, desired_workers
 from llmq.gateway.state import GatewayState
 from llmq.shared.batches import BatchStore
+from llmq.shared.connect import redis_client
 from llmq.shared.keystore import KeyStore
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
@@ -35,20 +36,11 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
     """Pools and helpers. ``redis`` (tests pass fakeredis) serves both commands and pub/sub;
     otherwise pub/sub gets a client of its own, without redis-py's health check (see
     ``gateway.events``), and every command is bounded by REDIS_TIMEOUT_S."""
-    pubsub_redis = redis or Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=settings.redis_timeout_s,
-        socket_keepalive=True,
-        **settings.redis_auth(),
+    pubsub_redis = redis or redis_client(settings)
+    redis = redis or redis_client(settings, timeout=settings.redis_timeout_s)
+    store = Store(
+        redis, settings.store_ttl_s, settings.redis_min_replicas_ack, settings.redis_wait_timeout_s
     )
-    redis = redis or Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        socket_keepalive=True,
-        **settings.redis_auth(),
-    )
-    store = Store(redis, settings.store_ttl_s)
     metrics = GatewayMetrics()
     registry = WorkerRegistry(
         store, settings.registry_refresh_s, settings.model_aliases, settings.model_memory_s
@@ -62,7 +54,12 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         admission=Admission(settings, store, registry),
         metrics=metrics,
         keys=KeyStore(redis),
-        batches=BatchStore(redis, settings.file_ttl_s),
+        batches=BatchStore(
+            redis,
+            settings.file_ttl_s,
+            settings.redis_min_replicas_ack,
+            settings.redis_wait_timeout_s,
+        ),
     )
 
 

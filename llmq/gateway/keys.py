@@ -19,6 +19,7 @@ import sys
 
 from redis.asyncio import Redis
 
+from llmq.shared.connect import redis_client
 from llmq.shared.keystore import KeyExists, KeyNotFound, KeyStore
 from llmq.shared.protocol import ApiKey, Band, KeyLimits
 from llmq.shared.settings import Settings, load_settings
@@ -83,13 +84,9 @@ async def run(a: argparse.Namespace, store: KeyStore) -> int:
 
 
 def cli_redis(settings: Settings) -> Redis:
-    """The operator CLIs' Redis connection (REDIS_URL and its login, like the services)."""
-    redis: Redis = Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=settings.redis_timeout_s,
-        **settings.redis_auth(),
-    )
-    return redis
+    """The operator CLIs' Redis connection (REDIS_URL or the sentinels' primary, and the
+    login, like the services)."""
+    return redis_client(settings)
 
 
 async def _main(a: argparse.Namespace) -> int:

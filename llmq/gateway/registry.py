@@ -8,8 +8,9 @@ import time
 
 from redis.exceptions import RedisError
 
+from llmq.shared.liveness import log_reaped
 from llmq.shared.protocol import ModelCard, WorkerInfo
-from llmq.shared.store import Store, log_reaped
+from llmq.shared.store import Store
 from llmq.shared.tasks import stop_if_cancelled
 
 logger = logging.getLogger(__name__)

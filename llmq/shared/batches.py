@@ -30,7 +30,8 @@ from llmq.shared.batch_records import (
     FileRecord,
     failure_line,
 )
-from llmq.shared.errors import JobCancelled
+from llmq.shared.connect import confirm_replicated
+from llmq.shared.errors import JobCancelled, ServiceError
 from llmq.shared.lua import Registered
 from llmq.shared.records import QueuedJob
 from llmq.shared.store import Store
@@ -49,7 +50,12 @@ def new_id(prefix: str) -> str:
 
 
 class BatchStore:
-    def __init__(self, redis: Redis, file_ttl_s: float) -> None:
+    def __init__(
+        self, redis: Redis, file_ttl_s: float, replicas_ack: int = 0, wait_timeout_s: float = 1.0
+    ) -> None:
+        """``replicas_ack``: REDIS_MIN_REPLICAS_ACK, the replicas an uploaded file and a
+        created batch must reach before they are confirmed (the gateway's; 0 elsewhere)."""
+        self._replicas = (replicas_ack, wait_timeout_s)
         self.redis = redis
         self.file_ttl_ms = int(file_ttl_s * 1000)
         self._feed = Registered(redis, scripts.FEED)
@@ -90,6 +96,7 @@ class BatchStore:
             pipe.zadd(index, {rec.id: created_us})
             pipe.zremrangebyscore(index, "-inf", created_us - self.file_ttl_ms * 1000)
             await pipe.execute()
+        await confirm_replicated(self.redis, *self._replicas)
         return rec
 
     async def file(self, file_id: str) -> FileRecord | None:
@@ -134,6 +141,11 @@ class BatchStore:
             pipe.sadd(keys.ACTIVE_BATCHES, rec.id)
             pipe.publish(keys.WAKE_CHANNEL, "batch")  # idle workers feed it at once
             await pipe.execute()
+        try:
+            await confirm_replicated(self.redis, *self._replicas)
+        except ServiceError:  # refused: it must not run (a retry creates another)
+            await self.end(rec.id, BatchStatus.CANCELLED.value)
+            raise
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         raw = await self.redis.hgetall(keys.batch_key(batch_id))  # type: ignore[misc]

@@ -3,6 +3,7 @@ one place key strings are built. The messages that cross Redis are ``shared.prot
 
 Keys and channels
     llmq:queue              zset    the arq queue (arq keeps running jobs in it until they end)
+    llmq:replicated         string  a marker written before WAIT (REDIS_MIN_REPLICAS_ACK), 60 s
     arq:job:<id>            string  the arq job payload, JSON (readable with redis-cli GET)
     arq:in-progress:<id>    string  arq's running marker
     arq:result:<id>         -       not kept (arq's result repeats the job's arguments: the
@@ -63,6 +64,7 @@ from __future__ import annotations
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 
 QUEUE = "llmq:queue"
+REPLICATION_MARK = "llmq:replicated"  # written before a WAIT (REDIS_MIN_REPLICAS_ACK)
 WORKERS = "llmq:workers"
 WAKE_CHANNEL = "llmq:wake"
 ABORT = abort_jobs_ss

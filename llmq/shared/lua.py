@@ -102,7 +102,14 @@ class Registered:
         self._call = redis.register_script(script.source)
 
     async def __call__(
-        self, *, keys: Mapping[str, str], args: Mapping[str, Any], rest: Sequence[Any] = ()
+        self,
+        *,
+        keys: Mapping[str, str],
+        args: Mapping[str, Any],
+        rest: Sequence[Any] = (),
+        client: Any = None,
     ) -> Any:
+        """Run it; with ``client`` a pipeline, queue it there (its result comes with the
+        pipeline's)."""
         ordered_keys, argv = self.script.bind(keys, args, rest)
-        return await self._call(keys=ordered_keys, args=argv)
+        return await self._call(keys=ordered_keys, args=argv, client=client)

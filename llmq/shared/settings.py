@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         1.0, gt=0, le=60, description="bound on one Redis command (a frozen Redis: 503 fast)"
     )
+    # High availability (README, "High availability"): with REDIS_SENTINELS set, the primary
+    # is found through Sentinel (REDIS_URL's host and port are not used; its database is).
+    redis_sentinels: str = Field("", description="host:port,host:port,... of the sentinels")
+    redis_sentinel_master: str = Field("mymaster", min_length=1, description="the monitored name")
+    redis_sentinel_password: SecretStr | None = None  # the sentinels' own password; not printed
+    redis_min_replicas_ack: int = Field(
+        0, ge=0, le=16, description="replicas that must have a job before it is admitted (WAIT)"
+    )
+    redis_wait_timeout_s: float = Field(
+        1.0, gt=0, le=60, description="how long an admission waits for those replicas"
+    )
 
     # Backpressure (ARCHITECTURE.md, "Admission and the bound").
     max_active: int = Field(8, ge=1, le=4096, description="slots per worker")
@@ -225,6 +236,23 @@ class Settings(BaseSettings):
     def queue_max_for(self, model: str) -> int:
         """The model's queue places: QUEUE_MAX_PER_MODEL's, else QUEUE_MAX."""
         return self.queue_max_per_model.get(model, self.queue_max)
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            host, _, port = part.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65_536:
+                raise ValueError(f"{part!r} is not host:port")
+        return value
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs (empty: no Sentinel)."""
+        out = []
+        for part in filter(None, (p.strip() for p in self.redis_sentinels.split(","))):
+            host, _, port = part.rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        return out
 
     def redis_auth(self) -> RedisAuth:
         """redis-py's ``username``/``password`` keywords, when set (a password in REDIS_URL

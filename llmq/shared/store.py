@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +13,9 @@ from redis.asyncio import Redis
 
 from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
-from llmq.shared.batch_records import failure_line
-from llmq.shared.errors import JobCancelled, ServiceError, WorkerLost
+from llmq.shared.connect import not_replicated
+from llmq.shared.errors import JobCancelled, ServiceError
+from llmq.shared.liveness import Liveness, out_of_band
 from llmq.shared.lua import Registered
 from llmq.shared.readings import Readings
 from llmq.shared.records import JobRecords
@@ -24,17 +23,7 @@ from llmq.shared.scripts import AdmitStatus, CancelResult
 
 __all__ = ["AdmitResult", "AdmitStatus", "Store", "TenantLimits"]
 
-_WORKER_PREFIX = keys.WORKER_PREFIX
 _OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
-
-
-def log_reaped(logger: logging.Logger, dead: list[str], jobs: int) -> None:
-    if dead:
-        logger.warning(
-            "worker(s) %s lost their heartbeat: %d started job(s) ended with worker_lost",
-            ", ".join(dead),
-            jobs,
-        )
 
 
 Logged = dict[str, list[tuple[int, bytes]]]  # job id -> (seq, encoded event), to log
@@ -56,18 +45,6 @@ def _record_fields(record: p.StoredJob | None, messages: str) -> dict[str, str]:
     if messages:
         fields[keys.STORED_MESSAGES] = messages
     return fields
-
-
-# A dead worker's batch request: its error line, with the placeholders the reap script fills.
-_REAPED_BATCH_LINE = failure_line(
-    "@@ID@@", "@@CUSTOM_ID@@", "worker_lost", "the worker running it stopped"
-)
-
-
-def _out_of_band(err: ServiceError) -> bytes:
-    """An out-of-band error event (seq 0), as the reaper and a cancel publish it."""
-    data = json.dumps(err.to_wire(), separators=(",", ":")).encode()
-    return p.Event(p.OUT_OF_BAND, p.EventType.ERROR, data).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +71,21 @@ class TenantLimits:
     rpm: int = 0
 
 
-class Store:
+class Store(Liveness):
     """Typed access to the Redis contract; one per process, sharing a connection pool."""
 
-    def __init__(self, redis: Redis, store_ttl_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        store_ttl_s: float = 3600.0,
+        replicas_ack: int = 0,
+        wait_timeout_s: float = 1.0,
+    ) -> None:
+        """``replicas_ack``: REDIS_MIN_REPLICAS_ACK, the replicas an admission waits for
+        (WAIT, up to ``wait_timeout_s``)."""
         self.redis = redis
         self.store_ttl_ms = int(store_ttl_s * 1000)  # STORE_TTL_S
+        self.replicas_ack, self.wait_timeout_s = replicas_ack, wait_timeout_s
         self.records = JobRecords(redis)
         self._admit = Registered(redis, scripts.ADMIT)
         self._cancel = Registered(redis, scripts.CANCEL)
@@ -145,7 +131,7 @@ class Store:
             spec.enqueued_at_ms,
             serializer=p.json_dumps,
         )
-        out = await self._admit(
+        call: dict[str, Any] = dict(
             keys={
                 "admitted": keys.model_admitted_key(spec.model),
                 "queue": keys.QUEUE,
@@ -179,9 +165,23 @@ class Store:
             },
             rest=_flat(_record_fields(record, messages)),
         )
+        acked = self.replicas_ack
+        if self.replicas_ack:  # WAIT on the script's own connection: one round trip
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._admit(**call, client=pipe)
+                pipe.wait(self.replicas_ack, max(1, int(self.wait_timeout_s * 1000)))
+                out, acked = await pipe.execute()
+        else:
+            out = await self._admit(**call)
         prior = out[7].decode() if len(out) > 7 else ""
         n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry = (int(v) for v in out[1:7])
         status = AdmitStatus(int(out[0]))
+        if status is AdmitStatus.ADMITTED and int(acked) < self.replicas_ack:
+            # Not on enough replicas: a failover could lose it. Taken back; the client
+            # is told, and retries.
+            err = not_replicated(int(acked), self.replicas_ack, self.wait_timeout_s)
+            await self.cancel(spec, err)
+            raise err
         return AdmitResult(status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry, prior)
 
     async def cancel(
@@ -214,7 +214,7 @@ class Store:
                 "outcome_record": p.outcome_record(p.Outcome.CANCELLED),
                 "outcome_ttl_ms": _OUTCOME_TTL_MS,
                 "events": keys.events_channel(spec.id),
-                "error_event": _out_of_band(why),
+                "error_event": out_of_band(why),
                 "new_status": status,
                 "store_ttl_ms": self.store_ttl_ms,
                 "queued_only": "1" if queued_only else "0",
@@ -314,35 +314,6 @@ class Store:
             },
         )
 
-    async def reap(self) -> tuple[list[str], int]:
-        """Reclaim what dead workers held (see ``scripts.REAP``); returns (dead worker ids, jobs).
-
-        Each reclaimed job's client gets ``worker_lost`` as an out-of-band error event."""
-        lost = WorkerLost("the worker running this job stopped (its heartbeat expired)")
-        out: list[Any] = await self._reap(
-            keys={"workers": keys.WORKERS, "queue": keys.QUEUE},
-            args={
-                "model_prefix": keys.MODEL_PREFIX,
-                "worker_prefix": _WORKER_PREFIX,
-                "worker_jobs_prefix": keys.WORKER_JOBS_PREFIX,
-                "job_prefix": keys.job_key(""),
-                "in_progress_prefix": keys.IN_PROGRESS_PREFIX,
-                "events_prefix": keys.EVENTS_PREFIX,
-                "error_event": _out_of_band(lost),
-                "tenant_prefix": keys.TENANT_PREFIX,
-                "outcome_prefix": keys.OUTCOME_PREFIX,
-                "outcome_record": p.outcome_record(p.Outcome.WORKER_LOST),
-                "outcome_ttl_ms": _OUTCOME_TTL_MS,
-                "stored_prefix": keys.STORED_PREFIX,
-                "log_prefix": keys.LOG_PREFIX,
-                "store_ttl_ms": self.store_ttl_ms,
-                "batch_job_prefix": keys.BATCH_JOB_PREFIX,
-                "batch_prefix": keys.BATCH_PREFIX,
-                "failure_line": _REAPED_BATCH_LINE,
-            },
-        )
-        return [w.decode() for w in out[:-1]], int(out[-1])
-
     async def publish_many(
         self,
         batch: dict[str, list[bytes]],
@@ -373,28 +344,3 @@ class Store:
             if isinstance(n, Exception):
                 raise n
         return [int(n) for n in counts]
-
-    async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
-        await self._heartbeat(
-            keys={
-                "worker": keys.worker_key(info.worker_id),
-                "workers": keys.WORKERS,
-                "models": keys.MODELS,
-            },
-            args={
-                "worker_id": info.worker_id,
-                "ttl_ms": int(ttl_s * 1000),
-                "models_json": json.dumps(list(info.models)),
-            },
-            rest=_flat(info.to_hash()),
-        )
-
-    async def forget_models(self, before_ms: int) -> None:
-        """Models no worker served since ``before_ms`` (Unix ms) leave ``llmq:models``."""
-        await self.redis.zremrangebyscore(keys.MODELS, "-inf", f"({before_ms}")
-
-    async def remove_worker(self, worker_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.worker_key(worker_id))
-            pipe.zrem(keys.WORKERS, worker_id)
-            await pipe.execute()

@@ -7,10 +7,10 @@ import logging
 from arq.connections import ArqRedis
 from arq.worker import Worker
 from prometheus_client import start_http_server
-from redis.asyncio import ConnectionPool
 
 from llmq.shared import keys, protocol
 from llmq.shared.batches import BatchStore
+from llmq.shared.connect import redis_pool
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker.arq_worker import WakeableWorker, seam_problems
@@ -35,13 +35,7 @@ def build_worker(
     if problems:
         raise RuntimeError("incompatible arq version: " + "; ".join(problems))
     redis = ArqRedis(
-        ConnectionPool.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            socket_keepalive=True,
-            **settings.redis_auth(),
-        ),
+        redis_pool(settings, timeout=settings.redis_timeout_s),
         job_serializer=protocol.json_dumps,
         job_deserializer=protocol.json_loads,
         default_queue_name=keys.QUEUE,

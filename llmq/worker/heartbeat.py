@@ -15,9 +15,9 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from llmq.shared.keys import WAKE_CHANNEL, WAKE_MODEL
+from llmq.shared.liveness import log_reaped
 from llmq.shared.protocol import WorkerInfo
 from llmq.shared.pubsub import listen
-from llmq.shared.store import log_reaped
 from llmq.shared.tasks import stop_if_cancelled
 from llmq.worker.runtime import Runtime
 
