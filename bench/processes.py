@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from local.launch import redis_argv, vllm_argv, vllm_env
+from local.launch import redis_argv, sentinel_argv, sentinel_config, vllm_argv, vllm_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,23 +115,42 @@ def spawn(
     return Proc(name, popen, log, port)
 
 
+def _pings(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+
+
 def start_redis(
-    logdir: Path, *, port: int = 0, data_dir: Path | None = None, persistent: bool = False
+    logdir: Path,
+    *,
+    port: int = 0,
+    data_dir: Path | None = None,
+    persistent: bool = False,
+    replica_of: int = 0,
 ) -> Proc:
     """A redis-server on loopback (``port`` 0: a free one); ``persistent``: AOF in
-    ``data_dir``, so a restart on the same port and folder finds the queue again."""
+    ``data_dir``, so a restart on the same port and folder finds the queue again;
+    ``replica_of``: a replica of the primary on that port."""
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server not found: run scripts/test.sh, which installs it")
     port = port or free_port()
     folder = str(data_dir or logdir)
-    proc = spawn("redis", redis_argv(port, folder, persistent=persistent), logdir, port=port)
+    argv = redis_argv(port, folder, persistent=persistent, replica_of=replica_of)
+    proc = spawn("redis", argv, logdir, port=port)
+    wait_for(lambda: _pings(port), 10, "redis-server")
+    return proc
 
-    def ping() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
 
-    wait_for(ping, 10, "redis-server")
+def start_sentinel(logdir: Path, master_port: int, *, down_after_ms: int = 2000) -> Proc:
+    """A sentinel on a free loopback port watching the primary on ``master_port``."""
+    port = free_port()
+    folder = logdir / f"sentinel-{port}"
+    folder.mkdir()
+    conf = folder / "sentinel.conf"
+    conf.write_text(sentinel_config(port, master_port, down_after_ms=down_after_ms))
+    proc = spawn("sentinel", sentinel_argv(str(conf)), logdir, port=port)
+    wait_for(lambda: _pings(port), 10, "redis-sentinel")
     return proc
 
 

@@ -4,6 +4,8 @@ build and redis-server: their command lines are built here and nowhere else.
     python -m local.launch vllm --python .cache/engine-venv/bin/python --model DIR \
         --name SmolLM2-135M-Instruct --port 8000 --max-num-seqs 4 [-- extra vLLM flags]
     python -m local.launch redis --port 6379 --dir var/redis --persistent
+    python -m local.launch redis --port 6380 --dir var/redis-replica --persistent --replica-of 6379
+    python -m local.launch sentinel --port 26379 --dir var/sentinel-1 --master-port 6379
 
 As a command it replaces itself with the program (``exec``), so a caller that started it
 holds the program's own process id (scripts/run.sh stops it with SIGTERM).
@@ -20,7 +22,10 @@ last occurrence of a flag wins. The GPU deployment's flags are in compose/.
 
 Redis: loopback only; ``persistent`` is how the local run keeps its queue across restarts
 (AOF every second, ``noeviction`` so a full Redis refuses writes instead of dropping jobs,
-as compose runs it); tests use a throw-away instance without persistence.
+as compose runs it); tests use a throw-away instance without persistence. High
+availability (REDIS_HA=1 in scripts/run.sh, the failover tests and bench): a replica
+(``--replica-of``) and sentinels (``sentinel``: quorum 2 of 3, a primary unanswered for
+``down_after_ms`` is failed over; the config file is the sentinel's own, it rewrites it).
 """
 
 from __future__ import annotations
@@ -97,22 +102,56 @@ def vllm_env(kvcache_gib: str | None = None) -> dict[str, str]:
     return {"VLLM_CPU_KVCACHE_SPACE": gib}
 
 
-def redis_argv(port: int, data_dir: str, *, persistent: bool) -> list[str]:
-    """redis-server on loopback, with or without the deployment's persistence."""
+def redis_argv(
+    port: int,
+    data_dir: str,
+    *,
+    persistent: bool,
+    replica_of: int = 0,
+    min_replicas_to_write: int = 0,
+) -> list[str]:
+    """redis-server on loopback, with or without the deployment's persistence;
+    ``replica_of``: a replica of the primary on that port; ``min_replicas_to_write``: a
+    primary refuses writes while fewer replicas are connected (lagging under 10 s), so a
+    primary cut off from its replicas cannot go on accepting jobs a failover then loses
+    (split brain)."""
     exe = shutil.which("redis-server") or "redis-server"
     flags = REDIS_PERSISTENT_FLAGS if persistent else REDIS_EPHEMERAL_FLAGS
-    return [
-        exe,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        data_dir,
-        "--save",
-        "",
-        *flags,
-    ]
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir, "--save", "",
+            *flags]  # fmt: skip
+    if replica_of:
+        argv += ["--replicaof", "127.0.0.1", str(replica_of)]
+    if min_replicas_to_write:
+        argv += ["--min-replicas-to-write", str(min_replicas_to_write),
+                 "--min-replicas-max-lag", "10"]  # fmt: skip
+    return argv
+
+
+SENTINEL_MASTER = "mymaster"  # REDIS_SENTINEL_MASTER's default
+
+
+def sentinel_config(
+    port: int, master_port: int, *, down_after_ms: int = 2000, master: str = SENTINEL_MASTER
+) -> str:
+    """A sentinel's config: it watches the primary on ``master_port`` (quorum 2: of three
+    sentinels, two must agree it is down) and fails over after ``down_after_ms``."""
+    return "\n".join(
+        [
+            f"port {port}",
+            "bind 127.0.0.1",
+            f"sentinel monitor {master} 127.0.0.1 {master_port} 2",
+            f"sentinel down-after-milliseconds {master} {down_after_ms}",
+            f"sentinel failover-timeout {master} 10000",
+            f"sentinel parallel-syncs {master} 1",
+            "",
+        ]
+    )
+
+
+def sentinel_argv(config_path: str) -> list[str]:
+    """A sentinel (redis-server in sentinel mode) reading and rewriting ``config_path``."""
+    exe = shutil.which("redis-server") or "redis-server"
+    return [exe, config_path, "--sentinel"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,6 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--dir", required=True)
     r.add_argument("--persistent", action="store_true")
+    r.add_argument("--replica-of", type=int, default=0, help="the primary's port")
+    r.add_argument("--min-replicas-to-write", type=int, default=0)
+    t = sub.add_parser("sentinel")
+    t.add_argument("--port", type=int, required=True)
+    t.add_argument("--dir", required=True, help="where its config file lives")
+    t.add_argument("--master-port", type=int, required=True)
+    t.add_argument("--down-after-ms", type=int, default=2000)
     a = ap.parse_args(argv)
     if a.program == "vllm":
         cmd = vllm_argv(
@@ -146,8 +192,20 @@ def main(argv: list[str] | None = None) -> None:
             extra=a.extra,
         )
         env = {**os.environ, **vllm_env()}
+    elif a.program == "sentinel":
+        os.makedirs(a.dir, exist_ok=True)
+        conf = os.path.join(a.dir, "sentinel.conf")
+        with open(conf, "w") as f:  # fresh each start: the primary is rediscovered
+            f.write(sentinel_config(a.port, a.master_port, down_after_ms=a.down_after_ms))
+        cmd, env = sentinel_argv(conf), dict(os.environ)
     else:
-        cmd = redis_argv(a.port, a.dir, persistent=a.persistent)
+        cmd = redis_argv(
+            a.port,
+            a.dir,
+            persistent=a.persistent,
+            replica_of=a.replica_of,
+            min_replicas_to_write=a.min_replicas_to_write,
+        )
         env = dict(os.environ)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)

@@ -1,7 +1,8 @@
 """Per-test stacks of real processes, and the one place tests reach the process harness.
 
 The harness itself (``bench.processes``: spawn, redis-server, simulator, gateway, worker,
-vLLM) is shared with the benchmarks; tests import it only through this module.
+vLLM; ``bench.ha``: a Sentinel-managed Redis) is shared with the benchmarks; tests import
+it only through this module.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bench.ha import HaRedis, start_ha_redis
 from bench.processes import (
     BUNDLED_MODEL,
     ROOT,
@@ -40,6 +42,7 @@ __all__ = [
     "E2E_MAX_MODEL_LEN",
     "E2E_SECOND_NAME",
     "ROOT",
+    "HaRedis",
     "Proc",
     "Stack",
     "dump_logs_on_failure",
@@ -48,6 +51,7 @@ __all__ = [
     "spawn",
     "spawn_vllm",
     "stack_for",
+    "start_ha_redis",
     "start_redis",
     "start_sim",
     "wait_for",

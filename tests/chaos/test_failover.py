@@ -1,0 +1,149 @@
+"""Sentinel failover on real processes: two redis-servers and three sentinels on loopback
+(``bench.ha``), a worker and a gateway that find the primary through the sentinels. The
+primary is killed (-9) under load; nothing is restarted but Redis itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.clients import body, stream_chat
+from tests.support.stack import HaRedis, Proc, Stack, dump_logs_on_failure, start_ha_redis
+
+pytestmark = pytest.mark.chaos
+
+BOUND_S = 60  # generous for a loaded 2-core machine; bench.failover reports real figures
+
+
+@pytest.fixture
+def ha(logdir: Path) -> Iterator[HaRedis]:
+    topology = start_ha_redis(logdir)
+    yield topology
+    topology.close()
+
+
+@pytest.fixture
+def ha_stack(
+    ha: HaRedis, sim: Proc, logdir: Path, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    httpx.post(sim.url + "/sim/reset")
+    s = Stack("redis://127.0.0.1:1/0", sim.url, logdir)
+    s.worker_settings = {"redis_sentinels": ha.sentinels_setting, "heartbeat_interval_s": 0.5}
+    try:
+        yield s
+    finally:
+        s.close()
+        dump_logs_on_failure(request, s.procs + ha.sentinels + list(ha.servers.values()))
+
+
+@dataclass
+class Answer:
+    sent: float  # seconds since the kill (negative: before)
+    took: float
+    status: int
+    code: str  # the error code (HTTP body or SSE error event), "" for a completed stream
+    done: bool
+
+
+async def _load(
+    gw: Proc, ha: HaRedis, *, lanes: int, after_s: float, on_kill: asyncio.Event | None = None
+) -> tuple[list[Answer], int]:
+    """Streams from ``lanes`` lanes; the primary is killed once they have run 1.5 s; they
+    go on until ``after_s`` after the first 200 sent after the kill. Returns every answer
+    and the killed port."""
+    answers: list[Answer] = []
+    kill_at: list[float] = []
+    recovered: list[float] = []
+    start = time.monotonic()
+
+    async def lane(c: httpx.AsyncClient) -> None:
+        while not recovered or time.monotonic() < recovered[0] + after_s:
+            if time.monotonic() - start > BOUND_S:
+                return
+            t0 = time.monotonic()
+            r = await stream_chat(c, gw.url, body(tokens=3))
+            since = t0 - kill_at[0] if kill_at else t0 - start - 1e6
+            codes = [e.get("code", "") for e in r.sse_errors]
+            code = (r.error_body or {}).get("error", {}).get("code", "") if r.error_body else ""
+            answers.append(Answer(since, time.monotonic() - t0, r.status, code or "".join(codes),
+                                  r.done))  # fmt: skip
+            if kill_at and since > 0 and r.status == 200 and r.done and not codes:
+                recovered.append(time.monotonic())
+            if r.status != 200:
+                await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(timeout=BOUND_S) as c:
+        tasks = [asyncio.create_task(lane(c)) for _ in range(lanes)]
+        await asyncio.sleep(1.5)
+        killed = await asyncio.to_thread(ha.kill_primary)
+        kill_at.append(time.monotonic())
+        if on_kill is not None:
+            on_kill.set()
+        await asyncio.gather(*tasks)
+    return answers, killed
+
+
+def test_killing_the_primary_fails_over_without_restarting_anything(
+    ha: HaRedis, ha_stack: Stack
+) -> None:
+    """A new primary is elected; the worker and the gateway follow it by themselves;
+    requests after the failover succeed; every request gets an answer (200, or a 503 while
+    Redis is away), none hangs."""
+    worker = ha_stack.worker(max_active=4)
+    gw = ha_stack.gateway(redis_sentinels=ha.sentinels_setting)
+    answers, killed = asyncio.run(_load(gw, ha, lanes=4, after_s=2.0))
+    new = ha.primary_port()
+    assert new is not None
+    assert new != killed
+    after = [a for a in answers if a.sent > 0]
+    assert any(a.status == 200 and a.done and not a.code for a in after), Counter(
+        (a.status, a.code) for a in after
+    )
+    assert all(a.took < BOUND_S for a in answers)
+    outcomes = Counter((a.status, a.code) for a in answers)
+    allowed = {(200, ""), (503, "queue_unavailable"), (503, "queue_timeout"),
+               (200, "queue_unavailable"), (503, "engine_unavailable")}  # fmt: skip
+    assert set(outcomes) <= allowed, outcomes
+    assert worker.alive(), worker.output()[-2000:]
+    assert gw.alive(), gw.output()[-2000:]
+    final = httpx.post(gw.url + "/v1/chat/completions", json=body(stream=False), timeout=30)
+    assert final.status_code == 200
+
+
+def test_with_a_replica_ack_every_admitted_job_completes_or_its_client_is_told(
+    ha: HaRedis, ha_stack: Stack
+) -> None:
+    """REDIS_MIN_REPLICAS_ACK=1: a job is admitted only once a replica has it, so the
+    failover loses none: no request ends in queue_timeout (its job vanished), every one
+    ends with its answer or an error. The killed server comes back as a replica, and
+    admissions, refused (503) while the new primary had none, succeed again."""
+    worker = ha_stack.worker(max_active=4)
+    gw = ha_stack.gateway(
+        redis_sentinels=ha.sentinels_setting, redis_min_replicas_ack=1, queue_timeout_s=20
+    )
+
+    async def scenario() -> tuple[list[Answer], int]:
+        killed = asyncio.Event()
+        load = asyncio.create_task(_load(gw, ha, lanes=4, after_s=2.0, on_kill=killed))
+        await killed.wait()
+        old = ha.killed[0]
+        await asyncio.to_thread(ha.wait_new_primary, old)
+        await asyncio.to_thread(ha.restart, old)
+        return await load
+
+    answers, _ = asyncio.run(scenario())
+    outcomes = Counter((a.status, a.code) for a in answers)
+    assert (503, "queue_timeout") not in outcomes, outcomes
+    assert all(a.took < BOUND_S for a in answers)
+    for a in answers:
+        assert (a.status == 200 and (a.done or a.code)) or (a.status != 200 and a.code), a
+    assert any(a.sent > 0 and a.status == 200 and not a.code for a in answers), outcomes
+    assert worker.alive(), worker.output()[-2000:]
+    assert gw.alive(), gw.output()[-2000:]
