@@ -3,14 +3,26 @@ primary, a replica and three sentinels (quorum 2, ``down-after-milliseconds`` 20
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import redis
 
+from bench.loadgen import stream_chat
 from bench.processes import Proc, start_redis, start_sentinel, wait_for
 from local.launch import SENTINEL_MASTER
+
+CHAT = {
+    "model": "sim-model",
+    "stream": True,
+    "messages": [{"role": "user", "content": "hello there"}],
+    "sim": {"tokens": 3},
+}
 
 
 @dataclass
@@ -24,10 +36,6 @@ class HaRedis:
     def sentinels_setting(self) -> str:
         """REDIS_SENTINELS for the services."""
         return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-
-    def env(self) -> dict[str, object]:
-        """The services' settings: REDIS_URL names no server (Sentinel decides)."""
-        return {"redis_url": "redis://127.0.0.1:1/0", "redis_sentinels": self.sentinels_setting}
 
     def primary_port(self) -> int | None:
         """The primary's port as a majority of sentinels name it (None: no majority)."""
@@ -58,7 +66,11 @@ class HaRedis:
                 return False
             with self.client(port) as c:
                 info = c.info("replication")
-            if info.get("role") != "master" or int(info.get("connected_slaves", 0)) < 1:
+            replicas = len(self.servers) - 1 - len(self.killed)
+            if info.get("role") != "master" or int(info.get("connected_slaves", 0)) < replicas:
+                return False
+            if sum(f"slave{i}" in info and "online" in str(info[f"slave{i}"])
+                   for i in range(replicas)) < replicas:  # fmt: skip
                 return False
             for s in self.sentinels:
                 with redis.Redis(port=s.port, socket_timeout=1) as c:
@@ -97,12 +109,99 @@ class HaRedis:
             p.kill()
 
 
-def start_ha_redis(logdir: Path, *, down_after_ms: int = 2000) -> HaRedis:
+@dataclass
+class Answer:
+    sent: float  # seconds since the kill (negative: before)
+    took: float
+    status: int  # 0: no answer within the client's timeout
+    code: str  # the error code (HTTP body or SSE error event), "" for a completed stream
+    done: bool
+    probe: bool = False
+
+
+async def load_through_failover(
+    gw: Proc,
+    ha: HaRedis,
+    *,
+    lanes: int,
+    after_s: float,
+    on_kill: asyncio.Event | None = None,
+    bound_s: float = 60,
+    payload: dict[str, Any] | None = None,
+    probe: bool = False,
+    rejoin: bool = False,
+) -> tuple[list[Answer], int]:
+    """Streams from ``lanes`` lanes; the primary is killed once they have run 1.5 s; they
+    go on until ``after_s`` after the first 200 sent after the kill. ``probe``: one more
+    lane sends a request every 100 ms (5 s client timeout), never held up by a request
+    that waits: its answers (``Answer.probe``) time the recovery. ``rejoin``: the killed
+    server is restarted as soon as a new primary is elected (the sentinels make it a
+    replica). Returns every answer and the killed port."""
+    answers: list[Answer] = []
+    kill_at: list[float] = []
+    recovered: list[float] = []
+    start = time.monotonic()
+
+    def going() -> bool:
+        if time.monotonic() - start > bound_s:
+            return False
+        return not recovered or time.monotonic() < recovered[0] + after_s
+
+    async def one(c: httpx.AsyncClient, is_probe: bool) -> Answer:
+        t0 = time.monotonic()
+        try:
+            r = await stream_chat(c, gw.url, payload or CHAT)
+        except httpx.TimeoutException:
+            since = t0 - kill_at[0] if kill_at else t0 - start - 1e6
+            return Answer(since, time.monotonic() - t0, 0, "client_timeout", False, is_probe)
+        since = t0 - kill_at[0] if kill_at else t0 - start - 1e6
+        codes = "".join(e.get("code", "") for e in r.sse_errors)
+        code = (r.error_body or {}).get("error", {}).get("code", "") if r.error_body else ""
+        return Answer(since, time.monotonic() - t0, r.status, code or codes, r.done, is_probe)
+
+    async def lane(c: httpx.AsyncClient, is_probe: bool) -> None:
+        while going():
+            a = await one(c, is_probe)
+            answers.append(a)
+            if kill_at and a.sent > 0 and a.status == 200 and a.done and not a.code:
+                recovered.append(time.monotonic())
+            if is_probe or a.status != 200:
+                await asyncio.sleep(0.1 if is_probe else 0.05)
+
+    async with (
+        httpx.AsyncClient(timeout=bound_s) as c,
+        httpx.AsyncClient(timeout=5) as quick,
+    ):
+        tasks = [asyncio.create_task(lane(c, False)) for _ in range(lanes)]
+        if probe:
+            tasks.append(asyncio.create_task(lane(quick, True)))
+        await asyncio.sleep(1.5)
+        killed = await asyncio.to_thread(ha.kill_primary)
+        kill_at.append(time.monotonic())
+        if on_kill is not None:
+            on_kill.set()
+        if rejoin:
+            await asyncio.to_thread(ha.wait_new_primary, killed)
+            await asyncio.to_thread(ha.restart, killed)
+        await asyncio.gather(*tasks)
+    return answers, killed
+
+
+def start_ha_redis(
+    logdir: Path, *, replicas: int = 1, down_after_ms: int = 2000, failover_timeout_ms: int = 10_000
+) -> HaRedis:
+    """A primary, ``replicas`` replicas and three sentinels, ready (replicas in sync)."""
     primary = start_redis(logdir)
-    replica = start_redis(logdir, replica_of=primary.port)
-    sentinels = [start_sentinel(logdir, primary.port, down_after_ms=down_after_ms)
-                 for _ in range(3)]  # fmt: skip
-    ha = HaRedis(logdir, {primary.port: primary, replica.port: replica}, sentinels)
+    servers = {primary.port: primary}
+    for _ in range(replicas):
+        replica = start_redis(logdir, replica_of=primary.port)
+        servers[replica.port] = replica
+    sentinels = [
+        start_sentinel(logdir, primary.port, down_after_ms=down_after_ms,
+                       failover_timeout_ms=failover_timeout_ms)
+        for _ in range(3)
+    ]  # fmt: skip
+    ha = HaRedis(logdir, servers, sentinels)
     try:
         ha.wait_ready()
     except BaseException:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -93,3 +94,44 @@ async def run(url: str, body: dict[str, Any], requests: int, concurrency: int) -
         t0 = time.perf_counter()
         await asyncio.gather(*(lane() for _ in range(concurrency)))
         return RunResult(samples, time.perf_counter() - t0)
+
+
+@dataclass
+class StreamResult:
+    status: int
+    headers: dict[str, str]
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+    error_body: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(
+            (c.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
+            for c in self.chunks
+            if c.get("choices")
+        )
+
+    @property
+    def sse_errors(self) -> list[dict[str, Any]]:
+        return [c["error"] for c in self.chunks if "error" in c]
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, url: str, payload: dict[str, Any], max_chunks: int | None = None
+) -> StreamResult:
+    """POST and read the SSE stream (or the error body); stop early after ``max_chunks``."""
+    async with client.stream("POST", url + "/v1/chat/completions", json=payload) as resp:
+        result = StreamResult(resp.status_code, dict(resp.headers))
+        if resp.status_code != 200:
+            result.error_body = json.loads(await resp.aread())
+            return result
+        try:
+            async for chunk in sse.events(resp.aiter_lines()):
+                result.chunks.append(chunk)
+                if max_chunks is not None and len(result.chunks) >= max_chunks:
+                    return result
+        except sse.StreamEndedEarly:
+            return result
+        result.done = True
+        return result

@@ -142,13 +142,19 @@ def start_redis(
     return proc
 
 
-def start_sentinel(logdir: Path, master_port: int, *, down_after_ms: int = 2000) -> Proc:
+def start_sentinel(
+    logdir: Path, master_port: int, *, down_after_ms: int = 2000, failover_timeout_ms: int = 10_000
+) -> Proc:
     """A sentinel on a free loopback port watching the primary on ``master_port``."""
     port = free_port()
     folder = logdir / f"sentinel-{port}"
     folder.mkdir()
     conf = folder / "sentinel.conf"
-    conf.write_text(sentinel_config(port, master_port, down_after_ms=down_after_ms))
+    conf.write_text(
+        sentinel_config(
+            port, master_port, down_after_ms=down_after_ms, failover_timeout_ms=failover_timeout_ms
+        )
+    )
     proc = spawn("sentinel", sentinel_argv(str(conf)), logdir, port=port)
     wait_for(lambda: _pings(port), 10, "redis-sentinel")
     return proc

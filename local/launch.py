@@ -131,17 +131,23 @@ SENTINEL_MASTER = "mymaster"  # REDIS_SENTINEL_MASTER's default
 
 
 def sentinel_config(
-    port: int, master_port: int, *, down_after_ms: int = 2000, master: str = SENTINEL_MASTER
+    port: int,
+    master_port: int,
+    *,
+    down_after_ms: int = 2000,
+    failover_timeout_ms: int = 10_000,
+    master: str = SENTINEL_MASTER,
 ) -> str:
     """A sentinel's config: it watches the primary on ``master_port`` (quorum 2: of three
-    sentinels, two must agree it is down) and fails over after ``down_after_ms``."""
+    sentinels, two must agree it is down) and fails over after ``down_after_ms``; a
+    sentinel does not start another failover of it within twice ``failover_timeout_ms``."""
     return "\n".join(
         [
             f"port {port}",
             "bind 127.0.0.1",
             f"sentinel monitor {master} 127.0.0.1 {master_port} 2",
             f"sentinel down-after-milliseconds {master} {down_after_ms}",
-            f"sentinel failover-timeout {master} 10000",
+            f"sentinel failover-timeout {master} {failover_timeout_ms}",
             f"sentinel parallel-syncs {master} 1",
             "",
         ]

@@ -21,6 +21,9 @@ Keys and channels
     llmq:worker:<id>        hash    heartbeat of one worker (WorkerInfo), with a TTL
     llmq:worker-jobs:<id>   hash    job id -> JSON [tenant, model], for the jobs a worker
                                     started and not ended
+    llmq:worker-claims:<id> hash    job id -> JSON [tenant, model, band, enqueue ms, claimed
+                                    ms]: jobs the worker picked and has not started yet
+                                    (a pick whose reply was lost: they go back to the queue)
     llmq:apikeys            hash    API key name -> digest (sha256 of the secret)
     llmq:apikey:<digest>    hash    one API key: name, limits, priority band (ApiKey)
     llmq:tenant:<name>:admitted  zset  the tenant's admitted, unfinished jobs (deadlines)
@@ -163,10 +166,15 @@ def worker_key(worker_id: str) -> str:
 
 
 WORKER_JOBS_PREFIX = "llmq:worker-jobs:"
+WORKER_CLAIMS_PREFIX = "llmq:worker-claims:"
 
 
 def worker_jobs_key(worker_id: str) -> str:
     return WORKER_JOBS_PREFIX + worker_id
+
+
+def worker_claims_key(worker_id: str) -> str:
+    return WORKER_CLAIMS_PREFIX + worker_id
 
 
 API_KEYS = "llmq:apikeys"

@@ -46,6 +46,25 @@ class Liveness:
     store_ttl_ms: int
     _reap: Registered
     _heartbeat: Registered
+    _requeue: Registered
+
+    async def requeue_claims(self, worker_id: str, running: list[str], min_age_s: float) -> int:
+        """Return to the queue the jobs this worker picked at least ``min_age_s`` ago and
+        is not running (``running``: every job id it holds or has started): a pick whose
+        reply never arrived. See ``scripts.REQUEUE``."""
+        return int(
+            await self._requeue(
+                keys={"claims": keys.worker_claims_key(worker_id), "queue": keys.QUEUE},
+                args={
+                    "job_prefix": keys.job_key(""),
+                    "in_progress_prefix": keys.IN_PROGRESS_PREFIX,
+                    "model_prefix": keys.MODEL_PREFIX,
+                    "wake": keys.WAKE_CHANNEL,
+                    "min_age_ms": int(min_age_s * 1000),
+                },
+                rest=running,
+            )
+        )
 
     async def heartbeat(self, info: p.WorkerInfo, ttl_s: float) -> None:
         await self._heartbeat(
@@ -83,6 +102,7 @@ class Liveness:
                 "model_prefix": keys.MODEL_PREFIX,
                 "worker_prefix": keys.WORKER_PREFIX,
                 "worker_jobs_prefix": keys.WORKER_JOBS_PREFIX,
+                "worker_claims_prefix": keys.WORKER_CLAIMS_PREFIX,
                 "job_prefix": keys.job_key(""),
                 "in_progress_prefix": keys.IN_PROGRESS_PREFIX,
                 "events_prefix": keys.EVENTS_PREFIX,

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
 from llmq.shared.connect import not_replicated
-from llmq.shared.errors import JobCancelled, ServiceError
+from llmq.shared.errors import JobCancelled, QueueUnavailable, ServiceError
 from llmq.shared.liveness import Liveness, out_of_band
 from llmq.shared.lua import Registered
 from llmq.shared.readings import Readings
@@ -24,6 +24,7 @@ from llmq.shared.scripts import AdmitStatus, CancelResult
 __all__ = ["AdmitResult", "AdmitStatus", "Store", "TenantLimits"]
 
 _OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
+_LOST_TRACK = QueueUnavailable("the job ended while its worker could not reach Redis; retry")
 
 
 Logged = dict[str, list[tuple[int, bytes]]]  # job id -> (seq, encoded event), to log
@@ -95,6 +96,7 @@ class Store(Liveness):
         self._forget = Registered(redis, scripts.FORGET)
         self._pick = Registered(redis, scripts.PICK)
         self._heartbeat = Registered(redis, scripts.HEARTBEAT)
+        self._requeue = Registered(redis, scripts.REQUEUE)
         self.readings = Readings(redis)
 
     # -- gateway side ------------------------------------------------------------------
@@ -224,12 +226,13 @@ class Store(Liveness):
 
     # -- worker side -------------------------------------------------------------------
     async def pick_jobs(
-        self, models: tuple[str, ...], limit: int, in_progress_s: float
+        self, models: tuple[str, ...], limit: int, in_progress_s: float, worker_id: str = ""
     ) -> list[tuple[str, int]]:
         """Up to ``limit`` waiting jobs for ``models`` to start now, each claimed (arq's
         in-progress key, for ``in_progress_s``): highest band first; within a band the model
         served least recently, then its tenant served least recently (fair queuing); see
-        ``scripts.PICK``. Returns (id, queue score)."""
+        ``scripts.PICK``. Each is a claim of ``worker_id`` until it starts. Returns (id,
+        queue score)."""
         if not models:
             return []
         flat: list[Any] = await self._pick(
@@ -237,6 +240,7 @@ class Store(Liveness):
                 "queue": keys.QUEUE,
                 "served": keys.BAND_SERVED,
                 "models_served": keys.MODELS_SERVED,
+                "claims": keys.worker_claims_key(worker_id),
             },
             args={
                 "in_progress_prefix": keys.IN_PROGRESS_PREFIX,
@@ -257,6 +261,7 @@ class Store(Liveness):
                 "worker_jobs": keys.worker_jobs_key(worker_id),
                 "stored": keys.stored_key(spec.id),
                 "job": keys.job_key(spec.id),
+                "claims": keys.worker_claims_key(worker_id),
             },
             args={
                 "job_id": spec.id,
@@ -283,6 +288,7 @@ class Store(Liveness):
                 "stored": keys.stored_key(spec.id),
                 "log": keys.log_key(spec.id),
                 "done": keys.model_done_key(spec.model),
+                "claims": keys.worker_claims_key(worker_id),
             },
             args={
                 "job_id": spec.id,
@@ -306,11 +312,14 @@ class Store(Liveness):
                 "job": keys.job_key(spec.id),
                 "in_progress": keys.in_progress_key(spec.id),
                 "outcome": keys.outcome_key(spec.id),
+                "claims": keys.worker_claims_key(worker_id),
             },
             args={
                 "job_id": spec.id,
                 "outcome_record": p.outcome_record(p.Outcome.REDIS_ERROR, worker_id),
                 "outcome_ttl_ms": _OUTCOME_TTL_MS,
+                "events": keys.events_channel(spec.id),
+                "error_event": out_of_band(_LOST_TRACK),
             },
         )
 

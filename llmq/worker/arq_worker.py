@@ -48,6 +48,7 @@ _BACKOFF_MAX_S = 5.0
 # Feed-and-pick rounds per turn for idle slots: a batch whose next lines are another model's
 # feeds those (its workers are woken) and this worker tries again, a few times per turn.
 _FEED_ROUNDS = 4
+CLAIM_CHECK_S = 2.0  # how often (and after how long) unstarted claims are requeued
 
 
 # Pinned against arq 0.28.0 (pyproject: >=0.28,<0.29). After an upgrade, read arq's new
@@ -156,6 +157,7 @@ class WakeableWorker(Worker):
         self._withdrawing: asyncio.Task[None] | None = None
         self._redis_failures = 0
         self.feeder = BatchFeeder(runtime)
+        self._claims_checked = 0.0
 
     def wake(self) -> None:
         self._wake_event.set()
@@ -196,6 +198,21 @@ class WakeableWorker(Worker):
                 except (RedisError, OSError) as exc:  # arq could not record the outcome
                     logger.warning("job %s: arq lost Redis while finishing it: %s", job_id, exc)
         await self.heart_beat()
+        await self._requeue_lost_picks()
+
+    async def _requeue_lost_picks(self) -> None:
+        """Every CLAIM_CHECK_S: jobs this worker's picks claimed that it never started (the
+        pick ran, its reply was lost: a failover, a dropped connection) go back to the
+        queue. Claims younger than CLAIM_CHECK_S are left alone (a task about to start)."""
+        now = self.loop.time()
+        if now - self._claims_checked < CLAIM_CHECK_S:
+            return
+        self._claims_checked = now
+        rt = self.runtime
+        running = [*self.tasks, *rt.entered]
+        requeued = await rt.store.requeue_claims(rt.settings.worker_id, running, CLAIM_CHECK_S)
+        if requeued:
+            logger.warning("%d job(s) picked but never started went back to the queue", requeued)
 
     async def _fill(self, free: int) -> None:
         """Start waiting jobs of this worker's models in the ``free`` slots; slots still
@@ -203,13 +220,14 @@ class WakeableWorker(Worker):
         batch fills a model's idle capacity while interactive jobs, in higher bands, keep
         the first claim on every slot that frees."""
         rt = self.runtime
-        picked = await rt.store.pick_jobs(rt.models, free, self.in_progress_timeout_s)
+        wid = rt.settings.worker_id
+        picked = await rt.store.pick_jobs(rt.models, free, self.in_progress_timeout_s, wid)
         await self._start_claimed(picked)
         idle = free - len(picked)
         for _ in range(_FEED_ROUNDS):
             if idle <= 0 or not rt.engine_ready or not await self.feeder.fill(idle):
                 return
-            picked = await rt.store.pick_jobs(rt.models, idle, self.in_progress_timeout_s)
+            picked = await rt.store.pick_jobs(rt.models, idle, self.in_progress_timeout_s, wid)
             await self._start_claimed(picked)
             idle -= len(picked)
 

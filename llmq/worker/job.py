@@ -17,7 +17,7 @@ from llmq.shared.protocol import EventType, JobSpec, Outcome
 from llmq.worker import batch
 from llmq.worker.engine import refuses_auto_tools, stream_error
 from llmq.worker.publisher import ClientGone, Publisher
-from llmq.worker.runtime import Runtime, runtime_of
+from llmq.worker.runtime import Runtime, mark_entered, runtime_of
 
 logger = logging.getLogger(__name__)
 jobs_logger = logging.getLogger("llmq.jobs")
@@ -192,6 +192,7 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     result: ``keep_result=0``; the release script leaves ``llmq:outcome:<id>``)."""
     rt = runtime_of(ctx)
     spec = JobSpec.model_validate(raw_spec)
+    mark_entered(rt, spec.id)  # from here on it is never requeued (at most once)
     pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.stored)
     rt.active += 1
     rt.metrics.active.set(rt.active)

@@ -42,7 +42,19 @@ class Runtime:
     auto_tools: bool | None = None  # the engine takes tool_choice "auto" (None: not known)
     # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
     unreleased: dict[str, JobSpec] = field(default_factory=dict)
+    # Jobs that reached this worker's job function (the engine may have seen them): never
+    # returned to the queue (at most once). The most recent ENTERED_KEPT, oldest first.
+    entered: dict[str, None] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+
+
+ENTERED_KEPT = 10_000
+
+
+def mark_entered(rt: Runtime, job_id: str) -> None:
+    rt.entered[job_id] = None
+    if len(rt.entered) > ENTERED_KEPT:
+        del rt.entered[next(iter(rt.entered))]
 
 
 def runtime_of(ctx: dict[str, Any]) -> Runtime:

@@ -5,17 +5,23 @@ primary is killed (-9) under load; nothing is restarted but Redis itself."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.clients import body, stream_chat
-from tests.support.stack import HaRedis, Proc, Stack, dump_logs_on_failure, start_ha_redis
+from tests.support.clients import body
+from tests.support.stack import (
+    Answer,
+    HaRedis,
+    Proc,
+    Stack,
+    dump_logs_on_failure,
+    load_through_failover,
+    start_ha_redis,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -43,53 +49,6 @@ def ha_stack(
         dump_logs_on_failure(request, s.procs + ha.sentinels + list(ha.servers.values()))
 
 
-@dataclass
-class Answer:
-    sent: float  # seconds since the kill (negative: before)
-    took: float
-    status: int
-    code: str  # the error code (HTTP body or SSE error event), "" for a completed stream
-    done: bool
-
-
-async def _load(
-    gw: Proc, ha: HaRedis, *, lanes: int, after_s: float, on_kill: asyncio.Event | None = None
-) -> tuple[list[Answer], int]:
-    """Streams from ``lanes`` lanes; the primary is killed once they have run 1.5 s; they
-    go on until ``after_s`` after the first 200 sent after the kill. Returns every answer
-    and the killed port."""
-    answers: list[Answer] = []
-    kill_at: list[float] = []
-    recovered: list[float] = []
-    start = time.monotonic()
-
-    async def lane(c: httpx.AsyncClient) -> None:
-        while not recovered or time.monotonic() < recovered[0] + after_s:
-            if time.monotonic() - start > BOUND_S:
-                return
-            t0 = time.monotonic()
-            r = await stream_chat(c, gw.url, body(tokens=3))
-            since = t0 - kill_at[0] if kill_at else t0 - start - 1e6
-            codes = [e.get("code", "") for e in r.sse_errors]
-            code = (r.error_body or {}).get("error", {}).get("code", "") if r.error_body else ""
-            answers.append(Answer(since, time.monotonic() - t0, r.status, code or "".join(codes),
-                                  r.done))  # fmt: skip
-            if kill_at and since > 0 and r.status == 200 and r.done and not codes:
-                recovered.append(time.monotonic())
-            if r.status != 200:
-                await asyncio.sleep(0.05)
-
-    async with httpx.AsyncClient(timeout=BOUND_S) as c:
-        tasks = [asyncio.create_task(lane(c)) for _ in range(lanes)]
-        await asyncio.sleep(1.5)
-        killed = await asyncio.to_thread(ha.kill_primary)
-        kill_at.append(time.monotonic())
-        if on_kill is not None:
-            on_kill.set()
-        await asyncio.gather(*tasks)
-    return answers, killed
-
-
 def test_killing_the_primary_fails_over_without_restarting_anything(
     ha: HaRedis, ha_stack: Stack
 ) -> None:
@@ -98,7 +57,7 @@ def test_killing_the_primary_fails_over_without_restarting_anything(
     Redis is away), none hangs."""
     worker = ha_stack.worker(max_active=4)
     gw = ha_stack.gateway(redis_sentinels=ha.sentinels_setting)
-    answers, killed = asyncio.run(_load(gw, ha, lanes=4, after_s=2.0))
+    answers, killed = asyncio.run(load_through_failover(gw, ha, lanes=4, after_s=2.0))
     new = ha.primary_port()
     assert new is not None
     assert new != killed
@@ -131,7 +90,9 @@ def test_with_a_replica_ack_every_admitted_job_completes_or_its_client_is_told(
 
     async def scenario() -> tuple[list[Answer], int]:
         killed = asyncio.Event()
-        load = asyncio.create_task(_load(gw, ha, lanes=4, after_s=2.0, on_kill=killed))
+        load = asyncio.create_task(
+            load_through_failover(gw, ha, lanes=4, after_s=2.0, on_kill=killed)
+        )
         await killed.wait()
         old = ha.killed[0]
         await asyncio.to_thread(ha.wait_new_primary, old)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench.ha import HaRedis, start_ha_redis
+from bench.ha import Answer, HaRedis, load_through_failover, start_ha_redis
 from bench.processes import (
     BUNDLED_MODEL,
     ROOT,
@@ -42,12 +42,14 @@ __all__ = [
     "E2E_MAX_MODEL_LEN",
     "E2E_SECOND_NAME",
     "ROOT",
+    "Answer",
     "HaRedis",
     "Proc",
     "Stack",
     "dump_logs_on_failure",
     "engine_paths",
     "free_port",
+    "load_through_failover",
     "spawn",
     "spawn_vllm",
     "stack_for",

@@ -31,6 +31,7 @@ from llmq.shared.scripts.workers import (
     PICK,
     QUEUE_DEPTH,
     REAP,
+    REQUEUE,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "QUEUE_DEPTH",
     "REAP",
     "RELEASE",
+    "REQUEUE",
     "RESULT",
     "SET_METADATA",
     "START",

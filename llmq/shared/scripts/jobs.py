@@ -146,7 +146,7 @@ return ABORT_REQUESTED
 # (llmq-jobs show, GET arq:job:<id>) is there while it runs. A longer expiry (a batch
 # request's window) is kept.
 START = Script(
-    keys=("admitted", "tenant_admitted", "worker_jobs", "stored", "job"),
+    keys=("admitted", "tenant_admitted", "worker_jobs", "stored", "job", "claims"),
     args=("job_id", "hold_ms", "tenant", "model"),
     consts={**_STORED, "PAYLOAD_SLACK_MS": PAYLOAD_SLACK_MS},
     clock=True,
@@ -159,6 +159,7 @@ local ttl = redis.call('PTTL', job)
 if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', job, keep) end
 local deadline = now + tonumber(hold_ms)
 redis.call('HSET', worker_jobs, job_id, cjson.encode({tenant, model}))
+redis.call('HDEL', claims, job_id)
 redis.call('ZADD', tenant_admitted, 'XX', deadline, job_id)
 return redis.call('ZADD', admitted, 'XX', deadline, job_id)
 """,
@@ -171,7 +172,7 @@ return redis.call('ZADD', admitted, 'XX', deadline, job_id)
 # "": not stored).
 RELEASE = Script(
     keys=("admitted", "tenant_admitted", "worker_jobs", "tpm_bucket", "outcome", "stored", "log",
-          "done"),
+          "done", "claims"),
     args=("job_id", "extra", "tpm", "outcome_record", "outcome_ttl_ms", "stored_status",
           "store_ttl_ms"),
     bucket=True,
@@ -182,6 +183,7 @@ if stored_status ~= '' and redis.call('EXISTS', stored) == 1 then
   redis.call('PEXPIRE', log, store_ttl_ms)
 end
 redis.call('HDEL', worker_jobs, job_id)
+redis.call('HDEL', claims, job_id)
 redis.call('ZREM', tenant_admitted, job_id)
 redis.call('SET', outcome, outcome_record, 'PX', outcome_ttl_ms)
 redis.call('INCR', done)
@@ -195,11 +197,23 @@ return redis.call('ZREM', admitted, job_id)
 )  # fmt: skip
 
 # A job that ended while Redis was unreachable: every trace arq and the worker could not
-# remove.
+# remove; its client, who may be waiting (on a new primary after a failover, its events
+# lost with the old one), is told (``error_event``, out of band).
 FORGET = Script(
-    keys=("admitted", "tenant_admitted", "worker_jobs", "queue", "job", "in_progress", "outcome"),
-    args=("job_id", "outcome_record", "outcome_ttl_ms"),
+    keys=(
+        "admitted",
+        "tenant_admitted",
+        "worker_jobs",
+        "queue",
+        "job",
+        "in_progress",
+        "outcome",
+        "claims",
+    ),
+    args=("job_id", "outcome_record", "outcome_ttl_ms", "events", "error_event"),
     body="""
+redis.call('PUBLISH', events, error_event)
+redis.call('HDEL', claims, job_id)
 redis.call('ZREM', admitted, job_id)
 redis.call('ZREM', tenant_admitted, job_id)
 redis.call('HDEL', worker_jobs, job_id)

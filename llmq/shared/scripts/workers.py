@@ -16,7 +16,8 @@ from llmq.shared.protocol import BANDS, StoredStatus
 # Idempotent; any process may run it. Returns {dead worker ids..., reaped job count}.
 REAP = Script(
     keys=("workers", "queue"),
-    args=("model_prefix", "worker_prefix", "worker_jobs_prefix", "job_prefix", "in_progress_prefix",
+    args=("model_prefix", "worker_prefix", "worker_jobs_prefix", "worker_claims_prefix",
+          "job_prefix", "in_progress_prefix",
           "events_prefix", "error_event", "tenant_prefix", "outcome_prefix", "outcome_record",
           "outcome_ttl_ms", "stored_prefix", "log_prefix", "store_ttl_ms", "batch_job_prefix",
           "batch_prefix", "failure_line"),
@@ -48,6 +49,9 @@ local jobs = 0
 for _, w in ipairs(dead) do
   local records = worker_jobs_prefix .. w
   local pairs_ = redis.call('HGETALL', records)
+  for _, x in ipairs(redis.call('HGETALL', worker_claims_prefix .. w)) do
+    table.insert(pairs_, x)  -- picked, maybe started: ended like started ones (at most once)
+  end
   for i = 1, #pairs_, 2 do
     local id, tenant, model = pairs_[i], pairs_[i + 1], nil
     local ok, v = pcall(cjson.decode, tenant)  -- [tenant, model]
@@ -70,7 +74,7 @@ for _, w in ipairs(dead) do
     end
     jobs = jobs + 1
   end
-  redis.call('DEL', records, worker_prefix .. w)
+  redis.call('DEL', records, worker_claims_prefix .. w, worker_prefix .. w)
   redis.call('ZREM', workers, w)
 end
 table.insert(dead, jobs)
@@ -85,15 +89,17 @@ return dead
 # that just got work queued counts as never served: score 0), that tenant's oldest job. Jobs
 # that expired, already run or left the queue are dropped on the way. Each job returned is
 # claimed in the same step (arq's in-progress key, for ``claim_ms``, as arq's start_jobs
-# would set it in four round trips of its own). Returns {id, queue score, id, queue score,
-# ...}. (The queue score is the gateway's enqueue time: unlike arq, never compared with now,
-# as nothing here is deferred and the gateway's clock may be ahead of the worker's; a job
-# dropped for that was lost.)
+# would set it in four round trips of its own) and recorded in the worker's ``claims`` until
+# it starts (REQUEUE returns a claim whose start never came). Returns {id, queue score, id,
+# queue score, ...}. (The queue score is the gateway's enqueue time: unlike arq, never
+# compared with now, as nothing here is deferred and the gateway's clock may be ahead of the
+# worker's; a job dropped for that was lost.)
 PICK = Script(
-    keys=("queue", "served", "models_served"),
+    keys=("queue", "served", "models_served", "claims"),
     args=("in_progress_prefix", "job_prefix", "model_prefix", "limit", "claim_ms"),
     rest="models",
     consts={"SEP": keys.BAND_QUEUE_SEP, "BAND_PART": keys.BAND_PART, "BANDS": BANDS},
+    clock=True,
     body="""
 local out = {}
 local want = tonumber(limit) * 2
@@ -122,6 +128,7 @@ for _, band in ipairs(BANDS) do
         if score and redis.call('EXISTS', job_prefix .. id) == 1
             and redis.call('EXISTS', in_progress_prefix .. id) == 0 then
           redis.call('PSETEX', in_progress_prefix .. id, claim_ms, '1')
+          redis.call('HSET', claims, id, cjson.encode({tenant, model, band, score, now}))
           table.insert(out, id)
           table.insert(out, score)
           local tick = redis.call('INCR', served)
@@ -136,6 +143,41 @@ for _, band in ipairs(BANDS) do
   if #out >= want then break end
 end
 return out
+""",
+)
+
+# A worker's claims older than ``min_age_ms`` whose job it is not running (``running``: the
+# ids it holds) never started: a pick whose reply was lost (Redis failed over or dropped
+# the connection after running the script). Each goes back to its tenant's queue in its
+# band, under its enqueue score, and its model's workers are woken; a claim whose job
+# ended or expired is dropped. Returns the number requeued.
+REQUEUE = Script(
+    keys=("claims", "queue"),
+    args=("job_prefix", "in_progress_prefix", "model_prefix", "wake", "min_age_ms"),
+    rest="running",
+    consts={"SEP": keys.BAND_QUEUE_SEP, "BAND_PART": keys.BAND_PART, "WAKE_MODEL": keys.WAKE_MODEL},
+    clock=True,
+    body="""
+local skip = {}
+for _, id in ipairs(running) do skip[id] = true end
+local flat = redis.call('HGETALL', claims)
+local n = 0
+for i = 1, #flat, 2 do
+  local id = flat[i]
+  local c = cjson.decode(flat[i + 1])  -- {tenant, model, band, score, claimed ms}
+  if not skip[id] and now - tonumber(c[5]) >= tonumber(min_age_ms) then
+    redis.call('HDEL', claims, id)
+    if redis.call('EXISTS', job_prefix .. id) == 1 and redis.call('ZSCORE', queue, id) then
+      local index = model_prefix .. c[2] .. BAND_PART .. c[3]
+      redis.call('DEL', in_progress_prefix .. id)
+      redis.call('ZADD', index .. SEP .. c[1], c[4], id)
+      redis.call('ZADD', index, 'NX', 0, c[1])
+      redis.call('PUBLISH', wake, WAKE_MODEL .. c[2])
+      n = n + 1
+    end
+  end
+end
+return n
 """,
 )
 

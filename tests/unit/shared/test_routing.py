@@ -118,3 +118,40 @@ async def test_an_admission_wakes_only_its_models_workers(store: Store, contract
     assert msg is not None
     assert msg["data"] == b"model:alpha"
     await pubsub.aclose()
+
+
+async def test_a_pick_whose_job_never_started_goes_back_to_the_queue(
+    store: Store, contract_redis
+) -> None:
+    """A pick claims its jobs for the worker until they start; one that never started (the
+    reply was lost) is requeued, once old enough, in its place; a started or running one
+    is not (at most once)."""
+    for job_id in ("a0", "a1", "a2"):
+        assert await admit(store, job_id, "alpha")
+    picks = [i for i, _ in await store.pick_jobs(("alpha",), 3, 60, worker_id="w1")]
+    assert picks == ["a0", "a1", "a2"]
+    assert sorted(await contract_redis.hkeys(keys.worker_claims_key("w1"))) == [b"a0", b"a1", b"a2"]
+    await store.mark_started(spec("a0", "alpha"), "w1", hold_s=60)  # started: no longer a claim
+    assert await store.requeue_claims("w1", [], min_age_s=60) == 0, "too young"
+    assert await store.requeue_claims("w1", ["a1"], min_age_s=0) == 1, "a1 runs: only a2"
+    assert await contract_redis.exists(keys.in_progress_key("a2")) == 0
+    assert await store.pick_jobs(("alpha",), 3, 60, worker_id="w2") == [
+        ("a2", int(await contract_redis.zscore(keys.QUEUE, "a2")))
+    ], "requeued under its enqueue score, pickable again"
+    assert await contract_redis.hkeys(keys.worker_claims_key("w1")) == [b"a1"], "a1 runs on"
+    await store.release(spec("a1", "alpha"), "w1", None, p.Outcome.COMPLETED)
+    assert await contract_redis.hkeys(keys.worker_claims_key("w1")) == []
+
+
+async def test_a_dead_workers_unstarted_claims_end_like_its_started_jobs(
+    store: Store, contract_redis
+) -> None:
+    """At most once: a claim of a worker that died may have reached its engine, so the
+    reaper ends it (worker_lost) rather than running it again."""
+    await store.heartbeat(worker_info("dead", models=("alpha",)), ttl_s=30)
+    assert await admit(store, "a0", "alpha", limit=1)
+    assert [i for i, _ in await store.pick_jobs(("alpha",), 1, 60, worker_id="dead")] == ["a0"]
+    await contract_redis.zadd(keys.WORKERS, {"dead": 1})
+    assert await store.reap() == (["dead"], 1)
+    assert await store.readings.in_system("alpha") == 0
+    assert await contract_redis.exists(keys.worker_claims_key("dead")) == 0

@@ -238,3 +238,22 @@ async def test_metadata_is_set_only_while_the_record_lives(store: Store, contrac
     assert await contract_redis.hget(keys.stored_key("s"), "metadata") == b'{"team": "a"}'
     assert not await store.records.set_metadata("gone", {"team": "a"})
     assert await contract_redis.exists(keys.stored_key("gone")) == 0, "no record recreated"
+
+
+async def test_forgetting_a_job_tells_a_client_still_waiting(store: Store, contract_redis) -> None:
+    """A job that ended while its worker could not reach Redis (after a failover, its
+    client waits on the new primary, whose events were lost with the old one): the clean-up
+    publishes an out-of-band queue_unavailable, so the client is answered, not left waiting
+    for QUEUE_TIMEOUT_S."""
+    await store.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
+    pubsub = contract_redis.pubsub()
+    await pubsub.subscribe(keys.events_channel("a"))
+    await pubsub.get_message(timeout=1)
+    await store.forget(spec("a"), "w1")
+    msg = await pubsub.get_message(timeout=1)
+    assert msg is not None
+    event = p.Event.decode(msg["data"])
+    assert event.seq == p.OUT_OF_BAND
+    assert json.loads(event.data)["code"] == "queue_unavailable"
+    assert await store.readings.in_system("m") == 0
+    await pubsub.aclose()

@@ -113,7 +113,7 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
     picked: list[int] = []
 
     async def pick_jobs(
-        models: tuple[str, ...], limit: int, in_progress_s: float
+        models: tuple[str, ...], limit: int, in_progress_s: float, worker_id: str = ""
     ) -> list[tuple[str, int]]:
         picked.append(limit)
         return []
@@ -121,7 +121,11 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
     async def nothing() -> None:
         return None
 
+    async def no_claims(worker_id: str, running: list[str], min_age_s: float) -> int:
+        return 0
+
     monkeypatch.setattr(worker.runtime.store, "pick_jobs", pick_jobs)
+    monkeypatch.setattr(worker.runtime.store, "requeue_claims", no_claims)
     monkeypatch.setattr(worker, "_cancel_aborted_jobs", nothing)
     monkeypatch.setattr(worker, "heart_beat", nothing)
     worker._wake_event.clear()
