@@ -9,12 +9,14 @@ Each round: ``--lanes`` lanes stream requests; 1.5 s in, the primary is killed (
 lanes go on until 1 s after the first 200 sent after the kill; the killed server is
 restarted as soon as a new primary is elected (the sentinels make it a replica), and the
 next round waits for every replica to be in sync. With REDIS_MIN_REPLICAS_ACK=1 the
-topology has two replicas (the new primary keeps one). Nothing else is restarted: a process that exits is a failure.
+topology has two replicas (the new primary keeps one). Nothing else is restarted: a
+process that exits is a failure.
 
-A probe lane sends a request every 100 ms (5 s client timeout). Per round: recovery
-(kill → the first probe sent after it answered 200 to its end: goal < 10 s), the answers during the outage by outcome, and jobs lost: requests that ended in
-``queue_timeout`` (their job vanished with the primary), or whose stream ended without
-``[DONE]`` or an error (silence). Goal with REDIS_MIN_REPLICAS_ACK=1: 0 lost.
+A probe lane sends a request every 100 ms (5 s client timeout). Per round: recovery (kill
+-> the first probe sent after it answered 200 to its end: goal < 10 s), the answers during
+the outage by outcome, and jobs lost: requests that ended in ``queue_timeout`` (their job
+vanished with the primary), or whose stream ended without ``[DONE]`` or an error
+(silence). Goal with REDIS_MIN_REPLICAS_ACK=1: 0 lost.
 """
 
 from __future__ import annotations

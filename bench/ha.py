@@ -119,6 +119,22 @@ class Answer:
     probe: bool = False
 
 
+async def _answer(
+    c: httpx.AsyncClient, gw: Proc, payload: dict[str, Any], probe: bool, kill_at: float | None
+) -> Answer:
+    """One request, as an ``Answer`` (``sent``: seconds since ``kill_at``; far negative
+    before the kill)."""
+    t0 = time.monotonic()
+    since = t0 - kill_at if kill_at is not None else -1e6
+    try:
+        r = await stream_chat(c, gw.url, payload)
+    except httpx.TimeoutException:
+        return Answer(since, time.monotonic() - t0, 0, "client_timeout", False, probe)
+    codes = "".join(e.get("code", "") for e in r.sse_errors)
+    code = (r.error_body or {}).get("error", {}).get("code", "") if r.error_body else ""
+    return Answer(since, time.monotonic() - t0, r.status, code or codes, r.done, probe)
+
+
 async def load_through_failover(
     gw: Proc,
     ha: HaRedis,
@@ -147,21 +163,9 @@ async def load_through_failover(
             return False
         return not recovered or time.monotonic() < recovered[0] + after_s
 
-    async def one(c: httpx.AsyncClient, is_probe: bool) -> Answer:
-        t0 = time.monotonic()
-        try:
-            r = await stream_chat(c, gw.url, payload or CHAT)
-        except httpx.TimeoutException:
-            since = t0 - kill_at[0] if kill_at else t0 - start - 1e6
-            return Answer(since, time.monotonic() - t0, 0, "client_timeout", False, is_probe)
-        since = t0 - kill_at[0] if kill_at else t0 - start - 1e6
-        codes = "".join(e.get("code", "") for e in r.sse_errors)
-        code = (r.error_body or {}).get("error", {}).get("code", "") if r.error_body else ""
-        return Answer(since, time.monotonic() - t0, r.status, code or codes, r.done, is_probe)
-
     async def lane(c: httpx.AsyncClient, is_probe: bool) -> None:
         while going():
-            a = await one(c, is_probe)
+            a = await _answer(c, gw, payload or CHAT, is_probe, kill_at[0] if kill_at else None)
             answers.append(a)
             if kill_at and a.sent > 0 and a.status == 200 and a.done and not a.code:
                 recovered.append(time.monotonic())
