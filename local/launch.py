@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(sentinel_config(a.port, a.master_port, down_after_ms=a.down_after_ms))
         cmd, env = sentinel_argv(conf), dict(os.environ)
     else:
+        os.makedirs(a.dir, exist_ok=True)
         cmd = redis_argv(
             a.port,
             a.dir,

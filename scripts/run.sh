@@ -20,6 +20,9 @@
 #   GATEWAY_PORT=8080 GATEWAY_METRICS_PORT=9101 VLLM_PORT=8000 REDIS_PORT=6379
 #   WORKER_METRICS_PORT=9100
 #   AUTH=none                       no API keys (otherwise a key "dev" is created and printed)
+#   REDIS_HA=1 [SENTINEL_PORT=26379] Redis with failover: a replica on REDIS_PORT+1 and three
+#                                   sentinels on SENTINEL_PORT..+2; the services find the
+#                                   primary through them (README, "High availability")
 #   PROMETHEUS_PORT=9090, or PROMETHEUS=0 to run without Prometheus
 #   OPEN_WEBUI=1 [OPEN_WEBUI_PORT=3000]  also Open WebUI (installed into .cache/webui-venv
 #                                   once), with compose/open-webui.env's settings, no login
@@ -42,6 +45,8 @@ PROMETHEUS="${PROMETHEUS:-1}"
 PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 VLLM_PORT="${VLLM_PORT:-8000}"
 OPEN_WEBUI="${OPEN_WEBUI:-0}"
+REDIS_HA="${REDIS_HA:-0}"
+SENTINEL_PORT="${SENTINEL_PORT:-26379}"
 OPEN_WEBUI_PORT="${OPEN_WEBUI_PORT:-3000}"
 SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
 SAMPLE_MODEL="${SERVED_MODEL_NAME%%,*}"  # the first served name, for the samples printed
@@ -141,6 +146,26 @@ if [[ "$REDIS_URL" == "redis://127.0.0.1:$REDIS_PORT/0" ]]; then
     --dir "$VAR_DIR/redis" --persistent
   for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || fail_with_log redis "no PING answer"
+  if [ "$REDIS_HA" = 1 ]; then
+    # Started fresh each run: the primary on REDIS_PORT (the replica resyncs from it).
+    REPLICA_PORT=$((REDIS_PORT + 1))
+    start redis-replica .venv/bin/python -m local.launch redis --port "$REPLICA_PORT" \
+      --dir "$VAR_DIR/redis-replica" --persistent --replica-of "$REDIS_PORT"
+    sentinels=()
+    for i in 0 1 2; do
+      port=$((SENTINEL_PORT + i))
+      start "sentinel-$i" .venv/bin/python -m local.launch sentinel --port "$port" \
+        --dir "$VAR_DIR/sentinel-$i" --master-port "$REDIS_PORT"
+      sentinels+=("127.0.0.1:$port")
+    done
+    for i in 0 1 2; do
+      port=$((SENTINEL_PORT + i))
+      for _ in $(seq 1 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+      redis-cli -p "$port" ping >/dev/null 2>&1 || fail_with_log "sentinel-$i" "no PING answer"
+    done
+    REDIS_SENTINELS="$(IFS=,; echo "${sentinels[*]}")"
+    export REDIS_SENTINELS
+  fi
 fi
 
 if [ "$START_ENGINE" = 1 ]; then
@@ -174,6 +199,12 @@ if [ "$PROMETHEUS" = 1 ]; then
   PROM_LINE="Prometheus: http://127.0.0.1:$PROMETHEUS_PORT  (alerts: /alerts; try histogram_quantile(0.95, sum by (le) (rate(api_time_to_first_token_seconds_bucket[1m]))))"
 fi
 
+HA_LINE=""
+if [ "$REDIS_HA" = 1 ]; then
+  HA_LINE="Redis HA: primary :$REDIS_PORT, replica :$REPLICA_PORT, sentinels $REDIS_SENTINELS
+  (fail over: redis-cli -p $SENTINEL_PORT SENTINEL FAILOVER mymaster)"
+fi
+
 WEBUI_LINE=""
 if [ "$OPEN_WEBUI" = 1 ]; then
   start open-webui run_open_webui
@@ -199,6 +230,7 @@ Try it:
   .venv/bin/python -c 'import os; from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key=os.environ["LLMQ_API_KEY"]); print(c.chat.completions.create(model="$SAMPLE_MODEL", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
 
 $PROM_LINE
+$HA_LINE
 $WEBUI_LINE
 Logs: $LOG_DIR/*.log     Ctrl-C stops everything.
 EOT

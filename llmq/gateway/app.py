@@ -43,7 +43,11 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
     )
     metrics = GatewayMetrics()
     registry = WorkerRegistry(
-        store, settings.registry_refresh_s, settings.model_aliases, settings.model_memory_s
+        store,
+        settings.registry_refresh_s,
+        settings.model_aliases,
+        settings.model_memory_s,
+        reap_grace_s=settings.heartbeat_ttl_s,
     )
     return GatewayState(
         settings=settings,

@@ -37,6 +37,7 @@ class WorkerRegistry:
         refresh_s: float,
         aliases: dict[str, str] | None = None,
         memory_s: float = 3600.0,
+        reap_grace_s: float = 3.0,
     ) -> None:
         self._store = store
         self._refresh_s = refresh_s
@@ -47,15 +48,22 @@ class WorkerRegistry:
         self.redis_ok = False
         self.redis_error: RedisError | None = None  # the last refresh's, while not redis_ok
         self.updated_at = 0.0
+        # After this process could not reach Redis (an outage, a failover), workers could
+        # not beat either: none is reaped until they had a heartbeat's time to beat again.
+        self._reap_grace_s = reap_grace_s
+        self._reap_after = 0.0
 
     async def refresh(self) -> None:
         try:
-            log_reaped(logger, *await self._store.reap())
+            if time.monotonic() >= self._reap_after:
+                log_reaped(logger, *await self._store.reap())
             readings = self._store.readings
             self.workers = await readings.live_workers()
             since_ms = int((time.time() - self._memory_s) * 1000)
             await self._store.forget_models(since_ms)
             self.remembered = await readings.models_seen(since_ms)
+            if not self.redis_ok:
+                self._reap_after = time.monotonic() + self._reap_grace_s
             self.redis_ok = True
             self.redis_error = None
         except RedisError as exc:

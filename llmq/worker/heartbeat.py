@@ -83,13 +83,17 @@ async def beat_once(rt: Runtime) -> None:
 
 async def heartbeat_loop(rt: Runtime) -> None:
     failing = False
+    reap_after = 0.0  # after an outage, peers get a heartbeat's time to beat before a reap
+    loop = asyncio.get_running_loop()
     while True:
         try:
             await write_heartbeat(rt)
-            log_reaped(logger, *await rt.store.reap())
+            if loop.time() >= reap_after:
+                log_reaped(logger, *await rt.store.reap())
             await _forget_unreleased(rt)
             if failing:
                 logger.info("heartbeat restored")
+                reap_after = loop.time() + rt.settings.heartbeat_ttl_s
             failing = False
             rt.metrics.redis_up.set(1)
         except RedisError as exc:
