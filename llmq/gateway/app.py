@@ -99,6 +99,24 @@ async def refresh_gauges(st: GatewayState) -> None:
         m.export_models(rows)
     m.workers.set(len(reg.workers))
     m.redis_up.set(1 if reg.redis_ok else 0)
+    await _replication_gauges(st)
+
+
+async def _replication_gauges(st: GatewayState) -> None:
+    """Replicas and their lag; a primary change (its replication id) counts as a failover."""
+    try:
+        rep = await st.store.readings.replication()
+    except RedisError as exc:
+        stop_if_cancelled()
+        logger.debug("metrics: cannot read replication: %s", exc)
+        return
+    m = st.metrics
+    m.redis_replicas.set(rep.replicas)
+    m.redis_replica_lag.set(rep.max_lag_s)
+    if st.replid and rep.replid and rep.replid != st.replid:
+        m.redis_failovers.inc()
+        logger.warning("the Redis primary changed (a failover): replication id %s", rep.replid)
+    st.replid = rep.replid or st.replid
 
 
 async def _gauges_loop(st: GatewayState) -> None:

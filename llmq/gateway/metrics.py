@@ -79,6 +79,23 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.redis_replicas = Gauge(
+            "api_redis_replicas",
+            "Replicas connected and online, as the Redis primary says",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.redis_replica_lag = Gauge(
+            "api_redis_replica_lag_seconds",
+            "Seconds since the slowest online replica acknowledged the primary",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.redis_failovers = Counter(
+            "api_redis_primary_changes",
+            "Times the Redis primary this gateway reaches changed (a failover)",
+            registry=r,
+        )
         self.running = Gauge(
             "api_running_jobs",
             "Admitted jobs not waiting (started), by model",

@@ -33,7 +33,13 @@ from starlette.types import Receive
 
 from llmq.gateway.events import Subscription, Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
-from llmq.shared.errors import ClientClosedRequest, QueueTimeout, RequestTimeout, ServiceError
+from llmq.shared.errors import (
+    ClientClosedRequest,
+    QueueTimeout,
+    QueueUnavailable,
+    RequestTimeout,
+    ServiceError,
+)
 from llmq.shared.protocol import TERMINAL, Event, EventType, JobSpec
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
@@ -42,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 # After a cancel found the job already running, its STARTED event is at most this far away.
 _STARTED_GRACE_S = 5.0
+_ENDED_CHECK_S = 3.0  # while a job waits to start: how often its client checks it did not end
 # Backstop beyond REQUEST_TIMEOUT_S (which the worker enforces itself) for a worker that died.
 _WORKER_SILENCE_GRACE_S = 10.0
 _DONE = b"data: [DONE]\n\n"
@@ -112,9 +119,7 @@ class JobRelay:
         """Wait for pickup (QUEUE_TIMEOUT_S), then for the first payload; errors raise."""
         s, t = self.settings, self.timings
         try:
-            event = await self.sub.next(
-                max(0.0, s.queue_timeout_s - (time.monotonic() - t.admitted))
-            )
+            event = await self._until_started(s.queue_timeout_s)
         except TimeoutError:
             timeout = QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue; try again")
             if await self.store.cancel(self.spec, timeout):
@@ -137,6 +142,30 @@ class JobRelay:
         t.first = time.monotonic()
         self.metrics.ttft.labels(self.spec.model).observe(t.first - t.arrived)
         return event
+
+    async def _until_started(self, queue_timeout_s: float) -> Event:
+        """The first event, within what is left of ``queue_timeout_s``. Every
+        _ENDED_CHECK_S without one, whether the job ended unheard: its events were lost
+        (they went to a Redis primary that failed, or while this gateway's pub/sub was
+        reconnecting), so nothing more will come: the client is told now, not at the
+        queue timeout."""
+        t = self.timings
+        while True:
+            left = queue_timeout_s - (time.monotonic() - t.admitted)
+            try:
+                return await self.sub.next(max(0.0, min(left, _ENDED_CHECK_S)))
+            except TimeoutError:
+                if left <= _ENDED_CHECK_S:
+                    raise
+            try:
+                ended = await self.store.records.ended(self.spec.id)
+            except RedisError:
+                continue  # an outage: wait on, the subscription is kept
+            if ended:
+                raise QueueUnavailable(
+                    "the job ended while its events could not reach this gateway "
+                    "(a Redis outage or failover); retry"
+                )
 
     async def follow(self, queued_until: float) -> Event:
         """A resumed relay's first event (its ``open``): the job may still wait in the queue

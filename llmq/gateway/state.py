@@ -33,6 +33,7 @@ class GatewayState:
     draining: bool = False
     active: int = 0  # requests in flight (counted by the ASGI middleware), drained on SIGTERM
     drains: DrainRates = field(default_factory=DrainRates)  # per model, for the gauges
+    replid: str = ""  # the Redis primary's replication id last seen (a change: a failover)
 
 
 async def get_state(request: Request) -> GatewayState:

@@ -32,6 +32,15 @@ class ModelLoad:
         return max(0, self.in_system - self.waiting)
 
 
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """What the primary says of its replicas (INFO replication)."""
+
+    replid: str  # changes when a replica is promoted: a failover
+    replicas: int  # connected and online
+    max_lag_s: float  # seconds since the slowest replica acknowledged (0: none)
+
+
 class Readings:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -82,6 +91,13 @@ class Readings:
         """Models a worker served since ``since_ms`` (Unix ms), most recent first."""
         raw = await self.redis.zrevrangebyscore(keys.MODELS, "+inf", since_ms)
         return [m.decode() for m in raw]
+
+    async def replication(self) -> Replication:
+        info = await self.redis.info("replication")
+        online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+                  and v.get("state") == "online"]  # fmt: skip
+        lag = max((float(v.get("lag", 0)) for v in online), default=0.0)
+        return Replication(str(info.get("master_replid", "")), len(online), lag)
 
     async def live_workers(self) -> list[p.WorkerInfo]:
         rows: list[list[bytes]] = await self._live(

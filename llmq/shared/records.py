@@ -88,6 +88,10 @@ class JobRecords:
             pipe.zrem(keys.tenant_stored_key(rec.tenant), rec.id)
             await pipe.execute()
 
+    async def ended(self, job_id: str) -> bool:
+        """Whether the job ended (its outcome record is kept OUTCOME_TTL_S)."""
+        return bool(await self.redis.exists(keys.outcome_key(job_id)))
+
     async def job_spec(self, job_id: str) -> p.JobSpec | None:
         """A queued or running job as the gateway enqueued it (arq's payload), else None."""
         raw = await self.redis.get(keys.job_key(job_id))

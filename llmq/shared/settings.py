@@ -11,7 +11,7 @@ import os
 import socket
 from typing import Annotated, Literal, TypedDict
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENGINE_PROBE_TIMEOUT_S = 2.0
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         0, ge=0, le=16, description="replicas that must have a job before it is admitted (WAIT)"
     )
     redis_wait_timeout_s: float = Field(
-        1.0, gt=0, le=60, description="how long an admission waits for those replicas"
+        0.5, gt=0, le=60, description="how long an admission waits for those replicas"
     )
 
     # Backpressure (ARCHITECTURE.md, "Admission and the bound").
@@ -245,6 +245,14 @@ class Settings(BaseSettings):
             if not host or not port.isdigit() or not 0 < int(port) < 65_536:
                 raise ValueError(f"{part!r} is not host:port")
         return value
+
+    @model_validator(mode="after")
+    def _wait_within_the_command_bound(self) -> Settings:
+        # WAIT's reply comes after its timeout: past REDIS_TIMEOUT_S the read would fail
+        # with the job admitted and its client told 503.
+        if self.redis_min_replicas_ack and self.redis_wait_timeout_s >= self.redis_timeout_s:
+            raise ValueError("REDIS_WAIT_TIMEOUT_S must be below REDIS_TIMEOUT_S")
+        return self
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         """REDIS_SENTINELS as (host, port) pairs (empty: no Sentinel)."""

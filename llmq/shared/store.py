@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
@@ -168,13 +170,20 @@ class Store(Liveness):
             rest=_flat(_record_fields(record, messages)),
         )
         acked = self.replicas_ack
-        if self.replicas_ack:  # WAIT on the script's own connection: one round trip
-            async with self.redis.pipeline(transaction=False) as pipe:
-                await self._admit(**call, client=pipe)
-                pipe.wait(self.replicas_ack, max(1, int(self.wait_timeout_s * 1000)))
-                out, acked = await pipe.execute()
-        else:
-            out = await self._admit(**call)
+        try:
+            if self.replicas_ack:  # WAIT on the script's own connection: one round trip
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    await self._admit(**call, client=pipe)
+                    pipe.wait(self.replicas_ack, max(1, int(self.wait_timeout_s * 1000)))
+                    out, acked = await pipe.execute()
+            else:
+                out = await self._admit(**call)
+        except RedisError:
+            # The script may have run (its reply lost): a job admitted for a client that is
+            # told 503 would take a slot for nobody. Taken back if Redis still answers.
+            with contextlib.suppress(RedisError):
+                await self.cancel(spec, QueueUnavailable("its admission was not confirmed"))
+            raise
         prior = out[7].decode() if len(out) > 7 else ""
         n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry = (int(v) for v in out[1:7])
         status = AdmitStatus(int(out[0]))

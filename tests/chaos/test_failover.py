@@ -21,6 +21,7 @@ from tests.support.stack import (
     dump_logs_on_failure,
     load_through_failover,
     start_ha_redis,
+    wait_for,
 )
 
 pytestmark = pytest.mark.chaos
@@ -74,6 +75,14 @@ def test_killing_the_primary_fails_over_without_restarting_anything(
     assert gw.alive(), gw.output()[-2000:]
     final = httpx.post(gw.url + "/v1/chat/completions", json=body(stream=False), timeout=30)
     assert final.status_code == 200
+
+    def metric(name: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{gw.metrics_port}/metrics").text
+        lines = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+        return float(lines[0].split()[1]) if lines else -1.0
+
+    wait_for(lambda: metric("api_redis_primary_changes_total") == 1.0, 10, "the failover counted")
+    assert metric("api_redis_replicas") == 0.0, "its only replica is the new primary"
 
 
 def test_with_a_replica_ack_every_admitted_job_completes_or_its_client_is_told(

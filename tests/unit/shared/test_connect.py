@@ -75,3 +75,11 @@ async def test_an_admission_no_replica_acknowledged_is_taken_back(real_redis: Re
     assert (await store.readings.depth(["m"]))["m"]["normal"] == 0
     without = Store(real_redis)
     assert (await without.admit(job_spec("j2"), limit=10, hold_s=30, expire_s=30)).admitted
+
+
+def test_the_wait_must_end_before_the_command_bound() -> None:
+    """WAIT answers after its timeout: at or past REDIS_TIMEOUT_S the read fails with the
+    job admitted and its client told 503."""
+    with pytest.raises(ValueError, match="REDIS_WAIT_TIMEOUT_S"):
+        Settings(redis_min_replicas_ack=1, redis_wait_timeout_s=1.0, redis_timeout_s=1.0)
+    assert Settings(redis_min_replicas_ack=1).redis_wait_timeout_s < Settings().redis_timeout_s
