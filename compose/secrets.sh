@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 [ -f .env ] || cp .env.example .env
 chmod 600 .env
 for name in REDIS_ADMIN_PASSWORD REDIS_GATEWAY_PASSWORD REDIS_WORKER_PASSWORD VLLM_API_KEY \
-    GRAFANA_ADMIN_PASSWORD; do
+    GRAFANA_ADMIN_PASSWORD REDIS_SENTINEL_PASSWORD; do
     if grep -q "^$name=$" .env; then
         value=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
         sed -i "s/^$name=$/$name=$value/" .env

@@ -6,7 +6,7 @@
 #   default  off: a client that has not authenticated can run nothing (NOAUTH)
 #   admin    everything (operators: docker compose exec redis redis-cli --user admin)
 #   gateway  the gateway (and llmq-keys): llmq:* keys, arq's job and in-progress keys and
-#            its abort set; llmq:* channels
+#            its abort set; llmq:* channels; INFO (its replication metrics)
 #   worker   the worker: llmq:* and arq:* keys, llmq:* channels, INFO (arq logs it)
 #
 # Both services get the data commands, Lua, transactions and pub/sub, and none of the
@@ -39,11 +39,29 @@ umask 077
 cat >"$acl_file" <<ACL
 user default off
 user admin on #$(hash "$REDIS_ADMIN_PASSWORD") ~* &* +@all
-user gateway on #$(hash "$REDIS_GATEWAY_PASSWORD") $common ~llmq:* ~arq:job:* ~arq:in-progress:* ~arq:abort &llmq:*
+user gateway on #$(hash "$REDIS_GATEWAY_PASSWORD") $common +info ~llmq:* ~arq:job:* ~arq:in-progress:* ~arq:abort &llmq:*
 user worker on #$(hash "$REDIS_WORKER_PASSWORD") $common +info ~llmq:* ~arq:* &llmq:*
 ACL
 # docker-entrypoint.sh starts redis-server as the redis user: let it read the file.
 if [ "$(id -u)" = 0 ] && id redis >/dev/null 2>&1; then
     chown redis "$acl_file"
+fi
+# High availability (the compose profile "ha"): every server may become a replica after a
+# failover, so each one knows how to log in to a primary (as admin) and how to name itself
+# (LLMQ_REDIS_ANNOUNCE: its service name). Kept in a file, not on the command line.
+if [ -n "${LLMQ_REDIS_ANNOUNCE:-}" ]; then
+    ha_file="$(dirname "$acl_file")/ha.conf"
+    {
+        echo "masteruser admin"
+        echo "masterauth $REDIS_ADMIN_PASSWORD"
+        echo "replica-announce-ip $LLMQ_REDIS_ANNOUNCE"
+        echo "min-replicas-to-write ${REDIS_MIN_REPLICAS_TO_WRITE:-0}"
+        echo "min-replicas-max-lag 10"
+        if [ -n "${LLMQ_REDIS_REPLICA_OF:-}" ]; then echo "replicaof $LLMQ_REDIS_REPLICA_OF 6379"; fi
+    } >"$ha_file"
+    if [ "$(id -u)" = 0 ] && id redis >/dev/null 2>&1; then
+        chown redis "$ha_file"
+    fi
+    exec "$@" --aclfile "$acl_file" --include "$ha_file"
 fi
 exec "$@" --aclfile "$acl_file"

@@ -46,7 +46,7 @@ def redis_pool(settings: Settings, *, timeout: float | None = None) -> Connectio
         sentinel_kwargs={
             "socket_timeout": settings.redis_timeout_s,
             "socket_connect_timeout": settings.redis_timeout_s,
-            **({"password": secret.get_secret_value()} if secret else {}),
+            **({"password": secret.get_secret_value()} if secret and len(secret) else {}),
         },
     )
     return SentinelConnectionPool(  # type: ignore[no-untyped-call]

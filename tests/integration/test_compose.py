@@ -320,3 +320,25 @@ def test_the_two_models_profile_pairs_a_second_engine_with_its_own_worker() -> N
     assert gpus == [["0"], ["1"]], "one GPU each by default"
     assert engine["environment"]["VLLM_API_KEY"] == services["vllm"]["environment"]["VLLM_API_KEY"]
     Settings(**{k.lower(): v for k, v in worker["environment"].items()})
+
+
+def test_the_ha_profile_adds_a_replica_and_three_sentinels_the_services_can_use() -> None:
+    env = {**env_example(), "REDIS_HA_ANNOUNCE": "redis",
+           "REDIS_SENTINELS": "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379",
+           "REDIS_SENTINEL_PASSWORD": "test-sentinel-password"}  # fmt: skip
+    services = stack(env)["services"]
+    ha = ["redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"]
+    assert all(services[name]["profiles"] == ["ha"] for name in ha)
+    replica = services["redis-replica"]
+    assert replica["environment"]["LLMQ_REDIS_REPLICA_OF"] == "redis"
+    assert replica["command"] == services["redis"]["command"], "the same persistence"
+    assert services["redis"]["environment"]["LLMQ_REDIS_ANNOUNCE"] == "redis"
+    volumes = {s["volumes"][-1] for s in (services[n] for n in ha)}
+    assert len(volumes) == 4, "each keeps its own data (a sentinel its view of the topology)"
+    for name in ("gateway", "worker", "worker-2"):
+        settings = Settings(**{k.lower(): v for k, v in services[name]["environment"].items()})
+        assert [h for h, _ in settings.sentinel_addresses()] == ha[1:]
+        assert settings.redis_sentinel_password is not None
+    script = (COMPOSE.parent / "redis/sentinel.sh").read_text()
+    assert "sentinel monitor mymaster redis 6379 2" in script
+    assert "requirepass $REDIS_SENTINEL_PASSWORD" in script
