@@ -217,6 +217,15 @@ async def redis_freeze(rig: Rig, a: argparse.Namespace, frozen_s: float) -> Row:
         r0 = time.monotonic()
         refused = (await c.post(gw.url + "/v1/chat/completions", json=_body())).status_code
         refuse_s = time.monotonic() - r0
+
+        async def arriving(delay: float) -> float:
+            """A request sent ``delay`` after the freeze (caught mid-way): its wait."""
+            await asyncio.sleep(max(0.0, delay - (time.monotonic() - t0)))
+            s0 = time.monotonic()
+            await c.post(gw.url + "/v1/chat/completions", json=_body())
+            return time.monotonic() - s0
+
+        waits = await asyncio.gather(*(arriving(d) for d in (0.3, 0.6, 1.0, 1.3, 1.6, 2.0)))
         results = await asyncio.gather(*held)
         told = max(r[2] for r in results) - t0
         await asyncio.sleep(max(0.0, frozen_s - (time.monotonic() - t0)))
@@ -230,6 +239,7 @@ async def redis_freeze(rig: Rig, a: argparse.Namespace, frozen_s: float) -> Row:
         told,
         back - t_up,
         f"/health {health} in {health_s:.2f}s; new request {refused} in {refuse_s:.2f}s; "
+        f"requests sent 0.3-2 s into it answered within {max(waits):.2f}s; "
         f"streams -> {sorted({r[1] for r in results})}; alive: {worker.alive() and gw.alive()}",
     )
 
@@ -282,6 +292,7 @@ SCENARIOS: dict[str, Callable[[Rig, argparse.Namespace], Coroutine[Any, Any, Row
     "redis-restart": lambda rig, a: redis_restart(rig, a, 2.0),
     "redis-down-20s": lambda rig, a: redis_restart(rig, a, 20.0),
     "redis-freeze": lambda rig, a: redis_freeze(rig, a, 5.0),
+    "redis-freeze-20": lambda rig, a: redis_freeze(rig, a, 20.0),
     "gateway-kill": gateway_kill,
     "engine-kill": engine_kill,
 }
