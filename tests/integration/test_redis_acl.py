@@ -177,3 +177,13 @@ def test_the_service_runs_under_its_roles_without_one_refusal(
     assert_drained(admin, within=15)
     refused = admin.acl_log()
     assert refused == [], f"Redis refused commands the service sent: {refused}"
+
+
+def test_the_gateway_may_wait_for_replicas_and_read_replication(
+    acl_redis: Proc, admin: redis.Redis
+) -> None:
+    """REDIS_MIN_REPLICAS_ACK's marker and WAIT, and the replication gauges' INFO."""
+    gateway = _client(acl_redis.port, "gateway")
+    assert gateway.set("llmq:replicated", "1", px=60_000)
+    assert gateway.execute_command("WAIT", 0, 10) == 0
+    assert gateway.info("replication")["role"] == "master"
