@@ -23,6 +23,7 @@ from llmq.shared.errors import (
     ServiceError,
     for_http_status,
 )
+from llmq.shared.pubsub import closed_transport
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,17 @@ async def _redis_error(request: Request, exc: Exception) -> Response:
     return await _service_error(request, QueueUnavailable.because(exc))
 
 
+async def _runtime_error(request: Request, exc: Exception) -> Response:
+    """A write on a Redis socket the server closed (uvloop's RuntimeError, which redis-py
+    passes on as is): a lost Redis, not a bug. Any other RuntimeError is one: re-raised."""
+    if not closed_transport(exc):
+        raise exc
+    return await _redis_error(request, exc)
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RedisError, _redis_error)
+    app.add_exception_handler(RuntimeError, _runtime_error)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

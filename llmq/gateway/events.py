@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from llmq.shared.errors import QueueUnavailable, ServiceError, StreamInterrupted
 from llmq.shared.keys import events_channel
 from llmq.shared.protocol import OUT_OF_BAND, Event
-from llmq.shared.pubsub import listen
+from llmq.shared.pubsub import connection_errors, listen
 from llmq.shared.tasks import stop_if_cancelled, stop_task
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ class Subscriptions:
             self._confirm[sub.key] = fut
         try:
             if followers is None:
-                await self._pubsub.subscribe(sub.channel)
+                with connection_errors():
+                    await self._pubsub.subscribe(sub.channel)
             if fut is not None:  # shielded: another follower may be waiting on it too
                 await asyncio.wait_for(asyncio.shield(fut), CONFIRM_TIMEOUT_S)
         except TimeoutError:
@@ -208,7 +209,8 @@ class Subscriptions:
             return
         try:
             async with asyncio.timeout(_COMMAND_TIMEOUT_S):
-                await self._pubsub.unsubscribe(sub.channel)
+                with connection_errors():
+                    await self._pubsub.unsubscribe(sub.channel)
         except (RedisError, OSError, TimeoutError) as exc:  # strays dropped by _dispatch
             logger.warning("job %s: unsubscribe failed: %s", sub.job_id, exc)
 
@@ -251,10 +253,12 @@ class Subscriptions:
         connection and answers nothing) and a failed one leaves a fresh PubSub behind."""
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT_S):
-                await self._pubsub.connect()  # type: ignore[no-untyped-call]
+                with connection_errors():
+                    await self._pubsub.connect()  # type: ignore[no-untyped-call]
                 if self._subs:
                     channels = (subs[0].channel for subs in self._subs.values())
-                    await self._pubsub.subscribe(*channels)
+                    with connection_errors():
+                        await self._pubsub.subscribe(*channels)
         except (RedisError, OSError, TimeoutError) as exc:
             stop_if_cancelled()
             logger.info("Redis still unreachable: %s", exc or "no answer")

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from llmq.shared.keys import WAKE_CHANNEL, WAKE_MODEL
 from llmq.shared.liveness import log_reaped
 from llmq.shared.protocol import WorkerInfo
-from llmq.shared.pubsub import listen
+from llmq.shared.pubsub import connection_errors, listen
 from llmq.shared.tasks import stop_if_cancelled
 from llmq.worker.runtime import Runtime
 
@@ -148,7 +148,8 @@ async def wake_listener(rt: Runtime, wake: Callable[[], None]) -> None:
     while True:
         pubsub = rt.store.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(WAKE_CHANNEL)
+            with connection_errors():
+                await pubsub.subscribe(WAKE_CHANNEL)
             wake()  # anything enqueued while we were not subscribed
             backoff = 0.1
             await listen(pubsub, lambda msg: _on_wake(rt, msg, wake))

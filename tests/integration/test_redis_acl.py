@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -186,4 +186,5 @@ def test_the_gateway_may_wait_for_replicas_and_read_replication(
     gateway = _client(acl_redis.port, "gateway")
     assert gateway.set("llmq:replicated", "1", px=60_000)
     assert gateway.execute_command("WAIT", 0, 10) == 0
-    assert gateway.info("replication")["role"] == "master"
+    info = cast(dict[str, Any], gateway.info("replication"))
+    assert info["role"] == "master"
