@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -190,28 +191,43 @@ def start_worker(logdir: Path, env: dict[str, str]) -> Proc:
     return spawn("worker", [sys.executable, "-m", "llmq.worker"], logdir, env)
 
 
+def _up_or_gone(proc: Proc) -> bool:
+    return not proc.alive() or httpx.get(proc.url + "/health").status_code == 200
+
+
 def start_gateway(logdir: Path, env: dict[str, str], wait_ready: bool = True) -> Proc:
-    port, metrics_port = free_port(), free_port()
-    proc = spawn(
-        "gateway",
-        [sys.executable, "-m", "llmq.gateway"],
-        logdir,
-        {
-            **env,
-            "GATEWAY_PORT": str(port),
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_METRICS_PORT": str(metrics_port),
-        },
-        port,
-    )
-    proc.metrics_port = metrics_port
-    if wait_ready:
-        wait_for(
-            lambda: httpx.get(proc.url + "/health").status_code == 200,
-            30,
-            f"gateway health ({proc.output()[-2000:]})",
+    """A gateway on free loopback ports. ``free_port`` can race with another process that
+    takes the port before the gateway binds it: then the gateway exits, and is started
+    again on other ports (up to three tries). A gateway that does not become healthy is
+    killed (and reaped) before the error is raised."""
+    for attempt in range(3):
+        port, metrics_port = free_port(), free_port()
+        proc = spawn(
+            "gateway",
+            [sys.executable, "-m", "llmq.gateway"],
+            logdir,
+            {
+                **env,
+                "GATEWAY_PORT": str(port),
+                "GATEWAY_HOST": "127.0.0.1",
+                "GATEWAY_METRICS_PORT": str(metrics_port),
+            },
+            port,
         )
-    return proc
+        proc.metrics_port = metrics_port
+        if not wait_ready:
+            return proc
+        try:
+            wait_for(partial(_up_or_gone, proc), 30, f"gateway health ({proc.output()[-2000:]})")
+        except BaseException:
+            proc.kill()
+            raise
+        if proc.alive():
+            return proc
+        proc.kill()  # reaps it
+        if "address already in use" not in proc.output() or attempt == 2:
+            raise RuntimeError(f"the gateway exited at start:\n{proc.output()[-2000:]}")
+    raise AssertionError("unreachable")
 
 
 BUNDLED_MODEL = "SmolLM2-135M-Instruct"
