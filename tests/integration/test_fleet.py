@@ -18,7 +18,7 @@ import openai
 import pytest
 import redis
 
-from tests.support.clients import assert_drained, release, sim_stats, stream_chat, wait_held
+from tests.support.clients import assert_drained, body, release, sim_stats, stream_chat, wait_held
 from tests.support.stack import Proc, Stack, start_sim, wait_for
 
 pytestmark = pytest.mark.integration
@@ -45,14 +45,7 @@ def fleet(stack: Stack, sims: tuple[Proc, Proc]) -> tuple[Stack, Proc, Proc]:
 
 
 def chat(model: str, stream: bool = False, **sim: Any) -> dict[str, Any]:
-    b: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "user", "content": "hi"}],
-        "stream": stream,
-    }
-    if sim:
-        b["sim"] = sim
-    return b
+    return body(stream=stream, model=model, **sim)
 
 
 def workers(stack: Stack, a: Proc, b: Proc, **settings: object) -> tuple[Proc, Proc]:

@@ -25,9 +25,9 @@ def sse_bytes(*objs: object, done: bool = True) -> bytes:
     return out + (b"data: [DONE]\n\n" if done else b"")
 
 
-def body(stream: bool = True, **sim: Any) -> dict[str, Any]:
+def body(stream: bool = True, model: str = MODEL, **sim: Any) -> dict[str, Any]:
     b: dict[str, Any] = {
-        "model": MODEL,
+        "model": model,
         "messages": [{"role": "user", "content": "hello there"}],
         "stream": stream,
     }
