@@ -41,7 +41,9 @@ class Admission:
 
     def check_ready(self, model: str) -> int:
         """Capacity for ``model`` (a served name: aliases resolved); 404 for a model no
-        worker serves or served lately, 503 when none of its engines is ready."""
+        worker serves or served lately, 503 when none of its engines is ready, unless it
+        is one of SCALE_TO_ZERO_MODELS: then 0, and the job waits in the queue (its queue
+        places) for the worker an autoscaler starts."""
         reg = self._registry
         if not reg.redis_ok:
             raise QueueUnavailable.because(reg.redis_error)
@@ -50,7 +52,7 @@ class Admission:
                 raise EngineUnavailable("no live worker with a ready engine; try again shortly")
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         capacity = reg.capacity(model)
-        if capacity == 0:
+        if capacity == 0 and model not in self._settings.scale_to_zero_models:
             raise EngineUnavailable(f"no live worker with a ready engine serves `{model}` now")
         return capacity
 

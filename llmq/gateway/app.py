@@ -48,6 +48,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         settings.model_aliases,
         settings.model_memory_s,
         reap_grace_s=settings.heartbeat_ttl_s,
+        scale_to_zero=settings.scale_to_zero_models,
     )
     return GatewayState(
         settings=settings,
@@ -76,6 +77,7 @@ async def refresh_gauges(st: GatewayState) -> None:
         loads = await st.store.readings.load(models)
         for status, n in (await st.batches.count_active()).items():
             m.batches.labels(status).set(n)
+        batch_demand = await st.batches.demand()
     except RedisError as exc:
         stop_if_cancelled()
         logger.debug("metrics: cannot read Redis: %s", exc)
@@ -94,6 +96,8 @@ async def refresh_gauges(st: GatewayState) -> None:
                 slots_per_worker=slots,
                 target_wait_s=st.settings.scale_target_wait_s,
             )
+            if model in batch_demand:  # lines to feed: at least one worker to feed them
+                desired = max(desired, 1)
             rows[model] = ModelRow(load, capacity, len(ready), drain, desired)
         st.drains.forget(set(rows))
         m.export_models(rows)

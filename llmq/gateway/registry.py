@@ -28,7 +28,8 @@ class WorkerRegistry:
     Models: what live workers serve (their engines' ``/v1/models``), plus those a worker
     served within MODEL_MEMORY_S (``llmq:models``): a model whose last worker died is still
     known (503 engine_unavailable), not unknown (404). MODEL_ALIASES maps public names to
-    served ones.
+    served ones. SCALE_TO_ZERO_MODELS are always known: an autoscaler starts their workers
+    when their requests wait.
     """
 
     def __init__(
@@ -38,11 +39,13 @@ class WorkerRegistry:
         aliases: dict[str, str] | None = None,
         memory_s: float = 3600.0,
         reap_grace_s: float = 3.0,
+        scale_to_zero: tuple[str, ...] = (),
     ) -> None:
         self._store = store
         self._refresh_s = refresh_s
         self.aliases = dict(aliases or {})
         self._memory_s = memory_s
+        self.scale_to_zero = scale_to_zero
         self.workers: list[WorkerInfo] = []
         self.remembered: list[str] = []  # served within MODEL_MEMORY_S, live or not
         self.redis_ok = False
@@ -116,15 +119,23 @@ class WorkerRegistry:
         return self.aliases.get(name, name)
 
     def known(self, model: str) -> bool:
-        """Served by a live worker, or within MODEL_MEMORY_S, or an alias' target."""
-        return model in self.models() or model in self.remembered or model in self.aliases.values()
+        """Served by a live worker, or within MODEL_MEMORY_S, an alias' target, or one of
+        SCALE_TO_ZERO_MODELS."""
+        return (
+            model in self.models()
+            or model in self.remembered
+            or model in self.aliases.values()
+            or model in self.scale_to_zero
+        )
 
     def labelled_models(self) -> list[str]:
         """The models metrics carry a label for: bounded by the operator's fleet (served
-        now or within MODEL_MEMORY_S, or an alias' target)."""
+        now or within MODEL_MEMORY_S, an alias' target, or one of SCALE_TO_ZERO_MODELS: an
+        autoscaler reads the signal of a model with no worker)."""
         seen = dict.fromkeys(self.models())
         seen.update(dict.fromkeys(self.remembered))
         seen.update(dict.fromkeys(self.aliases.values()))
+        seen.update(dict.fromkeys(self.scale_to_zero))
         return list(seen)
 
     def auto_tools(self, model: str) -> bool:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -176,7 +176,11 @@ async def list_models(st: StateDep, tenant: TenantDep) -> dict[str, Any]:
 
 
 @router.get("/health")
-async def health(st: StateDep) -> JSONResponse:
+async def health(st: StateDep, scope: Literal["service", "gateway"] = "service") -> JSONResponse:
+    """200 when this gateway can serve: Redis answers, it is not draining and (``scope``
+    ``service``, the default) a worker reports a ready engine. ``scope=gateway`` leaves
+    the engines out: a Kubernetes readiness probe, so that gateways stay in their Service
+    while a model is scaled to zero (its requests queue and wake the autoscaler)."""
     try:  # bounded: /health answers within a second even while Redis is frozen
         async with asyncio.timeout(_HEALTH_PING_S):
             redis_ok = bool(await st.redis.ping())
@@ -197,7 +201,7 @@ async def health(st: StateDep) -> JSONResponse:
         problem = ShuttingDown("draining")
     elif not redis_ok:
         problem = QueueUnavailable("redis unreachable")
-    elif ready == 0:
+    elif ready == 0 and scope == "service":
         problem = EngineUnavailable("no live worker with a ready engine")
     if problem is None:
         return JSONResponse(body)

@@ -180,6 +180,20 @@ class BatchStore:
                 counts[status.decode()] += 1
         return counts
 
+    async def demand(self) -> set[str]:
+        """The served models that in-progress batches still have lines to feed for: their
+        workers feed them, so a model scaled to zero must get one (the scaling signal)."""
+        out: set[str] = set()
+        for batch_id in await self.active():
+            rec = await self.batch(batch_id)
+            if rec is None or rec.status is not BatchStatus.IN_PROGRESS or rec.next >= rec.total:
+                continue
+            source = await self.file(rec.input_file_id)
+            routes = json.loads(rec.routes)
+            for model in json.loads(source.models or "[]") if source else []:
+                out.add(routes.get(model, model))
+        return out
+
     async def end(self, batch_id: str, why: str) -> str:
         """Stop feeding a batch (``cancelled`` or ``expired``); returns its status."""
         out = await self._end(

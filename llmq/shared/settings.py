@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     scale_target_wait_s: float = Field(
         10.0, gt=0, le=3600, description="the wait the scaling signal sizes a model's workers for"
     )
+    # Comma-separated served names; an empty value is none.
+    scale_to_zero_models: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="models an autoscaler may leave without workers: always known, and "
+        "their requests wait in the queue for a worker to start instead of a 503",
+    )
 
     # Gateway.
     gateway_host: str = "0.0.0.0"
@@ -216,6 +222,13 @@ class Settings(BaseSettings):
             return json.loads(value) if value.strip() else {}
         return value
 
+    @field_validator("scale_to_zero_models", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(dict.fromkeys(p.strip() for p in value.split(",") if p.strip()))
+        return value
+
     @field_validator("queue_max_per_model")
     @classmethod
     def _check_queue_max_per_model(cls, value: dict[str, int]) -> dict[str, int]:
@@ -252,6 +265,16 @@ class Settings(BaseSettings):
         # with the job admitted and its client told 503.
         if self.redis_min_replicas_ack and self.redis_wait_timeout_s >= self.redis_timeout_s:
             raise ValueError("REDIS_WAIT_TIMEOUT_S must be below REDIS_TIMEOUT_S")
+        return self
+
+    @model_validator(mode="after")
+    def _scale_to_zero_needs_queue_places(self) -> Settings:
+        # With no worker there are no slots: only queue places hold a request until one starts.
+        for model in self.scale_to_zero_models:
+            if self.queue_mode != "queue" or self.queue_max_for(model) == 0:
+                raise ValueError(
+                    f"SCALE_TO_ZERO_MODELS ({model!r}) needs QUEUE_MODE=queue and queue places"
+                )
         return self
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:

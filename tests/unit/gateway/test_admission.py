@@ -28,10 +28,11 @@ def worker(wid: str, ready: bool = True, slots: int = 2, models=("m",)) -> Worke
 
 
 def admission(store: Store, workers: list[WorkerInfo], **settings) -> Admission:
-    reg = WorkerRegistry(store, 1)
+    s = Settings(**settings)
+    reg = WorkerRegistry(store, 1, scale_to_zero=s.scale_to_zero_models)
     reg.workers = workers
     reg.redis_ok = True
-    return Admission(Settings(**settings), store, reg)
+    return Admission(s, store, reg)
 
 
 def spec(i: int) -> JobSpec:
@@ -124,6 +125,35 @@ def test_no_ready_engine_is_503_unknown_model_is_404(store: Store) -> None:
         admission(store, [worker("a", ready=False)]).check_ready("m")
     with pytest.raises(ModelNotFound):
         admission(store, [worker("a")]).check_ready("nope")
+
+
+async def test_a_scale_to_zero_model_without_workers_queues_in_its_places(store: Store) -> None:
+    """No worker, never seen: known all the same, and admitted into its queue places (the
+    queue signal wakes the autoscaler); past them, queue_full. Other models are unchanged."""
+    a = admission(
+        store, [], scale_to_zero_models="cold, m2", queue_max=5, queue_max_per_model={"cold": 2}
+    )
+    assert a._settings.scale_to_zero_models == ("cold", "m2")
+    assert a.check_ready("cold") == 0
+    assert "cold" in a._registry.labelled_models()
+    cold = [spec(i).model_copy(update={"model": "cold"}) for i in range(3)]
+    assert (await a.admit(cold[0], 0, OPEN)).admitted
+    assert (await a.admit(cold[1], 0, OPEN)).admitted
+    refused = await a.admit(cold[2], 0, OPEN)
+    with pytest.raises(QueueFull):
+        a.raise_unless_admitted(refused, cold[2], 0, OPEN)
+    with pytest.raises(EngineUnavailable):  # a model no worker has described yet: maybe later
+        a.check_ready("nope")
+    with pytest.raises(EngineUnavailable):  # not a scale-to-zero model: 503 as before
+        admission(store, [worker("a", ready=False, models=("warm",))]).check_ready("warm")
+
+
+def test_scale_to_zero_needs_queue_places() -> None:
+    with pytest.raises(ValueError, match="QUEUE_MODE=queue"):
+        Settings(scale_to_zero_models="cold", queue_mode="reject")
+    with pytest.raises(ValueError, match="queue places"):
+        Settings(scale_to_zero_models="cold", queue_max_per_model={"cold": 0})
+    assert Settings(scale_to_zero_models="").scale_to_zero_models == ()
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,11 @@ def test_no_worker_is_503_engine_unavailable(client: TestClient) -> None:
     assert resp.json()["error"]["code"] == "engine_unavailable"
     assert resp.headers["retry-after"] == "5"
     assert client.get("/health").json()["reason"] == "no live worker with a ready engine"
+    # The gateway's own readiness (Kubernetes' probe) leaves the engines out ...
+    gateway_only = client.get("/health", params={"scope": "gateway"})
+    assert gateway_only.status_code == 200
+    assert gateway_only.json()["ready_workers"] == 0
+    assert client.get("/health", params={"scope": "nope"}).status_code == 400
 
 
 def test_redis_outage_is_503_queue_unavailable(
@@ -64,6 +69,7 @@ def test_redis_outage_is_503_queue_unavailable(
     health = client.get("/health")
     assert health.status_code == 503
     assert health.json()["redis"] is False
+    assert client.get("/health?scope=gateway").status_code == 503, "... but not Redis"
     metrics = generate_latest(client.app.state.gateway.metrics.registry).decode()  # type: ignore[attr-defined]
     assert 'api_rejections_total{model="m",reason="queue_unavailable"} 1.0' in metrics
 

@@ -110,3 +110,27 @@ async def test_end_stops_a_running_batch_once_and_a_cancel_shows_cancelling(cont
     await contract_redis.hset(keys.batch_key("batch_d"), mapping={"status": "completed"})
     assert await batches.end("batch_d", "cancelled") == BatchStatus.COMPLETED
     assert await contract_redis.hget(keys.batch_key("batch_d"), "ending") is None
+
+
+async def test_demand_names_the_served_models_of_batches_with_lines_to_feed(contract_redis) -> None:
+    """The scaling signal keeps one worker for a model whose batch still has lines, so that a
+    model scaled to zero runs its batches (aliases resolved as the batch fixed them)."""
+    batches = BatchStore(contract_redis, file_ttl_s=60)
+    source = await batches.create_file("t", "batch", "in.jsonl", [b"{}"], models=("alias", "m2"))
+    now = int(time.time())
+    rec = BatchRecord(
+        id="batch_d",
+        tenant="t",
+        input_file_id=source.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        status=BatchStatus.IN_PROGRESS,
+        created_at=now,
+        expires_at=now + 60,
+        total=1,
+        routes=json.dumps({"alias": "served"}),
+    )
+    await batches.create_batch(rec)
+    assert await batches.demand() == {"served", "m2"}
+    assert await batches.feed(rec, [spec(rec, 0)], 1) == 1
+    assert await batches.demand() == set(), "every line fed: the queue signal counts them now"
