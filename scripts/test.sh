@@ -5,7 +5,8 @@
 # tools, the vLLM CPU engine venv and the bundled model, as scripts/run.sh does), then runs
 # ruff, mypy and pytest: unit (fakeredis), integration (real redis-server, gateway and
 # worker processes, the engine simulator) and e2e (a real vLLM serving the bundled model;
-# Open WebUI driven in Debian's Chromium).
+# Open WebUI driven in Debian's Chromium); and the Helm chart, rendered by helm and checked
+# against Kubernetes' and the CRDs' schemas.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -17,7 +18,10 @@ ensure_engine_venv
 ensure_model
 ensure_webui_venv
 ensure_chromium
+ensure_helm
+ensure_k8s_models
 export LLMQ_ENGINE_PYTHON="$ENGINE_VENV/bin/python" LLMQ_MODEL_DIR="$MODEL_DIR"
+export LLMQ_HELM="$HELM" LLMQ_K8S_MODELS="$K8S_MODELS_DIR/node_modules"
 export LLMQ_OPEN_WEBUI="$WEBUI_VENV/bin/open-webui"
 
 step "ruff"

@@ -1,7 +1,8 @@
 #!/bin/sh
-# Entrypoint of compose's redis service. Writes Redis's ACL file from the three passwords in
-# the environment, then runs the given command (the image's docker-entrypoint.sh
-# redis-server ...) with --aclfile appended.
+# Entrypoint of the Redis servers (compose's redis services; the Helm chart's, which ships
+# this file). Writes Redis's ACL file from the three passwords in the environment, then runs
+# the given command (the image's docker-entrypoint.sh redis-server ...) with --aclfile
+# appended.
 #
 #   default  off: a client that has not authenticated can run nothing (NOAUTH)
 #   admin    everything (operators: docker compose exec redis redis-cli --user admin)
@@ -46,18 +47,33 @@ ACL
 if [ "$(id -u)" = 0 ] && id redis >/dev/null 2>&1; then
     chown redis "$acl_file"
 fi
-# High availability (the compose profile "ha"): every server may become a replica after a
-# failover, so each one knows how to log in to a primary (as admin) and how to name itself
-# (LLMQ_REDIS_ANNOUNCE: its service name). Kept in a file, not on the command line.
+# High availability (the compose profile "ha", the chart's Sentinel topology): every server
+# may become a replica after a failover, so each one knows how to log in to a primary (as
+# admin) and how to name itself (LLMQ_REDIS_ANNOUNCE: its service or pod DNS name). Kept in
+# a file, not on the command line.
+#
+# Which primary: LLMQ_REDIS_REPLICA_OF (none: this one is the primary). With
+# LLMQ_SENTINEL_DISCOVER=host:port (the chart: its sentinels' Service), the sentinels are
+# asked first: after a failover the primary is whichever they promoted, and a restarted
+# former primary must come back as its replica, not as a second primary.
+replica_of=${LLMQ_REDIS_REPLICA_OF:+$LLMQ_REDIS_REPLICA_OF 6379}
+if [ -n "${LLMQ_SENTINEL_DISCOVER:-}" ]; then
+    . "$(dirname "$0")/discover.sh"
+    found=$(ask_sentinels)
+    if [ -n "$found" ]; then replica_of=$found; else echo "redis: no sentinel names a primary yet" >&2; fi
+fi
+# Itself (its own name and port, LLMQ_REDIS_PORT): it is the primary.
+if [ "$replica_of" = "${LLMQ_REDIS_ANNOUNCE:-} ${LLMQ_REDIS_PORT:-6379}" ]; then replica_of=""; fi
 if [ -n "${LLMQ_REDIS_ANNOUNCE:-}" ]; then
     ha_file="$(dirname "$acl_file")/ha.conf"
     {
         echo "masteruser admin"
         echo "masterauth $REDIS_ADMIN_PASSWORD"
         echo "replica-announce-ip $LLMQ_REDIS_ANNOUNCE"
+        if [ -n "${LLMQ_REDIS_PORT:-}" ]; then echo "replica-announce-port $LLMQ_REDIS_PORT"; fi
         echo "min-replicas-to-write ${REDIS_MIN_REPLICAS_TO_WRITE:-0}"
         echo "min-replicas-max-lag 10"
-        if [ -n "${LLMQ_REDIS_REPLICA_OF:-}" ]; then echo "replicaof $LLMQ_REDIS_REPLICA_OF 6379"; fi
+        if [ -n "$replica_of" ]; then echo "replicaof $replica_of"; fi
     } >"$ha_file"
     if [ "$(id -u)" = 0 ] && id redis >/dev/null 2>&1; then
         chown redis "$ha_file"

@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+import yaml
 
 from local.prometheus_config import SOURCE, localize
 from tests.support.clients import admitted
+from tests.support.prometheus import query, start_prometheus
 from tests.support.stack import BUNDLED_MODEL as MODEL
-from tests.support.stack import ROOT, Proc, Stack, free_port, spawn, wait_for
+from tests.support.stack import ROOT, Proc, Stack, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 DASHBOARD = ROOT / "monitoring/grafana/dashboards/llmq-operator.json"
@@ -24,42 +25,10 @@ DASHBOARD = ROOT / "monitoring/grafana/dashboards/llmq-operator.json"
 NO_TARGET_HERE = ("DCGM_",)
 
 
-def start_prometheus(logdir: Path, targets: dict[str, str]) -> Proc:
-    exe = shutil.which("prometheus")
-    if exe is None:
-        pytest.fail("prometheus missing: scripts/test.sh installs Debian's prometheus package")
-    config = logdir / f"prometheus-{free_port()}.yml"
-    config.write_text(localize(SOURCE.read_text(), targets, "1s", SOURCE.parent / "rules"))
-    port = free_port()
-    proc = spawn(
-        "prometheus",
-        [
-            exe,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={logdir / f'tsdb-{port}'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        logdir,
-        port=port,
-    )
-    wait_for(lambda: httpx.get(proc.url + "/-/ready").status_code == 200, 30, "Prometheus")
-
-    def all_up() -> bool:  # static targets arrive through discovery, in up to ~5 s
-        active = httpx.get(proc.url + "/api/v1/targets").json()["data"]["activeTargets"]
-        return len(active) == len(targets) and all(t["health"] == "up" for t in active)
-
-    # Scraped before the load, so counters are seen at 0 first and rates are non-zero after.
-    wait_for(all_up, 30, "Prometheus to scrape every target")
-    return proc
-
-
-def query(prom: Proc, expr: str, what: str = "") -> list[object]:
-    resp = httpx.get(prom.url + "/api/v1/query", params={"query": expr}, timeout=10)
-    body = resp.json()
-    assert body["status"] == "success", f"{what} {expr}: {body.get('error')}"
-    result: list[object] = body["data"]["result"]
-    return result
+def start_compose_prometheus(logdir: Path, targets: dict[str, str]) -> Proc:
+    """Prometheus with the compose config, its jobs pointed at ``targets`` (job: address)."""
+    text = localize(SOURCE.read_text(), targets, "1s", SOURCE.parent / "rules")
+    return start_prometheus(logdir, yaml.safe_load(text), len(targets))
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -113,7 +82,7 @@ def test_every_dashboard_and_alert_query_works_on_real_data(
     worker_port = free_port()
     stack.worker(max_active=1, worker_metrics_port=worker_port)
     gw = stack.gateway(queue_mode="reject")
-    prom = start_prometheus(
+    prom = start_compose_prometheus(
         logdir,
         {
             "gateway": f"127.0.0.1:{gw.metrics_port}",

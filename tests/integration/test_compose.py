@@ -339,6 +339,29 @@ def test_the_ha_profile_adds_a_replica_and_three_sentinels_the_services_can_use(
         settings = Settings(**{k.lower(): v for k, v in services[name]["environment"].items()})
         assert [h for h, _ in settings.sentinel_addresses()] == ha[1:]
         assert settings.redis_sentinel_password is not None
-    script = (COMPOSE.parent / "redis/sentinel.sh").read_text()
-    assert "sentinel monitor mymaster redis 6379 2" in script
-    assert "requirepass $REDIS_SENTINEL_PASSWORD" in script
+
+
+def test_the_sentinel_entrypoint_watches_redis_with_its_password(tmp_path: Path) -> None:
+    """sentinel.sh run as compose runs it (the image's docker-entrypoint.sh replaced by a
+    stub on PATH): the config it writes watches `redis` with quorum 2 and a password."""
+    stub = tmp_path / "bin/docker-entrypoint.sh"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\necho "$@"\n')
+    stub.chmod(0o755)
+    conf = tmp_path / "sentinel.conf"
+    env = {
+        "PATH": f"{stub.parent}:{os.environ['PATH']}",
+        "REDIS_ADMIN_PASSWORD": "admin-0123456789abcdef",
+        "REDIS_SENTINEL_PASSWORD": "sentinel-0123456789abcdef",
+        "LLMQ_SENTINEL_CONF": str(conf),
+    }
+    out = subprocess.run(
+        ["sh", str(COMPOSE.parent / "redis/sentinel.sh")], env=env, capture_output=True,
+        text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert out.stdout.split() == ["redis-server", str(conf), "--sentinel"]
+    lines = conf.read_text().splitlines()
+    assert "sentinel monitor mymaster redis 6379 2" in lines
+    assert "requirepass sentinel-0123456789abcdef" in lines
+    assert "sentinel auth-user mymaster admin" in lines
+    assert not any(line.startswith("sentinel announce-ip") for line in lines)
