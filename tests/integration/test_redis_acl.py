@@ -27,7 +27,16 @@ from tests.support.clients import (
     stream_chat,
     wait_held,
 )
-from tests.support.stack import ROOT, Proc, Stack, free_port, spawn, stack_for, wait_for
+from tests.support.stack import (
+    ROOT,
+    Proc,
+    Stack,
+    free_port,
+    spawn,
+    stack_for,
+    start_ha_redis,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -188,3 +197,67 @@ def test_the_gateway_may_wait_for_replicas_and_read_replication(
     assert gateway.execute_command("WAIT", 0, 10) == 0
     info = cast(dict[str, Any], gateway.info("replication"))
     assert info["role"] == "master"
+
+
+def _entrypoint(script: str, env: dict[str, str], tmp: Path) -> str:
+    """Run a Redis entrypoint script with a stub for the command it ends with (``true``, or
+    for sentinel.sh a docker-entrypoint.sh stub on PATH); returns its stderr."""
+    stub = tmp / "bin/docker-entrypoint.sh"
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    argv = ["sh", str(ROOT / "compose/redis" / script)] + (["true"] if script == "acl.sh" else [])
+    full_env = {"PATH": f"{stub.parent}:/usr/local/bin:/usr/bin:/bin", **env}
+    out = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stderr
+
+
+def test_a_starting_server_or_sentinel_takes_the_primary_the_sentinels_name(
+    logdir: Path, tmp_path: Path
+) -> None:
+    """The Helm chart's Redis (LLMQ_SENTINEL_DISCOVER): after a failover, a restarting
+    former primary (pod 0, whose fallback is itself) comes back as a replica of the promoted
+    server, not as a second primary; on a first install (no sentinel answers) pod 0 is the
+    primary and the others replicate from it; a new sentinel watches the current primary."""
+    ha = start_ha_redis(logdir)
+    try:
+        old = ha.kill_primary()
+        new = ha.wait_new_primary(old)
+        sentinels = f"127.0.0.1:{ha.sentinels[0].port}"
+        nobody = f"127.0.0.1:{free_port()}"
+
+        def replicaof(case: str, discover: str, announce: str, port: int = 6379) -> list[str]:
+            folder = tmp_path / case
+            env = {
+                **ENV,
+                "LLMQ_REDIS_ACL_FILE": str(folder / "users.acl"),
+                "LLMQ_REDIS_ANNOUNCE": announce,
+                "LLMQ_REDIS_PORT": str(port),
+                "LLMQ_REDIS_REPLICA_OF": "pod-0",  # the chart's fallback: the first pod
+                "LLMQ_SENTINEL_DISCOVER": discover,
+            }
+            _entrypoint("acl.sh", env, folder)
+            lines = (folder / "ha.conf").read_text().splitlines()
+            return [line for line in lines if line.startswith("replicaof")]
+
+        assert replicaof("restarted-pod-0", sentinels, "pod-0") == [f"replicaof 127.0.0.1 {new}"]
+        assert replicaof("the-promoted-one", sentinels, "127.0.0.1", new) == []
+        assert replicaof("first-install-pod-0", nobody, "pod-0") == []
+        assert replicaof("first-install-pod-1", nobody, "pod-1") == ["replicaof pod-0 6379"]
+
+        conf = tmp_path / "sentinel.conf"
+        env = {
+            "REDIS_ADMIN_PASSWORD": PASSWORDS["admin"],
+            "REDIS_SENTINEL_PASSWORD": "sentinel-pw-0123456789abcdef",
+            "LLMQ_SENTINEL_CONF": str(conf),
+            "LLMQ_REDIS_PRIMARY": "pod-0",
+            "LLMQ_SENTINEL_ANNOUNCE": "sentinel-3",
+            "LLMQ_SENTINEL_DISCOVER": sentinels,
+        }
+        _entrypoint("sentinel.sh", env, tmp_path)
+        lines = conf.read_text().splitlines()
+        assert f"sentinel monitor mymaster 127.0.0.1 {new} 2" in lines
+        assert "sentinel announce-ip sentinel-3" in lines
+    finally:
+        ha.close()
