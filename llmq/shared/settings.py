@@ -188,6 +188,11 @@ class Settings(BaseSettings):
     worker_processes: int = Field(
         1, ge=1, le=256, description="worker processes for one engine, splitting MAX_ACTIVE"
     )
+    engine_priority: bool = Field(
+        False,
+        description="pass each job's band on as vLLM's request priority (an engine started "
+        "with --scheduling-policy priority favours high-band jobs inside its batch)",
+    )
     worker_metrics_port: int = Field(9100, ge=0, le=65_535, description="0 disables")
     worker_metrics_host: str = Field(
         "0.0.0.0", description="address of the metrics port (the local run: 127.0.0.1)"

@@ -32,6 +32,7 @@ from llmq.shared.batch_records import BatchRecord, BatchStatus, failure_line, ou
 from llmq.shared.batches import BatchStore
 from llmq.shared.chat import ChatCompletionRequest, to_job_spec
 from llmq.shared.errors import ServiceError, UpstreamError
+from llmq.worker.engine import engine_body
 from llmq.worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, A
     usage: dict[str, Any] | None = None
     try:
         async with asyncio.timeout(rt.settings.request_timeout_s):
-            result = await rt.engine.complete(spec.body)
+            result = await rt.engine.complete(engine_body(spec, rt.settings.engine_priority))
         result["id"] = spec.id
         line, ok = output_line(spec.id, spec.custom_id, 200, result), True
         outcome = p.Outcome.COMPLETED

@@ -18,7 +18,7 @@ import aiohttp
 
 from llmq.shared import sse
 from llmq.shared.errors import EngineUnavailable, UpstreamError
-from llmq.shared.protocol import ModelCard
+from llmq.shared.protocol import Band, JobSpec, ModelCard
 from llmq.shared.settings import ENGINE_PROBE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,18 @@ _PROBE_TOOL = {
         "parameters": {"type": "object", "properties": {}},
     },
 }
+
+
+# vLLM's `priority`: lower is scheduled earlier (ties first come, first served).
+BAND_PRIORITY = {Band.HIGH: 0, Band.NORMAL: 1, Band.LOW: 2}
+
+
+def engine_body(spec: JobSpec, priority: bool) -> dict[str, Any]:
+    """What the engine is sent for ``spec``: its body, with the band as vLLM's ``priority``
+    when ENGINE_PRIORITY is on (clients cannot send ``priority``: it is not passed through)."""
+    if not priority:
+        return spec.body
+    return {**spec.body, "priority": BAND_PRIORITY[spec.band]}
 
 
 def _upstream_error(status: int, raw: bytes) -> UpstreamError:

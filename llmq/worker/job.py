@@ -15,7 +15,7 @@ from llmq.shared.errors import RequestTimeout, ServiceError, ShuttingDown, Upstr
 from llmq.shared.logs import record_line
 from llmq.shared.protocol import EventType, JobSpec, Outcome
 from llmq.worker import batch
-from llmq.worker.engine import refuses_auto_tools, stream_error
+from llmq.worker.engine import engine_body, refuses_auto_tools, stream_error
 from llmq.worker.publisher import ClientGone, Publisher
 from llmq.worker.runtime import Runtime, mark_entered, runtime_of
 
@@ -99,7 +99,7 @@ async def _stream(
     first = True
     t_first = t_first_wall = 0.0
     job_id = spec.id.encode()
-    async with rt.engine.stream(spec.body) as chunks:
+    async with rt.engine.stream(engine_body(spec, rt.settings.engine_priority)) as chunks:
         async for raw in chunks:
             kind, value = _classify(raw, spec, job_id)
             if kind == "usage":
@@ -131,7 +131,7 @@ async def _stream(
 async def _complete(
     rt: Runtime, spec: JobSpec, pub: Publisher, t_picked: float
 ) -> dict[str, Any] | None:
-    result = await rt.engine.complete(spec.body)
+    result = await rt.engine.complete(engine_body(spec, rt.settings.engine_priority))
     await pub.announced()
     result["id"] = spec.id
     if spec.stored:

@@ -128,6 +128,29 @@ async def test_non_streaming_publishes_one_result(store, fake_redis):
         assert json.loads(events[-1].data)["id"] == "chatcmpl-x"
 
 
+@pytest.mark.parametrize(("setting", "sent"), [(True, 1), (False, None)])
+async def test_engine_priority_passes_the_band_on(store, fake_redis, setting, sent) -> None:
+    """ENGINE_PRIORITY: the job's band (normal here) reaches vLLM as `priority` (high 0,
+    normal 1, low 2: lower runs first); off, the engine is sent no `priority`."""
+    bodies: list[dict] = []
+    completion = {"id": "e", "object": "chat.completion", "choices": [], "usage": {}}
+
+    def engine(r: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(r.content))
+        return httpx.Response(200, json=completion)
+
+    async with runtime(store, engine, engine_priority=setting) as rt:
+        result, _ = await run_and_collect(store, fake_redis, rt, stream=False)
+        assert result["outcome"] == "completed"
+    assert [b.get("priority") for b in bodies] == [sent]
+
+
+def test_band_priorities_order_high_first() -> None:
+    from llmq.worker.engine import BAND_PRIORITY
+
+    assert sorted(p.Band, key=BAND_PRIORITY.__getitem__) == [p.Band.HIGH, p.Band.NORMAL, p.Band.LOW]
+
+
 @pytest.mark.parametrize("grace", [0.0001])
 async def test_nobody_listening_past_the_grace_abandons_the_job(store, grace):
     async def slow_body():
