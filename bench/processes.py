@@ -195,8 +195,11 @@ def _up_or_gone(proc: Proc) -> bool:
     return not proc.alive() or httpx.get(proc.url + "/health").status_code == 200
 
 
-def start_gateway(logdir: Path, env: dict[str, str], wait_ready: bool = True) -> Proc:
-    """A gateway on free loopback ports. ``free_port`` can race with another process that
+def start_gateway(
+    logdir: Path, env: dict[str, str], wait_ready: bool = True, wrapper: Sequence[str] = ()
+) -> Proc:
+    """A gateway on free loopback ports (``wrapper``: a command it runs under, e.g.
+    ``prlimit --nofile=1024:1024 --``). ``free_port`` can race with another process that
     takes the port before the gateway binds it: then the gateway exits, and is started
     again on other ports (up to three tries). A gateway that does not become healthy is
     killed (and reaped) before the error is raised."""
@@ -204,7 +207,7 @@ def start_gateway(logdir: Path, env: dict[str, str], wait_ready: bool = True) ->
         port, metrics_port = free_port(), free_port()
         proc = spawn(
             "gateway",
-            [sys.executable, "-m", "llmq.gateway"],
+            [*wrapper, sys.executable, "-m", "llmq.gateway"],
             logdir,
             {
                 **env,

@@ -23,6 +23,7 @@ def main() -> None:
     if settings.gateway_processes > 1:
         raise SystemExit(supervisor.run_gateways(settings))
     sock = supervisor.inherited_socket()  # set when this process is one of several
+    cap = http.connection_cap(settings, http.raise_fd_limit())
     state = build_state(settings)
     app = create_app(settings, state)
     config = uvicorn.Config(
@@ -33,12 +34,13 @@ def main() -> None:
         access_log=False,  # the gateway's middleware writes the access log
         log_config=None,  # uvicorn's loggers use the service's format (LOG_FORMAT)
         loop="uvloop",
-        http=guarded_protocol(settings),  # httptools with head size and time limits
+        http=guarded_protocol(settings, cap),  # httptools: head limits, room for newcomers
         lifespan="on",
         timeout_graceful_shutdown=5,
-        # Open connections beyond this get 503 at once; with the protocol's head deadline,
-        # idle sockets cannot use up the process's file descriptors and lock everyone out.
-        limit_concurrency=settings.max_connections,
+        # At the cap the protocol closes the oldest idle connection for a newcomer; when
+        # every connection is in a request, the newcomer's request gets 503 at once. (The
+        # slack: a closed connection leaves uvicorn's count an event-loop turn later.)
+        limit_concurrency=cap + http.CAP_SLACK,
         timeout_keep_alive=5,
     )
     DrainingServer(config, state).run(sockets=[sock] if sock else None)

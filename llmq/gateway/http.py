@@ -19,12 +19,20 @@ sends its head one byte a minute. Each such socket holds a file descriptor and c
 A connection past a deadline gets 408 (if no response has started) and is closed. Responses,
 including long SSE streams, are never timed here: the send timeout of the stream and
 REQUEST_TIMEOUT_S bound those.
+
+- **room for new clients**: the process's open connections are capped below what its file
+  descriptors allow (``connection_cap``: the soft limit, raised to the hard one at start,
+  less a reserve for Redis, files and the metrics port). At the cap, a new connection
+  closes the oldest one that is not in a request (it has not completed a head, or idles
+  between keep-alive requests), so idle sockets can never lock a new client out; when every
+  connection is in a request, uvicorn answers the newcomer 503 (``limit_concurrency``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -40,6 +48,12 @@ logger = logging.getLogger(__name__)
 
 
 _LINGER_S = 2.0
+# File descriptors kept for what is not a client connection: Redis connections (commands,
+# pub/sub, the registry), the listening and metrics sockets, log and metrics files.
+FD_RESERVE = 128
+# Connections uvicorn may count above the cap (those closed for a newcomer leave its count
+# an event-loop turn later); within FD_RESERVE.
+CAP_SLACK = 32
 
 _OVERRIDDEN = "overridden: ours counts the head or arms a deadline, then calls uvicorn's"
 # What this module overrides of uvicorn's httptools protocol or relies on (shared.seams),
@@ -100,7 +114,8 @@ UVICORN_SEAM: dict[str, Pin] = {
     "RequestResponseCycle.__init__": Pin(
         None,
         "4d2f220910c33c12f2891cbf2fb89ad364464e1a189e7492e8dc43167563057a",
-        "sets response_started (read by the deadline) and disconnected (set by a refusal)",
+        "sets response_started (read by the deadline), disconnected (set by a refusal) and "
+        "response_complete (a connection idle between requests may be closed for a newcomer)",
     ),
 }
 
@@ -123,8 +138,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_headers = 100
     head_timeout_s = 10.0
     body_timeout_s = 60.0
+    connection_cap = 1000
+    # This process's open connections, oldest first (one server per process).
+    open_connections: dict[GuardedHttpProtocol, None] = {}
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.open_connections) >= self.connection_cap:
+            self._make_room()
+        self.open_connections[self] = None
         # Two measures of the current head, each never above its true size: the bytes of the
         # parts the parser has completed (request target, header names and values), and the
         # bytes of reads that ended with the head still incomplete (all of them head).
@@ -139,8 +160,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm(self.head_timeout_s, "head")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.open_connections.pop(self, None)
         self._disarm()
         super().connection_lost(exc)
+
+    def _idle(self) -> bool:
+        """Not in a request: no complete head yet, or between keep-alive requests."""
+        if self._refusal is not None or self.transport.is_closing():
+            return False
+        return self._in_head or self.cycle is None or self.cycle.response_complete
+
+    def _make_room(self) -> None:
+        for oldest in self.open_connections:
+            if oldest._idle():
+                oldest._refusal = ClientTimeout("connection closed to make room for new clients")
+                logger.info("connections at the cap (%d): closing the oldest idle one",
+                            self.connection_cap)  # fmt: skip
+                oldest._send_error(oldest._refusal)
+                return
 
     def data_received(self, data: bytes) -> None:
         self._received = True
@@ -243,12 +280,41 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         logger.info("connection refused: %d %s", err.status, err.code)
 
 
-def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
+def raise_fd_limit() -> int:
+    """Raise this process's soft file-descriptor limit to its hard limit; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the file-descriptor limit from %d: %s", soft, exc)
+    return soft
+
+
+def connection_cap(settings: Settings, fd_limit: int) -> int:
+    """MAX_CONNECTIONS, or fewer when the file descriptors cannot hold them (logged)."""
+    room = max(16, fd_limit - FD_RESERVE)
+    cap = min(settings.max_connections, room)
+    if cap < settings.max_connections:
+        logger.warning(
+            "file descriptors: limit %d, so at most %d connections (MAX_CONNECTIONS is %d)",
+            fd_limit, cap, settings.max_connections,
+        )  # fmt: skip
+    else:
+        logger.info("file descriptors: limit %d; connections capped at %d", fd_limit, cap)
+    return cap
+
+
+def guarded_protocol(settings: Settings, cap: int | None = None) -> type[HttpToolsProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with this deployment's limits."""
     limits = {
         "max_header_bytes": settings.max_header_bytes,
         "max_headers": settings.max_headers,
         "head_timeout_s": settings.client_head_timeout_s,
         "body_timeout_s": settings.client_body_timeout_s,
+        "connection_cap": cap or settings.max_connections,
+        "open_connections": {},
     }
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), limits)

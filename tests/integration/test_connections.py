@@ -4,7 +4,9 @@ and that neither deadline touches a long response or a keep-alive connection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
 import socket
 import time
 from urllib.parse import urlsplit
@@ -160,3 +162,40 @@ def test_a_large_legal_head_sent_in_pieces_is_served(gw) -> None:
         sock.sendall(payload)
         raw = _read_until_closed(sock)
     assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+
+
+def test_idle_connections_beyond_the_descriptors_do_not_lock_a_new_client_out(
+    stack: Stack,
+) -> None:
+    """A gateway whose file-descriptor limit is 1024 (soft and hard, a common container
+    default) and 1,124 idle connections open: a new client's chat and /health are answered
+    within 2 s each, long before the head deadline (120 s here) would free anything; the
+    oldest idle connections were closed to make room."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:  # this test's own sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    stack.worker()
+    gw = stack.gateway(wrapper=("prlimit", "--nofile=1024:1024", "--"), client_head_timeout_s=120)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(1124):
+            idle.append(_connect(gw.url))
+        for _ in range(3):
+            started = time.monotonic()
+            resp = httpx.post(gw.url + "/v1/chat/completions", json=body(stream=False), timeout=10)
+            assert resp.status_code == 200, resp.text
+            assert time.monotonic() - started < 2.0
+            started = time.monotonic()
+            assert httpx.get(gw.url + "/health", timeout=10).status_code == 200
+            assert time.monotonic() - started < 2.0
+        closed = 0
+        for sock in idle[:100]:  # the oldest: closed by the gateway with a 408
+            sock.settimeout(5)
+            with contextlib.suppress(OSError):
+                closed += sock.recv(65536).startswith(b"HTTP/1.1 408")
+        assert closed >= 90
+        log = gw.output()
+        assert "file descriptors: limit 1024, so at most 896 connections" in log
+    finally:
+        for sock in idle:
+            sock.close()

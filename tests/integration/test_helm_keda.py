@@ -98,7 +98,7 @@ def test_each_scaled_object_query_returns_the_signal(
     assert cold in str(chart_env["SCALE_TO_ZERO_MODELS"]).split(",")
     worker_env = env_values(container(models[0], "worker"))
     stack.worker(vllm_url=engine.url, max_active=worker_env["MAX_ACTIVE"])
-    gw = stack.gateway(True, **{k.lower(): v for k, v in chart_env.items()})
+    gw = stack.gateway(True, (), **{k.lower(): v for k, v in chart_env.items()})
     # The readiness probe the chart gives gateways answers 200 on the running gateway.
     probe = gateway["readinessProbe"]["httpGet"]["path"]
     wait_for(lambda: httpx.get(gw.url + probe).status_code == 200, 30, "the readiness probe")

@@ -7,7 +7,7 @@ it only through this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,9 +76,11 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def gateway(self, wait_ready: bool = True, **settings: object) -> Proc:
+    def gateway(
+        self, wait_ready: bool = True, wrapper: Sequence[str] = (), **settings: object
+    ) -> Proc:
         env = service_env(self.redis_url, self.engine_url, **settings)
-        proc = start_gateway(self.logdir, env, wait_ready=wait_ready)
+        proc = start_gateway(self.logdir, env, wait_ready=wait_ready, wrapper=wrapper)
         self.procs.append(proc)
         return proc
 
