@@ -11,6 +11,7 @@ from llmq.shared.errors import (
     EngineUnavailable,
     ModelNotFound,
     QueueFull,
+    QueueTimeout,
     QueueUnavailable,
     RateLimitExceeded,
     ServerBusy,
@@ -18,7 +19,7 @@ from llmq.shared.errors import (
 )
 from llmq.shared.protocol import JobSpec, StoredJob
 from llmq.shared.settings import Settings
-from llmq.shared.store import AdmitResult, AdmitStatus, Store, TenantLimits
+from llmq.shared.store import AdmitResult, AdmitStatus, QueueTerms, Store, TenantLimits
 
 # How long an admitted job may hold its place past QUEUE_TIMEOUT_S before the bound
 # forgets it (its gateway died); a started job is re-armed by its worker.
@@ -81,6 +82,11 @@ class Admission:
             record=record,
             messages=messages,
             idempotency=idempotency,
+            queue=QueueTerms(
+                capacity=capacity,
+                timeout_s=s.queue_timeout_s if s.queue_mode == "queue" and s.queue_predict else 0,
+                displace=s.queue_mode == "queue" and s.queue_fair_share,
+            ),
         )
         return result
 
@@ -110,14 +116,23 @@ class Admission:
             )
         if result.status == AdmitStatus.DUPLICATE:  # 96 random bits: never, but not silently
             return ServiceError(f"job id {spec.id} already exists; retry")
+        # When a place or slot is expected to free (whole seconds, at least 1), from the
+        # model's service time and what runs; RETRY_AFTER_S before any job completed.
+        retry = max(1, math.ceil(result.retry_after_ms / 1000)) if result.retry_after_ms else None
+        if result.status == AdmitStatus.WAIT:
+            return QueueTimeout(
+                f"`{spec.model}` would not start this request within {s.queue_timeout_s:g}s "
+                f"(expected wait {result.eta_ms / 1000:.1f}s); retry later",
+                retry_after_s=retry or s.retry_after_s,
+            )
         if s.queue_mode == "queue":
             return QueueFull(
                 f"queue full for `{spec.model}` ({result.in_system} jobs admitted); retry later",
-                retry_after_s=s.retry_after_s,
+                retry_after_s=retry or s.retry_after_s,
             )
         return ServerBusy(
             f"all {capacity} slots of `{spec.model}` busy; retry later",
-            retry_after_s=s.retry_after_s,
+            retry_after_s=retry or s.retry_after_s,
         )
 
 

@@ -80,7 +80,10 @@ class ServiceError(Exception):
         return {"Retry-After": str(self.retry_after_s)}
 
     def to_wire(self) -> dict[str, Any]:
-        return {**self.body()["error"], "status": self.status}
+        wire = {**self.body()["error"], "status": self.status}
+        if self.retry_after_s is not None:
+            wire["retry_after"] = self.retry_after_s
+        return wire
 
     @staticmethod
     def from_wire(data: dict[str, Any]) -> ServiceError:
@@ -88,8 +91,12 @@ class ServiceError(Exception):
         code = data.get("code")
         message = str(data.get("message", "error"))
         cls = _BY_CODE.get(code) if isinstance(code, str) else None
+        retry = data.get("retry_after")
         if cls is not None:
-            return cls(message, param=data.get("param"))
+            err = cls(message, param=data.get("param"))
+            if isinstance(retry, int) and retry > 0:
+                err.retry_after_s = retry
+            return err
         return UpstreamError(
             int(data.get("status", 502)),
             message,

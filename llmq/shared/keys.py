@@ -185,6 +185,7 @@ MODELS_SERVED = "llmq:models:served"
 MODEL_PREFIX = "llmq:model:"
 # Parts of a model's keys (MODEL_PREFIX + model + part), also built by the scripts.
 ADMITTED_PART, DONE_PART, BAND_PART = ":admitted", ":done", ":band:"
+SERVICE_PART = ":service"  # hash: ms (a job's service time, smoothed), n (jobs measured)
 WAKE_MODEL = "model:"  # a wake-up for a model's workers: WAKE_MODEL + model
 
 
@@ -198,6 +199,16 @@ def model_admitted_key(model: str) -> str:
 
 def model_done_key(model: str) -> str:
     return MODEL_PREFIX + model + DONE_PART
+
+
+def model_service_key(model: str) -> str:
+    """How long the model's jobs take (workers update it as jobs complete): the ETA's base."""
+    return MODEL_PREFIX + model + SERVICE_PART
+
+
+def model_bands_prefix(model: str) -> str:
+    """band_key(model, band) is this + band (the scripts that walk every band build it)."""
+    return MODEL_PREFIX + model + BAND_PART
 
 
 def api_key_record(digest: str) -> str:

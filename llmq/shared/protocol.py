@@ -35,6 +35,7 @@ class Outcome(StrEnum):
     ERROR = "error"  # a bug in the worker
     REDIS_ERROR = "redis_error"  # its events could not be delivered
     WORKER_LOST = "worker_lost"  # its worker died (set by the reaper)
+    DISPLACED = "displaced"  # never started: its place went to a key holding fewer (admit)
 
 
 def outcome_record(outcome: Outcome, worker_id: str = "") -> str:

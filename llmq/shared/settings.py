@@ -85,7 +85,15 @@ class Settings(BaseSettings):
     queue_max: int = Field(64, ge=0, le=1_000_000)
     queue_timeout_s: float = Field(30.0, gt=0, le=86_400)
     request_timeout_s: float = Field(300.0, gt=0, le=86_400)
-    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After on 429")
+    retry_after_s: int = Field(
+        1, ge=1, le=3600, description="Retry-After on 429 before the model's service time is known"
+    )
+    queue_predict: bool = Field(
+        True, description="queue mode: refuse at once (503) a request expected to wait too long"
+    )
+    queue_fair_share: bool = Field(
+        True, description="queue mode: a full queue gives a place of the most-queued key to others"
+    )
 
     # Fleets: several models (ARCHITECTURE.md, "Fleets: models and routing").
     # JSON objects; an empty value is {} (compose passes unset variables as "").

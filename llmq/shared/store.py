@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
 from llmq.shared.connect import not_replicated
-from llmq.shared.errors import JobCancelled, QueueUnavailable, ServiceError
+from llmq.shared.errors import JobCancelled, QueueFull, QueueUnavailable, ServiceError
 from llmq.shared.liveness import Liveness, out_of_band
 from llmq.shared.lua import Registered
 from llmq.shared.readings import Readings
@@ -26,6 +26,14 @@ from llmq.shared.scripts import AdmitStatus, CancelResult
 __all__ = ["AdmitResult", "AdmitStatus", "Store", "TenantLimits"]
 
 _OUTCOME_TTL_MS = p.OUTCOME_TTL_S * 1000
+# What a job displaced from a full queue (a fair share: ``scripts.queue``) is told.
+_DISPLACED_EVENT = out_of_band(
+    QueueFull(
+        "the queue is full and your API key held the most places in it: this request gave "
+        "its place to another key's; retry later",
+        retry_after_s=1,
+    )
+)
 _LOST_TRACK = QueueUnavailable("the job ended while its worker could not reach Redis; retry")
 
 
@@ -58,12 +66,24 @@ class AdmitResult:
     rpm_reset_ms: int = 0  # until the bucket is full again
     tpm_left: int = -1
     tpm_reset_ms: int = 0
-    retry_after_ms: int = 0  # for RPM / TPM: when the request would fit
+    retry_after_ms: int = 0  # RPM / TPM / FULL / WAIT: when it would fit (0: unknown)
     prior: str = ""  # IDEMPOTENT: the key's value, "<job id> <body digest>"
+    position: int = 0  # ADMITTED: its place in line (1: next), 0: not computed
+    eta_ms: int = -1  # ADMITTED: ms until it is expected to start (-1: unknown); WAIT: its ETA
+    displaced: str = ""  # ADMITTED: the job whose place it took (a fair share), if any
 
     @property
     def admitted(self) -> bool:
         return self.status == AdmitStatus.ADMITTED
+
+
+@dataclass(frozen=True, slots=True)
+class QueueTerms:
+    """What the admit script weighs besides the bound (``scripts.queue``)."""
+
+    capacity: int = 0  # the model's slots (0: no ETA)
+    timeout_s: float = 0.0  # refuse (WAIT) a job expected to wait longer; 0: never
+    displace: bool = False  # at the bound, the most-queued key gives a place to a lesser one
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +133,7 @@ class Store(Liveness):
         record: p.StoredJob | None = None,
         messages: str = "",
         idempotency: tuple[str, str] | None = None,
+        queue: QueueTerms | None = None,
     ) -> AdmitResult:
         """Admit and enqueue in one atomic step: nothing is ever half-enqueued.
 
@@ -124,9 +145,12 @@ class Store(Liveness):
         listing); ``messages``: the request's messages as JSON, kept in the record when the
         client asked for it (``store: true``). ``idempotency``: (key digest,
         body digest) of an Idempotency-Key: when the key names an earlier job, nothing is
-        admitted and the answer is IDEMPOTENT with that job (``prior``).
+        admitted and the answer is IDEMPOTENT with that job (``prior``). ``queue``: the
+        model's slots, the wait a job may not exceed (WAIT beyond it) and whether a full
+        queue gives a place to a key holding fewer (``scripts.queue``).
         """
         t = tenant or TenantLimits()
+        q = queue or QueueTerms()
         payload = serialize_job(
             p.JOB_FUNCTION,
             (spec.model_dump(mode="json"),),
@@ -148,6 +172,7 @@ class Store(Liveness):
                 "stored": keys.stored_key(spec.id),
                 "idem": keys.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
                 "stored_index": keys.tenant_stored_key(spec.tenant),
+                "service": keys.model_service_key(spec.model),
             },
             args={
                 "limit": limit,
@@ -166,6 +191,14 @@ class Store(Liveness):
                 "store_ttl_ms": self.store_ttl_ms if record else 0,
                 "idem_value": f"{spec.id} {idempotency[1]}" if idempotency else "",
                 "index_horizon_ms": self.store_ttl_ms + _STORED_INDEX_SLACK_MS,
+                "capacity": q.capacity,
+                "timeout_ms": int(q.timeout_s * 1000),
+                "bands_prefix": keys.model_bands_prefix(spec.model),
+                "band": spec.band.value,
+                "displace": "1" if q.displace else "0",
+                "displaced_event": _DISPLACED_EVENT,
+                "displaced_outcome": p.outcome_record(p.Outcome.DISPLACED),
+                "outcome_ttl_ms": _OUTCOME_TTL_MS,
             },
             rest=_flat(_record_fields(record, messages)),
         )
@@ -184,8 +217,9 @@ class Store(Liveness):
             with contextlib.suppress(RedisError):
                 await self.cancel(spec, QueueUnavailable("its admission was not confirmed"))
             raise
-        prior = out[7].decode() if len(out) > 7 else ""
+        prior, displaced = out[7].decode(), out[10].decode()
         n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry = (int(v) for v in out[1:7])
+        position, eta_ms = int(out[8]), int(out[9])
         status = AdmitStatus(int(out[0]))
         if status is AdmitStatus.ADMITTED and int(acked) < self.replicas_ack:
             # Not on enough replicas: a failover could lose it. Taken back; the client
@@ -193,7 +227,10 @@ class Store(Liveness):
             err = not_replicated(int(acked), self.replicas_ack, self.wait_timeout_s)
             await self.cancel(spec, err)
             raise err
-        return AdmitResult(status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry, prior)
+        return AdmitResult(
+            status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry, prior, position, eta_ms,
+            displaced,
+        )  # fmt: skip
 
     async def cancel(
         self, spec: p.JobSpec, why: ServiceError | None = None, *, queued_only: bool = False
@@ -281,11 +318,17 @@ class Store(Liveness):
         )
 
     async def release(
-        self, spec: p.JobSpec, worker_id: str, tokens_used: int | None, outcome: p.Outcome
+        self,
+        spec: p.JobSpec,
+        worker_id: str,
+        tokens_used: int | None,
+        outcome: p.Outcome,
+        run_s: float | None = None,
     ) -> None:
         """The job ended: free its places, leave its outcome record; correct the tenant's
         token bucket with the exact usage (``tokens_used``, prompt + completion; None when
-        unknown)."""
+        unknown). ``run_s``: how long it held its slot, for the model's service time (only
+        completed jobs count: a failure's time says nothing of the next job's)."""
         extra = 0 if tokens_used is None else tokens_used - spec.token_estimate
         await self._release(
             keys={
@@ -298,6 +341,7 @@ class Store(Liveness):
                 "log": keys.log_key(spec.id),
                 "done": keys.model_done_key(spec.model),
                 "claims": keys.worker_claims_key(worker_id),
+                "service": keys.model_service_key(spec.model),
             },
             args={
                 "job_id": spec.id,
@@ -307,6 +351,9 @@ class Store(Liveness):
                 "outcome_ttl_ms": _OUTCOME_TTL_MS,
                 "stored_status": p.StoredStatus.after(outcome) if spec.stored else "",
                 "store_ttl_ms": self.store_ttl_ms,
+                "run_ms": -1
+                if run_s is None or outcome is not p.Outcome.COMPLETED
+                else int(run_s * 1000),
             },
         )
 

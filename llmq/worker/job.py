@@ -240,7 +240,10 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         try:
             tokens = sum(used) if used else None
-            await asyncio.shield(rt.store.release(spec, rt.settings.worker_id, tokens, outcome))
+            ran = time.monotonic() - t_picked
+            await asyncio.shield(
+                rt.store.release(spec, rt.settings.worker_id, tokens, outcome, run_s=ran)
+            )
         except RedisError as exc:  # the heartbeat retries once Redis is back
             logger.warning("job %s: could not release its place yet: %s", spec.id, exc)
             rt.unreleased[spec.id] = spec

@@ -8,8 +8,9 @@ from llmq.shared.buckets import FAST_BUCKETS
 from llmq.shared.protocol import Outcome
 
 # How a job ended (worker_jobs_total{outcome}); every outcome a worker records is exported
-# from the start (worker_lost is the reaper's: the job's worker is gone).
-OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.WORKER_LOST)
+# from the start (worker_lost is the reaper's: the job's worker is gone; displaced, the
+# admit script's).
+OUTCOMES = tuple(o.value for o in Outcome if o not in (Outcome.WORKER_LOST, Outcome.DISPLACED))
 _RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from llmq.shared import keys
 from llmq.shared.lua import Script
 from llmq.shared.protocol import StoredStatus
+from llmq.shared.scripts.queue import QUEUE_CONSTS, QUEUE_LUA
 
 
 class AdmitStatus(IntEnum):
@@ -18,6 +20,7 @@ class AdmitStatus(IntEnum):
     CONCURRENCY = 2  # the tenant's max_concurrent
     RPM = 3
     TPM = 4
+    WAIT = 5  # its expected wait exceeds QUEUE_TIMEOUT_S: it would not start in time
 
 
 class CancelResult(IntEnum):
@@ -36,39 +39,37 @@ PAYLOAD_SLACK_MS = 10_000
 # The tenant's limits first (max_concurrent, rpm, tpm), then the model's bound (``admitted``
 # is the model's: ``limit`` its slots + queue places); tokens leave
 # the buckets only when the job is admitted. An Idempotency-Key naming an earlier job is
-# answered first (IDEMPOTENT, with "<job id> <body digest>" as an 8th element): a retry
+# answered first (IDEMPOTENT, with "<job id> <body digest>" as ``prior``): a retry
 # starts nothing. Nothing is written before the decision, and the first write (a bucket
 # HSET or a ZADD) is one Redis refuses when over maxmemory: it refuses a script's first write
 # whole but lets later ones through, so a full Redis refuses admissions (503) with nothing
 # written. Expired places are not counted, and removed after the ZADDs. A stored job's
 # record (``record``: field/value pairs) is written with it and indexed for its tenant;
 # index entries older than ``index_horizon_ms`` name records that are gone.
-# Returns {status, N, rpm left, rpm reset ms, tpm left, tpm reset ms, retry ms}.
-ADMIT = Script(
-    keys=("admitted", "queue", "job", "tenant_admitted", "rpm_bucket", "tpm_bucket",
-          "band_index", "band_queue", "stored", "idem", "stored_index"),
-    args=("limit", "hold_ms", "payload", "expire_ms", "job_id", "score_ms", "wake",
-          "wake_message", "tenant", "max_concurrent", "rpm", "tpm", "cost", "store_ttl_ms",
-          "idem_value", "index_horizon_ms"),
-    rest="record",
-    consts={s.name: s.value for s in AdmitStatus},
-    bucket=True,
-    body="""
+#
+# The queue (``scripts.queue``): at the bound with ``displace`` "1" (queue mode), the key
+# holding the most waiting jobs gives its newest waiting interactive job's place to a key
+# holding fewer (at least two fewer, counting this request): that job is removed as a
+# cancel removes it, and whoever waits for it gets ``displaced_event`` (429 queue_full).
+# Otherwise FULL, with ``retry`` the ms until a place is expected to free (one job's end).
+# Then, when the job's expected wait (its ETA) exceeds ``timeout_ms`` (0: never), WAIT: it
+# would not start in time; ``retry`` the ms until it would. ``retry`` 0: unknown.
+# Returns {status, N, rpm left, rpm reset ms, tpm left, tpm reset ms, retry ms, prior,
+# position, ETA ms (-1: unknown), displaced job id}.
+_ADMIT_BODY = """
 local live = '(' .. now
 local n = redis.call('ZCOUNT', admitted, live, '+inf')
 local rpm_cap, tpm_cap, tokens = tonumber(rpm), tonumber(tpm), tonumber(cost)
 local r_ok, r_left, r_wait, r_reset = bucket(rpm_bucket, rpm_cap, 1, false)
 local t_ok, t_left, t_wait, t_reset = bucket(tpm_bucket, tpm_cap, tokens, false)
-local function answer(status, retry)
-  return {status, n, r_left, r_reset, t_left, t_reset, retry}
+local position, eta_ms, victim = 0, -1, ''
+local function answer(status, retry, prior)
+  return {status, n, r_left, r_reset, t_left, t_reset, retry, prior or '', position, eta_ms,
+          victim}
 end
 if idem_value ~= '' then
   local prior = redis.call('GET', idem)
-  if prior then
-    local a = answer(IDEMPOTENT, 0)
-    table.insert(a, prior)
-    return a
-  end
+  if prior then return answer(IDEMPOTENT, 0, prior) end
 end
 local maxc = tonumber(max_concurrent)
 if maxc > 0 and redis.call('ZCOUNT', tenant_admitted, live, '+inf') >= maxc then
@@ -76,7 +77,30 @@ if maxc > 0 and redis.call('ZCOUNT', tenant_admitted, live, '+inf') >= maxc then
 end
 if r_ok == 0 then return answer(RPM, r_wait) end
 if t_ok == 0 then return answer(TPM, t_wait) end
-if n >= tonumber(limit) then return answer(FULL, 0) end
+local service_ms = tonumber(redis.call('HGET', service, 'ms')) or 0
+local cap = tonumber(capacity)
+local k = redis.call('ZCARD', band_queue) + 1
+local ahead, waiting, top_key, top, per_key = queue_view(bands_prefix, band, tenant, k)
+if n >= tonumber(limit) then
+  if displace == '1' and (per_key[tenant] or 0) + 1 < top then
+    victim = displace_newest(top_key) or ''
+  end
+  if victim == '' then
+    local running = n - waiting
+    local retry = 0
+    if service_ms > 0 and running > 0 then retry = math.ceil(service_ms / running) end
+    return answer(FULL, retry)
+  end
+  n = n - 1
+  waiting = waiting - 1
+  if ahead > 0 then ahead = ahead - 1 end
+end
+position = ahead + 1
+eta_ms = eta(position, waiting, n, cap, service_ms)
+local timeout = tonumber(timeout_ms)
+if timeout > 0 and eta_ms > timeout and victim == '' then
+  return answer(WAIT, eta_ms - timeout)
+end
 if redis.call('EXISTS', job) == 1 then return answer(DUPLICATE, 0) end
 r_ok, r_left, r_wait, r_reset = bucket(rpm_bucket, rpm_cap, 1, true)
 t_ok, t_left, t_wait, t_reset = bucket(tpm_bucket, tpm_cap, tokens, true)
@@ -101,7 +125,56 @@ end
 redis.call('PUBLISH', wake, wake_message)
 n = n + 1
 return answer(ADMITTED, 0)
-""",
+"""
+
+# displace_newest(key): the newest waiting interactive job of ``key`` (lowest band first)
+# removed as a never-started cancelled job is (its place, payload, queues; its stored
+# record failed, with the event in its log), its waiter told ``displaced_event``.
+_DISPLACE_LUA = """
+local function displace_newest(key)
+  for i = #BANDS, 1, -1 do
+    local q = bands_prefix .. BANDS[i] .. SEP .. key
+    for _, id in ipairs(redis.call('ZREVRANGE', q, 0, -1)) do
+      if string.sub(id, 1, #BATCH_JOB_PREFIX) ~= BATCH_JOB_PREFIX
+          and redis.call('EXISTS', IN_PROGRESS_PREFIX .. id) == 0 then
+        redis.call('ZREM', q, id)
+        redis.call('ZREM', queue, id)
+        redis.call('ZREM', admitted, id)
+        redis.call('ZREM', TENANT_PREFIX .. key .. TENANT_ADMITTED_SUFFIX, id)
+        redis.call('DEL', JOB_PREFIX .. id)
+        redis.call('SET', OUTCOME_PREFIX .. id, displaced_outcome, 'PX', outcome_ttl_ms)
+        local stored_id = STORED_PREFIX .. id
+        if redis.call('HGET', stored_id, 'status') == QUEUED then
+          redis.call('HSET', stored_id, 'status', FAILED)
+          redis.call('XADD', LOG_PREFIX .. id, '*', 'e', displaced_event)
+          local keep = redis.call('PTTL', stored_id)
+          if keep > 0 then redis.call('PEXPIRE', LOG_PREFIX .. id, keep) end
+        end
+        redis.call('PUBLISH', EVENTS_PREFIX .. id, displaced_event)
+        return id
+      end
+    end
+  end
+  return nil
+end
+"""
+
+ADMIT = Script(
+    keys=("admitted", "queue", "job", "tenant_admitted", "rpm_bucket", "tpm_bucket",
+          "band_index", "band_queue", "stored", "idem", "stored_index", "service"),
+    args=("limit", "hold_ms", "payload", "expire_ms", "job_id", "score_ms", "wake",
+          "wake_message", "tenant", "max_concurrent", "rpm", "tpm", "cost", "store_ttl_ms",
+          "idem_value", "index_horizon_ms", "capacity", "timeout_ms", "bands_prefix", "band",
+          "displace", "displaced_event", "displaced_outcome", "outcome_ttl_ms"),
+    rest="record",
+    consts={**{s.name: s.value for s in AdmitStatus}, **QUEUE_CONSTS, **_STORED,
+            "FAILED": StoredStatus.FAILED.value, "JOB_PREFIX": keys.job_key(""),
+            "IN_PROGRESS_PREFIX": keys.IN_PROGRESS_PREFIX, "TENANT_PREFIX": keys.TENANT_PREFIX,
+            "TENANT_ADMITTED_SUFFIX": keys.TENANT_ADMITTED_SUFFIX,
+            "OUTCOME_PREFIX": keys.OUTCOME_PREFIX, "EVENTS_PREFIX": keys.EVENTS_PREFIX,
+            "STORED_PREFIX": keys.STORED_PREFIX, "LOG_PREFIX": keys.LOG_PREFIX},
+    bucket=True,
+    body=QUEUE_LUA + _DISPLACE_LUA + _ADMIT_BODY,
 )  # fmt: skip
 
 # Not started: removed everywhere, it never runs; whoever follows its events (a resumed
@@ -169,12 +242,14 @@ return redis.call('ZADD', admitted, 'XX', deadline, job_id)
 # rate the scaling signal reads) counts it, the tenant's token bucket is corrected
 # with the exact usage (``extra``: tokens used beyond the admission estimate, may be
 # negative); a stored job's record and log are kept STORE_TTL_S from now (``stored_status``
-# "": not stored).
+# "": not stored). A completed job's run time (``run_ms``, -1: not measured) updates the
+# model's service time (EWMA, weight SERVICE_ALPHA), which ETAs and Retry-After are made of.
 RELEASE = Script(
     keys=("admitted", "tenant_admitted", "worker_jobs", "tpm_bucket", "outcome", "stored", "log",
-          "done", "claims"),
+          "done", "claims", "service"),
     args=("job_id", "extra", "tpm", "outcome_record", "outcome_ttl_ms", "stored_status",
-          "store_ttl_ms"),
+          "store_ttl_ms", "run_ms"),
+    consts={"SERVICE_ALPHA": "0.2"},
     bucket=True,
     body="""
 if stored_status ~= '' and redis.call('EXISTS', stored) == 1 then
@@ -187,6 +262,14 @@ redis.call('HDEL', claims, job_id)
 redis.call('ZREM', tenant_admitted, job_id)
 redis.call('SET', outcome, outcome_record, 'PX', outcome_ttl_ms)
 redis.call('INCR', done)
+local run = tonumber(run_ms)
+if run >= 0 then
+  local old = tonumber(redis.call('HGET', service, 'ms'))
+  local ms = run
+  if old then ms = old + tonumber(SERVICE_ALPHA) * (run - old) end
+  redis.call('HSET', service, 'ms', math.floor(ms + 0.5))
+  redis.call('HINCRBY', service, 'n', 1)
+end
 local cap, used = tonumber(tpm), tonumber(extra)
 if cap > 0 and used ~= 0 then
   redis.call('HSET', tpm_bucket, 't', math.min(cap, refilled(tpm_bucket, cap) - used), 'ts', now)
