@@ -202,7 +202,12 @@ async def retrieve(
     """A stored completion: now (``status``, the text so far), or streamed again."""
     rec = await owned(st, job_id, tenant)
     if not stream:
-        return JSONResponse(assemble(rec, await st.store.records.read_log(rec.id)))
+        out = assemble(rec, await st.store.records.read_log(rec.id))
+        if rec.status is StoredStatus.QUEUED:  # where it stands in line, and when it starts
+            position, eta_ms = await st.store.position(rec, st.registry.capacity(rec.model))
+            if position:
+                out.update(queue_position=position, eta_ms=eta_ms if eta_ms >= 0 else None)
+        return JSONResponse(out)
     if not rec.stream:
         raise InvalidRequest("this completion was not streamed; GET it without stream")
     return await replay(st, request, rec, _after(last_event_id, starting_after))

@@ -51,7 +51,7 @@ _STARTED_GRACE_S = 5.0
 _ENDED_CHECK_S = 3.0  # while a job waits to start: how often its client checks it did not end
 # Backstop beyond REQUEST_TIMEOUT_S (which the worker enforces itself) for a worker that died.
 _WORKER_SILENCE_GRACE_S = 10.0
-_DONE = b"data: [DONE]\n\n"
+DONE = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
 
@@ -282,7 +282,7 @@ class JobRelay:
             )
         return [_frame(json.dumps(f, separators=(",", ":"))) for f in frames]
 
-    def _error_frame(self, err: ServiceError) -> bytes:
+    def error_frame(self, err: ServiceError) -> bytes:
         self.metrics.reject(err.code, self.spec.tenant, self.spec.model)
         return _frame(json.dumps(err.body(), separators=(",", ":")))
 
@@ -324,21 +324,21 @@ class JobRelay:
                         frames += self._finish(ev)
                     else:  # ERROR (or an unexpected type): terminal
                         err = ServiceError.from_wire(json.loads(ev.data))
-                        frames.append(self._error_frame(err))
-                    frames.append(b"id: %d\n%s" % (ev.seq, _DONE) if ev.seq else _DONE)
+                        frames.append(self.error_frame(err))
+                    frames.append(b"id: %d\n%s" % (ev.seq, DONE) if ev.seq else DONE)
                     yield b"".join(frames)
                     return
                 yield b"".join(frames)
                 event = await self.sub.next(self._deadline_left())
         except TimeoutError:
             client_gone = False
-            yield self._error_frame(RequestTimeout("the engine stopped answering"))
-            yield _DONE
+            yield self.error_frame(RequestTimeout("the engine stopped answering"))
+            yield DONE
         except ServiceError as exc:  # StreamInterrupted
             client_gone = False
             logger.warning("job %s: %s", self.spec.id, exc.message)
-            yield self._error_frame(exc)
-            yield _DONE
+            yield self.error_frame(exc)
+            yield DONE
         finally:
             await self.close(client_gone=client_gone)
 

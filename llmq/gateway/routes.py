@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from llmq.gateway import durable
+from llmq.gateway import durable, queued
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.auth import TenantDep
 from llmq.gateway.body import (
@@ -37,7 +37,7 @@ from llmq.shared.errors import (
     ShuttingDown,
 )
 from llmq.shared.protocol import Event, StoredJob
-from llmq.shared.store import AdmitStatus
+from llmq.shared.store import AdmitResult, AdmitStatus
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -70,7 +70,10 @@ async def _open_relay(
     tenant: Tenant,
     timings: Timings,
     idempotency: tuple[str, str] | None,
-) -> tuple[JobRelay, Event]:
+    updates: bool = False,
+) -> tuple[JobRelay, Event | None, AdmitResult]:
+    """Admit the request; then (unless ``updates``: the stream starts now and tells the
+    client where it waits) wait for its first event."""
     job_id = new_job_id()
     band = band_for(body, tenant.band)
     body.model = st.registry.resolve(body.model)  # MODEL_ALIASES: the served name
@@ -117,6 +120,8 @@ async def _open_relay(
         spec.stream,
         spec.stored,
     )
+    if updates:
+        return relay, None, result
     try:
         first = await until_disconnect(request, relay.open())
     except BaseException as exc:
@@ -125,7 +130,7 @@ async def _open_relay(
             logger.info("job %s: client left before the first token", job_id)
         await relay.close(client_gone=gone)
         raise
-    return relay, first
+    return relay, first, result
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -138,14 +143,24 @@ async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) ->
     st.metrics.tenant_requests.labels(tenant.name).inc()
     if st.draining:
         raise ShuttingDown("the gateway is shutting down; retry on another replica")
+    updates = body.stream and queued.wants_updates(request.headers.get(queued.HEADER))
     try:
-        relay, first = await _open_relay(st, request, body, tenant, timings, idempotency)
+        relay, first, admitted = await _open_relay(
+            st, request, body, tenant, timings, idempotency, updates
+        )
     except ClientClosedRequest:
         return Response(status_code=499)
     except _Attach as attach:
         logger.info("Idempotency-Key: attached to job %s", attach.job_id)
         request.state.request_id = attach.job_id
         return await durable.attach(st, request, tenant, attach.job_id)
+    if first is None:  # X-Queue-Updates
+        spec = relay.spec
+
+        async def where() -> tuple[int, int]:
+            return await st.store.position(spec, st.registry.capacity(spec.model))
+
+        return queued.respond(relay, admitted.position, admitted.eta_ms, where)
     return await relay.respond(first)
 
 

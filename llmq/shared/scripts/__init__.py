@@ -24,6 +24,7 @@ from llmq.shared.scripts.jobs import (
     AdmitStatus,
     CancelResult,
 )
+from llmq.shared.scripts.queue import POSITION
 from llmq.shared.scripts.workers import (
     DEPTH,
     HEARTBEAT,
@@ -45,6 +46,7 @@ __all__ = [
     "LIVE_WORKERS",
     "PAYLOAD_SLACK_MS",
     "PICK",
+    "POSITION",
     "QUEUE_DEPTH",
     "REAP",
     "RELEASE",

@@ -15,6 +15,7 @@ free). Before any job of the model completed, ``D`` is unknown: no ETA, no predi
 from __future__ import annotations
 
 from llmq.shared import keys
+from llmq.shared.lua import Script
 from llmq.shared.protocol import Band
 
 # Lua constants the snippets below need (add them to a script's consts).
@@ -59,3 +60,21 @@ local function eta(position, waiting, admitted, capacity, service_ms)
   return math.floor((position - math.max(free, 0)) * service_ms / capacity)
 end
 """
+
+# A waiting job's place in line (1: next) and ETA in ms, or {0, -1} when it is not waiting
+# (started, ended, or unknown). ``capacity``: the model's slots (the gateway's registry).
+POSITION = Script(
+    keys=("band_queue", "admitted", "service"),
+    args=("job_id", "bands_prefix", "band", "tenant", "capacity"),
+    consts=QUEUE_CONSTS,
+    clock=True,
+    body=QUEUE_LUA
+    + """
+local rank = redis.call('ZRANK', band_queue, job_id)
+if not rank then return {0, -1} end
+local ahead, waiting = queue_view(bands_prefix, band, tenant, rank + 1)
+local n = redis.call('ZCOUNT', admitted, '(' .. now, '+inf')
+local service_ms = tonumber(redis.call('HGET', service, 'ms')) or 0
+return {ahead + 1, eta(ahead + 1, waiting, n, tonumber(capacity), service_ms)}
+""",
+)

@@ -1,0 +1,69 @@
+"""A streamed request that hears where it stands while it waits (``X-Queue-Updates: true``).
+
+The SSE response starts at admission instead of at the first token, with comment lines
+``: queued position=<n> eta_ms=<ms>`` (its place in line, 1 next; when it is expected to
+start; ``eta_ms`` left out while unknown), at once and every ``UPDATE_EVERY_S`` until it
+starts. SDKs ignore comments, and they keep proxies from closing a quiet stream. An error
+before the first token (a queue timeout, a cancel) is then an error event, as after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse
+
+from llmq.gateway.relay import DONE, JobRelay
+from llmq.shared.errors import ServiceError
+
+UPDATE_EVERY_S = 2.0
+HEADER = "x-queue-updates"
+
+Where = Callable[[], Awaitable[tuple[int, int]]]
+
+
+def wants_updates(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("true", "1", "yes")
+
+
+def comment(position: int, eta_ms: int) -> bytes:
+    eta = b" eta_ms=%d" % eta_ms if eta_ms >= 0 else b""
+    return b": queued position=%d%s\n\n" % (position, eta)
+
+
+def respond(relay: JobRelay, position: int, eta_ms: int, where: Where) -> EventSourceResponse:
+    """The SSE answer of an admitted, streamed request (``where``: its position now)."""
+    return EventSourceResponse(
+        _body(relay, position, eta_ms, where),
+        sep="\n",
+        ping=15,
+        headers={"Cache-Control": "no-cache"},
+        send_timeout=relay.settings.client_send_timeout_s,
+    )
+
+
+async def _body(relay: JobRelay, position: int, eta_ms: int, where: Where) -> AsyncIterator[bytes]:
+    opening = asyncio.ensure_future(relay.open())
+    try:
+        while True:
+            if position > 0 and eta_ms != 0:  # eta 0: a slot is free, it starts now
+                yield comment(position, eta_ms)
+            done, _ = await asyncio.wait({opening}, timeout=UPDATE_EVERY_S)
+            if done:
+                break
+            with contextlib.suppress(RedisError):  # an outage: the last place is said again
+                position, eta_ms = await where()
+        first = opening.result()
+    except ServiceError as err:  # before its first token: one error event, then [DONE]
+        yield relay.error_frame(err) + DONE
+        await relay.close(client_gone=False)
+        return
+    except BaseException:  # the client left while it waited
+        opening.cancel()
+        await relay.close(client_gone=True)
+        raise
+    async for frame in relay.sse_body(first):
+        yield frame
