@@ -204,7 +204,9 @@ async def retrieve(
     if not stream:
         out = assemble(rec, await st.store.records.read_log(rec.id))
         if rec.status is StoredStatus.QUEUED:  # where it stands in line, and when it starts
-            position, eta_ms = await st.store.position(rec, st.registry.capacity(rec.model))
+            position, eta_ms = await st.store.readings.position(
+                rec, st.registry.capacity(rec.model)
+            )
             if position:
                 out.update(queue_position=position, eta_ms=eta_ms if eta_ms >= 0 else None)
         return JSONResponse(out)

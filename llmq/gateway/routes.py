@@ -158,7 +158,7 @@ async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) ->
         spec = relay.spec
 
         async def where() -> tuple[int, int]:
-            return await st.store.position(spec, st.registry.capacity(spec.model))
+            return await st.store.readings.position(spec, st.registry.capacity(spec.model))
 
         return queued.respond(relay, admitted.position, admitted.eta_ms, where)
     return await relay.respond(first)

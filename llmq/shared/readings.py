@@ -47,6 +47,26 @@ class Readings:
         self._queue_depth = Registered(redis, scripts.QUEUE_DEPTH)
         self._depth = Registered(redis, scripts.DEPTH)
         self._live = Registered(redis, scripts.LIVE_WORKERS)
+        self._position = Registered(redis, scripts.POSITION)
+
+    async def position(self, job: p.JobSpec | p.StoredJob, capacity: int) -> tuple[int, int]:
+        """A waiting job's place in line (1: next) and expected wait in ms (-1: unknown);
+        (0, -1) once it is not waiting (``scripts.queue``)."""
+        out = await self._position(
+            keys={
+                "band_queue": keys.band_queue_key(job.model, job.band, job.tenant),
+                "admitted": keys.model_admitted_key(job.model),
+                "service": keys.model_service_key(job.model),
+            },
+            args={
+                "job_id": job.id,
+                "bands_prefix": keys.model_bands_prefix(job.model),
+                "band": job.band.value,
+                "tenant": job.tenant,
+                "capacity": capacity,
+            },
+        )
+        return int(out[0]), int(out[1])
 
     async def queue_depth(self, scan_limit: int = 100_000) -> int:
         """Jobs in arq's queue not running, every model's (the first ``scan_limit``)."""

@@ -114,7 +114,6 @@ class Store(Liveness):
         self._cancel = Registered(redis, scripts.CANCEL)
         self._start = Registered(redis, scripts.START)
         self._release = Registered(redis, scripts.RELEASE)
-        self._position = Registered(redis, scripts.POSITION)
         self._reap = Registered(redis, scripts.REAP)
         self._forget = Registered(redis, scripts.FORGET)
         self._pick = Registered(redis, scripts.PICK)
@@ -232,25 +231,6 @@ class Store(Liveness):
             status, n, rpm_left, rpm_reset, tpm_left, tpm_reset, retry, prior, position, eta_ms,
             displaced,
         )  # fmt: skip
-
-    async def position(self, job: p.JobSpec | p.StoredJob, capacity: int) -> tuple[int, int]:
-        """A waiting job's place in line (1: next) and expected wait in ms (-1: unknown);
-        (0, -1) once it is not waiting (``scripts.queue``)."""
-        out = await self._position(
-            keys={
-                "band_queue": keys.band_queue_key(job.model, job.band, job.tenant),
-                "admitted": keys.model_admitted_key(job.model),
-                "service": keys.model_service_key(job.model),
-            },
-            args={
-                "job_id": job.id,
-                "bands_prefix": keys.model_bands_prefix(job.model),
-                "band": job.band.value,
-                "tenant": job.tenant,
-                "capacity": capacity,
-            },
-        )
-        return int(out[0]), int(out[1])
 
     async def cancel(
         self, spec: p.JobSpec, why: ServiceError | None = None, *, queued_only: bool = False
