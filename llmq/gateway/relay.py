@@ -122,7 +122,8 @@ class JobRelay:
             event = await self._until_started(s.queue_timeout_s)
         except TimeoutError:
             timeout = QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue; try again")
-            if await self.store.cancel(self.spec, timeout):
+            # Only if it still waits: one that started just now is served, not aborted.
+            if await self.store.cancel(self.spec, timeout, queued_only=True):
                 self.finished = True
                 raise timeout from None
             try:  # it started just as we gave up: its STARTED event is on the way
