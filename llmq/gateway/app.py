@@ -75,9 +75,9 @@ async def refresh_gauges(st: GatewayState) -> None:
     models = reg.labelled_models()
     try:
         loads = await st.store.readings.load(models)
-        for status, n in (await st.batches.count_active()).items():
+        counts, batch_demand = await st.batches.overview()
+        for status, n in counts.items():
             m.batches.labels(status).set(n)
-        batch_demand = await st.batches.demand()
     except RedisError as exc:
         stop_if_cancelled()
         logger.debug("metrics: cannot read Redis: %s", exc)

@@ -171,28 +171,30 @@ class BatchStore:
     async def active(self) -> list[str]:
         return sorted(m.decode() for m in await self.redis.smembers(keys.ACTIVE_BATCHES))  # type: ignore[misc]
 
-    async def count_active(self) -> dict[str, int]:
-        """Batches in flight by status (in_progress, cancelling, finalizing)."""
+    async def overview(self) -> tuple[dict[str, int], set[str]]:
+        """One pass over the batches in flight (the gateways' gauges, every refresh): how
+        many are in each active status (in_progress, cancelling, finalizing), and the served
+        models that in-progress batches still have lines to feed for: their workers feed
+        them, so a model scaled to zero must get one (the scaling signal)."""
         counts = dict.fromkeys((s.value for s in ACTIVE), 0)
-        for batch_id in await self.active():
-            status = await self.redis.hget(keys.batch_key(batch_id), "status")  # type: ignore[misc]
-            if status is not None and status.decode() in counts:
-                counts[status.decode()] += 1
-        return counts
-
-    async def demand(self) -> set[str]:
-        """The served models that in-progress batches still have lines to feed for: their
-        workers feed them, so a model scaled to zero must get one (the scaling signal)."""
-        out: set[str] = set()
+        demand: set[str] = set()
         for batch_id in await self.active():
             rec = await self.batch(batch_id)
-            if rec is None or rec.status is not BatchStatus.IN_PROGRESS or rec.next >= rec.total:
+            if rec is None:
+                continue
+            if rec.status.value in counts:
+                counts[rec.status.value] += 1
+            if rec.status is not BatchStatus.IN_PROGRESS or rec.next >= rec.total:
                 continue
             source = await self.file(rec.input_file_id)
             routes = json.loads(rec.routes)
             for model in json.loads(source.models or "[]") if source else []:
-                out.add(routes.get(model, model))
-        return out
+                demand.add(routes.get(model, model))
+        return counts, demand
+
+    async def demand(self) -> set[str]:
+        """The models in-progress batches still have lines to feed for (``overview``)."""
+        return (await self.overview())[1]
 
     async def end(self, batch_id: str, why: str) -> str:
         """Stop feeding a batch (``cancelled`` or ``expired``); returns its status."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from arq.jobs import serialize_job
 
@@ -32,23 +33,27 @@ def spec(rec: BatchRecord, index: int) -> p.JobSpec:
     )
 
 
-async def test_feed_record_finalize_each_once(contract_redis) -> None:
-    batches = BatchStore(contract_redis, file_ttl_s=60)
-    lines = [json.dumps({"custom_id": f"c{i}"}).encode() for i in range(3)]
-    source = await batches.create_file("t", "batch", "in.jsonl", lines)
+def in_progress(batch_id: str, source: str, total: int, **fields: Any) -> BatchRecord:
     now = int(time.time())
-    rec = BatchRecord(
-        id="batch_x",
+    return BatchRecord(
+        id=batch_id,
         tenant="t",
-        input_file_id=source.id,
+        input_file_id=source,
         endpoint="/v1/chat/completions",
         completion_window="24h",
         status=BatchStatus.IN_PROGRESS,
         created_at=now,
         expires_at=now + 60,
-        total=3,
-        max_inflight=3,
+        total=total,
+        **fields,
     )
+
+
+async def test_feed_record_finalize_each_once(contract_redis) -> None:
+    batches = BatchStore(contract_redis, file_ttl_s=60)
+    lines = [json.dumps({"custom_id": f"c{i}"}).encode() for i in range(3)]
+    source = await batches.create_file("t", "batch", "in.jsonl", lines)
+    rec = in_progress("batch_x", source.id, 3, max_inflight=3)
     await batches.create_batch(rec)
     specs = [spec(rec, i) for i in range(3)]
     assert await batches.feed(rec, specs, 3) == 3
@@ -117,19 +122,7 @@ async def test_demand_names_the_served_models_of_batches_with_lines_to_feed(cont
     model scaled to zero runs its batches (aliases resolved as the batch fixed them)."""
     batches = BatchStore(contract_redis, file_ttl_s=60)
     source = await batches.create_file("t", "batch", "in.jsonl", [b"{}"], models=("alias", "m2"))
-    now = int(time.time())
-    rec = BatchRecord(
-        id="batch_d",
-        tenant="t",
-        input_file_id=source.id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-        status=BatchStatus.IN_PROGRESS,
-        created_at=now,
-        expires_at=now + 60,
-        total=1,
-        routes=json.dumps({"alias": "served"}),
-    )
+    rec = in_progress("batch_d", source.id, 1, routes=json.dumps({"alias": "served"}))
     await batches.create_batch(rec)
     assert await batches.demand() == {"served", "m2"}
     assert await batches.feed(rec, [spec(rec, 0)], 1) == 1
