@@ -17,6 +17,7 @@ from llmq.shared.errors import (
     ServerBusy,
     ServiceError,
 )
+from llmq.shared.prefix import signature
 from llmq.shared.protocol import JobSpec, StoredJob
 from llmq.shared.settings import Settings
 from llmq.shared.store import AdmitResult, AdmitStatus, QueueTerms, Store, TenantLimits
@@ -87,6 +88,7 @@ class Admission:
                 timeout_s=s.queue_timeout_s if s.queue_mode == "queue" and s.queue_predict else 0,
                 displace=s.queue_mode == "queue" and s.queue_fair_share,
             ),
+            prefix=signature(spec.body, spec.model) if s.prefix_affinity else (),
         )
         return result
 

@@ -24,6 +24,17 @@ Keys and channels
     llmq:worker-claims:<id> hash    job id -> JSON [tenant, model, band, enqueue ms, claimed
                                     ms]: jobs the worker picked and has not started yet
                                     (a pick whose reply was lost: they go back to the queue)
+    llmq:prefix:<id>        hash    a waiting job's prefix signature (shared.prefix): h =
+                                    its chained block hashes (hex, space-separated), p = when
+                                    a pick first left it for a warmer worker (ms); expires
+                                    with the job's payload, deleted when it is picked
+    llmq:worker-prefixes:<id>  zset the prefix hashes a worker's engine probably caches
+                                    (what it picked lately); score = last picked (ms);
+                                    bounded (AFFINITY_RECORD_MAX), entries and key expire
+                                    after AFFINITY_TTL_S, deleted when the worker leaves or dies
+    llmq:prefix-owners      hash    prefix hash -> the worker that picked it last (an index
+                                    of the records above, checked against them)
+    llmq:prefix-seen        zset    prefix hash -> when last picked: bounds the index
     llmq:apikeys            hash    API key name -> digest (sha256 of the secret)
     llmq:apikey:<digest>    hash    one API key: name, limits, priority band (ApiKey)
     llmq:tenant:<name>:admitted  zset  the tenant's admitted, unfinished jobs (deadlines)
@@ -175,6 +186,20 @@ def worker_jobs_key(worker_id: str) -> str:
 
 def worker_claims_key(worker_id: str) -> str:
     return WORKER_CLAIMS_PREFIX + worker_id
+
+
+WORKER_PREFIXES_PREFIX = "llmq:worker-prefixes:"
+PREFIX_PREFIX = "llmq:prefix:"
+PREFIX_OWNERS = "llmq:prefix-owners"
+PREFIX_SEEN = "llmq:prefix-seen"
+
+
+def worker_prefixes_key(worker_id: str) -> str:
+    return WORKER_PREFIXES_PREFIX + worker_id
+
+
+def prefix_key(job_id: str) -> str:
+    return PREFIX_PREFIX + job_id
 
 
 API_KEYS = "llmq:apikeys"

@@ -87,7 +87,7 @@ class Liveness:
 
     async def remove_worker(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.worker_key(worker_id))
+            pipe.delete(keys.worker_key(worker_id), keys.worker_prefixes_key(worker_id))
             pipe.zrem(keys.WORKERS, worker_id)
             await pipe.execute()
 
@@ -117,6 +117,7 @@ class Liveness:
                 "batch_job_prefix": keys.BATCH_JOB_PREFIX,
                 "batch_prefix": keys.BATCH_PREFIX,
                 "failure_line": _REAPED_BATCH_LINE,
+                "worker_prefixes_prefix": keys.WORKER_PREFIXES_PREFIX,
             },
         )
         return [w.decode() for w in out[:-1]], int(out[-1])

@@ -201,6 +201,24 @@ class Settings(BaseSettings):
         description="pass each job's band on as vLLM's request priority (an engine started "
         "with --scheduling-policy priority favours high-band jobs inside its batch)",
     )
+    # Cache-aware pickup (ARCHITECTURE.md, "Cache-aware pickup"): gateways sign each job's
+    # prompt prefix, workers prefer the jobs their engine holds the prefix of.
+    prefix_affinity: bool = Field(
+        True, description="on: a job goes to the worker whose engine caches its prompt's prefix"
+    )
+    affinity_max_wait_ms: int = Field(
+        50, ge=0, le=10_000, description="longest a job is left for a warm worker's free slot"
+    )
+    affinity_record_max: int = Field(
+        4096,
+        ge=16,
+        le=1_000_000,
+        description="prefix blocks (~256 tokens each) a worker remembers its engine holding: "
+        "about the engine's KV cache size",
+    )
+    affinity_ttl_s: float = Field(
+        600.0, gt=0, le=86_400, description="a worker forgets a prefix it has not served this long"
+    )
     worker_metrics_port: int = Field(9100, ge=0, le=65_535, description="0 disables")
     worker_metrics_host: str = Field(
         "0.0.0.0", description="address of the metrics port (the local run: 127.0.0.1)"

@@ -19,6 +19,7 @@ from llmq.shared.connect import not_replicated
 from llmq.shared.errors import JobCancelled, QueueFull, QueueUnavailable, ServiceError
 from llmq.shared.liveness import Liveness, out_of_band
 from llmq.shared.lua import Registered
+from llmq.shared.picking import Picking
 from llmq.shared.readings import Readings
 from llmq.shared.records import JobRecords
 from llmq.shared.scripts import AdmitStatus, CancelResult
@@ -94,7 +95,7 @@ class TenantLimits:
     rpm: int = 0
 
 
-class Store(Liveness):
+class Store(Liveness, Picking):
     """Typed access to the Redis contract; one per process, sharing a connection pool."""
 
     def __init__(
@@ -134,6 +135,7 @@ class Store(Liveness):
         messages: str = "",
         idempotency: tuple[str, str] | None = None,
         queue: QueueTerms | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> AdmitResult:
         """Admit and enqueue in one atomic step: nothing is ever half-enqueued.
 
@@ -147,7 +149,8 @@ class Store(Liveness):
         body digest) of an Idempotency-Key: when the key names an earlier job, nothing is
         admitted and the answer is IDEMPOTENT with that job (``prior``). ``queue``: the
         model's slots, the wait a job may not exceed (WAIT beyond it) and whether a full
-        queue gives a place to a key holding fewer (``scripts.queue``).
+        queue gives a place to a key holding fewer (``scripts.queue``). ``prefix``: the
+        job's prefix signature (``shared.prefix``), for cache-aware pickup.
         """
         t = tenant or TenantLimits()
         q = queue or QueueTerms()
@@ -173,6 +176,7 @@ class Store(Liveness):
                 "idem": keys.idem_key(spec.tenant, idempotency[0] if idempotency else ""),
                 "stored_index": keys.tenant_stored_key(spec.tenant),
                 "service": keys.model_service_key(spec.model),
+                "prefix": keys.prefix_key(spec.id),
             },
             args={
                 "limit": limit,
@@ -199,6 +203,7 @@ class Store(Liveness):
                 "displaced_event": _DISPLACED_EVENT,
                 "displaced_outcome": p.outcome_record(p.Outcome.DISPLACED),
                 "outcome_ttl_ms": _OUTCOME_TTL_MS,
+                "prefix_hashes": " ".join(prefix),
             },
             rest=_flat(_record_fields(record, messages)),
         )
@@ -254,6 +259,7 @@ class Store(Liveness):
                 "outcome": keys.outcome_key(spec.id),
                 "stored": keys.stored_key(spec.id),
                 "log": keys.log_key(spec.id),
+                "prefix": keys.prefix_key(spec.id),
             },
             args={
                 "job_id": spec.id,
@@ -271,34 +277,6 @@ class Store(Liveness):
         return CancelResult(int(result)) is CancelResult.NEVER_RAN
 
     # -- worker side -------------------------------------------------------------------
-    async def pick_jobs(
-        self, models: tuple[str, ...], limit: int, in_progress_s: float, worker_id: str = ""
-    ) -> list[tuple[str, int]]:
-        """Up to ``limit`` waiting jobs for ``models`` to start now, each claimed (arq's
-        in-progress key, for ``in_progress_s``): highest band first; within a band the model
-        served least recently, then its tenant served least recently (fair queuing); see
-        ``scripts.PICK``. Each is a claim of ``worker_id`` until it starts. Returns (id,
-        queue score)."""
-        if not models:
-            return []
-        flat: list[Any] = await self._pick(
-            keys={
-                "queue": keys.QUEUE,
-                "served": keys.BAND_SERVED,
-                "models_served": keys.MODELS_SERVED,
-                "claims": keys.worker_claims_key(worker_id),
-            },
-            args={
-                "in_progress_prefix": keys.IN_PROGRESS_PREFIX,
-                "job_prefix": keys.job_key(""),
-                "model_prefix": keys.MODEL_PREFIX,
-                "limit": limit,
-                "claim_ms": max(1, int(in_progress_s * 1000)),
-            },
-            rest=models,
-        )
-        return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
-
     async def mark_started(self, spec: p.JobSpec, worker_id: str, hold_s: float) -> None:
         await self._start(
             keys={

@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 from llmq.shared import keys, protocol
 from llmq.shared.batches import BatchStore
 from llmq.shared.connect import redis_pool
+from llmq.shared.picking import Affinity
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
 from llmq.worker.arq_worker import WakeableWorker, seam_problems
@@ -55,6 +56,11 @@ def build_worker(
             api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None,
         ),
         metrics=metrics,
+        affinity=Affinity(
+            settings.affinity_max_wait_ms, settings.affinity_record_max, settings.affinity_ttl_s
+        )
+        if settings.prefix_affinity
+        else None,
     )
     grace = settings.request_timeout_s + settings.orphan_grace_s
     return WakeableWorker(

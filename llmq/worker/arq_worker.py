@@ -158,6 +158,7 @@ class WakeableWorker(Worker):
         self._redis_failures = 0
         self.feeder = BatchFeeder(runtime)
         self._claims_checked = 0.0
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         self._wake_event.set()
@@ -220,16 +221,40 @@ class WakeableWorker(Worker):
         batch fills a model's idle capacity while interactive jobs, in higher bands, keep
         the first claim on every slot that frees."""
         rt = self.runtime
-        wid = rt.settings.worker_id
-        picked = await rt.store.pick_jobs(rt.models, free, self.in_progress_timeout_s, wid)
-        await self._start_claimed(picked)
-        idle = free - len(picked)
+        picked = await self._pick(free)
+        idle = free - picked
         for _ in range(_FEED_ROUNDS):
             if idle <= 0 or not rt.engine_ready or not await self.feeder.fill(idle):
                 return
-            picked = await rt.store.pick_jobs(rt.models, idle, self.in_progress_timeout_s, wid)
-            await self._start_claimed(picked)
-            idle -= len(picked)
+            idle -= await self._pick(idle)
+
+    async def _pick(self, limit: int) -> int:
+        """Claim and start up to ``limit`` waiting jobs (cache-aware with PREFIX_AFFINITY);
+        when the pick left jobs for warmer workers, look again once their wait runs out.
+        Returns how many started."""
+        rt = self.runtime
+        result = await rt.store.pick(
+            rt.models, limit, self.in_progress_timeout_s, rt.settings.worker_id, rt.affinity
+        )
+        for job in result.jobs:
+            if rt.affinity:
+                rt.metrics.affinity.labels(job.affinity).inc()
+            if job.left_ms >= 0:
+                rt.metrics.affinity_wait.observe(job.left_ms / 1000)
+        if result.retry_ms >= 0:
+            self._look_again(result.retry_ms / 1000)
+        await self._start_claimed([(job.id, job.score) for job in result.jobs])
+        return len(result.jobs)
+
+    def _look_again(self, delay_s: float) -> None:
+        """Wake the loop in ``delay_s`` (the earliest, when several are asked for)."""
+        when = self.loop.time() + delay_s
+        timer = self._retry_timer
+        if timer is not None and not timer.cancelled() and self.loop.time() < timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._retry_timer = self.loop.call_at(when, self.wake)
 
     async def _start_claimed(self, picked: list[tuple[str, int]]) -> None:
         """arq's ``start_jobs`` for jobs the pick script already claimed: the same slot

@@ -11,6 +11,7 @@ from llmq.shared.protocol import Outcome
 # from the start (worker_lost is the reaper's: the job's worker is gone; displaced, the
 # admit script's).
 OUTCOMES = tuple(o.value for o in Outcome if o not in (Outcome.WORKER_LOST, Outcome.DISPLACED))
+AFFINITY_RESULTS = ("hit", "miss", "cold")
 _RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0)
 
 
@@ -73,6 +74,21 @@ class WorkerMetrics:
             buckets=_RATE_BUCKETS,
             registry=r,
         )
+        self.affinity = Counter(
+            "worker_affinity_picks",
+            "Jobs picked, by cache affinity: hit (this engine held the deepest prefix known), "
+            "miss (another live worker's held more), cold (none held any)",
+            ["result"],
+            registry=r,
+        )
+        self.affinity_wait = Histogram(
+            "worker_affinity_wait_seconds",
+            "Jobs left for a warmer worker: from the first time a pick left one to its pickup",
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        for result in AFFINITY_RESULTS:
+            self.affinity.labels(result)
         for outcome in OUTCOMES:
             self.jobs.labels(outcome)
         for result in ("completed", "failed"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmq.shared.batches import BatchStore
+from llmq.shared.picking import Affinity
 from llmq.shared.protocol import JobSpec, ModelCard
 from llmq.shared.settings import Settings
 from llmq.shared.store import Store
@@ -40,6 +41,7 @@ class Runtime:
     max_model_len: int = 0  # the engine's context length, as /v1/models says
     engine_ready: bool = False
     auto_tools: bool | None = None  # the engine takes tool_choice "auto" (None: not known)
+    affinity: Affinity | None = None  # cache-aware pickup's terms (None: PREFIX_AFFINITY off)
     # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
     unreleased: dict[str, JobSpec] = field(default_factory=dict)
     # Jobs that reached this worker's job function (the engine may have seen them): never

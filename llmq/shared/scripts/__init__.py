@@ -1,6 +1,6 @@
 """Every Lua script of the service, in this package: each step that touches several keys
-atomically. ``jobs`` (a job's life), ``workers`` (pick, heartbeat, reaper, queue readings),
-``batches`` (a batch's).
+atomically. ``jobs`` (a job's life), ``pick`` (fair, then cache-aware), ``workers``
+(heartbeat, reaper, queue readings), ``batches`` (a batch's).
 
 Each is a ``lua.Script``: its KEYS and ARGV are named in its first lines and passed by name
 (``Store``, ``BatchStore`` and ``JobRecords`` are the callers); key prefixes and suffixes,
@@ -24,12 +24,12 @@ from llmq.shared.scripts.jobs import (
     AdmitStatus,
     CancelResult,
 )
+from llmq.shared.scripts.pick import PICK
 from llmq.shared.scripts.queue import POSITION
 from llmq.shared.scripts.workers import (
     DEPTH,
     HEARTBEAT,
     LIVE_WORKERS,
-    PICK,
     QUEUE_DEPTH,
     REAP,
     REQUEUE,

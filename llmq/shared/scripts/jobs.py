@@ -45,6 +45,7 @@ PAYLOAD_SLACK_MS = 10_000
 # whole but lets later ones through, so a full Redis refuses admissions (503) with nothing
 # written. Expired places are not counted, and removed after the ZADDs. A stored job's
 # record (``record``: field/value pairs) is written with it and indexed for its tenant;
+# its prefix signature (``prefix_hashes``, "": none) lives as long as its payload;
 # index entries older than ``index_horizon_ms`` name records that are gone.
 #
 # The queue (``scripts.queue``): at the bound with ``displace`` "1" (queue mode), the key
@@ -113,6 +114,10 @@ redis.call('SET', job, payload, 'PX', expire_ms)
 redis.call('ZADD', queue, score_ms, job_id)
 redis.call('ZADD', band_queue, score_ms, job_id)
 redis.call('ZADD', band_index, 'NX', 0, tenant)
+if prefix_hashes ~= '' then
+  redis.call('HSET', prefix, 'h', prefix_hashes)
+  redis.call('PEXPIRE', prefix, expire_ms)
+end
 local ttl = tonumber(store_ttl_ms)
 if ttl > 0 then
   redis.call('HSET', stored, unpack(record))
@@ -141,7 +146,7 @@ local function displace_newest(key)
         redis.call('ZREM', queue, id)
         redis.call('ZREM', admitted, id)
         redis.call('ZREM', TENANT_PREFIX .. key .. TENANT_ADMITTED_SUFFIX, id)
-        redis.call('DEL', JOB_PREFIX .. id)
+        redis.call('DEL', JOB_PREFIX .. id, PREFIX_PREFIX .. id)
         redis.call('SET', OUTCOME_PREFIX .. id, displaced_outcome, 'PX', outcome_ttl_ms)
         local stored_id = STORED_PREFIX .. id
         if redis.call('HGET', stored_id, 'status') == QUEUED then
@@ -161,18 +166,19 @@ end
 
 ADMIT = Script(
     keys=("admitted", "queue", "job", "tenant_admitted", "rpm_bucket", "tpm_bucket",
-          "band_index", "band_queue", "stored", "idem", "stored_index", "service"),
+          "band_index", "band_queue", "stored", "idem", "stored_index", "service", "prefix"),
     args=("limit", "hold_ms", "payload", "expire_ms", "job_id", "score_ms", "wake",
           "wake_message", "tenant", "max_concurrent", "rpm", "tpm", "cost", "store_ttl_ms",
           "idem_value", "index_horizon_ms", "capacity", "timeout_ms", "bands_prefix", "band",
-          "displace", "displaced_event", "displaced_outcome", "outcome_ttl_ms"),
+          "displace", "displaced_event", "displaced_outcome", "outcome_ttl_ms", "prefix_hashes"),
     rest="record",
     consts={**{s.name: s.value for s in AdmitStatus}, **QUEUE_CONSTS, **_STORED,
             "FAILED": StoredStatus.FAILED.value, "JOB_PREFIX": keys.job_key(""),
             "IN_PROGRESS_PREFIX": keys.IN_PROGRESS_PREFIX, "TENANT_PREFIX": keys.TENANT_PREFIX,
             "TENANT_ADMITTED_SUFFIX": keys.TENANT_ADMITTED_SUFFIX,
             "OUTCOME_PREFIX": keys.OUTCOME_PREFIX, "EVENTS_PREFIX": keys.EVENTS_PREFIX,
-            "STORED_PREFIX": keys.STORED_PREFIX, "LOG_PREFIX": keys.LOG_PREFIX},
+            "STORED_PREFIX": keys.STORED_PREFIX, "LOG_PREFIX": keys.LOG_PREFIX,
+            "PREFIX_PREFIX": keys.PREFIX_PREFIX},
     bucket=True,
     body=QUEUE_LUA + _DISPLACE_LUA + _ADMIT_BODY,
 )  # fmt: skip
@@ -182,13 +188,13 @@ ADMIT = Script(
 # abort requested (its worker ends it), or left alone when ``queued_only`` is "1".
 CANCEL = Script(
     keys=("admitted", "queue", "job", "in_progress", "abort", "tenant_admitted", "band_queue",
-          "outcome", "stored", "log"),
+          "outcome", "stored", "log", "prefix"),
     args=("job_id", "now_ms", "wake", "outcome_record", "outcome_ttl_ms", "events",
           "error_event", "new_status", "store_ttl_ms", "queued_only"),
     consts={**{r.name: r.value for r in CancelResult}, **_STORED},
     body="""
 if redis.call('EXISTS', in_progress) == 0 then
-  redis.call('DEL', job)
+  redis.call('DEL', job, prefix)
   redis.call('ZREM', queue, job_id)
   redis.call('ZREM', admitted, job_id)
   redis.call('ZREM', tenant_admitted, job_id)

@@ -1,5 +1,5 @@
-"""The workers' scripts: pick (fair, by band), heartbeat, the reaper of dead workers, and
-the readings of the queue."""
+"""The workers' scripts: heartbeat, the reaper of dead workers, and the readings of the
+queue (the pick is ``scripts.pick``'s)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from llmq.shared import keys
 from llmq.shared.lua import Script
 from llmq.shared.protocol import BANDS, StoredStatus
 
-# Workers whose heartbeat expired are dead: each job they had started loses its places,
+# Workers whose heartbeat expired are dead (their records of cached prefixes go with them):
+# each job they had started loses its places,
 # queue entry, in-progress marker and payload (it never runs again: at most once), gets the
 # outcome record ``outcome_record``, and its client is told (``error_event``, out of band;
 # logged too for a stored job, whose status becomes failed). A batch request's error line is
@@ -20,7 +21,7 @@ REAP = Script(
           "job_prefix", "in_progress_prefix",
           "events_prefix", "error_event", "tenant_prefix", "outcome_prefix", "outcome_record",
           "outcome_ttl_ms", "stored_prefix", "log_prefix", "store_ttl_ms", "batch_job_prefix",
-          "batch_prefix", "failure_line"),
+          "batch_prefix", "failure_line", "worker_prefixes_prefix"),
     consts={
         "TENANT_ADMITTED": keys.TENANT_ADMITTED_SUFFIX,
         "MODEL_ADMITTED": keys.ADMITTED_PART,
@@ -74,77 +75,14 @@ for _, w in ipairs(dead) do
     end
     jobs = jobs + 1
   end
-  redis.call('DEL', records, worker_claims_prefix .. w, worker_prefix .. w)
+  redis.call('DEL', records, worker_claims_prefix .. w, worker_prefix .. w,
+             worker_prefixes_prefix .. w)
   redis.call('ZREM', workers, w)
 end
 table.insert(dead, jobs)
 return dead
 """,
 )  # fmt: skip
-
-# Up to ``limit`` waiting jobs to start, for the worker's ``models``: the highest band with a
-# waiting job first; within a band, the model served least recently (llmq:models:served), so
-# a worker serving several models shares its slots among them; within the model, the tenant
-# served least recently (scores are a counter, ``served``, so ties cannot happen; a tenant
-# that just got work queued counts as never served: score 0), that tenant's oldest job. Jobs
-# that expired, already run or left the queue are dropped on the way. Each job returned is
-# claimed in the same step (arq's in-progress key, for ``claim_ms``, as arq's start_jobs
-# would set it in four round trips of its own) and recorded in the worker's ``claims`` until
-# it starts (REQUEUE returns a claim whose start never came). Returns {id, queue score, id,
-# queue score, ...}. (The queue score is the gateway's enqueue time: unlike arq, never
-# compared with now, as nothing here is deferred and the gateway's clock may be ahead of the
-# worker's; a job dropped for that was lost.)
-PICK = Script(
-    keys=("queue", "served", "models_served", "claims"),
-    args=("in_progress_prefix", "job_prefix", "model_prefix", "limit", "claim_ms"),
-    rest="models",
-    consts={"SEP": keys.BAND_QUEUE_SEP, "BAND_PART": keys.BAND_PART, "BANDS": BANDS},
-    clock=True,
-    body="""
-local out = {}
-local want = tonumber(limit) * 2
-for _, band in ipairs(BANDS) do
-  local waiting = {}
-  for _, m in ipairs(models) do
-    local index = model_prefix .. m .. BAND_PART .. band
-    if redis.call('EXISTS', index) == 1 then table.insert(waiting, {m, index}) end
-  end
-  while #out < want and #waiting > 0 do
-    local best, best_score = 1, nil
-    for i, w in ipairs(waiting) do
-      local s = tonumber(redis.call('ZSCORE', models_served, w[1])) or 0
-      if best_score == nil or s < best_score then best, best_score = i, s end
-    end
-    local model, index = waiting[best][1], waiting[best][2]
-    local first = redis.call('ZRANGE', index, 0, 0)
-    if #first > 0 then
-      local tenant = first[1]
-      local tenant_queue = index .. SEP .. tenant
-      local head = redis.call('ZRANGE', tenant_queue, 0, 0)
-      if #head > 0 then
-        local id = head[1]
-        redis.call('ZREM', tenant_queue, id)
-        local score = tonumber(redis.call('ZSCORE', queue, id))
-        if score and redis.call('EXISTS', job_prefix .. id) == 1
-            and redis.call('EXISTS', in_progress_prefix .. id) == 0 then
-          redis.call('PSETEX', in_progress_prefix .. id, claim_ms, '1')
-          redis.call('HSET', claims, id, cjson.encode({tenant, model, band, score, now}))
-          table.insert(out, id)
-          table.insert(out, score)
-          local tick = redis.call('INCR', served)
-          redis.call('ZADD', index, 'XX', tick, tenant)
-          redis.call('ZADD', models_served, tick, model)
-        end
-      end
-      if redis.call('ZCARD', tenant_queue) == 0 then redis.call('ZREM', index, tenant) end
-    end
-    if redis.call('EXISTS', index) == 0 then table.remove(waiting, best) end
-  end
-  if #out >= want then break end
-end
-return out
-""",
-)
 
 # A worker's claims older than ``min_age_ms`` whose job it is not running (``running``: the
 # ids it holds) never started: a pick whose reply was lost (Redis failed over or dropped

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from arq.worker import Worker
 
+from llmq.shared.picking import Affinity, PickResult
 from llmq.shared.settings import Settings
 from llmq.worker import arq_worker
 from llmq.worker.app import build_worker
@@ -112,11 +113,15 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
 ) -> None:
     picked: list[int] = []
 
-    async def pick_jobs(
-        models: tuple[str, ...], limit: int, in_progress_s: float, worker_id: str = ""
-    ) -> list[tuple[str, int]]:
+    async def pick(
+        models: tuple[str, ...],
+        limit: int,
+        in_progress_s: float,
+        worker_id: str = "",
+        affinity: Affinity | None = None,
+    ) -> PickResult:
         picked.append(limit)
-        return []
+        return PickResult()
 
     async def nothing() -> None:
         return None
@@ -124,7 +129,7 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
     async def no_claims(worker_id: str, running: list[str], min_age_s: float) -> int:
         return 0
 
-    monkeypatch.setattr(worker.runtime.store, "pick_jobs", pick_jobs)
+    monkeypatch.setattr(worker.runtime.store, "pick", pick)
     monkeypatch.setattr(worker.runtime.store, "requeue_claims", no_claims)
     monkeypatch.setattr(worker, "_cancel_aborted_jobs", nothing)
     monkeypatch.setattr(worker, "heart_beat", nothing)

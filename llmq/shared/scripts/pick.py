@@ -1,0 +1,250 @@
+"""The pick: which waiting jobs a worker starts in its free slots, fair first, then warm.
+
+Fairness decides first, as it always did: the highest band with a waiting job; within a
+band, the model served least recently (llmq:models:served), so a worker serving several
+models shares its slots among them; within the model, the API key (tenant) served least
+recently (scores are a counter, ``served``, so ties cannot happen; a key that just got work
+queued counts as never served: score 0). That key's queue is where the job comes from.
+
+Cache-aware pickup (``affinity`` "1") then chooses among that key's oldest ``window`` jobs,
+by their prefix signatures (``shared.prefix``, in ``llmq:prefix:<id>``) and the workers'
+records of what their engines hold (``llmq:worker-prefixes:<id>``, found through the index
+``llmq:prefix-owners``):
+
+- A job whose prefix another live worker with a free slot holds deeper than this one is
+  *left* to it: that worker was woken for it too and takes it in a moment. It is left for at
+  most ``max_wait_ms`` from the first time a pick left it (``p`` in its prefix hash); after
+  that, any worker takes it. The reply's first number is when the earliest left job's wait
+  runs out (ms, -1: none left), so the worker looks again then.
+- Among the jobs not left, the oldest is taken, unless a later one's prefix is held deeper
+  here and the older ones can go at once to another live worker's free slot and have not
+  been passed over for ``max_wait_ms`` yet: then the later one is taken (and the older ones'
+  wait starts).
+
+So a job waits for affinity only while a free slot elsewhere is ready for it, at most
+``max_wait_ms`` in all; when every slot is busy the oldest job goes first, as without
+affinity. When a key's window holds only left jobs, the pick moves to the next key.
+
+A job taken is claimed in the same step (arq's in-progress key, for ``claim_ms``, as arq's
+start_jobs would set it in four round trips of its own) and recorded in the worker's
+``claims`` until it starts (REQUEUE returns a claim whose start never came); its prefix
+hashes join this worker's record (score now; older than ``record_ttl_ms`` or beyond
+``record_max`` entries dropped) and the index (bounded by ``index_max``), and its prefix
+hash is deleted. Jobs that expired, already run or left the queue are dropped on the way.
+
+Returns {retry ms, then per job: id, queue score, depth held here, deepest held by a live
+worker, ms it was left (-1: never)}. (The queue score is the gateway's enqueue time: unlike
+arq, never compared with now, as nothing here is deferred and the gateway's clock may be
+ahead of the worker's; a job dropped for that was lost.)
+"""
+
+from __future__ import annotations
+
+from llmq.shared import keys
+from llmq.shared.lua import Script
+from llmq.shared.protocol import BANDS
+
+_HELPERS = """
+local taken, want = 0, tonumber(limit)
+local aff, max_wait = affinity == '1', tonumber(max_wait_ms)
+local floor = now - tonumber(record_ttl_ms)
+local retry = -1
+local alive, free, serves, others = {}, {}, {}, {}
+
+local function live(w)
+  if alive[w] == nil then alive[w] = (tonumber(redis.call('ZSCORE', workers, w)) or 0) > now end
+  return alive[w]
+end
+
+-- free slots of worker w for model (0 unless live, ready and serving it)
+local function free_slots(w, model)
+  if free[w] == nil then
+    free[w] = 0
+    if live(w) then
+      local h = redis.call('HMGET', worker_prefix .. w, 'max_active', 'engine_ready', 'models')
+      if h[2] == '1' then
+        free[w] = (tonumber(h[1]) or 0) - redis.call('HLEN', worker_jobs_prefix .. w)
+                  - redis.call('HLEN', worker_claims_prefix .. w)
+        local ok, ms = pcall(cjson.decode, h[3] or '[]')
+        serves[w] = {}
+        if ok and type(ms) == 'table' then for _, m in ipairs(ms) do serves[w][m] = true end end
+      end
+    end
+  end
+  if free[w] > 0 and serves[w][model] then return free[w] end
+  return 0
+end
+
+local function others_free(model)
+  if others[model] == nil then
+    others[model] = false
+    for _, w in ipairs(redis.call('ZRANGEBYSCORE', workers, '(' .. now, '+inf')) do
+      if w ~= worker_id and free_slots(w, model) > 0 then others[model] = true break end
+    end
+  end
+  return others[model]
+end
+
+-- a candidate: its prefix hashes, the depth this worker holds, the deepest a live worker
+-- holds, whether a live worker with a free slot holds it deeper than this one
+local function look(id, model)
+  local c = {id = id, own = 0, best = 0, warm = false}
+  if not aff then return c end
+  local raw = redis.call('HMGET', prefix_prefix .. id, 'h', 'p')
+  if not raw[1] then return c end
+  local hs = {}
+  for h in string.gmatch(raw[1], '%S+') do table.insert(hs, h) end
+  if #hs == 0 then return c end
+  c.hs, c.p = hs, tonumber(raw[2])
+  local mine = redis.call('ZMSCORE', records, unpack(hs))
+  for i = #hs, 1, -1 do
+    if mine[i] and tonumber(mine[i]) >= floor then c.own = i break end
+  end
+  c.best = c.own
+  local owner = redis.call('HMGET', owners, unpack(hs))
+  for i = #hs, c.own + 1, -1 do
+    local w = owner[i]
+    if w and w ~= worker_id and live(w) then
+      local s = tonumber(redis.call('ZSCORE', records_prefix .. w, hs[i]))
+      if s and s >= floor then
+        if c.best < i then c.best = i end
+        if free_slots(w, model) > 0 then c.warm = true break end
+      end
+    end
+  end
+  return c
+end
+
+local function may_wait(c) return c.p == nil or now - c.p < max_wait end
+
+-- c is left to another worker (or passed over for one): its wait starts now, once
+local function hold(c)
+  if c.p == nil then
+    c.p = now
+    redis.call('HSET', prefix_prefix .. c.id, 'p', now)
+  end
+  local left = max_wait - (now - c.p)
+  if retry < 0 or left < retry then retry = left end
+end
+
+-- the job to take from a key's queue, and how many of its window were left to others
+local function choose(tenant_queue, model)
+  local last = 0
+  if aff then last = tonumber(window) - 1 end
+  local cands, held = {}, 0
+  for _, id in ipairs(redis.call('ZRANGE', tenant_queue, 0, last)) do
+    local score = tonumber(redis.call('ZSCORE', queue, id))
+    if score and redis.call('EXISTS', job_prefix .. id) == 1
+        and redis.call('EXISTS', in_progress_prefix .. id) == 0 then
+      local c = look(id, model)
+      c.score = score
+      if c.warm and may_wait(c) then
+        hold(c)
+        held = held + 1
+      else
+        table.insert(cands, c)
+      end
+    else
+      redis.call('ZREM', tenant_queue, id)  -- expired, ran, or left the queue
+    end
+  end
+  if #cands == 0 then return nil, held end
+  local at = 1
+  for i = 2, #cands do
+    if cands[i].own > cands[at].own and others_free(model) then
+      local ok = true
+      for j = 1, i - 1 do if not may_wait(cands[j]) then ok = false end end
+      if ok then at = i end
+    end
+  end
+  for j = 1, at - 1 do hold(cands[j]) end
+  return cands[at], held
+end
+
+-- what this worker's engine now holds: the job's prefix hashes
+local function record(c)
+  if not c.hs then return end
+  local scored, owned = {}, {}
+  for _, h in ipairs(c.hs) do
+    table.insert(scored, now)
+    table.insert(scored, h)
+    table.insert(owned, h)
+    table.insert(owned, worker_id)
+  end
+  redis.call('ZADD', records, unpack(scored))
+  redis.call('ZREMRANGEBYSCORE', records, '-inf', '(' .. floor)
+  local excess = redis.call('ZCARD', records) - tonumber(record_max)
+  if excess > 0 then redis.call('ZREMRANGEBYRANK', records, 0, excess - 1) end
+  redis.call('PEXPIRE', records, record_ttl_ms)
+  redis.call('HSET', owners, unpack(owned))
+  redis.call('ZADD', seen, unpack(scored))
+  local over = redis.call('ZCARD', seen) - tonumber(index_max)
+  if over > 0 and over * 16 >= tonumber(index_max) then  -- trimmed in batches
+    redis.call('HDEL', owners, unpack(redis.call('ZRANGE', seen, 0, over - 1)))
+    redis.call('ZREMRANGEBYRANK', seen, 0, over - 1)
+  end
+end
+"""
+
+_BODY = """
+local out = {0}
+local skipped, nskipped = {}, {}
+for _, band in ipairs(BANDS) do
+  local waiting = {}
+  for _, m in ipairs(models) do
+    local index = model_prefix .. m .. BAND_PART .. band
+    if redis.call('EXISTS', index) == 1 then table.insert(waiting, {m, index}) end
+  end
+  while taken < want and #waiting > 0 do
+    local best, best_score = 1, nil
+    for i, w in ipairs(waiting) do
+      local s = tonumber(redis.call('ZSCORE', models_served, w[1])) or 0
+      if best_score == nil or s < best_score then best, best_score = i, s end
+    end
+    local model, index = waiting[best][1], waiting[best][2]
+    local tenant = nil
+    for _, t in ipairs(redis.call('ZRANGE', index, 0, nskipped[index] or 0)) do
+      if not skipped[index .. SEP .. t] then tenant = t break end
+    end
+    if tenant then
+      local tenant_queue = index .. SEP .. tenant
+      local c, held = choose(tenant_queue, model)
+      if c then
+        local id = c.id
+        redis.call('ZREM', tenant_queue, id)
+        redis.call('PSETEX', in_progress_prefix .. id, claim_ms, '1')
+        redis.call('HSET', claims, id, cjson.encode({tenant, model, band, c.score, now}))
+        record(c)
+        redis.call('DEL', prefix_prefix .. id)
+        local left = -1
+        if c.p then left = now - c.p end
+        for _, v in ipairs({id, c.score, c.own, c.best, left}) do table.insert(out, v) end
+        taken = taken + 1
+        local tick = redis.call('INCR', served)
+        redis.call('ZADD', index, 'XX', tick, tenant)
+        redis.call('ZADD', models_served, tick, model)
+      elseif held > 0 then  -- its window is left to warmer workers: the next key
+        skipped[tenant_queue] = true
+        nskipped[index] = (nskipped[index] or 0) + 1
+      end
+      if redis.call('ZCARD', tenant_queue) == 0 then redis.call('ZREM', index, tenant) end
+    end
+    if tenant == nil or redis.call('EXISTS', index) == 0 then table.remove(waiting, best) end
+  end
+  if taken >= want then break end
+end
+out[1] = retry
+return out
+"""
+
+PICK = Script(
+    keys=("queue", "served", "models_served", "claims", "workers", "records", "owners", "seen"),
+    args=("in_progress_prefix", "job_prefix", "model_prefix", "limit", "claim_ms", "worker_id",
+          "affinity", "max_wait_ms", "window", "record_max", "record_ttl_ms", "index_max",
+          "prefix_prefix", "worker_prefix", "worker_jobs_prefix", "worker_claims_prefix",
+          "records_prefix"),
+    rest="models",
+    consts={"SEP": keys.BAND_QUEUE_SEP, "BAND_PART": keys.BAND_PART, "BANDS": BANDS},
+    clock=True,
+    body=_HELPERS + _BODY,
+)  # fmt: skip
