@@ -19,6 +19,12 @@ test polls for "held" instead of sleeping. A release or fail that comes first is
 later hold of that name passes (or fails) at once. ``POST /sim/reset`` forgets them.
 ``{"sim": {"tag": "x"}}`` records "x" in ``tags`` of ``/sim/stats``, in the order requests
 reached the engine (what the priority and fairness tests read).
+
+``--prefix-cache-tokens N`` gives the engine a prefix cache (``bench.prefix_cache``: an LRU
+of prompt blocks, answers included) and ``--prefill-us-per-token`` the time each prompt token
+it does not hold adds to the first token; ``/sim/stats`` and ``/metrics`` count the tokens
+looked up and found (``prefix_queries``, ``prefix_hits``; vLLM's
+``vllm:prefix_cache_queries_total`` / ``vllm:prefix_cache_hits_total``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import uvicorn
@@ -38,6 +44,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from bench.prefix_cache import PrefixCache, prompt_blocks, with_answer
+from bench.sim_holds import DroppedStream, Holds
 
 
 @dataclass
@@ -51,6 +60,10 @@ class SimConfig:
     fail_rate: float = 0.0
     fail_status: int = 500
     auto_tools: bool = True  # False: refuse tool_choice "auto" as vLLM without a parser does
+    # The prefix cache (bench.prefix_cache): 0 tokens, none. Each prompt token it does not
+    # hold adds prefill_us_per_token to the time to first token.
+    prefix_cache_tokens: int = 0
+    prefill_us_per_token: float = 0.0
 
 
 @dataclass
@@ -64,41 +77,8 @@ class SimStats:
     probes: int = 0  # the worker's capability probes (PROBE_HEADER), not in ``requests``
     by_model: dict[str, int] = field(default_factory=dict)  # requests per model asked for
     not_found: int = 0  # requests for a model this engine does not serve (answered 404)
-
-
-class DroppedStream(Exception):
-    """Raised inside a stream to cut the connection mid-way (fault injection)."""
-
-
-class Holds:
-    """Named gates: ``wait(name)`` blocks until ``release(name)`` or ``fail(name)``."""
-
-    def __init__(self) -> None:
-        self._gates: dict[str, asyncio.Event] = {}
-        self._failed: set[str] = set()
-        self.held: dict[str, int] = {}
-
-    def _gate(self, name: str) -> asyncio.Event:
-        return self._gates.setdefault(name, asyncio.Event())
-
-    async def wait(self, name: str) -> None:
-        """Returns when released; raises DroppedStream when failed."""
-        self.held[name] = self.held.get(name, 0) + 1
-        try:
-            await self._gate(name).wait()
-        finally:
-            self.held[name] -= 1
-            if not self.held[name]:
-                del self.held[name]
-        if name in self._failed:
-            raise DroppedStream(name)
-
-    def release(self, name: str) -> None:
-        self._gate(name).set()
-
-    def fail(self, name: str) -> None:
-        self._failed.add(name)
-        self._gate(name).set()
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache (as vLLM counts)
+    prefix_hits: int = 0  # of those, found cached
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -142,6 +122,7 @@ class Simulator:
         self.holds = Holds()
         # The "tag" knob of each request, in the order they reached the engine (bounded).
         self.tags: collections.deque[str] = collections.deque(maxlen=10_000)
+        self.cache = PrefixCache(config.prefix_cache_tokens)
 
     def _serves(self, model: str, *, probe: bool) -> bool:
         """Whether this engine serves ``model``; counted per model (probes apart)."""
@@ -202,15 +183,44 @@ class Simulator:
             return _error(int(k["fail_status"] or self.config.fail_status), message)
         if k["hang"]:
             await asyncio.sleep(3600)
+        chain = self._prefill(k, messages, body.get("tools"))
         rid = f"chatcmpl-sim{self.stats.requests}@{k['model']}"  # the model after "@"
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                self._stream(rid, k, prompt, usage), media_type="text/event-stream"
+                self._stream(rid, k, prompt, usage, chain), media_type="text/event-stream"
             )
-        return await self._complete(rid, k, prompt)
+        return await self._complete(rid, k, prompt, chain)
 
-    async def _complete(self, rid: str, k: dict[str, Any], prompt: int) -> Response:
+    def _prefill(
+        self, k: dict[str, Any], messages: list[dict[str, Any]], tools: Any
+    ) -> list[tuple[bytes, int]]:
+        """With a prefix cache: the prompt's blocks are looked up (and cached), counted, and
+        the time to first token grows by the part not cached. Returns the blocks."""
+        c = self.config
+        if c.prefix_cache_tokens <= 0 and c.prefill_us_per_token <= 0:
+            return []
+        chain = prompt_blocks(k["model"], messages, tools)
+        hit, total = self.cache.lookup(chain)
+        self.stats.prefix_queries += total
+        self.stats.prefix_hits += hit
+        k["ttft"] += (total - hit) * c.prefill_us_per_token / 1e6
+        return chain
+
+    def _cache_answer(self, chain: list[tuple[bytes, int]], k: dict[str, Any]) -> None:
+        """The answer's blocks join the cache after the prompt's (the next turn holds it)."""
+        if not chain:
+            return
+        self.cache.insert(with_answer(chain, self.text(k)))
+
+    @staticmethod
+    def text(k: dict[str, Any]) -> str:
+        """The whole answer (what the chunks' contents add up to)."""
+        return "".join(f"{k['say']}{i} " + "x" * k["pad"] for i in range(k["tokens"]))
+
+    async def _complete(
+        self, rid: str, k: dict[str, Any], prompt: int, chain: list[tuple[bytes, int]]
+    ) -> Response:
         self.stats.running += 1
         try:
             await asyncio.sleep(k["ttft"] + k["itl"] * max(0, k["tokens"] - 1))
@@ -220,7 +230,8 @@ class Simulator:
             return _error(500, "held job failed by the test")
         finally:
             self.stats.running -= 1
-        text = "".join(f"{k['say']}{i} " for i in range(k["tokens"]))
+        text = self.text(k)
+        self._cache_answer(chain, k)
         return JSONResponse(
             {
                 "id": rid,
@@ -255,7 +266,12 @@ class Simulator:
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
     async def _stream(
-        self, rid: str, k: dict[str, Any], prompt: int, usage: bool
+        self,
+        rid: str,
+        k: dict[str, Any],
+        prompt: int,
+        usage: bool,
+        chain: list[tuple[bytes, int]],
     ) -> AsyncIterator[bytes]:
         self.stats.streams_started += 1
         self.stats.running += 1
@@ -300,6 +316,7 @@ class Simulator:
                 )
             yield b"data: [DONE]\n\n"
             self.stats.streams_completed += 1
+            self._cache_answer(chain, k)
         except (asyncio.CancelledError, GeneratorExit):
             self.stats.streams_abandoned += 1
             raise
@@ -341,8 +358,12 @@ class Simulator:
         return JSONResponse({"ok": True})
 
     async def metrics(self, request: Request) -> Response:
+        label = f'{{model_name="{self.names[0]}"}}'
+        st = self.stats
         return PlainTextResponse(
-            f'vllm:num_requests_running{{model_name="{self.names[0]}"}} {self.stats.running}\n'
+            f"vllm:num_requests_running{label} {st.running}\n"
+            f"vllm:prefix_cache_queries_total{label} {st.prefix_queries}\n"
+            f"vllm:prefix_cache_hits_total{label} {st.prefix_hits}\n"
         )
 
     async def health(self, request: Request) -> Response:
@@ -368,35 +389,20 @@ def create_app(config: SimConfig) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """One flag per SimConfig field (``--ttft-ms``, ``--prefix-cache-tokens``, ...), with its
+    default; ``--no-auto-tools`` refuses tool_choice "auto" as vLLM without a parser does."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     defaults = SimConfig()
-    ap.add_argument("--model", default=defaults.model, help="served names, comma-separated")
-    ap.add_argument("--adapters", default="", help="LoRA adapter names, comma-separated")
-    ap.add_argument("--ttft-ms", type=float, default=defaults.ttft_ms)
-    ap.add_argument("--itl-ms", type=float, default=defaults.itl_ms)
-    ap.add_argument("--tokens", type=int, default=defaults.tokens)
-    ap.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
-    ap.add_argument("--fail-rate", type=float, default=defaults.fail_rate)
-    ap.add_argument("--fail-status", type=int, default=defaults.fail_status)
-    ap.add_argument(
-        "--no-auto-tools",
-        action="store_true",
-        help='refuse tool_choice "auto" (vLLM without a parser)',
-    )
+    for f in fields(SimConfig):
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            ap.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false")
+        else:
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value)
     a = ap.parse_args(argv)
-    config = SimConfig(
-        model=a.model,
-        adapters=a.adapters,
-        ttft_ms=a.ttft_ms,
-        itl_ms=a.itl_ms,
-        tokens=a.tokens,
-        max_model_len=a.max_model_len,
-        fail_rate=a.fail_rate,
-        fail_status=a.fail_status,
-        auto_tools=not a.no_auto_tools,
-    )
+    config = SimConfig(**{f.name: getattr(a, f.name) for f in fields(SimConfig)})
     uvicorn.run(create_app(config), host=a.host, port=a.port, log_level="warning", access_log=False)
 
 
