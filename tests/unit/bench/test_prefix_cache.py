@@ -60,9 +60,8 @@ async def test_the_simulator_counts_hits_and_caches_its_answers() -> None:
         metrics = (await client.get("/metrics")).text
     cached = with_answer(prompt_blocks("sim-model", turn1, None), answer["content"])
     assert stats["prefix_hits"] == sum(n for _, n in cached)
-    assert stats["prefix_queries"] == stats["prefix_hits"] * 0 + sum(
-        n for _, n in prompt_blocks("sim-model", turn1, None)
-    ) + sum(n for _, n in prompt_blocks("sim-model", turn2, None))
+    prompts = [prompt_blocks("sim-model", t, None) for t in (turn1, turn2)]
+    assert stats["prefix_queries"] == sum(n for blocks in prompts for _, n in blocks)
     assert (
         f'vllm:prefix_cache_hits_total{{model_name="sim-model"}} {stats["prefix_hits"]}' in metrics
     )
