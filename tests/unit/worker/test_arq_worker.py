@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from arq.worker import Worker
 
-from llmq.shared.picking import Affinity, PickResult
+from llmq.shared.picking import Affinity, Picked, PickResult
 from llmq.shared.settings import Settings
 from llmq.worker import arq_worker
 from llmq.worker.app import build_worker
@@ -140,6 +140,31 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
     worker.wake()
     await asyncio.wait_for(iteration, 5)
     assert picked == [worker.max_jobs], "asks for as many jobs as there are free slots"
+
+
+async def test_a_pick_counts_affinity_and_looks_again_when_a_left_jobs_wait_runs_out(
+    worker: WakeableWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A picked job that had been left 40 ms counts as a miss and in the wait histogram;
+    the pick left another job, so the loop is woken once its wait runs out."""
+    started: list[list[tuple[str, int]]] = []
+
+    async def pick(*args: Any, **kwargs: Any) -> PickResult:
+        return PickResult([Picked("j1", 1, held=2, best=3, left_ms=40)], retry_ms=30)
+
+    async def start(picked: list[tuple[str, int]]) -> None:
+        started.append(picked)
+
+    monkeypatch.setattr(worker.runtime.store, "pick", pick)
+    monkeypatch.setattr(worker, "_start_claimed", start)
+    worker.runtime.models = ("m",)
+    worker._wake_event.clear()
+    assert await worker._pick(2) == 1
+    assert started == [[("j1", 1)]]
+    m = worker.runtime.metrics
+    assert m.affinity.labels("miss")._value.get() == 1
+    assert m.affinity_wait._sum.get() == pytest.approx(0.04)
+    await asyncio.wait_for(worker._wake_event.wait(), 5)
 
 
 def test_only_the_seam_module_subclasses_arq() -> None:
