@@ -17,13 +17,14 @@ records of what their engines hold (``llmq:worker-prefixes:<id>``, found through
   that, any worker takes it. The reply's first number is when the earliest left job's wait
   runs out (ms, -1: none left), so the worker looks again then.
 - Among the jobs not left, the oldest is taken, unless a later one's prefix is held deeper
-  here and the older ones can go at once to another live worker's free slot and have not
-  been passed over for ``max_wait_ms`` yet: then the later one is taken (and the older ones'
-  wait starts).
+  here: then that one is taken, passing over the older ones, as long as none of them was
+  first passed over (or left) ``max_wait_ms`` ago or more. Under load, when every slot is
+  busy, this is what keeps a conversation on its engine: the slot that frees takes the job
+  its engine holds, and the job passed over takes the next slot.
 
-So a job waits for affinity only while a free slot elsewhere is ready for it, at most
-``max_wait_ms`` in all; when every slot is busy the oldest job goes first, as without
-affinity. When a key's window holds only left jobs, the pick moves to the next key.
+So affinity holds a job back at most ``max_wait_ms`` from the first time a pick could have
+taken it and did not; after that it is taken by the next pick that reaches it in the fair
+order. When a key's window holds only left jobs, the pick moves to the next key.
 
 A job taken is claimed in the same step (arq's in-progress key, for ``claim_ms``, as arq's
 start_jobs would set it in four round trips of its own) and recorded in the worker's
@@ -49,7 +50,7 @@ local taken, want = 0, tonumber(limit)
 local aff, max_wait = affinity == '1', tonumber(max_wait_ms)
 local floor = now - tonumber(record_ttl_ms)
 local retry = -1
-local alive, free, serves, others = {}, {}, {}, {}
+local alive, free, serves = {}, {}, {}
 
 local function live(w)
   if alive[w] == nil then alive[w] = (tonumber(redis.call('ZSCORE', workers, w)) or 0) > now end
@@ -73,16 +74,6 @@ local function free_slots(w, model)
   end
   if free[w] > 0 and serves[w][model] then return free[w] end
   return 0
-end
-
-local function others_free(model)
-  if others[model] == nil then
-    others[model] = false
-    for _, w in ipairs(redis.call('ZRANGEBYSCORE', workers, '(' .. now, '+inf')) do
-      if w ~= worker_id and free_slots(w, model) > 0 then others[model] = true break end
-    end
-  end
-  return others[model]
 end
 
 -- a candidate: its prefix hashes, the depth this worker holds, the deepest a live worker
@@ -151,7 +142,7 @@ local function choose(tenant_queue, model)
   if #cands == 0 then return nil, held end
   local at = 1
   for i = 2, #cands do
-    if cands[i].own > cands[at].own and others_free(model) then
+    if cands[i].own > cands[at].own then
       local ok = true
       for j = 1, i - 1 do if not may_wait(cands[j]) then ok = false end end
       if ok then at = i end

@@ -102,11 +102,12 @@ async def test_a_warm_worker_without_a_free_slot_is_not_waited_for(store: Store)
     assert (job.id, job.affinity, job.left_ms) == ("t2", "miss", -1)
 
 
-async def test_a_worker_prefers_its_warm_job_when_the_older_one_has_a_free_slot_elsewhere(
+async def test_a_worker_takes_its_warm_job_before_an_older_one_for_at_most_the_wait(
     store: Store,
 ) -> None:
-    """Waiting, oldest first: c (cold) then x2 (warm on w1). With w2 free, w1's one slot
-    takes x2 and c's wait starts (w2 takes it); with no other free slot w1 takes c first."""
+    """Waiting, oldest first: c (cold) then x2 (warm on w1): w1's one slot takes x2, and c,
+    passed over, is taken next (by w2). Then w1 alone: d (cold) is passed over for x3, but
+    once d has been passed over for AFFINITY_MAX_WAIT_MS, w1 takes d before the warm x4."""
     await live(store, "w1", "w2")
     await admit(store, "x1", turns("x", 1))
     assert ids(await pick(store, "w1", limit=1)) == ["x1"]
@@ -114,15 +115,22 @@ async def test_a_worker_prefers_its_warm_job_when_the_older_one_has_a_free_slot_
     await admit(store, "x2", turns("x", 2))
     chosen = await pick(store, "w1", limit=1)
     assert ids(chosen) == ["x2"]
-    assert chosen.retry_ms > 0
+    assert chosen.retry_ms > 0, "c's wait started: w1 looks again when it runs out"
     [job] = (await pick(store, "w2", limit=1)).jobs
     assert (job.id, job.affinity) == ("c", "cold")
     assert job.left_ms >= 0
 
     await store.remove_worker("w2")  # now w1 is the only worker
+    short = Affinity(max_wait_ms=200)
     await admit(store, "d", turns("d", 1))
     await admit(store, "x3", turns("x", 3))
-    assert ids(await pick(store, "w1", limit=1)) == ["d"], "oldest first: no one else to take it"
+    started = time.monotonic()
+    assert ids(await pick(store, "w1", limit=1, terms=short)) == ["x3"]
+    await admit(store, "x4", turns("x", 4))
+    await asyncio.sleep(max(0.0, started + 0.25 - time.monotonic()))  # d's wait runs out
+    [job] = (await pick(store, "w1", limit=1, terms=short)).jobs
+    assert job.id == "d", "its wait ran out: it goes before the warm x4"
+    assert job.left_ms >= 200
 
 
 async def test_bands_and_keys_decide_before_affinity(store: Store) -> None:
