@@ -1,7 +1,7 @@
 """Cache-aware pickup, measured: growing conversations on engines with prefix caches, with
 PREFIX_AFFINITY off and then on, the same workload each time.
 
-    python -m bench.affinity [--workers 4] [--slots 8] [--conversations 32] [--turns 6]
+    python -m bench.affinity [--workers 4] [--slots 8] [--conversations 32] [--turns 8]
                              [--out var/bench/affinity.png]
 
 Per run: redis-server, ``--workers`` simulator engines (each with a prefix cache of

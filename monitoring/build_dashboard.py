@@ -148,6 +148,23 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
         ], "bool", "1 when the worker's engine answers /v1/models; 1 when every gateway and "
            "worker reached Redis on its last try", 8),
     ]),
+    ("Cache affinity", 8, [
+        ("Picks by affinity", [(rate("worker_affinity_picks_total", "result"), "{{result}}")],
+         "ops", "Jobs picked per second: hit (taken where its prompt prefix is held deepest), "
+         "miss (a live worker held more of it), cold (no worker held any)", 8),
+        ("Prefix cache hit rate", [
+            (f'sum(rate(worker_affinity_picks_total{{{GW},result="hit"}}[{RI}])) / clamp_min('
+             f'sum(rate(worker_affinity_picks_total{{{GW},result=~"hit|miss"}}[{RI}])), 1e-9)',
+             "picks on the warmest worker"),
+            (f"sum(rate(vllm:prefix_cache_hits_total[{RI}])) / "
+             f"clamp_min(sum(rate(vllm:prefix_cache_queries_total[{RI}])), 1e-9)",
+             "engine tokens found cached")], "percentunit",
+         "Share of warm picks that went to the warmest worker, and of prompt tokens the "
+         "engines found in their prefix cache (vLLM's own count)", 8),
+        ("Wait for a warm worker", pcts("worker_affinity_wait_seconds"), "s",
+         "Jobs left for (or passed over for) a warmer worker: from the first time a pick "
+         "left one to its pickup (at most AFFINITY_MAX_WAIT_MS while a slot is free)", 8),
+    ]),
     ("Batches", 8, [
         ("Batches in flight", [(f"max by (status) (api_batches{{{GW}}})", "{{status}}")],
          "short", "Batches being fed, cancelled or finalized (read from Redis)", 8),
