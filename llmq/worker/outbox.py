@@ -8,12 +8,7 @@ flight the next events gather for the next one. So:
 - at low load an event goes out at once (the flusher starts on the next loop iteration:
   no timer, no added latency);
 - under load the cost per token falls: one pipeline for many jobs, one message for several
-  deltas of a job, instead of one awaited PUBLISH per token. The busier the worker, the
-  longer the next flush lingers (``linger_s``: up to LINGER_MAX_S), so that each message
-  carries more deltas: every hop after it (Redis, the gateway's reader, its socket writes)
-  then pays once for several tokens. Clients still get one chunk per delta, a few
-  milliseconds apart at most; an *urgent* event (a job's first payload: its time to first
-  token; a last one: its slot frees only once it is out) ends the lingering at once.
+  deltas of a job, instead of one awaited PUBLISH per token.
 
 Each flush is a *generation*: ``put`` returns the future of the generation that will carry
 the event, resolved with each job's subscriber count (or the Redis error). Publishers
@@ -36,18 +31,11 @@ logger = logging.getLogger(__name__)
 
 # A job's events waiting for one flush; beyond it the job waits for that flush.
 MAX_PENDING = 256
-# After a flush that carried events of BUSY_JOBS jobs or more, the next one lingers
-# LINGER_PER_JOB_S for each job it carried, at most LINGER_MAX_S. A quiet worker (one
-# stream, a few) never waits: its flushes carry fewer jobs.
+# After a flush that carried events of BUSY_JOBS jobs or more, the next one waits LINGER_S
+# first, so that more deltas per job and more jobs share it. A quiet worker (one stream,
+# a few) never waits: its flushes carry fewer jobs.
 BUSY_JOBS = 8
-LINGER_PER_JOB_S = 0.000_15
-LINGER_MAX_S = 0.010
-
-
-def linger_s(jobs: int) -> float:
-    """How long the flush after one that carried ``jobs`` jobs waits for more events."""
-    return 0.0 if jobs < BUSY_JOBS else min(LINGER_MAX_S, jobs * LINGER_PER_JOB_S)
-
+LINGER_S = 0.002
 
 Generation = asyncio.Future[dict[str, int]]
 
@@ -59,14 +47,10 @@ class Outbox:
         self._logged: dict[str, list[tuple[int, bytes]]] = {}
         self._generation: Generation | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._lingering: asyncio.Future[None] | None = None
 
-    def put(
-        self, job_id: str, event: bytes, log_seq: int = 0, *, urgent: bool = False
-    ) -> Generation:
+    def put(self, job_id: str, event: bytes, log_seq: int = 0) -> Generation:
         """Queue one encoded event of ``job_id``; returns the flush that will carry it.
-        ``log_seq``: the event's number, to append it to the job's log (0: not logged).
-        ``urgent``: the flush goes now, even under load (no lingering)."""
+        ``log_seq``: the event's number, to append it to the job's log (0: not logged)."""
         if self._generation is None:
             self._generation = asyncio.get_running_loop().create_future()
         self._pending.setdefault(job_id, []).append(event)
@@ -74,8 +58,6 @@ class Outbox:
             self._logged.setdefault(job_id, []).append((log_seq, event))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_all())
-        elif urgent and self._lingering is not None and not self._lingering.done():
-            self._lingering.set_result(None)
         return self._generation
 
     def pending(self, job_id: str) -> int:
@@ -87,20 +69,12 @@ class Outbox:
         if self._generation is not None:
             await asyncio.wait([self._generation])
 
-    async def _linger(self, seconds: float) -> None:
-        """Wait ``seconds`` for more events, or until an urgent one comes."""
-        self._lingering = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait([self._lingering], timeout=seconds)
-        finally:
-            self._lingering = None
-
     async def _flush_all(self) -> None:
-        wait = 0.0
+        busy = False
         try:
             while self._pending:
-                if wait:  # under load: let more gather (see linger_s)
-                    await self._linger(wait)
+                if busy:  # under load: let a little more gather (see LINGER_S)
+                    await asyncio.sleep(LINGER_S)
                 batch, self._pending = self._pending, {}
                 logged, self._logged = self._logged, {}
                 generation, self._generation = self._generation, None
@@ -114,7 +88,7 @@ class Outbox:
                 else:
                     if not generation.done():
                         generation.set_result(dict(zip(batch, counts, strict=True)))
-                wait = linger_s(len(batch))
+                busy = len(batch) >= BUSY_JOBS
         finally:
             self._flusher = None
             if self._pending:  # cancelled mid-flush: the next put starts a flusher

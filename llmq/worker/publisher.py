@@ -83,12 +83,8 @@ class Publisher:
         self._raise_if_failed(terminal=kind in TERMINAL)
         self._seq += 1
         raw = data.encode() if isinstance(data, str) else data
-        # Urgent: the first payload (after STARTED, #1: its time to first token) and the last.
         generation = self._outbox.put(
-            self._job_id,
-            Event(self._seq, kind, raw).encode(),
-            self._seq if self._stored else 0,
-            urgent=self._seq == 2 or kind in TERMINAL,
+            self._job_id, Event(self._seq, kind, raw).encode(), self._seq if self._stored else 0
         )
         if generation is not self._watched:
             self._watched = generation

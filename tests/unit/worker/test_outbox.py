@@ -11,7 +11,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from llmq.shared import keys
 from llmq.shared import protocol as p
 from llmq.shared.store import Store
-from llmq.worker import outbox as outbox_module
 from llmq.worker.job import relabel
 from llmq.worker.outbox import Outbox
 from llmq.worker.publisher import ClientGone, Publisher
@@ -44,31 +43,6 @@ async def test_an_event_alone_goes_out_at_once(store: Store, fake_redis) -> None
     outbox = Outbox(store)
     generation = outbox.put("a", p.Event(1, p.EventType.CHUNK, b"x").encode())
     await asyncio.wait_for(generation, 1)
-
-
-def test_a_busier_flush_lingers_longer_up_to_a_bound() -> None:
-    assert outbox_module.linger_s(outbox_module.BUSY_JOBS - 1) == 0
-    assert 0 < outbox_module.linger_s(16) < outbox_module.linger_s(32)
-    assert outbox_module.linger_s(10_000) == outbox_module.LINGER_MAX_S
-
-
-async def test_a_lingering_flush_goes_at_once_for_an_urgent_event(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After a busy flush the next one lingers (here: a minute); a job's first payload or
-    last event ends the lingering: it and everything pending go out now."""
-    monkeypatch.setattr(outbox_module, "linger_s", lambda jobs: 60.0 if jobs >= 8 else 0.0)
-    outbox = Outbox(store)
-    busy = [outbox.put(f"j{i}", p.Event(2, p.EventType.CHUNK, b"x").encode()) for i in range(8)]
-    await asyncio.sleep(0)  # the flusher took them: their round trip is in flight
-    calm = outbox.put("j0", p.Event(3, p.EventType.CHUNK, b"x").encode())
-    await asyncio.wait_for(busy[0], 1)
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert not calm.done(), "it lingers for company"
-    urgent = outbox.put("j1", p.Event(3, p.EventType.DONE, b"{}").encode(), urgent=True)
-    assert urgent is calm, "one flush carries both"
-    await asyncio.wait_for(urgent, 1)
 
 
 async def test_terminal_events_wait_until_out_and_redis_errors_reach_the_job(store) -> None:
