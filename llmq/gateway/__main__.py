@@ -16,10 +16,10 @@ from llmq.shared.settings import load_settings
 def main() -> None:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
-    # Refuse to run on a uvicorn or sse-starlette whose overridden members changed (names
-    # and signatures; the unit tests also compare their source).
+    # Refuse to run on a uvicorn whose overridden members changed (names and signatures;
+    # the unit tests also compare their source).
     seams.refuse_on(http.seam_problems(check_source=False), "uvicorn")
-    seams.refuse_on(server.seam_problems(check_source=False), "uvicorn / sse-starlette")
+    seams.refuse_on(server.seam_problems(check_source=False), "uvicorn")
     if settings.gateway_processes > 1:
         raise SystemExit(supervisor.run_gateways(settings))
     sock = supervisor.inherited_socket()  # set when this process is one of several

@@ -27,10 +27,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from llmq.gateway.auth import TenantDep
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
+from llmq.gateway.sse import SSEResponse
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
 from llmq.shared.errors import (
@@ -105,7 +105,7 @@ async def replay(st: GatewayState, request: Request, rec: StoredJob, after: int)
     except ClientClosedRequest:
         return Response(status_code=499)
     if first is None:
-        return EventSourceResponse(_done_only(after), sep="\n")
+        return SSEResponse(_done_only(after))
     return await relay.respond(first)
 
 

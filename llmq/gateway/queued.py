@@ -14,9 +14,9 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse
 
 from llmq.gateway.relay import DONE, JobRelay
+from llmq.gateway.sse import SSEResponse
 from llmq.shared.errors import ServiceError
 
 UPDATE_EVERY_S = 2.0
@@ -34,14 +34,11 @@ def comment(position: int, eta_ms: int) -> bytes:
     return b": queued position=%d%s\n\n" % (position, eta)
 
 
-def respond(relay: JobRelay, position: int, eta_ms: int, where: Where) -> EventSourceResponse:
+def respond(relay: JobRelay, position: int, eta_ms: int, where: Where) -> SSEResponse:
     """The SSE answer of an admitted, streamed request (``where``: its position now)."""
-    return EventSourceResponse(
+    return SSEResponse(
         _body(relay, position, eta_ms, where),
-        sep="\n",
-        ping=15,
-        headers={"Cache-Control": "no-cache"},
-        send_timeout=relay.settings.client_send_timeout_s,
+        send_timeout_s=relay.settings.client_send_timeout_s,
     )
 
 

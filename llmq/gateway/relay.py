@@ -3,7 +3,7 @@
 Concurrent tasks of one streamed request (see ARCHITECTURE.md):
   - the pub/sub reader (one per gateway) puts raw events into this request's queue;
   - the response task runs ``sse_body``: queue -> ``data: ...`` frames, as they arrive;
-  - sse-starlette's disconnect listener cancels the response task when the client leaves,
+  - ``gateway.sse``'s disconnect waiter cancels the response task when the client leaves,
     and ``sse_body``'s ``finally`` then cancels the job in Redis.
 The HTTP status is held until ``open`` has seen the first payload event: the engine
 accepted (200 + stream) or refused (its status, OpenAI error body).
@@ -28,11 +28,11 @@ import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse
 from starlette.types import Receive
 
 from llmq.gateway.events import Subscription, Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
+from llmq.gateway.sse import PING, PING_S, SSEResponse
 from llmq.shared.errors import (
     ClientClosedRequest,
     QueueTimeout,
@@ -223,6 +223,17 @@ class JobRelay:
                 self.finished = True
             await self.subs.unsubscribe(self.sub)
 
+    async def _next_or_ping(self) -> Event | None:
+        """The next event, or None when a keep-alive comment is due (nothing for PING_S);
+        TimeoutError when the job's deadline passed."""
+        left = self._deadline_left()
+        try:
+            return await self.sub.next(min(left, PING_S))
+        except TimeoutError:
+            if left > PING_S:
+                return None
+            raise
+
     def _deadline_left(self) -> float:
         limit = self.settings.request_timeout_s + self.silence_grace_s
         return max(0.0, limit - (time.monotonic() - self.timings.started))
@@ -291,14 +302,10 @@ class JobRelay:
         """The HTTP answer once the first payload event is here: the SSE stream, or (no
         stream) the completion."""
         if self.spec.stream:
-            return EventSourceResponse(
-                self.sse_body(first),
-                sep="\n",
-                ping=15,
-                headers={"Cache-Control": "no-cache"},
-                # A client that stops reading: the send blocks, and after this the stream
-                # ends and its job is cancelled (the slot must not wait on a stalled socket).
-                send_timeout=self.settings.client_send_timeout_s,
+            # A client that stops reading: the send blocks, and after CLIENT_SEND_TIMEOUT_S
+            # the stream ends and its job is cancelled (no slot waits on a stalled socket).
+            return SSEResponse(
+                self.sse_body(first), send_timeout_s=self.settings.client_send_timeout_s
             )
         await self.close(client_gone=False)  # the result is in: nothing left to cancel
         return JSONResponse(self.completion(first))
@@ -330,7 +337,9 @@ class JobRelay:
                     yield b"".join(frames)
                     return
                 yield b"".join(frames)
-                event = await self.sub.next(self._deadline_left())
+                while (next_event := await self._next_or_ping()) is None:
+                    yield PING
+                event = next_event
         except TimeoutError:
             client_gone = False
             yield self.error_frame(RequestTimeout("the engine stopped answering"))

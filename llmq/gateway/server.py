@@ -1,10 +1,10 @@
 """uvicorn with a drain: SIGTERM -> 503 for new requests, finish admitted ones, then exit.
 
 uvicorn's own SIGTERM handling stops accepting connections at once, so a load balancer's
-next request would be refused rather than answered 503; and sse-starlette ends open streams
-as soon as uvicorn's ``should_exit`` is set. Here the first SIGTERM/SIGINT only flips the
-app into draining; ``should_exit`` is set when no request is in flight any more, or after
-DRAIN_TIMEOUT_S. A second signal exits at once.
+next request would be refused rather than answered 503. Here the first SIGTERM/SIGINT only
+flips the app into draining; ``should_exit`` is set when no request is in flight any more,
+or after DRAIN_TIMEOUT_S (then uvicorn cancels the streams still open after its
+``timeout_graceful_shutdown``). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from types import FrameType
 
 import uvicorn
-from sse_starlette import sse
 
 from llmq.gateway.state import GatewayState
 from llmq.shared import seams
@@ -24,12 +23,8 @@ from llmq.shared.seams import Pin
 logger = logging.getLogger(__name__)
 
 # What this module overrides or relies on (shared.seams): uvicorn's Server, pinned against
-# uvicorn 0.54.0 (pyproject: <0.55), and sse-starlette's shutdown hook, against 3.7.0
-# (pyproject: <3.8). sse-starlette replaces uvicorn's Server.handle_exit at import with its
-# own, which ends every open stream at the first signal; DrainingServer overrides
-# handle_exit, so that patch never runs for it, and streams end only when the drain sets
-# should_exit, which sse-starlette's watcher reads from the server it finds through the
-# signal handler. After an upgrade, read the new source of each member, adapt, re-pin.
+# uvicorn 0.54.0 (pyproject: <0.55). After an upgrade, read the new source of each member,
+# adapt, re-pin.
 UVICORN_SERVER_SEAM: dict[str, Pin] = {
     "__init__": Pin(
         "(self, config: 'Config') -> 'None'",
@@ -41,36 +36,19 @@ UVICORN_SERVER_SEAM: dict[str, Pin] = {
         "112ef41af52167e35ebf82b8570d4aec9e64bdc952ed3905abb562fad5320ee5",
         "overridden: records the running loop, then uvicorn's (which installs handle_exit)",
     ),
-}
-SSE_SEAM: dict[str, Pin] = {
-    "AppStatus.original_handler": Pin(
+    "handle_exit": Pin(
         "(self, sig: 'int', frame: 'FrameType | None') -> 'None'",
         "553276efa26e09ea84b4626425f1d03647f1b043084f5a42994f3ae7e0d1aa1e",
-        "uvicorn's own handle_exit, which DrainingServer.handle_exit replaces",
-    ),
-    "AppStatus.handle_exit": Pin(
-        "(*args, **kwargs)",
-        "c8ecef358e55d8feeeb199f7e960fff97573ee02db4a2132baf67927498279e6",
-        "sse-starlette's patch, bypassed: it would end every stream at the first signal",
-    ),
-    "_shutdown_watcher": Pin(
-        "() -> None",
-        "69b2f44696c5ee5ede199b04ab0cb57fa3f71e379d4189496403d4f7c1370c76",
-        "ends open streams once the server's should_exit is set (the drain's end)",
-    ),
-    "_get_uvicorn_server": Pin(
-        "()",
-        "f4fed20755d96e463838e481adaf04d2747e92befb42a07db06dd50b3bfa4774",
-        "finds the server through its signal handler: ours",
+        "overridden: the first signal drains instead of exiting",
     ),
 }
 
 
 def seam_problems(check_source: bool = True) -> list[str]:
-    """What no longer matches between these pins and the installed uvicorn/sse-starlette."""
+    """What no longer matches between these pins and the installed uvicorn."""
     return seams.seam_problems(
         uvicorn.Server, UVICORN_SERVER_SEAM, library="uvicorn", check_source=check_source
-    ) + seams.seam_problems(sse, SSE_SEAM, library="sse-starlette", check_source=check_source)
+    )
 
 
 class DrainingServer(uvicorn.Server):

@@ -13,10 +13,10 @@ import logging
 import time
 from typing import Any
 
-# Libraries that log request or response content at DEBUG (sse-starlette logs every SSE
-# chunk it sends: completions), or one line per engine probe at INFO (httpx). They stay at
+# Libraries that log request or response content at DEBUG (multipart, hpack), or one line
+# per engine probe at INFO (httpx). They stay at
 # WARNING whatever LOG_LEVEL says: prompts and completions are never logged.
-_QUIET = ("sse_starlette", "httpx", "httpcore", "hpack", "multipart", "aiohttp")
+_QUIET = ("httpx", "httpcore", "hpack", "multipart", "aiohttp")
 
 # The attribute of a LogRecord that carries an access or job line's fields.
 FIELDS = "llmq_fields"

@@ -1,8 +1,8 @@
 """Pins on the private members of the libraries the service extends at their seams.
 
-Three libraries are extended past their public API: arq's worker loop
-(``worker/arq_worker.py``), uvicorn's httptools protocol (``gateway/http.py``) and
-uvicorn's server with sse-starlette's shutdown hook (``gateway/server.py``). Each of those
+Two libraries are extended past their public API: arq's worker loop
+(``worker/arq_worker.py``), and uvicorn's httptools protocol (``gateway/http.py``) and
+server (``gateway/server.py``). Each of those
 modules lists, in a ``*_SEAM`` dict, every member it overrides or relies on: its signature
 and, where behaviour matters, a SHA-256 of the library's source. ``seam_problems`` compares
 a pin set with the installed library. At start-up the services refuse to run on a missing

@@ -16,11 +16,11 @@ iteration (aborts, finished tasks, arq's health key) is arq's, step by step.
 
 This is the one module that touches arq's internals. ``ARQ_SEAM`` lists every member of
 ``arq.worker.Worker`` it relies on, with its signature and, for the methods it overrides or
-whose behaviour it depends on, a hash of arq's source (``shared.seams``, as for uvicorn and
-sse-starlette). ``seam_problems()`` compares them with the installed arq: ``build_worker``
-refuses to start when a member is missing or its signature changed, and a unit test (the
-tripwire) also checks the hashes, so an arq upgrade fails loudly instead of silently
-falling back to the WAKE_FALLBACK_S re-check.
+whose behaviour it depends on, a hash of arq's source (``shared.seams``, as for uvicorn).
+``seam_problems()`` compares them with the installed arq: ``build_worker`` refuses to start
+when a member is missing or its signature changed, and a unit test (the tripwire) also
+checks the hashes, so an arq upgrade fails loudly instead of silently falling back to the
+WAKE_FALLBACK_S re-check.
 """
 
 from __future__ import annotations
