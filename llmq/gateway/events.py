@@ -151,6 +151,10 @@ class Subscriptions:
         self._pending: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
 
+    def __len__(self) -> int:
+        """Jobs followed: this gateway's streams (and waits) now."""
+        return len(self._subs)
+
     async def start(self) -> None:
         await self._pubsub.connect()  # type: ignore[no-untyped-call]
         self.connected.set()

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from tests.support.clients import MODEL, assert_drained, body
+from llmq.gateway import relay
+from tests.support.clients import (
+    MODEL,
+    StreamResult,
+    assert_drained,
+    body,
+    release,
+    stream_chat,
+    wait_held,
+)
 from tests.support.stack import Proc, Stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -132,3 +142,31 @@ def test_the_worker_reuses_its_engine_connections(stack: Stack, sim: Proc) -> No
         for payload in [body(tokens=3), body(stream=False, tokens=3)] * 10:
             assert client.post(gw.url + "/v1/chat/completions", json=payload).status_code == 200
     assert _closed_connections_to(sim.port) - before <= 2
+
+
+def test_many_streams_at_once_each_get_every_delta_in_order(stack: Stack, sim: Proc) -> None:
+    """40 streams at once, past the load at which the gateway coalesces each stream's
+    writes (relay.BUSY_STREAMS): all held after their first token until all 40 are live,
+    then released together. Each gets every delta as its own event, numbered in order,
+    exactly the engine's text, then [DONE]."""
+    assert relay.BUSY_STREAMS <= 40
+    stack.worker(max_active=40)
+    gw = stack.gateway()
+
+    async def run() -> list[StreamResult]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=50)) as c:
+            streams = [
+                asyncio.create_task(stream_chat(c, gw.url, body(tokens=16, itl_ms=2, hold="many")))
+                for _ in range(40)
+            ]
+            await asyncio.to_thread(wait_held, sim.url, "many", 40, 30)
+            await asyncio.to_thread(release, sim.url, "many")
+            return await asyncio.gather(*streams)
+
+    expected = "".join(f"tok{i} " for i in range(16))
+    for r in asyncio.run(run()):
+        assert r.status == 200
+        assert r.done
+        assert r.text == expected
+        deltas = [c for c in r.chunks if c.get("choices") and c["choices"][0].get("delta")]
+        assert len(deltas) == 16, "one event per delta, however many shared a write"
