@@ -21,6 +21,12 @@ lower with affinity, and pickup p99 with affinity no later than without it plus
 AFFINITY_MAX_WAIT_MS (a job left or passed over waits that long at most before the next free
 slot takes it; under saturation its wait also holds the queueing it would have had anyway).
 Writes a plot (TTFT by turn, hit rate) to ``--out``.
+
+``--vllm``: real vLLM CPU engines serving the bundled model instead of simulators (their own
+prefix caches and counters, ``vllm:prefix_cache_hits`` / ``_queries``), kept for both modes,
+each mode with conversations of its own; e.g. ``--vllm --workers 2 --slots 4
+--conversations 8 --turns 4 --system-tokens 300 --question-tokens 40 --answer-tokens 12``
+on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +47,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.loadgen import one
 from bench.processes import (
+    BUNDLED_MODEL,
     ROOT,
     Proc,
     free_port,
     service_env,
+    spawn_vllm,
     start_gateway,
     start_redis,
     start_sim,
@@ -74,14 +83,17 @@ def _text(rng: random.Random, tokens: int) -> str:
     return " ".join(out)
 
 
-def workload(a: argparse.Namespace) -> list[Conversation]:
-    rng = random.Random(a.seed)
-    systems = [f"System prompt {i}. " + _text(rng, a.system_tokens) for i in range(a.prompts)]
+def workload(a: argparse.Namespace, seed: int) -> list[Conversation]:
+    rng = random.Random(seed)
+    systems = [f"System prompt {seed}.{i}. " + _text(rng, a.system_tokens)
+               for i in range(a.prompts)]  # fmt: skip
     return [
         Conversation(
-            name=f"c{i}",
+            name=f"c{seed}.{i}",
             system=systems[i % a.prompts],
-            questions=[f"c{i} turn {t}: " + _text(rng, a.question_tokens) for t in range(a.turns)],
+            questions=[
+                f"c{seed}.{i} turn {t}: " + _text(rng, a.question_tokens) for t in range(a.turns)
+            ],
             thinks_s=[rng.expovariate(1000 / a.think_ms) for _ in range(a.turns)],
             start_s=rng.uniform(0, 1),
         )
@@ -111,12 +123,14 @@ class Run:
         return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-async def converse(client: httpx.AsyncClient, url: str, c: Conversation, run: Run) -> None:
+async def converse(
+    client: httpx.AsyncClient, url: str, c: Conversation, run: Run, extra: dict[str, Any]
+) -> None:
     await asyncio.sleep(c.start_s)
     messages: list[dict[str, str]] = [{"role": "system", "content": c.system}]
     for turn, (question, think) in enumerate(zip(c.questions, c.thinks_s, strict=True)):
         messages.append({"role": "user", "content": question})
-        body = {"model": MODEL, "messages": messages, "stream": True}
+        body = {"model": MODEL, "messages": messages, "stream": True, **extra}
         sample = await one(client, url, body)
         if not sample.ok:
             run.failed += 1
@@ -126,10 +140,10 @@ async def converse(client: httpx.AsyncClient, url: str, c: Conversation, run: Ru
         await asyncio.sleep(think)
 
 
-async def drive(url: str, convs: list[Conversation], run: Run) -> None:
+async def drive(url: str, convs: list[Conversation], run: Run, extra: dict[str, Any]) -> None:
     limits = httpx.Limits(max_connections=len(convs) + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        await asyncio.gather(*(converse(client, url, c, run) for c in convs))
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        await asyncio.gather(*(converse(client, url, c, run, extra) for c in convs))
 
 
 def _families(url: str) -> dict[str, Any]:
@@ -137,11 +151,23 @@ def _families(url: str) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
-def collect(run: Run, sims: list[Proc], workers: list[Proc]) -> None:
-    for sim in sims:
-        stats = httpx.get(sim.url + "/sim/stats", timeout=10).json()
-        run.hits += int(stats["prefix_hits"])
-        run.queries += int(stats["prefix_queries"])
+def engine_counts(engines: list[Proc], vllm: bool) -> tuple[int, int]:
+    """Prompt tokens found in the engines' prefix caches, and looked up, so far."""
+    hits = queries = 0
+    for e in engines:
+        if not vllm:
+            stats = httpx.get(e.url + "/sim/stats", timeout=10).json()
+            hits, queries = hits + int(stats["prefix_hits"]), queries + int(stats["prefix_queries"])
+            continue
+        fams = _families(e.url)
+        hits += int(sum(s.value for s in fams["vllm:prefix_cache_hits"].samples
+                        if s.name.endswith("_total")))  # fmt: skip
+        queries += int(sum(s.value for s in fams["vllm:prefix_cache_queries"].samples
+                           if s.name.endswith("_total")))  # fmt: skip
+    return hits, queries
+
+
+def collect(run: Run, workers: list[Proc]) -> None:
     count = total = 0.0
     bound = 0.0
     for w in workers:
@@ -183,45 +209,67 @@ def bucket_quantile(buckets: dict[float, float], q: float) -> float:
     return les[-1]
 
 
-def run_mode(mode: str, a: argparse.Namespace, convs: list[Conversation], logdir: Path) -> Run:
+def run_mode(
+    mode: str, a: argparse.Namespace, convs: list[Conversation], logdir: Path, engines: list[Proc]
+) -> Run:
+    """One pass of the workload with PREFIX_AFFINITY ``mode``: Redis, a worker per engine
+    and a gateway, started for it; the engines' cache counts are taken before and after."""
     procs: list[Proc] = []
     try:
         redis = start_redis(logdir)
         procs.append(redis)
-        flags = ("--ttft-ms", "20", "--itl-ms", "5", "--tokens", str(a.answer_tokens),
-                 "--prefix-cache-tokens", str(a.cache_tokens), "--prefill-us-per-token",
-                 str(a.prefill_us))  # fmt: skip
-        sims = [start_sim(logdir, *flags) for _ in range(a.workers)]
-        procs += sims
         url = f"redis://127.0.0.1:{redis.port}/0"
         settings = {"prefix_affinity": mode, "affinity_max_wait_ms": a.max_wait_ms,
-                    "queue_timeout_s": 120, "request_timeout_s": 300,
+                    "queue_timeout_s": 300, "request_timeout_s": 600,
                     "log_level": "WARNING"}  # fmt: skip
         workers = []
-        for sim in sims:
+        for engine in engines:
             port = free_port()
             env = service_env(
-                url, sim.url, max_active=a.slots, worker_metrics_port=port, **settings
+                url, engine.url, max_active=a.slots, worker_metrics_port=port, **settings
             )
             w = start_worker(logdir, env)
             w.metrics_port = port
             workers.append(w)
         procs += workers
-        gateway = start_gateway(logdir, service_env(url, sims[0].url, **settings))
+        gateway = start_gateway(logdir, service_env(url, engines[0].url, **settings))
         procs.append(gateway)
-        slots = a.workers * a.slots
+        slots = len(engines) * a.slots
         wait_for(lambda: httpx.get(gateway.url + "/health").json().get("capacity") == slots,
-                 30, "every worker ready")  # fmt: skip
+                 60, "every worker ready")  # fmt: skip
         run = Run(mode)
+        hits0, queries0 = engine_counts(engines, a.vllm)
+        extra: dict[str, Any] = {}
+        if a.vllm:
+            extra = {"model": BUNDLED_MODEL, "max_tokens": a.answer_tokens, "temperature": 0}
         t0 = time.perf_counter()
-        asyncio.run(drive(gateway.url, convs, run))
+        asyncio.run(drive(gateway.url, convs, run, extra))
         print(f"  {mode}: {sum(len(v) for v in run.ttft_by_turn.values())} requests in "
               f"{time.perf_counter() - t0:.1f} s, {run.failed} failed")  # fmt: skip
-        collect(run, sims, workers)
+        hits, queries = engine_counts(engines, a.vllm)
+        run.hits, run.queries = hits - hits0, queries - queries0
+        collect(run, workers)
         return run
     finally:
         for p in reversed(procs):
             p.kill()
+
+
+def start_engines(a: argparse.Namespace, logdir: Path) -> list[Proc]:
+    if not a.vllm:
+        flags = ("--ttft-ms", "20", "--itl-ms", "5", "--tokens", str(a.answer_tokens),
+                 "--prefix-cache-tokens", str(a.cache_tokens), "--prefill-us-per-token",
+                 str(a.prefill_us))  # fmt: skip
+        return [start_sim(logdir, *flags) for _ in range(a.workers)]
+    engines = [spawn_vllm(logdir, max_model_len=2048, max_num_seqs=a.slots)
+               for _ in range(a.workers)]  # fmt: skip
+    for e in engines:
+        wait_for(partial(_answers, e), 600, "vLLM to serve")
+    return engines
+
+
+def _answers(engine: Proc) -> bool:
+    return httpx.get(engine.url + "/v1/models").status_code == 200
 
 
 def report(runs: list[Run], a: argparse.Namespace) -> None:
@@ -306,12 +354,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", default="off,on")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", type=Path, default=ROOT / "var/bench/affinity.png")
+    ap.add_argument(
+        "--vllm",
+        action="store_true",
+        help="real vLLM CPU engines (the bundled model) instead of simulators",
+    )
     a = ap.parse_args(argv)
-    convs = workload(a)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-affinity-") as tmp:
-        for mode in a.modes.split(","):
-            runs.append(run_mode(mode, a, convs, Path(tmp)))
+        engines: list[Proc] = []
+        try:
+            for i, mode in enumerate(a.modes.split(",")):
+                if not a.vllm or not engines:  # simulators: fresh caches for each mode
+                    for e in engines:
+                        e.kill()
+                    engines = start_engines(a, Path(tmp))
+                # The same workload for each mode, but on vLLM (whose caches outlive a mode)
+                # other conversations: nothing cached by one mode serves the next.
+                convs = workload(a, a.seed + (i if a.vllm else 0))
+                runs.append(run_mode(mode, a, convs, Path(tmp), engines))
+        finally:
+            for e in engines:
+                e.kill()
     report(runs, a)
     plot(runs, a.out)
     print(f"\nplot: {a.out}")
