@@ -29,9 +29,10 @@ order. When a key's window holds only left jobs, the pick moves to the next key.
 A job taken is claimed in the same step (arq's in-progress key, for ``claim_ms``, as arq's
 start_jobs would set it in four round trips of its own) and recorded in the worker's
 ``claims`` until it starts (REQUEUE returns a claim whose start never came); its prefix
-hashes join this worker's record (score now; older than ``record_ttl_ms`` or beyond
-``record_max`` entries dropped) and the index (bounded by ``index_max``), and its prefix
-hash is deleted. Jobs that expired, already run or left the queue are dropped on the way.
+hashes join this worker's record (score now, unless picked here within ``REFRESH_MS``;
+older than ``record_ttl_ms`` or beyond ``record_max`` entries dropped) and the index
+(bounded by ``index_max``), and its prefix hash is deleted. Jobs that expired, already
+run or left the queue are dropped on the way.
 
 Returns {retry ms, then per job: id, queue score, depth held here, deepest held by a live
 worker, ms it was left (-1: never)}. (The queue score is the gateway's enqueue time: unlike
@@ -44,6 +45,10 @@ from __future__ import annotations
 from llmq.shared import keys
 from llmq.shared.lua import Script
 from llmq.shared.protocol import BANDS
+
+# A prefix this worker picked less than this long ago is not written again (its record's
+# score, its place in the index): a hot system prompt costs its writes once a second.
+REFRESH_MS = 1000
 
 _HELPERS = """
 local taken, want = 0, tonumber(limit)
@@ -88,11 +93,13 @@ local function look(id, model)
   if #hs == 0 then return c end
   c.hs, c.p = hs, tonumber(raw[2])
   local mine = redis.call('ZMSCORE', records, unpack(hs))
+  c.mine = mine
   for i = #hs, 1, -1 do
     if mine[i] and tonumber(mine[i]) >= floor then c.own = i break end
   end
   c.best = c.own
   local owner = redis.call('HMGET', owners, unpack(hs))
+  c.owner = owner
   for i = #hs, c.own + 1, -1 do
     local w = owner[i]
     if w and w ~= worker_id and live(w) then
@@ -152,23 +159,32 @@ local function choose(tenant_queue, model)
   return cands[at], held
 end
 
--- what this worker's engine now holds: the job's prefix hashes
+-- what this worker's engine now holds: the job's prefix hashes. Only what changed is
+-- written: a hash this worker picked less than REFRESH_MS ago keeps its score, and the
+-- index is set only where another worker (or none) was its owner.
 local function record(c)
   if not c.hs then return end
   local scored, owned = {}, {}
-  for _, h in ipairs(c.hs) do
-    table.insert(scored, now)
-    table.insert(scored, h)
-    table.insert(owned, h)
-    table.insert(owned, worker_id)
+  for i, h in ipairs(c.hs) do
+    local last = c.mine[i] and tonumber(c.mine[i])
+    if not last or now - last >= REFRESH_MS then
+      table.insert(scored, now)
+      table.insert(scored, h)
+    end
+    if c.owner[i] ~= worker_id then
+      table.insert(owned, h)
+      table.insert(owned, worker_id)
+    end
   end
-  redis.call('ZADD', records, unpack(scored))
-  redis.call('ZREMRANGEBYSCORE', records, '-inf', '(' .. floor)
-  local excess = redis.call('ZCARD', records) - tonumber(record_max)
-  if excess > 0 then redis.call('ZREMRANGEBYRANK', records, 0, excess - 1) end
-  redis.call('PEXPIRE', records, record_ttl_ms)
-  redis.call('HSET', owners, unpack(owned))
-  redis.call('ZADD', seen, unpack(scored))
+  if #scored > 0 then
+    redis.call('ZADD', records, unpack(scored))
+    redis.call('ZREMRANGEBYSCORE', records, '-inf', '(' .. floor)
+    local excess = redis.call('ZCARD', records) - tonumber(record_max)
+    if excess > 0 then redis.call('ZREMRANGEBYRANK', records, 0, excess - 1) end
+    redis.call('PEXPIRE', records, record_ttl_ms)
+    redis.call('ZADD', seen, unpack(scored))
+  end
+  if #owned > 0 then redis.call('HSET', owners, unpack(owned)) end
   local over = redis.call('ZCARD', seen) - tonumber(index_max)
   if over > 0 and over * 16 >= tonumber(index_max) then  -- trimmed in batches
     redis.call('HDEL', owners, unpack(redis.call('ZRANGE', seen, 0, over - 1)))
@@ -235,7 +251,8 @@ PICK = Script(
           "prefix_prefix", "worker_prefix", "worker_jobs_prefix", "worker_claims_prefix",
           "records_prefix"),
     rest="models",
-    consts={"SEP": keys.BAND_QUEUE_SEP, "BAND_PART": keys.BAND_PART, "BANDS": BANDS},
+    consts={"SEP": keys.BAND_QUEUE_SEP, "BAND_PART": keys.BAND_PART, "BANDS": BANDS,
+            "REFRESH_MS": REFRESH_MS},
     clock=True,
     body=_HELPERS + _BODY,
 )  # fmt: skip
