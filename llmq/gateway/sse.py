@@ -15,9 +15,10 @@ the request's own task:
 
 Not sse-starlette's ``EventSourceResponse``: per stream it runs a task group of four tasks
 (the body, a ping loop, a disconnect listener, a shutdown listener) and wraps every send in
-an anyio cancel scope and a lock, about a fifth of the gateway's CPU per request at 64
-concurrent streams (``python -m bench.scale --profile``). Its other features (event
-objects, separators, shutdown grace) are not used here: frames come ready-made.
+an anyio cancel scope and a lock: without them the gateway spent 4.2 instead of 4.8 CPU-ms
+per 64-token stream at 64 concurrent streams (``python -m bench.scale``, alternated runs).
+Its other features (event objects, separators, shutdown grace) are not used here: frames
+come ready-made.
 """
 
 from __future__ import annotations
