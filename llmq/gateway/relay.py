@@ -28,11 +28,10 @@ import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from starlette.types import Receive
 
 from llmq.gateway.events import Subscription, Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
-from llmq.gateway.sse import PING, PING_S, SSEResponse
+from llmq.gateway.sse import PING, PING_S, SSEResponse, wait_disconnect
 from llmq.shared.errors import (
     ClientClosedRequest,
     QueueTimeout,
@@ -62,15 +61,10 @@ COALESCE_S = 0.02
 T = TypeVar("T")
 
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` unless the client disconnects first (then raise ClientClosedRequest)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    watcher = asyncio.ensure_future(wait_disconnect(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -36,7 +36,8 @@ PING_S = 15.0  # a quiet stream gets a comment this often (proxies close silent 
 PING = b": ping\n\n"
 
 
-async def _disconnected(receive: Receive) -> None:
+async def wait_disconnect(receive: Receive) -> None:
+    """Until the client leaves (uvicorn's ``receive`` answers ``http.disconnect``)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
@@ -69,7 +70,7 @@ class SSEResponse(Response):
                 state["left"] = True
                 task.cancel()
 
-        watcher = asyncio.ensure_future(_disconnected(receive))
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
         watcher.add_done_callback(on_disconnect)
         try:
             await send(
