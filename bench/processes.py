@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from llmq.shared.sealing import new_key
 from local.launch import redis_argv, sentinel_argv, sentinel_config, vllm_argv, vllm_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,8 +174,14 @@ def start_sim(logdir: Path, *extra: str) -> Proc:
     return proc
 
 
+# One payload key for every process this harness starts (they must share it); the tests
+# of rotation and of a missing key pass their own PAYLOAD_KEYS.
+PAYLOAD_KEY = new_key()
+
+
 def service_env(redis_url: str, engine_url: str, **overrides: object) -> dict[str, str]:
     base = {
+        "PAYLOAD_KEYS": PAYLOAD_KEY,
         "REDIS_URL": redis_url,
         "VLLM_URL": engine_url,
         "LOG_LEVEL": "INFO",

@@ -9,13 +9,15 @@ from llmq.gateway import http, server
 from llmq.gateway.app import build_state, create_app
 from llmq.gateway.http import guarded_protocol
 from llmq.gateway.server import DrainingServer
-from llmq.shared import logs, seams, supervisor
-from llmq.shared.settings import load_settings
+from llmq.shared import logs, sealing, seams, supervisor
+from llmq.shared.settings import load_settings, require_payload_keys
 
 
 def main() -> None:
     settings = load_settings()
+    require_payload_keys(settings)
     logs.configure(settings.log_level, settings.log_format)
+    sealing.log_keys(settings.sealer())
     # Refuse to run on a uvicorn whose overridden members changed (names and signatures;
     # the unit tests also compare their source).
     seams.refuse_on(http.seam_problems(check_source=False), "uvicorn")

@@ -88,7 +88,9 @@ class Admission:
                 timeout_s=s.queue_timeout_s if s.queue_mode == "queue" and s.queue_predict else 0,
                 displace=s.queue_mode == "queue" and s.queue_fair_share,
             ),
-            prefix=signature(spec.body, spec.model) if s.prefix_affinity else (),
+            prefix=signature(spec.body, spec.model, self._store.sealer.prefix_key)
+            if s.prefix_affinity
+            else (),
         )
         return result
 

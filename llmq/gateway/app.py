@@ -38,10 +38,15 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
     ``gateway.events``), and every command is bounded by REDIS_TIMEOUT_S."""
     pubsub_redis = redis or redis_client(settings)
     redis = redis or redis_client(settings, timeout=settings.redis_timeout_s)
-    store = Store(
-        redis, settings.store_ttl_s, settings.redis_min_replicas_ack, settings.redis_wait_timeout_s
-    )
     metrics = GatewayMetrics()
+    sealer = settings.sealer(metrics.undecryptable.inc)
+    store = Store(
+        redis,
+        settings.store_ttl_s,
+        settings.redis_min_replicas_ack,
+        settings.redis_wait_timeout_s,
+        sealer=sealer,
+    )
     registry = WorkerRegistry(
         store,
         settings.registry_refresh_s,
@@ -55,7 +60,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         redis=redis,
         store=store,
         registry=registry,
-        subs=Subscriptions(pubsub_redis),
+        subs=Subscriptions(pubsub_redis, sealer),
         admission=Admission(settings, store, registry),
         metrics=metrics,
         keys=KeyStore(redis),
@@ -64,6 +69,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
             settings.file_ttl_s,
             settings.redis_min_replicas_ack,
             settings.redis_wait_timeout_s,
+            sealer=sealer,
         ),
     )
 

@@ -34,6 +34,7 @@ from llmq.shared.errors import QueueUnavailable, ServiceError, StreamInterrupted
 from llmq.shared.keys import events_channel
 from llmq.shared.protocol import OUT_OF_BAND, Event
 from llmq.shared.pubsub import connection_errors, listen
+from llmq.shared.sealing import Sealer
 from llmq.shared.tasks import stop_if_cancelled, stop_task
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,12 @@ MAX_BUFFERED_EVENTS = 4096
 class Subscription:
     """The events of one job, in order; ``next`` raises TimeoutError, StreamInterrupted
     (a sequence gap) or QueueUnavailable (the connection to Redis was lost). One pub/sub
-    message may carry several events (the worker coalesces them)."""
+    message may carry several events (the worker coalesces them). Sealed event data is
+    opened here (``shared.sealing``; a payload no key opens raises PayloadUndecryptable)."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, sealer: Sealer | None = None) -> None:
         self.job_id = job_id
+        self._sealer = sealer or Sealer()
         self.channel = events_channel(job_id)
         self.key = self.channel.encode()
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()  # bounded by ``buffered``
@@ -134,13 +137,17 @@ class Subscription:
     def _decode(self, raw: bytes) -> None:
         if raw is _LOST:
             raise QueueUnavailable("lost the connection to Redis mid-stream; retry")
-        self._events.extend(Event.decode_message(raw))
+        self._events.extend(
+            self._sealer.open_event(self.job_id, e) for e in Event.decode_message(raw)
+        )
 
 
 class Subscriptions:
-    def __init__(self, redis: Redis) -> None:
-        """``redis`` must not have ``health_check_interval`` set (see the module docstring)."""
+    def __init__(self, redis: Redis, sealer: Sealer | None = None) -> None:
+        """``redis`` must not have ``health_check_interval`` set (see the module docstring).
+        ``sealer``: opens the events' sealed data (PAYLOAD_KEYS)."""
         self.redis = redis
+        self.sealer = sealer or Sealer()
         self._pubsub: PubSub = redis.pubsub()
         # Keyed by the channel name as bytes, as messages carry it: no decoding per token.
         # Usually one subscription per channel; a resumed stream or an Idempotency-Key
@@ -168,7 +175,7 @@ class Subscriptions:
     async def subscribe(self, job_id: str) -> Subscription:
         if not self.connected.is_set():
             raise QueueUnavailable("the connection to Redis is being re-established; retry")
-        sub = Subscription(job_id)
+        sub = Subscription(job_id, self.sealer)
         followers = self._subs.get(sub.key)
         if followers is not None:  # subscribed already: share it (and its confirmation)
             followers.append(sub)

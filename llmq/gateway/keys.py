@@ -5,10 +5,14 @@
     llmq-keys show NAME
     llmq-keys update NAME [--max-concurrent N] [--rpm N] [--tpm N] [--priority ...]
     llmq-keys revoke NAME
+    llmq-keys payload-key [--ids]
 
 ``create`` prints the key's settings, then its secret alone on the last line of stdout
 (``SECRET=$(llmq-keys create app | tail -n1)``); the secret is shown this once and never
 stored. A limit of 0 means unlimited. Reads REDIS_URL like the services.
+
+``payload-key`` prints a new key for PAYLOAD_KEYS (nothing is stored); with ``--ids``, the
+ids of the keys PAYLOAD_KEYS holds (the sealing one first), never the keys.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 
 from redis.asyncio import Redis
 
+from llmq.shared import sealing
 from llmq.shared.connect import redis_client
 from llmq.shared.keystore import KeyExists, KeyNotFound, KeyStore
 from llmq.shared.protocol import ApiKey, Band, KeyLimits
@@ -42,7 +47,21 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("list")
     for name in ("show", "revoke"):
         sub.add_parser(name).add_argument("name")
+    payload = sub.add_parser("payload-key", help="a new PAYLOAD_KEYS key (or --ids)")
+    payload.add_argument("--ids", action="store_true", help="the ids of PAYLOAD_KEYS' keys")
     return ap
+
+
+def payload_key(a: argparse.Namespace) -> int:
+    if not a.ids:
+        print(sealing.new_key())
+        return 0
+    settings = load_settings()
+    if not settings.payload_key_list():
+        print("llmq-keys: PAYLOAD_KEYS holds no keys", file=sys.stderr)
+        return 1
+    print(" ".join(settings.sealer().key_ids))
+    return 0
 
 
 def describe(key: ApiKey) -> str:
@@ -104,7 +123,10 @@ async def _main(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(asyncio.run(_main(parser().parse_args(argv))))
+    a = parser().parse_args(argv)
+    if a.command == "payload-key":  # no Redis
+        sys.exit(payload_key(a))
+    sys.exit(asyncio.run(_main(a)))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ class GatewayMetrics:
         self.requests = Counter(
             "api_requests", "HTTP requests", ["method", "route", "status"], registry=r
         )
+        self.undecryptable = Counter(
+            "api_payload_undecryptable",
+            "Sealed payloads (events, stored messages, files) no key of PAYLOAD_KEYS opens",
+            registry=r,
+        )
         self.latency = Histogram(
             "api_request_latency_seconds",
             "HTTP request latency to the last byte (model: a chat request's, once known)",

@@ -34,6 +34,7 @@ from llmq.shared.connect import confirm_replicated
 from llmq.shared.errors import JobCancelled, ServiceError
 from llmq.shared.lua import Registered
 from llmq.shared.records import QueuedJob
+from llmq.shared.sealing import Sealer
 from llmq.shared.store import Store
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,19 @@ def new_id(prefix: str) -> str:
 
 class BatchStore:
     def __init__(
-        self, redis: Redis, file_ttl_s: float, replicas_ack: int = 0, wait_timeout_s: float = 1.0
+        self,
+        redis: Redis,
+        file_ttl_s: float,
+        replicas_ack: int = 0,
+        wait_timeout_s: float = 1.0,
+        sealer: Sealer | None = None,
     ) -> None:
         """``replicas_ack``: REDIS_MIN_REPLICAS_ACK, the replicas an uploaded file and a
-        created batch must reach before they are confirmed (the gateway's; 0 elsewhere)."""
+        created batch must reach before they are confirmed (the gateway's; 0 elsewhere).
+        ``sealer``: PAYLOAD_KEYS: file lines, batch jobs and results are sealed with it."""
         self._replicas = (replicas_ack, wait_timeout_s)
         self.redis = redis
+        self.sealer = sealer or Sealer()
         self.file_ttl_ms = int(file_ttl_s * 1000)
         self._feed = Registered(redis, scripts.FEED)
         self._result = Registered(redis, scripts.RESULT)
@@ -85,6 +93,8 @@ class BatchStore:
             models=json.dumps(list(models)),
         )
         key = keys.file_lines_key(rec.id)
+        where = f"file:{rec.id}"
+        lines = [self.sealer.seal(line, where) for line in lines]
         async with self.redis.pipeline(transaction=True) as pipe:
             for i in range(0, len(lines), _CHUNK):
                 pipe.rpush(key, *lines[i : i + _CHUNK])
@@ -104,8 +114,9 @@ class BatchStore:
         return FileRecord.model_validate(_decoded(raw)) if raw else None
 
     async def file_lines(self, file_id: str, start: int = 0, stop: int = -1) -> list[bytes]:
+        """Lines ``start`` to ``stop`` (inclusive), opened (raises PayloadUndecryptable)."""
         out: list[bytes] = await self.redis.lrange(keys.file_lines_key(file_id), start, stop)  # type: ignore[misc]
-        return out
+        return [self.sealer.open(line, f"file:{file_id}") for line in out]
 
     async def delete_file(self, rec: FileRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -217,7 +228,7 @@ class BatchStore:
         for spec in specs:
             payload = serialize_job(
                 p.JOB_FUNCTION,
-                (spec.model_dump(mode="json"),),
+                (self.sealer.seal_spec(spec).model_dump(mode="json"),),
                 {},
                 1,
                 spec.enqueued_at_ms,
@@ -257,7 +268,7 @@ class BatchStore:
             args={
                 "job_id": spec.id,
                 "index": spec.batch_index,
-                "line": line,
+                "line": self.sealer.seal_text(line, f"result:{spec.batch_id}"),
                 "ok": "1" if ok else "0",
             },
         )
@@ -293,8 +304,8 @@ class BatchStore:
         await self.redis.hset(
             keys.batch_key(rec.id), mapping={"status": "finalizing", "finalizing_at": str(now)}
         )  # type: ignore[misc]
-        out = await self._sorted(keys.batch_part_key(rec.id, keys.BATCH_OUT))
-        err = await self._sorted(keys.batch_part_key(rec.id, keys.BATCH_ERR))
+        out = await self._results(rec.id, keys.BATCH_OUT)
+        err = await self._results(rec.id, keys.BATCH_ERR)
         if rec.ending == "expired" and rec.next < rec.total:  # never fed: batch_expired
             rest = await self.file_lines(rec.input_file_id, rec.next, rec.total - 1)
             err += [_expired_line(rec, rec.next + i, raw) for i, raw in enumerate(rest)]
@@ -336,9 +347,10 @@ class BatchStore:
             pipe.srem(keys.ACTIVE_BATCHES, rec.id)
             await pipe.execute()
 
-    async def _sorted(self, key: str) -> list[bytes]:
-        raw: dict[bytes, bytes] = await self.redis.hgetall(key)  # type: ignore[misc]
-        return [raw[k] for k in sorted(raw, key=int)]
+    async def _results(self, batch_id: str, part: str) -> list[bytes]:
+        """A batch's result lines (``part``: out or err) in input order, opened."""
+        raw: dict[bytes, bytes] = await self.redis.hgetall(keys.batch_part_key(batch_id, part))  # type: ignore[misc]
+        return [self.sealer.open(raw[k], f"result:{batch_id}") for k in sorted(raw, key=int)]
 
     async def _result_file(self, rec: BatchRecord, kind: str, lines: list[bytes]) -> FileRecord:
         return await self.create_file(rec.tenant, "batch_output", f"{rec.id}_{kind}.jsonl", lines)

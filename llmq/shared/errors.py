@@ -26,6 +26,8 @@
     ├── JobCancelled                  -> 409 cancelled (POST .../{id}/cancel)
     ├── IdempotencyKeyReused          -> 409 idempotency_key_reused (another body)
     ├── ClientClosedRequest           -> 499 client_closed_request (logged, never seen)
+    ├── PayloadUndecryptable          -> 500 payload_undecryptable (sealed with a key this
+    │                                        service does not hold: PAYLOAD_KEYS; not retried)
     └── UpstreamError                 -> the engine's own status and message
 
 Each fact has one attribute: ``status``, ``code``, ``type``, ``retry_after_s``, ``message``,
@@ -250,6 +252,14 @@ class ClientClosedRequest(ServiceError):
     type = "invalid_request_error"
 
 
+class PayloadUndecryptable(ServiceError):
+    """A job's or stored completion's sealed payload does not open with PAYLOAD_KEYS (the
+    key that sealed it was removed, or the bytes were altered). Retrying cannot help."""
+
+    status = 500
+    code = "payload_undecryptable"
+
+
 class UpstreamError(ServiceError):
     """The engine refused or failed the request; its status and message pass through."""
 
@@ -314,6 +324,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         JobCancelled,
         IdempotencyKeyReused,
         ClientClosedRequest,
+        PayloadUndecryptable,
     )
     if cls.code is not None
 }

@@ -11,7 +11,8 @@ the model (an engine caches per model), and only its first ``MAX_BLOCKS`` hashes
 what tells conversations apart comes early, and a bound keeps the pick script cheap.
 
 The hashes are 64-bit BLAKE2b digests: what Redis holds (``llmq:prefix:<id>``, the workers'
-records) is never the prompt's text.
+records) is never the prompt's text. With PAYLOAD_KEYS the chain's seed is keyed (the
+sealer's ``prefix_key``): without the key nobody can confirm a guessed prompt against them.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ MAX_BLOCKS = 32
 _PERSON = b"llmq-prefix"
 
 
-def _digest(data: bytes) -> bytes:
-    return blake2b(data, digest_size=8, person=_PERSON).digest()
+def _digest(data: bytes, key: bytes = b"") -> bytes:
+    return blake2b(data, digest_size=8, person=_PERSON, key=key).digest()
 
 
 def _texts(messages: Sequence[Mapping[str, Any]], tools: Any) -> Iterator[str]:
@@ -46,11 +47,12 @@ def _chain(h: bytes, texts: Iterator[str]) -> Iterator[tuple[bytes, int]]:
 
 
 def blocks(
-    model: str, messages: Sequence[Mapping[str, Any]], tools: Any = None
+    model: str, messages: Sequence[Mapping[str, Any]], tools: Any = None, key: bytes = b""
 ) -> Iterator[tuple[bytes, int]]:
     """(chained hash, characters) of each block of the prompt, in order, unbounded (the
-    engine simulator's cache reads them all)."""
-    return _chain(_digest(model.encode()), _texts(messages, tools))
+    engine simulator's cache reads them all). ``key`` seeds the chain (every hash after
+    depends on it)."""
+    return _chain(_digest(model.encode(), key), _texts(messages, tools))
 
 
 def extend(chain: bytes, message: Mapping[str, Any]) -> Iterator[tuple[bytes, int]]:
@@ -59,14 +61,15 @@ def extend(chain: bytes, message: Mapping[str, Any]) -> Iterator[tuple[bytes, in
     return _chain(chain, _texts([message], None))
 
 
-def signature(body: Mapping[str, Any], model: str) -> tuple[str, ...]:
+def signature(body: Mapping[str, Any], model: str, key: bytes = b"") -> tuple[str, ...]:
     """The job's signature: the first MAX_BLOCKS chained hashes of its request ``body``
-    (hex). Empty when the body has no messages."""
+    (hex), keyed with ``key`` (``Sealer.prefix_key``). Empty when the body has no
+    messages."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return ()
     out: list[str] = []
-    for h, _ in blocks(model, messages, body.get("tools")):
+    for h, _ in blocks(model, messages, body.get("tools"), key):
         out.append(h.hex())
         if len(out) == MAX_BLOCKS:
             break

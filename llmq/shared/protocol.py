@@ -36,6 +36,7 @@ class Outcome(StrEnum):
     REDIS_ERROR = "redis_error"  # its events could not be delivered
     WORKER_LOST = "worker_lost"  # its worker died (set by the reaper)
     DISPLACED = "displaced"  # never started: its place went to a key holding fewer (admit)
+    UNDECRYPTABLE = "payload_undecryptable"  # no key of PAYLOAD_KEYS opens its body
 
 
 def outcome_record(outcome: Outcome, worker_id: str = "") -> str:
@@ -198,6 +199,8 @@ class JobSpec(BaseModel):
     batch_id: str = ""  # a batch request: its result goes to the batch, not to a client
     batch_index: int = -1  # its line in the batch's input file
     custom_id: str = ""
+    # The body sealed (``shared.sealing``): in Redis ``body`` is {} and this holds it.
+    sealed: str = ""
     body: dict[str, Any]  # the request for the engine, allowed pass-through fields kept
 
 

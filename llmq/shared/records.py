@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
 from llmq.shared.lua import Registered
+from llmq.shared.sealing import Sealer
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +43,9 @@ _RECORD_FIELDS = list(p.StoredJob.model_fields)
 
 
 class JobRecords:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, sealer: Sealer | None = None) -> None:
         self.redis = redis
+        self.sealer = sealer or Sealer()
         self._set_metadata = Registered(redis, scripts.SET_METADATA)
 
     async def stored(self, job_id: str) -> p.StoredJob | None:
@@ -53,9 +55,12 @@ class JobRecords:
         return p.StoredJob.from_hash(raw) if raw.get(b"id") else None
 
     async def messages(self, job_id: str) -> list[dict[str, Any]] | None:
-        """The messages a ``store: true`` request sent; None when none were kept."""
+        """The messages a ``store: true`` request sent; None when none were kept. Raises
+        PayloadUndecryptable."""
         raw = await self.redis.hget(keys.stored_key(job_id), keys.STORED_MESSAGES)  # type: ignore[misc]
-        return None if raw is None else list(json.loads(raw))
+        if raw is None:
+            return None
+        return list(json.loads(self.sealer.open(raw, f"messages:{job_id}")))
 
     async def set_metadata(self, job_id: str, metadata: dict[str, str]) -> bool:
         return bool(
@@ -74,11 +79,13 @@ class JobRecords:
         await self.redis.zrem(keys.tenant_stored_key(tenant), job_id)
 
     async def read_log(self, job_id: str, after: int = 0) -> list[p.Event]:
-        """A stored job's logged events numbered after ``after`` (out-of-band ones too)."""
+        """A stored job's logged events numbered after ``after`` (out-of-band ones too),
+        opened. Raises PayloadUndecryptable."""
         rows = await self.redis.xrange(keys.log_key(job_id), min=f"({keys.log_entry_id(after)}")
-        return [p.Event.decode(fields[b"e"]) for _, fields in rows]
+        return [self.sealer.open_event(job_id, p.Event.decode(f[b"e"])) for _, f in rows]
 
     async def last_logged(self, job_id: str) -> p.Event | None:
+        """The last logged event, as logged (its data may be sealed: for its type)."""
         rows = await self.redis.xrevrange(keys.log_key(job_id), count=1)
         return p.Event.decode(rows[0][1][b"e"]) if rows else None
 
@@ -93,7 +100,8 @@ class JobRecords:
         return bool(await self.redis.exists(keys.outcome_key(job_id)))
 
     async def job_spec(self, job_id: str) -> p.JobSpec | None:
-        """A queued or running job as the gateway enqueued it (arq's payload), else None."""
+        """A queued or running job as the gateway enqueued it (arq's payload), else None.
+        Its body stays sealed: what this is for (listing, cancelling) never needs it."""
         raw = await self.redis.get(keys.job_key(job_id))
         if raw is None:
             return None

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from typing import Annotated, Literal, TypedDict
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from llmq.shared.sealing import PLAIN, Sealer, parse_keys
 
 ENGINE_PROBE_TIMEOUT_S = 2.0
 
@@ -78,6 +81,10 @@ class Settings(BaseSettings):
     redis_wait_timeout_s: float = Field(
         0.5, gt=0, le=60, description="how long an admission waits for those replicas"
     )
+    # Prompts and answers at rest (ARCHITECTURE.md, "Payloads at rest"): the first key
+    # seals, every key opens. Required by llmq-gateway and llmq-worker; "none" keeps
+    # payloads in clear. Never printed.
+    payload_keys: SecretStr | None = None
 
     # Backpressure (ARCHITECTURE.md, "Admission and the bound").
     max_active: int = Field(8, ge=1, le=4096, description="slots per worker")
@@ -281,6 +288,22 @@ class Settings(BaseSettings):
         """The model's queue places: QUEUE_MAX_PER_MODEL's, else QUEUE_MAX."""
         return self.queue_max_per_model.get(model, self.queue_max)
 
+    @field_validator("payload_keys")
+    @classmethod
+    def _check_payload_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_keys(value.get_secret_value())  # its message names a position, not a key
+        return value
+
+    def payload_key_list(self) -> list[bytes]:
+        """PAYLOAD_KEYS decoded, the sealing key first (empty: unset or ``none``)."""
+        return [] if self.payload_keys is None else parse_keys(self.payload_keys.get_secret_value())
+
+    def sealer(self, on_failure: Callable[[], None] | None = None) -> Sealer:
+        """What seals and opens this process's payloads (PAYLOAD_KEYS); ``on_failure``
+        counts what does not open."""
+        return Sealer(self.payload_key_list(), on_failure)
+
     @field_validator("redis_sentinels")
     @classmethod
     def _check_sentinels(cls, value: str) -> str:
@@ -332,6 +355,17 @@ class Settings(BaseSettings):
         never waits for the engine probe (that runs on its own), so only a stalled process
         or a lost Redis connection misses three in a row."""
         return self.heartbeat_interval_s * 3
+
+
+def require_payload_keys(settings: Settings) -> None:
+    """A gateway or worker refuses to start without PAYLOAD_KEYS: payloads in clear are a
+    choice (``PAYLOAD_KEYS=none``), never a default."""
+    if settings.payload_keys is None:
+        raise SystemExit(
+            "PAYLOAD_KEYS is not set: prompts and answers would be kept in clear in Redis. "
+            "Set it to one or more keys (make one with: llmq-keys payload-key), or to "
+            f"{PLAIN!r} to keep them in clear."
+        )
 
 
 def load_settings() -> Settings:

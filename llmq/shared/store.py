@@ -23,6 +23,7 @@ from llmq.shared.picking import Picking
 from llmq.shared.readings import Readings
 from llmq.shared.records import JobRecords
 from llmq.shared.scripts import AdmitStatus, CancelResult
+from llmq.shared.sealing import Sealer
 
 __all__ = ["AdmitResult", "AdmitStatus", "Store", "TenantLimits"]
 
@@ -104,13 +105,15 @@ class Store(Liveness, Picking):
         store_ttl_s: float = 3600.0,
         replicas_ack: int = 0,
         wait_timeout_s: float = 1.0,
+        sealer: Sealer | None = None,
     ) -> None:
         """``replicas_ack``: REDIS_MIN_REPLICAS_ACK, the replicas an admission waits for
-        (WAIT, up to ``wait_timeout_s``)."""
+        (WAIT, up to ``wait_timeout_s``). ``sealer``: PAYLOAD_KEYS (none: payloads plain)."""
         self.redis = redis
+        self.sealer = sealer or Sealer()
         self.store_ttl_ms = int(store_ttl_s * 1000)  # STORE_TTL_S
         self.replicas_ack, self.wait_timeout_s = replicas_ack, wait_timeout_s
-        self.records = JobRecords(redis)
+        self.records = JobRecords(redis, self.sealer)
         self._admit = Registered(redis, scripts.ADMIT)
         self._cancel = Registered(redis, scripts.CANCEL)
         self._start = Registered(redis, scripts.START)
@@ -156,7 +159,7 @@ class Store(Liveness, Picking):
         q = queue or QueueTerms()
         payload = serialize_job(
             p.JOB_FUNCTION,
-            (spec.model_dump(mode="json"),),
+            (self.sealer.seal_spec(spec).model_dump(mode="json"),),
             {},
             1,
             spec.enqueued_at_ms,
@@ -205,7 +208,9 @@ class Store(Liveness, Picking):
                 "outcome_ttl_ms": _OUTCOME_TTL_MS,
                 "prefix_hashes": " ".join(prefix),
             },
-            rest=_flat(_record_fields(record, messages)),
+            rest=_flat(
+                _record_fields(record, self.sealer.seal_text(messages, f"messages:{spec.id}"))
+            ),
         )
         acked = self.replicas_ack
         try:

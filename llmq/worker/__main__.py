@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
-from llmq.shared import logs, supervisor
-from llmq.shared.settings import load_settings
+from llmq.shared import logs, sealing, supervisor
+from llmq.shared.settings import load_settings, require_payload_keys
 from llmq.worker.app import build_worker, serve_metrics
 
 
 def main() -> None:
     settings = load_settings()
+    require_payload_keys(settings)
     logs.configure(settings.log_level, settings.log_format)
+    sealing.log_keys(settings.sealer())
     if settings.worker_processes > 1:
         raise SystemExit(supervisor.run_workers(settings))
     try:

@@ -43,11 +43,12 @@ def build_worker(
     )
     metrics = WorkerMetrics()
     metrics.max_active.set(settings.max_active)
-    store = Store(redis, settings.store_ttl_s)
+    sealer = settings.sealer(metrics.undecryptable.inc)
+    store = Store(redis, settings.store_ttl_s, sealer=sealer)
     runtime = Runtime(
         settings=settings,
         store=store,
-        batches=BatchStore(redis, settings.file_ttl_s),
+        batches=BatchStore(redis, settings.file_ttl_s, sealer=sealer),
         outbox=Outbox(store),
         engine=engine
         or EngineClient(

@@ -31,7 +31,7 @@ from llmq.shared import protocol as p
 from llmq.shared.batch_records import BatchRecord, BatchStatus, failure_line, output_line
 from llmq.shared.batches import BatchStore
 from llmq.shared.chat import ChatCompletionRequest, to_job_spec
-from llmq.shared.errors import ServiceError, UpstreamError
+from llmq.shared.errors import PayloadUndecryptable, ServiceError, UpstreamError
 from llmq.worker.engine import engine_body
 from llmq.worker.runtime import Runtime
 
@@ -45,8 +45,9 @@ async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, A
     ok = False
     usage: dict[str, Any] | None = None
     try:
+        opened = rt.store.sealer.open_spec(spec)
         async with asyncio.timeout(rt.settings.request_timeout_s):
-            result = await rt.engine.complete(engine_body(spec, rt.settings.engine_priority))
+            result = await rt.engine.complete(engine_body(opened, rt.settings.engine_priority))
         result["id"] = spec.id
         line, ok = output_line(spec.id, spec.custom_id, 200, result), True
         outcome = p.Outcome.COMPLETED
@@ -55,6 +56,9 @@ async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, A
         message = f"generation exceeded {rt.settings.request_timeout_s:g}s"
         line = failure_line(spec.id, spec.custom_id, "request_timeout", message)
         outcome = p.Outcome.TIMEOUT
+    except PayloadUndecryptable as exc:  # never retried: no key here opens it
+        line = failure_line(spec.id, spec.custom_id, exc.code or "error", exc.message)
+        outcome = p.Outcome.UNDECRYPTABLE
     except UpstreamError as exc:  # the engine's answer: a response with its status
         line = output_line(spec.id, spec.custom_id, exc.status, exc.body())
         outcome = p.Outcome.REJECTED if exc.status < 500 else p.Outcome.ENGINE_ERROR
@@ -150,7 +154,12 @@ class BatchFeeder:
 
     async def _feed(self, rec: BatchRecord, room: int) -> int:
         stop = min(rec.total, rec.next + room)
-        lines = await self.batches.file_lines(rec.input_file_id, rec.next, stop - 1)
+        try:
+            lines = await self.batches.file_lines(rec.input_file_id, rec.next, stop - 1)
+        except PayloadUndecryptable as exc:  # sealed with a key no longer held
+            logger.warning("batch %s: its input file does not open: %s", rec.id, exc.message)
+            await self.batches.fail(rec, f"the input file does not open: {exc.message}")
+            return 0
         if len(lines) != stop - rec.next:
             logger.warning("batch %s: its input file is gone", rec.id)
             await self.batches.fail(rec, "the input file expired or was deleted")

@@ -11,7 +11,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from llmq.shared.errors import RequestTimeout, ServiceError, ShuttingDown, UpstreamError
+from llmq.shared.errors import (
+    PayloadUndecryptable,
+    RequestTimeout,
+    ServiceError,
+    ShuttingDown,
+    UpstreamError,
+)
 from llmq.shared.logs import record_line
 from llmq.shared.protocol import EventType, JobSpec, Outcome
 from llmq.worker import batch
@@ -213,7 +219,12 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
             rt.metrics.batch_tokens.inc(sum(used))
             return {"id": spec.id, "outcome": outcome}
         pub.announce(rt.store.mark_started(spec, worker_id, hold), worker_id)
-        outcome = await _generate(rt, spec, pub, used)
+        outcome = await _generate(rt, rt.store.sealer.open_spec(spec), pub, used)
+        return {"id": spec.id, "outcome": outcome}
+    except PayloadUndecryptable as exc:  # not retried: no key here opens it
+        outcome = Outcome.UNDECRYPTABLE
+        logger.warning("job %s: %s", spec.id, exc.message)
+        await _fail(pub, exc)
         return {"id": spec.id, "outcome": outcome}
     except asyncio.CancelledError:
         # Aborted by the client (nobody hears this) or the worker is stopping (the client

@@ -33,6 +33,11 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
         )
         self.jobs = Counter("worker_jobs", "Jobs finished, by outcome", ["outcome"], registry=r)
+        self.undecryptable = Counter(
+            "worker_payload_undecryptable",
+            "Sealed payloads (jobs, batch files) no key of PAYLOAD_KEYS opens",
+            registry=r,
+        )
         self.batch_requests = Counter(
             "worker_batch_requests", "Batch requests finished, by result", ["result"], registry=r
         )

@@ -43,6 +43,7 @@ Generation = asyncio.Future[dict[str, int]]
 class Outbox:
     def __init__(self, store: Store) -> None:
         self._store = store
+        self.sealer = store.sealer  # the publishers seal their events' data with it
         self._pending: dict[str, list[bytes]] = {}
         self._logged: dict[str, list[tuple[int, bytes]]] = {}
         self._generation: Generation | None = None

@@ -29,6 +29,7 @@ class Publisher:
         without a listener (it is detached, never ClientGone)."""
         self._outbox = outbox
         self._job_id = job_id
+        self._sealer = outbox.sealer
         self._grace = orphan_grace_s
         self._stored = stored
         self._seq = 0
@@ -83,6 +84,8 @@ class Publisher:
         self._raise_if_failed(terminal=kind in TERMINAL)
         self._seq += 1
         raw = data.encode() if isinstance(data, str) else data
+        if self._sealer.enabled:  # what reaches Redis is ciphertext (shared.sealing)
+            raw = self._sealer.seal_event(self._job_id, raw)
         generation = self._outbox.put(
             self._job_id, Event(self._seq, kind, raw).encode(), self._seq if self._stored else 0
         )

@@ -97,7 +97,10 @@ def test_queue_timeout_never_reaches_the_engine(stack: Stack, rdb: redis.Redis, 
     assert_drained(rdb)
 
 
-def test_queued_job_payload_is_readable_json(stack: Stack, rdb: redis.Redis, sim: Proc) -> None:
+def test_queued_job_payload_is_readable_json_with_its_body_sealed(
+    stack: Stack, rdb: redis.Redis, sim: Proc
+) -> None:
+    """An operator reads a queued job's metadata in redis-cli; its request is ciphertext."""
     stack.worker(max_active=1)
     gw = stack.gateway()
     first = _background(gw.url, body(stream=False, tokens=1, hold="first"))
@@ -111,7 +114,9 @@ def test_queued_job_payload_is_readable_json(stack: Stack, rdb: redis.Redis, sim
     spec = job["a"][0]
     assert spec["id"] == waiting[0]
     assert spec["model"] == "sim-model"
-    assert spec["body"]["messages"][0]["content"] == "hello there"
+    assert spec["body"] == {}
+    assert spec["sealed"].startswith("~1")
+    assert b"hello there" not in rdb.get("arq:job:" + waiting[0])  # type: ignore[operator]
     release(sim.url, "first")
     first.join(30)
     second.join(30)

@@ -1,5 +1,8 @@
 """Private by default: after a job ends, whatever the outcome, no prompt and no completion is
-left anywhere in Redis; while it waits, its prompt lives only in its job key."""
+left anywhere in Redis; while it waits, its prompt lives only in its job key.
+
+These tests run with PAYLOAD_KEYS=none, so that what is kept shows in clear: a sealed
+leftover would hide from them. What sealing hides is ``test_sealing``'s."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from tests.support.clients import assert_drained, body, release, stream_chat, wa
 from tests.support.stack import Proc, Stack, wait_for
 
 pytestmark = pytest.mark.integration
+PLAIN = "none"
 
 
 def everything(rdb: Any) -> dict[bytes, bytes]:
@@ -48,8 +52,8 @@ def holding(rdb: redis.Redis, canary: bytes) -> list[bytes]:
 def test_nothing_of_a_job_is_left_in_redis_whatever_its_outcome(
     stack: Stack, rdb: redis.Redis, sim: Proc
 ) -> None:
-    stack.worker(max_active=1, orphan_grace_s=1)
-    gw = stack.gateway()
+    stack.worker(max_active=1, orphan_grace_s=1, payload_keys=PLAIN)
+    gw = stack.gateway(payload_keys=PLAIN)
     prompt = b"PROMPT-" + secrets.token_hex(8).encode()
     said = "SAID" + secrets.token_hex(8)
 
@@ -97,8 +101,8 @@ def test_logs_hold_no_prompt_no_completion_and_no_forged_line(
     stack: Stack, rdb: redis.Redis
 ) -> None:
     """Even at LOG_LEVEL=DEBUG; engine text that echoes client input is escaped."""
-    worker = stack.worker(log_level="DEBUG")
-    gw = stack.gateway(log_level="DEBUG")
+    worker = stack.worker(log_level="DEBUG", payload_keys=PLAIN)
+    gw = stack.gateway(log_level="DEBUG", payload_keys=PLAIN)
     prompt = "PROMPT-" + secrets.token_hex(8)
     said = "SAID" + secrets.token_hex(8)
     b = body(stream=True, say=said, tokens=3)
@@ -130,8 +134,8 @@ def test_a_stored_job_keeps_what_its_client_asked_for_and_no_more(
     stored-completion API lists them, the request's messages (in the record), all with a
     TTL. An Idempotency-Key alone keeps the completion (a retry must find it), never the
     prompt: it is gone with the job as for any other."""
-    stack.worker()
-    gw = stack.gateway()
+    stack.worker(payload_keys=PLAIN)
+    gw = stack.gateway(payload_keys=PLAIN)
     prompt = "PROMPT-" + secrets.token_hex(8)
     said = "SAID" + secrets.token_hex(8)
     payload = body(stream=True, say=said, tokens=3)
