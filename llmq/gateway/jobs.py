@@ -23,6 +23,7 @@ from typing import Any
 from llmq.gateway.keys import cli_redis
 from llmq.shared import keys
 from llmq.shared.errors import JobCancelled
+from llmq.shared.sealing import key_id_of
 from llmq.shared.settings import load_settings
 from llmq.shared.store import Store
 
@@ -74,8 +75,10 @@ async def describe(store: Store, job_id: str) -> dict[str, Any] | None:
     if spec is not None:
         running = bool(await r.exists(keys.in_progress_key(job_id)))
         out["state"] = "running" if running else "queued"
-        out["job"] = spec.model_dump(mode="json", exclude={"body"})
-        out["job"]["request_bytes"] = len(json.dumps(spec.body))
+        out["job"] = spec.model_dump(mode="json", exclude={"body", "sealed", "body_bytes"})
+        out["job"]["request_bytes"] = spec.body_bytes or len(json.dumps(spec.body))
+        # Which key sealed its request (an old key may go once no job names it).
+        out["job"]["sealed_with"] = key_id_of(spec.sealed) or None
     else:
         out["state"] = "ended"
     if outcome is not None:

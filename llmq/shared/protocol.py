@@ -199,8 +199,10 @@ class JobSpec(BaseModel):
     batch_id: str = ""  # a batch request: its result goes to the batch, not to a client
     batch_index: int = -1  # its line in the batch's input file
     custom_id: str = ""
-    # The body sealed (``shared.sealing``): in Redis ``body`` is {} and this holds it.
+    # The body sealed (``shared.sealing``): in Redis ``body`` is {} and this holds it,
+    # and ``body_bytes`` its size (what operators see of it).
     sealed: str = ""
+    body_bytes: int = 0
     body: dict[str, Any]  # the request for the engine, allowed pass-through fields kept
 
 

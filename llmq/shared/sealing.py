@@ -97,6 +97,11 @@ def is_sealed(data: bytes | str) -> bool:
     return (data.encode() if isinstance(data, str) else data).startswith(MARK)
 
 
+def key_id_of(sealed: str) -> str:
+    """The id of the key that sealed ``sealed`` ("" when it is not sealed)."""
+    return sealed[len(MARK) : _HEAD] if is_sealed(sealed) else ""
+
+
 class Sealer:
     """Seals with the first key, opens with any; without keys it seals nothing (and a
     sealed value does not open)."""
@@ -164,9 +169,8 @@ class Sealer:
         if not self.enabled or spec.sealed:
             return spec
         body = p.json_dumps(spec.body)
-        return spec.model_copy(
-            update={"body": {}, "sealed": self.seal(body, f"body:{spec.id}").decode()}
-        )
+        sealed = self.seal(body, f"body:{spec.id}").decode()
+        return spec.model_copy(update={"body": {}, "sealed": sealed, "body_bytes": len(body)})
 
     def open_spec(self, spec: p.JobSpec) -> p.JobSpec:
         """The job with its body back (raises PayloadUndecryptable)."""
@@ -175,7 +179,7 @@ class Sealer:
         body = p.json_loads(self.open(spec.sealed.encode(), f"body:{spec.id}"))
         if not isinstance(body, dict):
             raise PayloadUndecryptable("the sealed body is not a request")
-        return spec.model_copy(update={"body": body, "sealed": ""})
+        return spec.model_copy(update={"body": body, "sealed": "", "body_bytes": 0})
 
     def seal_event(self, job_id: str, data: bytes) -> bytes:
         return self.seal(data, f"event:{job_id}")

@@ -59,6 +59,7 @@ def test_list_show_cancel_purge(stack: Stack, rdb: redis.Redis, sim: Proc) -> No
     info = json.loads(shown.stdout)
     assert info["state"] == "queued"
     assert info["job"]["request_bytes"] > len(prompt)
+    assert len(info["job"]["sealed_with"]) == 8, "the id of the key that sealed it"
     assert json.loads(jobs_cli(stack, "show", running_id).stdout)["state"] == "running"
 
     cancelled = jobs_cli(stack, "cancel", queued_id)

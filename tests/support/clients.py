@@ -164,3 +164,27 @@ def new_key(stack: Stack, name: str, *flags: str) -> str:
     res = keys_cli(stack, "create", name, *flags)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip().splitlines()[-1]
+
+
+def everything(rdb: Any) -> dict[bytes, bytes]:
+    """Every key of the Redis with its value(s) flattened to bytes (``rdb``: a sync
+    redis.Redis, typed Any: its stubs say every reply may be awaitable)."""
+    out: dict[bytes, Any] = {}
+    for key in rdb.scan_iter(count=1000):
+        kind = rdb.type(key)
+        if kind == b"string":
+            value = rdb.get(key) or b""
+        elif kind == b"hash":
+            value = b" ".join(k + b"=" + v for k, v in rdb.hgetall(key).items())
+        elif kind == b"zset":
+            value = b" ".join(m for m, _ in rdb.zrange(key, 0, -1, withscores=True))
+        elif kind == b"set":
+            value = b" ".join(rdb.smembers(key))
+        elif kind == b"list":
+            value = b" ".join(rdb.lrange(key, 0, -1))
+        elif kind == b"stream":
+            value = b" ".join(v for _, fields in rdb.xrange(key) for v in fields.values())
+        else:
+            value = kind
+        out[key] = value
+    return out
