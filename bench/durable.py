@@ -1,15 +1,19 @@
-"""What ``store: true`` costs: CPU per 1000 streams, Redis bytes per stored completion, and
-how fast a finished stream is resumed.
+"""What ``store: true`` and sealed payloads cost: CPU per 1000 streams, Redis bytes per
+stored completion, how fast a finished stream is resumed, and CPU µs and bytes of sealing.
 
-    python -m bench.durable [--conc 16,64] [--rounds 3] [--requests 384]
+    python -m bench.durable [--conc 16,64] [--rounds 3] [--requests 384] [--keys both]
 
-Starts redis-server, the engine simulator (TTFT 20 ms, ITL 5 ms, 64-token streams), one
-worker and one gateway on loopback (as ``bench.scale``). For each concurrency c it streams
-the same requests without and with ``store: true``, in alternating batches, and prints
-throughput, TTFT p50 and the CPU seconds per 1000 streams of the gateway, the worker and
-Redis for both. Then it stores one completion of 64 and one of 1000 tokens and prints the
-Redis memory they hold (``MEMORY USAGE`` of the record and the log), and times a resume of
-the 1000-token one from its start after it ended.
+First, in this process, what sealing (PAYLOAD_KEYS, ``llmq.shared.sealing``) costs one
+request: µs to seal and open its body and each of its events, and the bytes it adds.
+
+Then, for each key setting (``--keys``: ``none`` = PAYLOAD_KEYS=none, ``sealed`` = a key,
+``both``), it starts redis-server, the engine simulator (TTFT 20 ms, ITL 5 ms, 64-token
+streams), one worker and one gateway on loopback (as ``bench.scale``). For each concurrency c
+it streams the same requests without and with ``store: true``, in alternating batches, and
+prints throughput, TTFT p50 and the CPU seconds per 1000 streams of the gateway, the worker
+and Redis for both. Then it stores one completion of 64 and one of 1000 tokens and prints
+the Redis memory they hold (``MEMORY USAGE`` of the record and the log), and times a resume
+of the 1000-token one from its start after it ended.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from redis import Redis
 
 from bench.loadgen import RunResult, merge, run
 from bench.processes import Proc, local_stack
+from bench.sealing_cost import print_sealing_cost
 from llmq.shared import keys
+from llmq.shared.sealing import new_key
 
 BODY: dict[str, Any] = {
     "model": "sim-model",
@@ -79,20 +85,22 @@ def resume_ms(url: str, job_id: str) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--conc", default="16,64")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=384, help="per kind at each c")
-    a = ap.parse_args(argv)
-    concs = [int(c) for c in a.conc.split(",")]
+def run_stack(a: argparse.Namespace, concs: list[int], payload_keys: str) -> None:
     sim_args = ("--ttft-ms", "20", "--itl-ms", "5", "--tokens", "64")
-    settings = {"max_active": max(concs), "queue_max": max(concs), "log_level": "WARNING"}
+    settings = {
+        "max_active": max(concs),
+        "queue_max": max(concs),
+        "log_level": "WARNING",
+        "payload_keys": payload_keys,
+    }
     with local_stack("llmq-durable-", sim_args, **settings) as stack:
         url = stack.gateway.url
         procs = {"gateway": stack.gateway, "worker": stack.worker, "redis": stack.redis}
         asyncio.run(run(url, STORED, 40, 8))  # warm-up
-        print("64-token streams (simulator TTFT 20 ms, ITL 5 ms), plain vs store: true")
+        sealed = "sealed" if payload_keys != "none" else "PAYLOAD_KEYS=none"
+        print(
+            f"\n64-token streams (simulator TTFT 20 ms, ITL 5 ms), plain vs store: true; {sealed}"
+        )
         print(
             f"{'c':>4} {'kind':>6} {'r/s':>7} {'ttft p50 ms':>11} "
             f"{'CPU-s/1k: gw':>12} {'worker':>7} {'redis':>6} {'total':>6} {'err':>4}"
@@ -117,6 +125,20 @@ def main(argv: list[str] | None = None) -> None:
         took = resume_ms(url, job_id)
         print(f"resume of the 1000-token completion from its start: {took:.1f} ms")
         rdb.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--conc", default="16,64")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=384, help="per kind at each c")
+    ap.add_argument("--keys", choices=("none", "sealed", "both"), default="both")
+    a = ap.parse_args(argv)
+    concs = [int(c) for c in a.conc.split(",")]
+    print_sealing_cost()
+    modes = {"none": ["none"], "sealed": [new_key()], "both": ["none", new_key()]}[a.keys]
+    for payload_keys in modes:
+        run_stack(a, concs, payload_keys)
 
 
 if __name__ == "__main__":

@@ -18,3 +18,12 @@ for name in REDIS_ADMIN_PASSWORD REDIS_GATEWAY_PASSWORD REDIS_WORKER_PASSWORD VL
         echo "secrets.sh: $name added"
     fi
 done
+# The payload key: 32 random bytes in URL-safe base64 (the format PAYLOAD_KEYS takes).
+payload_key=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_')
+if grep -q "^PAYLOAD_KEYS=$" .env; then
+    sed -i "s/^PAYLOAD_KEYS=$/PAYLOAD_KEYS=$payload_key/" .env
+    echo "secrets.sh: PAYLOAD_KEYS set"
+elif ! grep -q "^PAYLOAD_KEYS=" .env; then
+    echo "PAYLOAD_KEYS=$payload_key" >>.env
+    echo "secrets.sh: PAYLOAD_KEYS added"
+fi

@@ -20,6 +20,8 @@
 #   GATEWAY_PORT=8080 GATEWAY_METRICS_PORT=9101 VLLM_PORT=8000 REDIS_PORT=6379
 #   WORKER_METRICS_PORT=9100
 #   AUTH=none                       no API keys (otherwise a key "dev" is created and printed)
+#   PAYLOAD_KEYS=key[,old-key]      the keys sealing prompts and answers in Redis (otherwise
+#                                   one is made once and kept in var/payload-keys)
 #   REDIS_HA=1 [SENTINEL_PORT=26379] Redis with failover: a replica on REDIS_PORT+1 and three
 #                                   sentinels on SENTINEL_PORT..+2; the services find the
 #                                   primary through them (README, "High availability")
@@ -104,6 +106,21 @@ ensure_dev_key() {
   echo "  created the development API key 'dev' ($DEV_KEY_FILE)"
 }
 
+# The payload keys (PAYLOAD_KEYS: prompts and answers are sealed before they reach Redis):
+# made on first start and kept in $PAYLOAD_KEYS_FILE, readable by this user only, because
+# Redis' AOF keeps what they sealed across runs. PAYLOAD_KEYS set by the caller wins.
+PAYLOAD_KEYS_FILE="$VAR_DIR/payload-keys"
+ensure_payload_keys() {
+  if [ -n "${PAYLOAD_KEYS:-}" ]; then export PAYLOAD_KEYS; return; fi
+  if [ ! -s "$PAYLOAD_KEYS_FILE" ]; then
+    (umask 077; .venv/bin/llmq-keys payload-key >"$PAYLOAD_KEYS_FILE") \
+      || die "could not make a payload key"
+    echo "  created the payload key ($PAYLOAD_KEYS_FILE)"
+  fi
+  PAYLOAD_KEYS=$(cat "$PAYLOAD_KEYS_FILE")
+  export PAYLOAD_KEYS
+}
+
 # Open WebUI as compose's webui profile runs it (compose/open-webui.env, the settings the
 # e2e browser test proves), for this host only: no login, nothing downloaded (documents
 # would be embedded through the API), the development key.
@@ -181,6 +198,7 @@ else
 fi
 
 ensure_dev_key
+ensure_payload_keys
 start worker .venv/bin/llmq-worker
 start gateway .venv/bin/llmq-gateway
 wait_http "http://127.0.0.1:$GATEWAY_PORT/health" 60 gateway "${PIDS[-1]}" \

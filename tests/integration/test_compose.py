@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
+from llmq.shared.sealing import new_key, parse_keys
 from llmq.shared.settings import Settings
 from local.launch import REDIS_PERSISTENT_FLAGS
 from tests.support.stack import ROOT
@@ -43,7 +44,8 @@ def env_file(path: Path = ENV_EXAMPLE) -> dict[str, str]:
 
 def env_example() -> dict[str, str]:
     """.env.example with its (empty) secrets filled, as secrets.sh fills them."""
-    return {**env_file(), **{name: f"test-{name.lower().replace('_', '-')}" for name in SECRETS}}
+    filled = {name: f"test-{name.lower().replace('_', '-')}" for name in SECRETS}
+    return {**env_file(), **filled, "PAYLOAD_KEYS": new_key()}
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
@@ -211,6 +213,16 @@ def test_no_secret_has_a_default_and_each_one_is_required() -> None:
             stack(env)
 
 
+def test_payload_keys_are_required_and_shared_by_gateways_and_workers() -> None:
+    assert env_file()["PAYLOAD_KEYS"] == "", "no key in .env.example"
+    env = env_example()
+    services = stack(env)["services"]
+    for role in ("gateway", "worker", "worker-2"):
+        assert services[role]["environment"]["PAYLOAD_KEYS"] == env["PAYLOAD_KEYS"], role
+    with pytest.raises(KeyError, match="PAYLOAD_KEYS is required"):
+        stack({**env, "PAYLOAD_KEYS": ""})
+
+
 def test_only_the_gateway_is_published_beyond_this_host() -> None:
     services = stack()["services"]
     published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
@@ -253,6 +265,8 @@ def test_secrets_sh_fills_every_secret_once_and_prints_none(tmp_path: Path) -> N
         assert re.fullmatch(r"[0-9a-f]{48}", env[name]), name
         assert env[name] not in first.stdout + first.stderr
     assert oct((tmp_path / ".env").stat().st_mode)[-3:] == "600"
+    assert len(parse_keys(env["PAYLOAD_KEYS"])) == 1, "a key PAYLOAD_KEYS takes"
+    assert env["PAYLOAD_KEYS"] not in first.stdout + first.stderr
     stack(env)  # compose would start
     again = subprocess.run(["sh", str(tmp_path / "secrets.sh")], capture_output=True, text=True)
     assert again.returncode == 0

@@ -4,6 +4,7 @@ probes, labels, secrets, metrics, the monitoring files)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from prometheus_client import generate_latest
 from llmq.gateway.metrics import GatewayMetrics
 from llmq.gateway.scaling import ModelRow
 from llmq.shared.readings import ModelLoad
+from llmq.shared.sealing import new_key, parse_keys
 from llmq.shared.settings import Settings
 from tests.support.helm import (
     CHART,
@@ -90,6 +92,9 @@ def test_the_crd_validator_does_reject_a_bad_resource() -> None:
     assert problems == ["Thing/x: no validator for example.com/v1 Thing"]
 
 
+STUBS = {"PAYLOAD_KEYS": new_key()}  # a secret's stand-in where its format is checked
+
+
 def test_every_setting_the_chart_passes_is_a_settings_field_and_loads(
     example: tuple[Path, list[Doc]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,7 +112,8 @@ def test_every_setting_the_chart_passes_is_a_settings_field_and_loads(
             for name in fields:
                 monkeypatch.delenv(name, raising=False)
             for e in c["env"]:
-                monkeypatch.setenv(e["name"], e.get("value", "stub-secret-0123456789"))
+                stub = STUBS.get(e["name"], "stub-secret-0123456789")
+                monkeypatch.setenv(e["name"], e.get("value", stub))
             Settings()  # raises on a value the process would refuse
 
 
@@ -243,6 +249,20 @@ def test_the_project_containers_run_as_non_root_read_only(example: tuple[Path, l
                 assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
             if c["name"] in ("redis", "sentinel"):
                 assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_payload_keys_are_generated_as_keys_and_a_malformed_one_is_refused() -> None:
+    secret = named(render(ONE_MODEL), "Secret", f"{FULL}-secrets")
+    generated = base64.b64decode(secret["data"]["payload-keys"]).decode()
+    assert len(parse_keys(generated)) == 1
+    given = f"{new_key()},{new_key()}"  # (--set-string splits at an unescaped comma)
+    docs = render(ONE_MODEL, secrets__payloadKeys=given.replace(",", "\\,"))
+    secret = named(docs, "Secret", f"{FULL}-secrets")
+    assert base64.b64decode(secret["data"]["payload-keys"]).decode() == given
+    bad = f"{new_key()}\\,not-a-key"
+    error = render_error(ONE_MODEL, secrets__payloadKeys=bad)
+    assert "secrets.payloadKeys: key 2 is not 32 bytes" in error
+    assert "not-a-key" not in error
 
 
 def test_secrets_come_from_the_secret_and_every_key_exists() -> None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import redis
 
+from llmq.shared.sealing import new_key
 from tests.support.clients import (
     admitted,
     assert_drained,
@@ -134,6 +135,34 @@ def _quietly_post(url: str, payload: dict[str, object]) -> None:
                 pass
     except httpx.HTTPError:
         pass  # the gateway was killed under us: that is the point of the test
+
+
+@pytest.mark.parametrize("module", ["llmq.gateway", "llmq.worker"])
+def test_startup_without_payload_keys_or_with_a_malformed_one_is_refused(module: str) -> None:
+    """No PAYLOAD_KEYS: refused (clear payloads are PAYLOAD_KEYS=none, a choice). A malformed
+    key: refused naming its position, never printing any key."""
+
+    def start(keys: str | None) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": "/usr/bin:/bin"} | ({} if keys is None else {"PAYLOAD_KEYS": keys})
+        return subprocess.run(
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=env,
+        )
+
+    missing = start(None)
+    assert missing.returncode != 0
+    assert "PAYLOAD_KEYS is not set" in missing.stderr
+    good, bad = new_key(), "c2VjcmV0LWJ1dC10b28tc2hvcnQ"
+    malformed = start(f"{good},{bad}")
+    assert malformed.returncode != 0
+    assert "PAYLOAD_KEYS" in malformed.stderr
+    assert "key 2 of 2" in malformed.stderr
+    assert good not in malformed.stdout + malformed.stderr
+    assert bad not in malformed.stdout + malformed.stderr
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,8 @@ valueFrom:
     key: {{ .key }}
 {{- end -}}
 
-{{/* The Redis connection of a gateway or worker: (dict "root" $ "role" "gateway"). */}}
+{{/* The Redis connection of a gateway or worker, and the payload keys that seal what they
+write there: (dict "root" $ "role" "gateway"). */}}
 {{- define "llmq.redisEnv" -}}
 {{- $r := .root.Values.redis -}}
 {{- $full := include "llmq.fullname" .root -}}
@@ -91,6 +92,8 @@ valueFrom:
   {{- include "llmq.secretRef" (dict "root" .root "key" (printf "redis-%s-password" .role)) | nindent 2 }}
 - name: REDIS_MIN_REPLICAS_ACK
   value: {{ $r.minReplicasToWrite | quote }}
+- name: PAYLOAD_KEYS
+  {{- include "llmq.secretRef" (dict "root" .root "key" "payload-keys") | nindent 2 }}
 {{- end -}}
 
 {{/* The settings every gateway and worker shares (values.config and what models imply). */}}
