@@ -152,6 +152,7 @@ class Simulator:
             "say": str(over.get("say", "tok")),
             "fail_message": over.get("fail_message"),
             "model": str(body.get("model")),
+            "interval": max(1, int(body.get("stream_interval") or 1)),  # as vLLM's
         }
 
     async def chat(self, request: Request) -> Response:
@@ -277,16 +278,21 @@ class Simulator:
         self.stats.running += 1
         try:
             await asyncio.sleep(k["ttft"])
+            text, sent = "", 0  # with stream_interval: the first token, then one delta per n
             for i in range(k["tokens"]):
                 if k["drop_after"] is not None and i >= int(k["drop_after"]):
                     raise DroppedStream(rid)
                 if k["hold"] and i == k["hold_after"]:
                     await self.holds.wait(str(k["hold"]))
-                delta: dict[str, Any] = {"content": f"{k['say']}{i} " + "x" * k["pad"]}
+                if i:
+                    await asyncio.sleep(k["itl"])
+                text += f"{k['say']}{i} " + "x" * k["pad"]
+                if i and i + 1 - sent < k["interval"] and i + 1 < k["tokens"]:
+                    continue
+                delta: dict[str, Any] = {"content": text}
                 if i == 0:
                     delta = {"role": "assistant", **delta}
-                else:
-                    await asyncio.sleep(k["itl"])
+                text, sent = "", i + 1
                 yield self._chunk(
                     rid, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
                 )

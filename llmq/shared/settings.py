@@ -208,6 +208,18 @@ class Settings(BaseSettings):
         description="pass each job's band on as vLLM's request priority (an engine started "
         "with --scheduling-policy priority favours high-band jobs inside its batch)",
     )
+    # Streamed deltas under load (ARCHITECTURE.md, "The token path and its cost"): a busy
+    # worker asks the engine for several tokens per delta (vLLM's stream_interval).
+    stream_frame_ms: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="while busy, the engine batches the tokens it makes in this time into one "
+        "streamed delta (the first token is never held); 0: one delta per token always",
+    )
+    stream_batch_from: int = Field(
+        16, ge=1, le=4096, description="jobs running on a worker from which it batches deltas"
+    )
     # Cache-aware pickup (ARCHITECTURE.md, "Cache-aware pickup"): gateways sign each job's
     # prompt prefix, workers prefer the jobs their engine holds the prefix of.
     prefix_affinity: bool = Field(

@@ -42,12 +42,17 @@ _PROBE_TOOL = {
 BAND_PRIORITY = {Band.HIGH: 0, Band.NORMAL: 1, Band.LOW: 2}
 
 
-def engine_body(spec: JobSpec, priority: bool) -> dict[str, Any]:
+def engine_body(spec: JobSpec, priority: bool, stream_interval: int = 1) -> dict[str, Any]:
     """What the engine is sent for ``spec``: its body, with the band as vLLM's ``priority``
-    when ENGINE_PRIORITY is on (clients cannot send ``priority``: it is not passed through)."""
-    if not priority:
-        return spec.body
-    return {**spec.body, "priority": BAND_PRIORITY[spec.band]}
+    when ENGINE_PRIORITY is on, and ``stream_interval`` (tokens per streamed delta; vLLM
+    sends the first token at once, then one delta per that many) when above 1. Clients
+    cannot send either: neither is passed through."""
+    extra: dict[str, Any] = {}
+    if priority:
+        extra["priority"] = BAND_PRIORITY[spec.band]
+    if stream_interval > 1 and spec.stream:
+        extra["stream_interval"] = stream_interval
+    return {**spec.body, **extra} if extra else spec.body
 
 
 def _upstream_error(status: int, raw: bytes) -> UpstreamError:

@@ -105,7 +105,8 @@ async def _stream(
     first = True
     t_first = t_first_wall = 0.0
     job_id = spec.id.encode()
-    async with rt.engine.stream(engine_body(spec, rt.settings.engine_priority)) as chunks:
+    body = engine_body(spec, rt.settings.engine_priority, rt.stream_interval())
+    async with rt.engine.stream(body) as chunks:
         async for raw in chunks:
             kind, value = _classify(raw, spec, job_id)
             if kind == "usage":
@@ -130,7 +131,9 @@ async def _stream(
         done["timings"] = _timings(spec, t_picked, t_first_wall, tokens)
     await pub.send(EventType.DONE, _dumps(done))
     if t_first and tokens > 1:
-        rt.metrics.decode_rate.observe((tokens - 1) / max(1e-6, time.monotonic() - t_first))
+        rate = (tokens - 1) / max(1e-6, time.monotonic() - t_first)
+        rt.metrics.decode_rate.observe(rate)
+        rt.observe_itl(1 / rate)
     return usage
 
 

@@ -48,9 +48,23 @@ class Runtime:
     # returned to the queue (at most once). The most recent ENTERED_KEPT, oldest first.
     entered: dict[str, None] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    itl_s: float = 0.0  # the engine's recent time per token (EWMA of streamed jobs; 0: unknown)
+
+    def stream_interval(self) -> int:
+        """Tokens the engine is asked to put in one streamed delta (vLLM's
+        ``stream_interval``): while this worker runs STREAM_BATCH_FROM jobs or more, as many
+        as the engine makes in STREAM_FRAME_MS (at most MAX_STREAM_INTERVAL); else 1."""
+        s = self.settings
+        if not s.stream_frame_ms or self.active < s.stream_batch_from or self.itl_s <= 0:
+            return 1
+        return max(1, min(MAX_STREAM_INTERVAL, int(s.stream_frame_ms / 1000 / self.itl_s)))
+
+    def observe_itl(self, itl_s: float) -> None:
+        self.itl_s = itl_s if self.itl_s <= 0 else 0.8 * self.itl_s + 0.2 * itl_s
 
 
 ENTERED_KEPT = 10_000
+MAX_STREAM_INTERVAL = 16
 
 
 def mark_entered(rt: Runtime, job_id: str) -> None:

@@ -93,6 +93,36 @@ def test_usage_through_the_gateway_equals_vllm_direct(stack: Stack, vllm: Proc, 
     assert chunks[-1].model_extra["timings"]["completion_tokens"] == direct.usage.completion_tokens
 
 
+def test_a_busy_worker_gets_several_tokens_per_delta_from_vllm(
+    stack: Stack, vllm: Proc, sdk
+) -> None:
+    """vLLM honours the per-request stream_interval a busy worker sends (here busy from its
+    first job, and a frame long enough for many tokens): the first stream teaches the
+    worker the engine's time per token, the next one arrives in fewer deltas, with the
+    first token alone first, and the same greedy text and usage."""
+    stack.worker(stream_batch_from=1, stream_frame_ms=1000)
+    gw = stack.gateway()
+    ask = {"model": MODEL, "messages": QUESTION, "max_tokens": 24, "temperature": 0}
+
+    def deltas() -> tuple[list[str], object]:
+        chunks = list(
+            sdk(gw.url).chat.completions.create(
+                **ask, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        texts = [
+            c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+        ]
+        return texts, chunks[-1].usage
+
+    per_token, usage = deltas()
+    batched, batched_usage = deltas()
+    assert "".join(batched) == "".join(per_token)
+    assert batched_usage == usage
+    assert len(per_token) >= 8, per_token
+    assert len(batched) < len(per_token) / 2, (per_token, batched)
+
+
 def test_a_resumed_stored_stream_equals_the_direct_greedy_answer(
     stack: Stack, vllm: Proc, sdk
 ) -> None:

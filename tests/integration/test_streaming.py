@@ -150,7 +150,7 @@ def test_many_streams_at_once_each_get_every_delta_in_order(stack: Stack, sim: P
     then released together. Each gets every delta as its own event, numbered in order,
     exactly the engine's text, then [DONE]."""
     assert relay.BUSY_STREAMS <= 40
-    stack.worker(max_active=40)
+    stack.worker(max_active=40, stream_frame_ms=0)  # the engine's deltas one per token
     gw = stack.gateway()
 
     async def run() -> list[StreamResult]:
@@ -170,3 +170,35 @@ def test_many_streams_at_once_each_get_every_delta_in_order(stack: Stack, sim: P
         assert r.text == expected
         deltas = [c for c in r.chunks if c.get("choices") and c["choices"][0].get("delta")]
         assert len(deltas) == 16, "one event per delta, however many shared a write"
+
+
+def test_a_busy_worker_asks_the_engine_for_several_tokens_per_delta(stack: Stack) -> None:
+    """Past STREAM_BATCH_FROM running jobs (1 here), a stream asks the engine for as many
+    tokens per delta as it makes in STREAM_FRAME_MS (1 s at the simulator's 5 ms per token:
+    16, the most asked). The first stream teaches the worker the engine's pace and
+    gets one delta per token; the next gets the first token alone, then the rest in one
+    delta: the same text and usage, numbered in order."""
+    stack.worker(stream_batch_from=1, stream_frame_ms=1000)
+    gw = stack.gateway()
+    payload = {**body(tokens=16, itl_ms=5), "stream_options": {"include_usage": True}}
+
+    async def run() -> list[StreamResult]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return [await stream_chat(c, gw.url, payload) for _ in range(2)]
+
+    per_token, batched = asyncio.run(run())
+    expected = "".join(f"tok{i} " for i in range(16))
+    for r in (per_token, batched):
+        assert r.text == expected
+        assert r.done
+        assert r.chunks[-1]["usage"]["completion_tokens"] == 16
+
+    def contents(r: StreamResult) -> list[str]:
+        return [
+            c["choices"][0]["delta"]["content"]
+            for c in r.chunks
+            if c.get("choices") and c["choices"][0].get("delta", {}).get("content")
+        ]
+
+    assert len(contents(per_token)) == 16
+    assert contents(batched) == ["tok0 ", "".join(f"tok{i} " for i in range(1, 16))]

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
 
 from llmq.shared.errors import EngineUnavailable, UpstreamError
-from llmq.shared.protocol import ModelCard
-from llmq.worker.engine import EngineClient
+from llmq.shared.protocol import JobSpec, ModelCard
+from llmq.shared.settings import Settings
+from llmq.worker.engine import EngineClient, engine_body
+from llmq.worker.runtime import MAX_STREAM_INTERVAL, Runtime
 from tests.support.clients import sse_bytes as sse
 from tests.support.fake_engine import Handler, fake_engine
 from tests.support.stack import free_port
@@ -110,3 +113,44 @@ async def test_the_api_key_is_sent() -> None:
         await c.models()
         await c.aclose()
     assert seen == ["Bearer k-123"]
+
+
+def _spec(stream: bool) -> JobSpec:
+    return JobSpec(
+        id="j", model="m", stream=stream, include_usage=False, enqueued_at_ms=0, body={"x": 1}
+    )
+
+
+def test_the_engine_body_carries_a_stream_interval_only_when_it_batches() -> None:
+    assert engine_body(_spec(True), False) == {"x": 1}
+    assert engine_body(_spec(True), False, 4) == {"x": 1, "stream_interval": 4}
+    assert engine_body(_spec(False), False, 4) == {"x": 1}, "not streamed: nothing to batch"
+    assert engine_body(_spec(True), True, 1) == {"x": 1, "priority": 1}  # the normal band
+
+
+def _runtime(**settings: Any) -> Runtime:
+    return Runtime(
+        settings=Settings(**settings),
+        store=None,  # type: ignore[arg-type]
+        batches=None,  # type: ignore[arg-type]
+        engine=None,  # type: ignore[arg-type]
+        metrics=None,  # type: ignore[arg-type]
+        outbox=None,  # type: ignore[arg-type]
+    )
+
+
+def test_a_busy_worker_asks_for_the_tokens_the_engine_makes_in_a_frame() -> None:
+    rt = _runtime(stream_frame_ms=20, stream_batch_from=16)
+    rt.active = 16
+    assert rt.stream_interval() == 1, "the engine's pace is not known yet"
+    rt.observe_itl(0.005)
+    assert rt.stream_interval() == 4  # 20 ms at 5 ms a token
+    rt.active = 15
+    assert rt.stream_interval() == 1, "not busy"
+    rt.active = 64
+    rt.observe_itl(0.05)  # slower: the EWMA moves a fifth of the way
+    assert rt.itl_s == pytest.approx(0.014)
+    assert rt.stream_interval() == 1
+    rt.itl_s = 0.0001
+    assert rt.stream_interval() == MAX_STREAM_INTERVAL
+    assert _runtime(stream_frame_ms=0).stream_interval() == 1
