@@ -36,6 +36,7 @@ BODY: dict[str, Any] = {
     "model": "sim-model",
     "stream": True,
     "messages": [{"role": "user", "content": "Say something."}],
+    "stream_options": {"include_usage": True},  # tokens from the usage, however batched
 }
 STORED = {**BODY, "store": True}
 

@@ -18,9 +18,10 @@ from llmq.shared import sse
 class Sample:
     ttft_s: float
     total_s: float
-    tokens: int
+    tokens: int  # the usage's completion tokens when the stream reported them, else deltas
     ok: bool
     text: str = ""
+    deltas: int = 0  # content deltas received (several tokens each from a batching engine)
 
 
 @dataclass
@@ -58,6 +59,7 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Samp
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
+    usage_tokens = -1
     parts: list[str] = []
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
@@ -66,6 +68,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Samp
         try:
             async for chunk in sse.events(resp.aiter_lines()):
                 choices = chunk.get("choices") or []
+                if chunk.get("usage"):
+                    usage_tokens = int(chunk["usage"].get("completion_tokens") or 0)
                 content = choices[0].get("delta", {}).get("content") if choices else None
                 if content:
                     parts.append(content)
@@ -75,7 +79,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Samp
         except sse.StreamEndedEarly:
             return Sample(ttft or 0.0, time.perf_counter() - t0, tokens, False)
     total = time.perf_counter() - t0
-    return Sample(ttft or 0.0, total, tokens, ttft is not None, "".join(parts))
+    counted = usage_tokens if usage_tokens >= 0 else tokens
+    return Sample(ttft or 0.0, total, counted, ttft is not None, "".join(parts), tokens)
 
 
 async def run(url: str, body: dict[str, Any], requests: int, concurrency: int) -> RunResult:

@@ -40,6 +40,8 @@ BODY = {
     "model": "sim-model",
     "stream": True,
     "messages": [{"role": "user", "content": "Say something."}],
+    # Tokens are counted from the usage: a busy worker gets several per delta.
+    "stream_options": {"include_usage": True},
 }
 
 
@@ -52,6 +54,13 @@ class Row:
     cpu: dict[str, float]  # CPU-s per 1000 streams through llmq, by process kind
     loadgen_cpu: float  # the load generator's CPU-s per 1000 streams (either path)
     errors: int
+    engine_cpu: tuple[float, float] = (0.0, 0.0)  # the simulator's CPU-s/1k: direct, via llmq
+
+    @property
+    def deltas(self) -> float:
+        """Content deltas per stream through llmq (the tokens, unless the engine batched)."""
+        ok = self.via.ok
+        return sum(s.deltas for s in ok) / len(ok) if ok else 0.0
 
     @property
     def ratio(self) -> float:
@@ -75,25 +84,31 @@ def _errors(result: RunResult, expected: str, tokens: int) -> int:
 
 def measure(
     c: int, n: int, rounds: int, sim: Proc, gateway_url: str, procs: dict[str, list[Proc]]
-) -> tuple[RunResult, RunResult, dict[str, float], float]:
+) -> tuple[RunResult, RunResult, dict[str, float], float, tuple[float, float]]:
     direct: list[RunResult] = []
     via: list[RunResult] = []
     cpu = dict.fromkeys(procs, 0.0)
     loadgen = 0.0
+    engine = [0.0, 0.0]  # the simulator's CPU serving the direct path, the llmq path
     for _ in range(rounds):
+        e0 = sim.cpu_seconds()
         direct.append(asyncio.run(run(sim.url, BODY, n // rounds, c)))
+        e1 = sim.cpu_seconds()
         before = {k: sum(p.cpu_seconds() for p in ps) for k, ps in procs.items()}
         t0 = time.process_time()
         via.append(asyncio.run(run(gateway_url, BODY, n // rounds, c)))
         loadgen += time.process_time() - t0
         for k, ps in procs.items():
             cpu[k] += sum(p.cpu_seconds() for p in ps) - before[k]
+        engine[0] += e1 - e0
+        engine[1] += sim.cpu_seconds() - e1
     done = rounds * (n // rounds)
     return (
         merge(direct),
         merge(via),
         {k: v * 1000 / done for k, v in cpu.items()},
         loadgen * 1000 / done,
+        (engine[0] * 1000 / done, engine[1] * 1000 / done),
     )
 
 
@@ -102,7 +117,8 @@ def print_header() -> None:
         f"{'c':>4} {'direct r/s':>10} {'llmq r/s':>9} {'ratio':>6} "
         f"{'ttft p50 d/l ms':>16} {'added p50':>9} {'added p99':>9} "
         f"{'CPU-s/1k: gw':>12} {'worker':>7} {'redis':>6} {'total':>6} {'loadgen':>8} "
-        f"{'µs/token: gw':>12} {'worker':>7} {'redis':>6} {'err':>4}"
+        f"{'µs/token: gw':>12} {'worker':>7} {'redis':>6} {'err':>4} "
+        f"{'deltas':>6} {'engine CPU-s/1k d/l':>19}"
     )
 
 
@@ -114,7 +130,8 @@ def print_row(r: Row, tokens: int) -> None:
         f"{r.added_ms(50):>+9.1f} {r.added_ms(99):>+9.1f} "
         f"{r.cpu['gateway']:>12.1f} {r.cpu['worker']:>7.1f} {r.cpu['redis']:>6.1f} "
         f"{r.service_cpu:>6.1f} {r.loadgen_cpu:>8.1f} "
-        f"{per[0]:>12.0f} {per[1]:>7.0f} {per[2]:>6.0f} {r.errors:>4}"
+        f"{per[0]:>12.0f} {per[1]:>7.0f} {per[2]:>6.0f} {r.errors:>4} "
+        f"{r.deltas:>6.1f} {r.engine_cpu[0]:>9.1f}/{r.engine_cpu[1]:<9.1f}"
     )
 
 
@@ -239,9 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         for c in concs:
             n = max(a.min_requests, a.per_lane * c)
             n -= n % a.rounds
-            direct, via, cpu, loadgen = measure(c, n, a.rounds, sim, gateway.url, kinds)
+            direct, via, cpu, loadgen, engine = measure(c, n, a.rounds, sim, gateway.url, kinds)
             errors = _errors(direct, expected, a.tokens) + _errors(via, expected, a.tokens)
-            rows.append(Row(c, n, direct, via, cpu, loadgen, errors))
+            rows.append(Row(c, n, direct, via, cpu, loadgen, errors, engine))
             print_row(rows[-1], a.tokens)
         if a.profile:
             profile(a.profile, a.profile_c, stack, kinds)
