@@ -236,10 +236,19 @@ def main(argv: list[str] | None = None) -> None:
         help="profile a run at --profile-c; raw profiles to DIR",
     )
     ap.add_argument("--profile-c", type=int, default=64)
+    ap.add_argument(
+        "--stream-frame-ms", type=int, default=None, help="the worker's STREAM_FRAME_MS"
+    )
     a = ap.parse_args(argv)
     concs = [int(c) for c in a.conc.split(",")]
     sim_args = ("--ttft-ms", str(a.ttft_ms), "--itl-ms", str(a.itl_ms), "--tokens", str(a.tokens))
-    settings = {"max_active": max(concs), "queue_max": max(concs), "log_level": "WARNING"}
+    settings: dict[str, object] = {
+        "max_active": max(concs),
+        "queue_max": max(concs),
+        "log_level": "WARNING",
+    }
+    if a.stream_frame_ms is not None:
+        settings["stream_frame_ms"] = a.stream_frame_ms
     with local_stack("llmq-scale-", sim_args, gateway_processes=a.gateways, **settings) as stack:
         sim, gateway = stack.sim, stack.gateway
         kinds = {"gateway": [gateway], "worker": [stack.worker], "redis": [stack.redis]}

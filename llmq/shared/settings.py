@@ -211,7 +211,7 @@ class Settings(BaseSettings):
     # Streamed deltas under load (ARCHITECTURE.md, "The token path and its cost"): a busy
     # worker asks the engine for several tokens per delta (vLLM's stream_interval).
     stream_frame_ms: int = Field(
-        20,
+        50,
         ge=0,
         le=1000,
         description="while busy, the engine batches the tokens it makes in this time into one "
