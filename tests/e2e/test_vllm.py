@@ -107,7 +107,10 @@ def test_a_busy_worker_gets_several_tokens_per_delta_from_vllm(
     def deltas() -> tuple[list[str], object]:
         chunks = list(
             sdk(gw.url).chat.completions.create(
-                **ask, stream=True, stream_options={"include_usage": True}
+                **ask,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},  # all 24 tokens: a short answer would not do
             )
         )
         texts = [
@@ -119,7 +122,7 @@ def test_a_busy_worker_gets_several_tokens_per_delta_from_vllm(
     batched, batched_usage = deltas()
     assert "".join(batched) == "".join(per_token)
     assert batched_usage == usage
-    assert len(per_token) >= 8, per_token
+    assert len(per_token) >= 12, per_token  # (a token may bring no text: EOS, merges)
     assert len(batched) < len(per_token) / 2, (per_token, batched)
 
 
