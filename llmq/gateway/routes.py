@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -53,14 +54,15 @@ class _Attach(Exception):
         self.job_id = job_id
 
 
-def _idempotency(request: Request, raw: bytes) -> tuple[str, str] | None:
-    """(key digest, body digest) of the request's Idempotency-Key, if it has one."""
+def _idempotency(request: Request, digests: list[str]) -> tuple[str, str] | None:
+    """(key digest, body digest) of the request's Idempotency-Key, if it has one
+    (``digests``: the body's, ``Sealer.digests``, the current one first)."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
     if not 0 < len(key) <= _MAX_IDEMPOTENCY_KEY:
         raise InvalidRequest(f"Idempotency-Key is 1..{_MAX_IDEMPOTENCY_KEY} characters")
-    return hashlib.sha256(key.encode()).hexdigest(), hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(key.encode()).hexdigest(), digests[0]
 
 
 async def _open_relay(
@@ -71,6 +73,7 @@ async def _open_relay(
     timings: Timings,
     idempotency: tuple[str, str] | None,
     updates: bool = False,
+    body_digests: Sequence[str] = (),
 ) -> tuple[JobRelay, Event | None, AdmitResult]:
     """Admit the request; then (unless ``updates``: the stream starts now and tells the
     client where it waits) wait for its first event."""
@@ -99,7 +102,7 @@ async def _open_relay(
         result = await st.admission.admit(spec, capacity, tenant, record, idempotency, kept)
         if result.status == AdmitStatus.IDEMPOTENT:
             prior_id, _, digest = result.prior.partition(" ")
-            if idempotency is None or digest != idempotency[1]:
+            if idempotency is None or digest not in body_digests:  # any key's: rotations
                 raise IdempotencyKeyReused(
                     "this Idempotency-Key was sent before with a different body"
                 )
@@ -139,14 +142,15 @@ async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) ->
     timings = Timings()
     raw = await request.body()
     body = parse_chat_body(raw, st.settings)
-    idempotency = _idempotency(request, raw)
+    digests = st.store.sealer.digests(raw) if "idempotency-key" in request.headers else []
+    idempotency = _idempotency(request, digests)
     st.metrics.tenant_requests.labels(tenant.name).inc()
     if st.draining:
         raise ShuttingDown("the gateway is shutting down; retry on another replica")
     updates = body.stream and queued.wants_updates(request.headers.get(queued.HEADER))
     try:
         relay, first, admitted = await _open_relay(
-            st, request, body, tenant, timings, idempotency, updates
+            st, request, body, tenant, timings, idempotency, updates, digests
         )
     except ClientClosedRequest:
         return Response(status_code=499)

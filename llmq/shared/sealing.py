@@ -20,8 +20,9 @@ opens, found by its id: a key list rotated as ``new,old`` serves what ``old`` se
 is gone from Redis. A value that is not sealed opens as itself: written before keys were
 set, or by a Lua script (the out-of-band errors, which carry no content).
 
-The gateway's prefix signatures (``shared.prefix``) are keyed with a key derived from the
-first key, so a guessed prompt cannot be confirmed against them.
+The gateway's prefix signatures (``shared.prefix``) and an Idempotency-Key's body digest
+are keyed with keys derived from the payload keys, so a guessed prompt cannot be confirmed
+against them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -114,8 +116,9 @@ class Sealer:
         self._ciphers = {key_id(k): AESGCM(k) for k in keys}
         self._head = MARK + key_id(keys[0]) if keys else b""
         self._sealer = self._ciphers.get(key_id(keys[0])) if keys else None
-        # Keyed prefix signatures: a key of their own, derived from the sealing key.
+        # Keyed prefix signatures and body digests: keys of their own, derived from these.
         self.prefix_key = hashlib.blake2b(b"llmq prefix", key=keys[0]).digest() if keys else b""
+        self._digest_keys = [hashlib.blake2b(b"llmq body digest", key=k).digest() for k in keys]
 
     @property
     def enabled(self) -> bool:
@@ -156,6 +159,15 @@ class Sealer:
                 f"the payload sealed with key {kid.decode()} does not open: it was altered "
                 "or belongs elsewhere"
             ) from None
+
+    def digests(self, raw: bytes) -> list[str]:
+        """A request body's digest under each key, the sealing key's first (an
+        Idempotency-Key's body check: keyed, so that Redis' copy cannot confirm a guessed
+        body; each key's, so that a retry across a rotation still matches). Without keys,
+        its SHA-256."""
+        if not self._digest_keys:
+            return [hashlib.sha256(raw).hexdigest()]
+        return [hmac.new(k, raw, hashlib.sha256).hexdigest() for k in self._digest_keys]
 
     def seal_text(self, text: str, where: str) -> str:
         return self.seal(text.encode(), where).decode() if text and self.enabled else text

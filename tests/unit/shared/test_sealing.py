@@ -4,6 +4,7 @@ was sealed; keys rotate; a malformed key is refused without being repeated."""
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
 
@@ -154,3 +155,17 @@ def test_prefix_signatures_are_keyed() -> None:
     assert keyed == signature(body, "m", a.prefix_key)
     assert keyed != signature(body, "m")
     assert keyed != signature(body, "m", b.prefix_key)
+
+
+def test_body_digests_are_keyed_and_each_key_gives_one() -> None:
+    """An Idempotency-Key's body check: Redis' copy cannot confirm a guessed body; a retry
+    across a rotation (new,old) still matches the digest the old key made."""
+    raw = b'{"messages":[{"role":"user","content":"a guessable prompt"}]}'
+    old, new = new_key(), new_key()
+    before = sealer(old).digests(raw)
+    assert len(before) == 1
+    assert before[0] != hashlib.sha256(raw).hexdigest()
+    rotated = sealer(new, old).digests(raw)
+    assert rotated[1] == before[0], "the old key's digest still matches"
+    assert rotated[0] != before[0], "new ones are made with the new key"
+    assert Sealer().digests(raw) == [hashlib.sha256(raw).hexdigest()]
