@@ -2,8 +2,9 @@
 
     python -m bench.engine_sim --port 8000 --ttft-ms 20 --itl-ms 10
 
-A stream is: role chunk with the first token, one chunk per token, a finish chunk, a usage
-chunk (when ``stream_options.include_usage``), ``data: [DONE]``. Knobs are global (flags) and
+A stream is: role chunk with the first token, one chunk per token (with vLLM's per-request
+``stream_interval`` N: one per N tokens after the first), a finish chunk, a usage chunk
+(when ``stream_options.include_usage``), ``data: [DONE]``. Knobs are global (flags) and
 per request through an extra body field ``"sim": {...}`` (the gateway passes unknown fields
 through), e.g. ``{"sim": {"tokens": 5, "itl_ms": 50, "fail_status": 500, "hang": true,
 "drop_after": 3, "pad": 4000}}`` (``pad``: bytes added to each token, for big
@@ -36,7 +37,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import uvicorn
@@ -47,6 +48,7 @@ from starlette.routing import Route
 
 from bench.prefix_cache import PrefixCache, prompt_blocks, with_answer
 from bench.sim_holds import DroppedStream, Holds
+from bench.sim_stats import SimStats
 
 
 @dataclass
@@ -64,21 +66,6 @@ class SimConfig:
     # hold adds prefill_us_per_token to the time to first token.
     prefix_cache_tokens: int = 0
     prefill_us_per_token: float = 0.0
-
-
-@dataclass
-class SimStats:
-    requests: int = 0
-    streams_started: int = 0
-    streams_completed: int = 0
-    streams_abandoned: int = 0
-    running: int = 0
-    failures_injected: int = 0
-    probes: int = 0  # the worker's capability probes (PROBE_HEADER), not in ``requests``
-    by_model: dict[str, int] = field(default_factory=dict)  # requests per model asked for
-    not_found: int = 0  # requests for a model this engine does not serve (answered 404)
-    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache (as vLLM counts)
-    prefix_hits: int = 0  # of those, found cached
 
 
 def _error(status: int, message: str) -> JSONResponse:
