@@ -5,6 +5,8 @@
     llmq-jobs show ID          one job: where it stands, its settings, its stored record
     llmq-jobs cancel ID        a queued job never runs; a running one is aborted
     llmq-jobs purge --queued   cancel every job still waiting (running ones are left alone)
+    llmq-jobs sealed           payloads in Redis by the key that sealed them (PAYLOAD_KEYS
+                               rotation: a key may go once it seals none)
 
 It reads the same keys as the README's ``redis-cli`` recipes, and never prints a prompt or
 a completion (``show`` gives the request's size, not its text). Reads REDIS_URL like the
@@ -38,7 +40,20 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("cancel").add_argument("id")
     purge = sub.add_parser("purge")
     purge.add_argument("--queued", action="store_true", required=True, help="waiting jobs")
+    sub.add_parser("sealed", help="payloads in Redis by the id of the key that sealed them")
     return ap
+
+
+async def sealed(store: Store, held: list[str]) -> int:
+    """One line per key id: what it sealed, and whether PAYLOAD_KEYS here holds it."""
+    found = await store.records.sealed_by()
+    if not found:
+        print("no payloads in Redis")
+    for kid, kinds in sorted(found.items()):
+        where = "" if kid == "plain" else ("  (held)" if kid in held else "  (NOT held here)")
+        counts = " ".join(f"{kind}={kinds.get(kind, 0)}" for kind in ("jobs", "stored", "files"))
+        print(f"{kid:<8}  {counts}{where}")
+    return 0
 
 
 def _age(ms: int) -> str:
@@ -126,6 +141,8 @@ async def run(a: argparse.Namespace, store: Store) -> int:
         return await cancel(store, a.id)
     elif a.command == "purge":
         return await purge_queued(store)
+    elif a.command == "sealed":
+        return await sealed(store, store.sealer.key_ids)
     return 0
 
 
@@ -133,7 +150,8 @@ async def _main(a: argparse.Namespace) -> int:
     settings = load_settings()
     redis = cli_redis(settings)
     try:
-        return await run(a, Store(redis, settings.store_ttl_s))
+        # The key ids only (``sealed`` says which are held); nothing here opens a payload.
+        return await run(a, Store(redis, settings.store_ttl_s, sealer=settings.sealer()))
     finally:
         await redis.aclose()
 

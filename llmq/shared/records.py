@@ -5,6 +5,7 @@ job's state are ``shared.store``'s scripts."""
 from __future__ import annotations
 
 import json
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 from llmq.shared import keys, scripts
 from llmq.shared import protocol as p
 from llmq.shared.lua import Registered
-from llmq.shared.sealing import Sealer
+from llmq.shared.sealing import Sealer, key_id_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,3 +143,27 @@ class JobRecords:
                 tenant, model = p.worker_job_owner(value)
                 out.append((job.decode(), worker, tenant, model))
         return out
+
+    async def sealed_by(self) -> dict[str, Counter[str]]:
+        """Payloads in Redis by the id of the key that sealed them (``plain``: not sealed),
+        each counted by kind: ``jobs`` (queued and running requests), ``stored`` (stored
+        completions: their kept messages or answer), ``files``. A key may leave
+        PAYLOAD_KEYS once it seals none. SCANs the keyspace: an operator's command."""
+        out: dict[str, Counter[str]] = defaultdict(Counter)
+        async for key in self.redis.scan_iter(match=keys.job_key("*"), count=1000):
+            raw = await self.redis.get(key)
+            if raw is not None:
+                args = deserialize_job(raw, deserializer=p.json_loads).args
+                out[key_id_of(str(args[0].get("sealed", ""))) or "plain"]["jobs"] += 1
+        async for key in self.redis.scan_iter(match=keys.stored_key("*"), count=1000):
+            job_id = key.decode()[len(keys.stored_key("")) :]
+            kept = await self.redis.hget(key, keys.STORED_MESSAGES)  # type: ignore[misc]
+            last = await self.last_logged(job_id)
+            kids = {key_id_of(v.decode()) for v in (kept, last and last.data) if v}
+            for kid in {k for k in kids if k} or {"plain"}:
+                out[kid]["stored"] += 1
+        async for key in self.redis.scan_iter(match=keys.file_lines_key("*"), count=1000):
+            first = await self.redis.lindex(key, 0)  # type: ignore[misc]
+            if first is not None:
+                out[key_id_of(first.decode()) or "plain"]["files"] += 1
+        return dict(out)

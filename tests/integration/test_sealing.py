@@ -20,10 +20,11 @@ import pytest
 import redis
 
 from llmq.shared import keys
-from llmq.shared.sealing import new_key
+from llmq.shared.sealing import key_id, new_key, parse_keys
 from tests.support.clients import (
     MODEL,
     body,
+    cli,
     everything,
     release,
     stream_chat,
@@ -246,6 +247,14 @@ def test_jobs_queued_before_a_key_rotation_are_served_after_it(
     assert canary in str(next(iter(sdk.chat.completions.messages.list(queued_id))).content)
     assert rep.holding(canary.encode()) == []
     sdk.close()
+    # Which key sealed what: the old one still seals stored completions, so it stays.
+    old_id, new_id = (key_id(parse_keys(k)[0]).decode() for k in (old, new))
+    by_key = sealed_by(stack, PAYLOAD_KEYS=f"{new},{old}")
+    assert by_key[old_id]["stored"] >= 2, by_key  # the finished one, the rotated one's messages
+    assert by_key[new_id]["stored"] >= 1, by_key  # the rotated one's answer
+    assert by_key[old_id]["held"] == by_key[new_id]["held"] == "held"
+    assert "plain" not in by_key
+    assert sealed_by(stack, PAYLOAD_KEYS=new)[old_id]["held"] == "NOT held here"
 
     gw3 = stack.gateway(payload_keys=new)  # A removed: what it sealed does not open
     refused = httpx.get(f"{gw3.url}/v1/chat/completions/{done_id}/messages")
@@ -256,6 +265,20 @@ def test_jobs_queued_before_a_key_rotation_are_served_after_it(
     # B sealed the newer answer: it still opens.
     fresh = httpx.get(f"{gw3.url}/v1/chat/completions/{queued_id}")
     assert canary in fresh.json()["choices"][0]["message"]["content"]
+
+
+def sealed_by(stack: Stack, **env: str) -> dict[str, dict[str, Any]]:
+    """``llmq-jobs sealed``: key id -> {kind: count, "held": ...}."""
+    out = cli(stack, "llmq.gateway.jobs", "sealed", **env)
+    assert out.returncode == 0, out.stderr
+    rows: dict[str, dict[str, Any]] = {}
+    for line in out.stdout.splitlines():
+        kid, _, rest = line.partition("  ")
+        counts, _, held = rest.partition("  (")
+        row: dict[str, Any] = {k: int(v) for k, v in (p.split("=") for p in counts.split())}
+        row["held"] = held.rstrip(")")
+        rows[kid.strip()] = row
+    return rows
 
 
 def waiting_job(rdb: Any) -> str:

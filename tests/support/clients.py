@@ -143,15 +143,16 @@ async def read_frames(
         return out
 
 
-def cli(stack: Stack, module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run an operator CLI (``python -m <module>``) against the stack's Redis."""
+def cli(stack: Stack, module: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run an operator CLI (``python -m <module>``) against the stack's Redis (``env``: more
+    of its environment, e.g. PAYLOAD_KEYS)."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
-        env={"PATH": "/usr/bin:/bin", "REDIS_URL": stack.redis_url},
+        env={"PATH": "/usr/bin:/bin", "REDIS_URL": stack.redis_url, **env},
     )
 
 
