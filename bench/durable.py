@@ -29,7 +29,7 @@ from redis import Redis
 from bench.loadgen import RunResult, merge, run
 from bench.processes import Proc, local_stack
 from bench.sealing_cost import print_sealing_cost
-from llmq.shared import keys
+from llmq.shared.queue import names
 from llmq.shared.sealing import new_key
 
 BODY: dict[str, Any] = {
@@ -71,9 +71,9 @@ def stored_bytes(url: str, rdb: Any, tokens: int) -> tuple[str, int, int]:
             if line.startswith("data: {") and not job_id:
                 job_id = line.split('"id":"', 1)[1].split('"', 1)[0]
     time.sleep(0.2)  # the worker writes the record's final status just after [DONE]
-    stored_keys = (keys.stored_key(job_id), keys.log_key(job_id))
+    stored_keys = (names.stored_key(job_id), names.log_key(job_id))
     size: int = sum(int(rdb.memory_usage(k, samples=0) or 0) for k in stored_keys)
-    return job_id, size, int(rdb.xlen(keys.log_key(job_id)))
+    return job_id, size, int(rdb.xlen(names.log_key(job_id)))
 
 
 def resume_ms(url: str, job_id: str) -> float:

@@ -49,8 +49,8 @@ from bench.processes import (
     start_sim,
     start_worker,
 )
-from llmq.shared.keystore import KeyStore
 from llmq.shared.protocol import KeyLimits
+from llmq.shared.queue.apikeys import KeyStore
 
 MODELS = ("alpha", "beta")
 

@@ -35,8 +35,8 @@ import httpx
 from redis.asyncio import Redis
 
 from bench.processes import service_env, start_gateway, start_redis, start_sim, start_worker
-from llmq.shared.keystore import KeyStore
 from llmq.shared.protocol import KeyLimits
+from llmq.shared.queue.apikeys import KeyStore
 
 URL = "/v1/chat/completions"
 BODY: dict[str, Any] = {

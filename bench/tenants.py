@@ -24,8 +24,8 @@ from redis.asyncio import Redis
 
 from bench.loadgen import RunResult, Sample, one
 from bench.processes import Proc, service_env, start_gateway, start_redis, start_sim, start_worker
-from llmq.shared.keystore import KeyStore
 from llmq.shared.protocol import KeyLimits
+from llmq.shared.queue.apikeys import KeyStore
 
 BODY = {
     "model": "sim-model",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from llmq.gateway import http, server
+from llmq.gateway import event_stream, http, server
 from llmq.gateway.app import build_state, create_app
 from llmq.gateway.http import guarded_protocol
 from llmq.gateway.server import DrainingServer
@@ -18,10 +18,11 @@ def main() -> None:
     require_payload_keys(settings)
     logs.configure(settings.log_level, settings.log_format)
     sealing.log_keys(settings.sealer())
-    # Refuse to run on a uvicorn whose overridden members changed (names and signatures;
-    # the unit tests also compare their source).
+    # Refuse to run on a uvicorn or sse-starlette whose overridden or relied-on members
+    # changed (names and signatures; the unit tests also compare their source).
     seams.refuse_on(http.seam_problems(check_source=False), "uvicorn")
     seams.refuse_on(server.seam_problems(check_source=False), "uvicorn")
+    seams.refuse_on(event_stream.seam_problems(check_source=False), "sse-starlette")
     if settings.gateway_processes > 1:
         raise SystemExit(supervisor.run_gateways(settings))
     sock = supervisor.inherited_socket()  # set when this process is one of several

@@ -19,8 +19,9 @@ from llmq.shared.errors import (
 )
 from llmq.shared.prefix import signature
 from llmq.shared.protocol import JobSpec, StoredJob
+from llmq.shared.queue.jobs import AdmitResult, AdmitStatus, QueueTerms, TenantLimits
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import AdmitResult, AdmitStatus, QueueTerms, Store, TenantLimits
 
 # How long an admitted job may hold its place past QUEUE_TIMEOUT_S before the bound
 # forgets it (its gateway died); a started job is re-armed by its worker.
@@ -74,7 +75,7 @@ class Admission:
         ``raise_unless_admitted`` turns a refusal into its 429.
         """
         s = self._settings
-        result = await self._store.admit(
+        result = await self._store.jobs.admit(
             spec,
             limit=admission_limit(s, capacity, spec.model),
             hold_s=s.queue_timeout_s + _HOLD_GRACE_S,

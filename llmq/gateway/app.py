@@ -12,20 +12,20 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llmq.gateway import batch_api, durable, errors, stored
+from llmq.gateway import batch_api, durable, error_handlers, stored
 from llmq.gateway.admission import Admission
 from llmq.gateway.events import Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
 from llmq.gateway.middleware import GatewayMiddleware
 from llmq.gateway.registry import WorkerRegistry
 from llmq.gateway.routes import router
-from llmq.gateway.scaling import ModelRow, desired_workers
+from llmq.gateway.scaling import ScalingSignal
 from llmq.gateway.state import GatewayState
-from llmq.shared.batches import BatchStore
-from llmq.shared.connect import redis_client
-from llmq.shared.keystore import KeyStore
+from llmq.shared.queue.apikeys import KeyStore
+from llmq.shared.queue.batches import BatchStore
+from llmq.shared.queue.connections import redis_client
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 from llmq.shared.tasks import stop_if_cancelled, stop_task
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         admission=Admission(settings, store, registry),
         metrics=metrics,
         keys=KeyStore(redis),
+        scaling=ScalingSignal(settings.scale_target_wait_s, settings.max_active),
         batches=BatchStore(
             redis,
             settings.file_ttl_s,
@@ -76,7 +77,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
 
 async def refresh_gauges(st: GatewayState) -> None:
     """The gauges read from Redis (every replica reports the same truth) and the registry:
-    each labelled model's load, capacity, drain rate and scaling signal."""
+    each labelled model's load, capacity, drain rate and scaling signal (``gateway.scaling``)."""
     m, reg = st.metrics, st.registry
     models = reg.labelled_models()
     try:
@@ -89,24 +90,7 @@ async def refresh_gauges(st: GatewayState) -> None:
         logger.debug("metrics: cannot read Redis: %s", exc)
         loads = None
     if loads is not None:
-        rows = {}
-        for model, load in loads.items():
-            ready = reg.ready(model)
-            capacity = reg.capacity(model)
-            drain = st.drains.update(model, load.done)
-            slots = capacity / len(ready) if ready else st.settings.max_active
-            desired = desired_workers(
-                running=load.running,
-                waiting=load.waiting,
-                drain_per_s=drain,
-                slots_per_worker=slots,
-                target_wait_s=st.settings.scale_target_wait_s,
-            )
-            if model in batch_demand:  # lines to feed: at least one worker to feed them
-                desired = max(desired, 1)
-            rows[model] = ModelRow(load, capacity, len(ready), drain, desired)
-        st.drains.forget(set(rows))
-        m.export_models(rows)
+        m.export_models(st.scaling.rows(loads, reg, batch_demand))
     m.workers.set(len(reg.workers))
     m.redis_up.set(1 if reg.redis_ok else 0)
     await _replication_gauges(st)
@@ -190,6 +174,6 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app.include_router(durable.router)
     app.include_router(stored.router)
     app.include_router(batch_api.router)
-    errors.install(app)
+    error_handlers.install(app)
     app.add_middleware(GatewayMiddleware, state=st)
     return app

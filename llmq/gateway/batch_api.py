@@ -22,14 +22,14 @@ from llmq.gateway.body import parse_chat_body
 from llmq.gateway.pagination import page
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
-from llmq.shared.batch_records import (
+from llmq.shared.errors import InvalidRequest, ModelNotFound, NotFound, ServiceError
+from llmq.shared.queue.batch_records import (
     BATCH_WINDOW_S,
     BatchRecord,
     BatchStatus,
     FileRecord,
 )
-from llmq.shared.batches import new_id
-from llmq.shared.errors import InvalidRequest, ModelNotFound, NotFound, ServiceError
+from llmq.shared.queue.batches import new_id
 from llmq.shared.settings import Settings
 
 router = APIRouter()

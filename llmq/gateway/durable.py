@@ -29,8 +29,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from llmq.gateway.auth import TenantDep
+from llmq.gateway.event_stream import stream
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
-from llmq.gateway.sse import SSEResponse
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
 from llmq.shared.errors import (
@@ -65,7 +65,7 @@ async def owned(
         raise NotFound(f"no stored chat completion {job_id!r} (unknown, expired or not stored)")
     if rec.status is StoredStatus.QUEUED and time.time() > _queued_until(st, rec) + 1:
         expired = QueueTimeout(f"waited {st.settings.queue_timeout_s:g}s in the queue")
-        await st.store.cancel(rec.spec(), expired)
+        await st.store.jobs.cancel(rec.spec(), expired)
         rec = await st.store.records.stored(job_id) or rec
     return rec
 
@@ -105,7 +105,7 @@ async def replay(st: GatewayState, request: Request, rec: StoredJob, after: int)
     except ClientClosedRequest:
         return Response(status_code=499)
     if first is None:
-        return SSEResponse(_done_only(after))
+        return stream(_done_only(after), st.settings)
     return await relay.respond(first)
 
 
@@ -234,7 +234,7 @@ async def cancel(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]
     if isinstance(job, StoredJob) and job.status in _ENDED:
         return {"id": job_id, "object": "chat.completion", "status": job.status}
     spec = job.spec() if isinstance(job, StoredJob) else job
-    never_ran = await st.store.cancel(spec)
+    never_ran = await st.store.jobs.cancel(spec)
     logger.info("job %s: cancelled on request (%s)", job_id, "queued" if never_ran else "running")
     status = StoredStatus.CANCELLED if never_ran else "cancelling"
     return {"id": job_id, "object": "chat.completion", "status": status}
@@ -245,6 +245,6 @@ async def delete(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]
     """Delete a stored completion (OpenAI's shape); cancels it first if it still runs."""
     rec = await owned(st, job_id, tenant)
     if rec.status not in _ENDED:
-        await st.store.cancel(rec.spec())
+        await st.store.jobs.cancel(rec.spec())
     await st.store.records.delete_stored(rec)
     return {"id": job_id, "object": "chat.completion.deleted", "deleted": True}

@@ -31,9 +31,9 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from llmq.shared.errors import QueueUnavailable, ServiceError, StreamInterrupted
-from llmq.shared.keys import events_channel
 from llmq.shared.protocol import OUT_OF_BAND, Event
-from llmq.shared.pubsub import connection_errors, listen
+from llmq.shared.queue.names import events_channel
+from llmq.shared.queue.pubsub import connection_errors, listen
 from llmq.shared.sealing import Sealer
 from llmq.shared.tasks import stop_if_cancelled, stop_task
 

@@ -37,7 +37,7 @@ import resource
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from llmq.gateway.errors import render
+from llmq.gateway.error_handlers import render
 from llmq.gateway.middleware import new_request_id
 from llmq.shared import seams
 from llmq.shared.errors import ClientTimeout, HeadersTooLarge, ServiceError

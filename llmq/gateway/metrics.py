@@ -6,9 +6,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmq.gateway.scaling import ModelRow
-from llmq.shared.batch_records import ACTIVE as BATCH_ACTIVE
 from llmq.shared.buckets import FAST_BUCKETS, LATENCY_BUCKETS
 from llmq.shared.protocol import BANDS
+from llmq.shared.queue.batch_records import ACTIVE as BATCH_ACTIVE
 
 # Why a request was refused or ended early (api_rejections_total{reason}); error codes of
 # shared.errors, plus client_cancelled. Every reason is exported from the start (at 0).

@@ -22,7 +22,7 @@ import time
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmq.gateway.errors import render
+from llmq.gateway.error_handlers import render
 from llmq.gateway.state import GatewayState
 from llmq.shared.errors import RequestTooLarge, ServiceError
 from llmq.shared.logs import record_line

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from redis.exceptions import RedisError
 
+from llmq.gateway.event_stream import RelayStream, stream
+from llmq.gateway.registry import WorkerRegistry
 from llmq.gateway.relay import DONE, JobRelay
-from llmq.gateway.sse import SSEResponse
 from llmq.shared.errors import ServiceError
+from llmq.shared.queue.jobs import AdmitResult
 
 UPDATE_EVERY_S = 2.0
 HEADER = "x-queue-updates"
-
-Where = Callable[[], Awaitable[tuple[int, int]]]
 
 
 def wants_updates(value: str | None) -> bool:
@@ -34,15 +34,17 @@ def comment(position: int, eta_ms: int) -> bytes:
     return b": queued position=%d%s\n\n" % (position, eta)
 
 
-def respond(relay: JobRelay, position: int, eta_ms: int, where: Where) -> SSEResponse:
-    """The SSE answer of an admitted, streamed request (``where``: its position now)."""
-    return SSEResponse(
-        _body(relay, position, eta_ms, where),
-        send_timeout_s=relay.settings.client_send_timeout_s,
-    )
+def respond(relay: JobRelay, admitted: AdmitResult, registry: WorkerRegistry) -> RelayStream:
+    """The SSE answer of an admitted, streamed request: its place at admission first, then
+    re-read from Redis (``Readings.position``) every ``UPDATE_EVERY_S`` until it starts."""
+    return stream(_body(relay, admitted, registry), relay.settings)
 
 
-async def _body(relay: JobRelay, position: int, eta_ms: int, where: Where) -> AsyncIterator[bytes]:
+async def _body(
+    relay: JobRelay, admitted: AdmitResult, registry: WorkerRegistry
+) -> AsyncIterator[bytes]:
+    position, eta_ms = admitted.position, admitted.eta_ms
+    spec = relay.spec
     opening = asyncio.ensure_future(relay.open())
     try:
         while True:
@@ -52,7 +54,8 @@ async def _body(relay: JobRelay, position: int, eta_ms: int, where: Where) -> As
             if done:
                 break
             with contextlib.suppress(RedisError):  # an outage: the last place is said again
-                position, eta_ms = await where()
+                capacity = registry.capacity(spec.model)
+                position, eta_ms = await relay.store.readings.position(spec, capacity)
         first = opening.result()
     except ServiceError as err:  # before its first token: one error event, then [DONE]
         yield relay.error_frame(err) + DONE

@@ -8,9 +8,9 @@ import time
 
 from redis.exceptions import RedisError
 
-from llmq.shared.liveness import log_reaped
 from llmq.shared.protocol import ModelCard, WorkerInfo
-from llmq.shared.store import Store
+from llmq.shared.queue.failover import OutageReaper
+from llmq.shared.queue.store import Store
 from llmq.shared.tasks import stop_if_cancelled
 
 logger = logging.getLogger(__name__)
@@ -51,22 +51,18 @@ class WorkerRegistry:
         self.redis_ok = False
         self.redis_error: RedisError | None = None  # the last refresh's, while not redis_ok
         self.updated_at = 0.0
-        # After this process could not reach Redis (an outage, a failover), workers could
-        # not beat either: none is reaped until they had a heartbeat's time to beat again.
-        self._reap_grace_s = reap_grace_s
-        self._reap_after = 0.0
+        self._reaper = OutageReaper(store.workers, reap_grace_s, logger)
 
     async def refresh(self) -> None:
         try:
-            if time.monotonic() >= self._reap_after:
-                log_reaped(logger, *await self._store.reap())
+            await self._reaper.reap()
             readings = self._store.readings
             self.workers = await readings.live_workers()
             since_ms = int((time.time() - self._memory_s) * 1000)
-            await self._store.forget_models(since_ms)
+            await self._store.workers.forget_models(since_ms)
             self.remembered = await readings.models_seen(since_ms)
             if not self.redis_ok:
-                self._reap_after = time.monotonic() + self._reap_grace_s
+                self._reaper.redis_back()
             self.redis_ok = True
             self.redis_error = None
         except RedisError as exc:

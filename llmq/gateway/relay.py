@@ -3,8 +3,9 @@
 Concurrent tasks of one streamed request (see ARCHITECTURE.md):
   - the pub/sub reader (one per gateway) puts raw events into this request's queue;
   - the response task runs ``sse_body``: queue -> ``data: ...`` frames, as they arrive;
-  - ``gateway.sse``'s disconnect waiter cancels the response task when the client leaves,
-    and ``sse_body``'s ``finally`` then cancels the job in Redis.
+  - sse-starlette's disconnect listener (``gateway.event_stream``) cancels the response
+    task when the client leaves, and ``sse_body``'s ``finally`` then cancels the job in
+    Redis; its ping task sends keep-alive comments while the stream is quiet.
 The HTTP status is held until ``open`` has seen the first payload event: the engine
 accepted (200 + stream) or refused (its status, OpenAI error body).
 
@@ -29,9 +30,9 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
+from llmq.gateway.event_stream import stream, wait_disconnect
 from llmq.gateway.events import Subscription, Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
-from llmq.gateway.sse import PING, PING_S, SSEResponse, wait_disconnect
 from llmq.shared.errors import (
     ClientClosedRequest,
     QueueTimeout,
@@ -40,8 +41,8 @@ from llmq.shared.errors import (
     ServiceError,
 )
 from llmq.shared.protocol import TERMINAL, Event, EventType, JobSpec
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class JobRelay:
         except TimeoutError:
             timeout = QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue; try again")
             # Only if it still waits: one that started just now is served, not aborted.
-            if await self.store.cancel(self.spec, timeout, queued_only=True):
+            if await self.store.jobs.cancel(self.spec, timeout, queued_only=True):
                 self.finished = True
                 raise timeout from None
             try:  # it started just as we gave up: its STARTED event is on the way
@@ -186,7 +187,7 @@ class JobRelay:
             except TimeoutError:
                 if waiting:
                     expired = QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue")
-                    await self.store.cancel(self.spec, expired)
+                    await self.store.jobs.cancel(self.spec, expired)
                     queued_until = 0.0
                     continue
                 raise RequestTimeout(f"no answer within {s.request_timeout_s:g}s") from None
@@ -218,22 +219,11 @@ class JobRelay:
                     logger.info("job %s: client gone, cancelling", self.spec.id)
                     self.metrics.reject("client_cancelled", self.spec.tenant, self.spec.model)
                 try:
-                    await self.store.cancel(self.spec)
+                    await self.store.jobs.cancel(self.spec)
                 except RedisError as exc:  # the worker's orphan check stops it instead
                     logger.warning("job %s: cannot cancel (Redis: %s)", self.spec.id, exc)
                 self.finished = True
             await self.subs.unsubscribe(self.sub)
-
-    async def _next_or_ping(self) -> Event | None:
-        """The next event, or None when a keep-alive comment is due (nothing for PING_S);
-        TimeoutError when the job's deadline passed."""
-        left = self._deadline_left()
-        try:
-            return await self.sub.next(min(left, PING_S))
-        except TimeoutError:
-            if left > PING_S:
-                return None
-            raise
 
     def _deadline_left(self) -> float:
         limit = self.settings.request_timeout_s + self.silence_grace_s
@@ -305,9 +295,7 @@ class JobRelay:
         if self.spec.stream:
             # A client that stops reading: the send blocks, and after CLIENT_SEND_TIMEOUT_S
             # the stream ends and its job is cancelled (no slot waits on a stalled socket).
-            return SSEResponse(
-                self.sse_body(first), send_timeout_s=self.settings.client_send_timeout_s
-            )
+            return stream(self.sse_body(first), self.settings)
         await self.close(client_gone=False)  # the result is in: nothing left to cancel
         return JSONResponse(self.completion(first))
 
@@ -340,9 +328,7 @@ class JobRelay:
                 yield b"".join(frames)
                 if len(self.subs) >= BUSY_STREAMS:
                     await asyncio.sleep(COALESCE_S)
-                while (next_event := await self._next_or_ping()) is None:
-                    yield PING
-                event = next_event
+                event = await self.sub.next(self._deadline_left())
         except TimeoutError:
             client_gone = False
             yield self.error_frame(RequestTimeout("the engine stopped answering"))

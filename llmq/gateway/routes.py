@@ -38,7 +38,7 @@ from llmq.shared.errors import (
     ShuttingDown,
 )
 from llmq.shared.protocol import Event, StoredJob
-from llmq.shared.store import AdmitResult, AdmitStatus
+from llmq.shared.queue.jobs import AdmitResult, AdmitStatus
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -159,12 +159,7 @@ async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) ->
         request.state.request_id = attach.job_id
         return await durable.attach(st, request, tenant, attach.job_id)
     if first is None:  # X-Queue-Updates
-        spec = relay.spec
-
-        async def where() -> tuple[int, int]:
-            return await st.store.readings.position(spec, st.registry.capacity(spec.model))
-
-        return queued.respond(relay, admitted.position, admitted.eta_ms, where)
+        return queued.respond(relay, admitted, st.registry)
     return await relay.respond(first)
 
 

@@ -14,16 +14,24 @@ job). Before any job of the model ended (μ unknown), every waiting job counts f
 ``slots per worker``: the mean MAX_ACTIVE of the model's live workers, else the
 gateway's own MAX_ACTIVE (a model scaled to zero has none to ask).
 
-Every gateway computes it from Redis' counters, so replicas agree (read with ``max``).
+Every gateway computes it from Redis' counters, so replicas agree (read with ``max``). A
+model with batch lines to feed wants at least one worker. ``ScalingSignal.rows`` computes
+every model's gauge row from one reading of the queue (``Readings.load``), the registry's
+view of the workers and the batches' demand; ``gateway/app.py`` only reads and exports.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from llmq.shared.readings import ModelLoad
+from llmq.shared.queue.readings import ModelLoad
+
+if TYPE_CHECKING:
+    from llmq.gateway.registry import WorkerRegistry
 
 # Weight of the newest sample in the smoothed drain rate (per gauge refresh).
 _EWMA_ALPHA = 0.3
@@ -79,3 +87,40 @@ class DrainRates:
         for model in set(self._last) - keep:
             del self._last[model]
             self.rates.pop(model, None)
+
+
+class ScalingSignal:
+    """Each model's row of the per-model gauges, its scaling signal included; keeps the drain
+    rates between readings."""
+
+    def __init__(self, target_wait_s: float, default_slots: int) -> None:
+        """``target_wait_s``: SCALE_TARGET_WAIT_S; ``default_slots``: the gateway's
+        MAX_ACTIVE, the slots per worker of a model with none live."""
+        self.target_wait_s, self.default_slots = target_wait_s, default_slots
+        self.drains = DrainRates()
+
+    def rows(
+        self,
+        loads: dict[str, ModelLoad],
+        registry: WorkerRegistry,
+        batch_demand: Collection[str] = (),
+    ) -> dict[str, ModelRow]:
+        """One row per model of ``loads``; ``batch_demand``: models with batch lines to feed."""
+        rows = {}
+        for model, load in loads.items():
+            ready = registry.ready(model)
+            capacity = registry.capacity(model)
+            drain = self.drains.update(model, load.done)
+            slots = capacity / len(ready) if ready else self.default_slots
+            desired = desired_workers(
+                running=load.running,
+                waiting=load.waiting,
+                drain_per_s=drain,
+                slots_per_worker=slots,
+                target_wait_s=self.target_wait_s,
+            )
+            if model in batch_demand:  # lines to feed: at least one worker to feed them
+                desired = max(desired, 1)
+            rows[model] = ModelRow(load, capacity, len(ready), drain, desired)
+        self.drains.forget(set(rows))
+        return rows

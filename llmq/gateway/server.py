@@ -1,10 +1,11 @@
 """uvicorn with a drain: SIGTERM -> 503 for new requests, finish admitted ones, then exit.
 
 uvicorn's own SIGTERM handling stops accepting connections at once, so a load balancer's
-next request would be refused rather than answered 503. Here the first SIGTERM/SIGINT only
-flips the app into draining; ``should_exit`` is set when no request is in flight any more,
-or after DRAIN_TIMEOUT_S (then uvicorn cancels the streams still open after its
-``timeout_graceful_shutdown``). A second signal exits at once.
+next request would be refused rather than answered 503; and sse-starlette ends open streams
+as soon as uvicorn's ``should_exit`` is set. Here the first SIGTERM/SIGINT only flips the
+app into draining; ``should_exit`` is set when no request is in flight any more, or after
+DRAIN_TIMEOUT_S (then sse-starlette ends the streams still open). A second signal exits at
+once.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from llmq.shared.seams import Pin
 logger = logging.getLogger(__name__)
 
 # What this module overrides or relies on (shared.seams): uvicorn's Server, pinned against
-# uvicorn 0.54.0 (pyproject: <0.55). After an upgrade, read the new source of each member,
-# adapt, re-pin.
+# uvicorn 0.54.0 (pyproject: <0.55). sse-starlette replaces uvicorn's Server.handle_exit at
+# import with its own (uvicorn's is then ``AppStatus.original_handler``, pinned in
+# ``event_stream.SSE_SEAM``); DrainingServer overrides handle_exit, so neither runs for it.
+# After an upgrade, read the new source of each member, adapt, re-pin.
 UVICORN_SERVER_SEAM: dict[str, Pin] = {
     "__init__": Pin(
         "(self, config: 'Config') -> 'None'",
@@ -35,11 +38,6 @@ UVICORN_SERVER_SEAM: dict[str, Pin] = {
         "(self, sockets: 'list[socket.socket] | None' = None) -> 'None'",
         "112ef41af52167e35ebf82b8570d4aec9e64bdc952ed3905abb562fad5320ee5",
         "overridden: records the running loop, then uvicorn's (which installs handle_exit)",
-    ),
-    "handle_exit": Pin(
-        "(self, sig: 'int', frame: 'FrameType | None') -> 'None'",
-        "553276efa26e09ea84b4626425f1d03647f1b043084f5a42994f3ae7e0d1aa1e",
-        "overridden: the first signal drains instead of exiting",
     ),
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,11 +12,11 @@ from llmq.gateway.admission import Admission
 from llmq.gateway.events import Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
 from llmq.gateway.registry import WorkerRegistry
-from llmq.gateway.scaling import DrainRates
-from llmq.shared.batches import BatchStore
-from llmq.shared.keystore import KeyStore
+from llmq.gateway.scaling import ScalingSignal
+from llmq.shared.queue.apikeys import KeyStore
+from llmq.shared.queue.batches import BatchStore
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 
 
 @dataclass
@@ -30,9 +30,9 @@ class GatewayState:
     metrics: GatewayMetrics
     keys: KeyStore
     batches: BatchStore
+    scaling: ScalingSignal  # each model's gauge row and scaling signal
     draining: bool = False
     active: int = 0  # requests in flight (counted by the ASGI middleware), drained on SIGTERM
-    drains: DrainRates = field(default_factory=DrainRates)  # per model, for the gauges
     replid: str = ""  # the Redis primary's replication id last seen (a change: a failover)
 
 

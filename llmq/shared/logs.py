@@ -13,9 +13,11 @@ import logging
 import time
 from typing import Any
 
-# Libraries that log request or response content at DEBUG (multipart, hpack), or one line
-# per engine probe at INFO (httpx). They stay at
-# WARNING whatever LOG_LEVEL says: prompts and completions are never logged.
+# Libraries that log request or response content at DEBUG (multipart: uploaded batch
+# files; aiohttp: the worker's engine client; hpack), or one line per request at INFO
+# (httpx and httpcore, which the tests and benchmarks use as clients, and which a library
+# loaded into either process may use). They stay at WARNING whatever LOG_LEVEL says:
+# prompts and completions are never logged.
 _QUIET = ("httpx", "httpcore", "hpack", "multipart", "aiohttp")
 
 # The attribute of a LogRecord that carries an access or job line's fields.

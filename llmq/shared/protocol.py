@@ -20,6 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 JOB_FUNCTION = "chat"
 OUTCOME_TTL_S = 300
+OUTCOME_TTL_MS = OUTCOME_TTL_S * 1000
 
 
 class Outcome(StrEnum):

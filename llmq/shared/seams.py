@@ -1,8 +1,9 @@
 """Pins on the private members of the libraries the service extends at their seams.
 
-Two libraries are extended past their public API: arq's worker loop
-(``worker/arq_worker.py``), and uvicorn's httptools protocol (``gateway/http.py``) and
-server (``gateway/server.py``). Each of those
+Three libraries are extended past their public API: arq's worker loop
+(``worker/arq_worker.py``), uvicorn's httptools protocol (``gateway/http.py``) and server
+(``gateway/server.py``), and sse-starlette's response and shutdown hook
+(``gateway/event_stream.py``). Each of those
 modules lists, in a ``*_SEAM`` dict, every member it overrides or relies on: its signature
 and, where behaviour matters, a SHA-256 of the library's source. ``seam_problems`` compares
 a pin set with the installed library. At start-up the services refuse to run on a missing
@@ -55,7 +56,8 @@ def seam_problems(
         if member is None:
             problems.append(f"method {name!r} is gone ({pin.why})")
             continue
-        signature = str(inspect.signature(member))
+        # (A class, pinned by its source alone, has no signature to compare.)
+        signature = None if pin.signature is None else str(inspect.signature(member))
         if pin.signature is not None and signature != pin.signature:
             problems.append(f"{name}{signature} != pinned {pin.signature}")
         elif check_source and pin.source_sha256 and source_sha256(member) != pin.source_sha256:

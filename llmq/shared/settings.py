@@ -195,6 +195,13 @@ class Settings(BaseSettings):
     client_send_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="a stream the client leaves unread this long ends"
     )
+    sse_ping_s: float = Field(
+        15.0,
+        ge=0.05,
+        le=3600,
+        description="a streamed answer sends a keep-alive comment this "
+        "often (proxies close connections that stay silent)",
+    )
 
     # Worker.
     vllm_url: str = "http://127.0.0.1:8000"

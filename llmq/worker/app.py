@@ -8,12 +8,13 @@ from arq.connections import ArqRedis
 from arq.worker import Worker
 from prometheus_client import start_http_server
 
-from llmq.shared import keys, protocol
-from llmq.shared.batches import BatchStore
-from llmq.shared.connect import redis_pool
-from llmq.shared.picking import Affinity
+from llmq.shared import protocol
+from llmq.shared.queue import names
+from llmq.shared.queue.batches import BatchStore
+from llmq.shared.queue.connections import redis_pool
+from llmq.shared.queue.routing import Affinity
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 from llmq.worker.arq_worker import WakeableWorker, seam_problems
 from llmq.worker.engine import EngineClient
 from llmq.worker.job import chat
@@ -39,7 +40,7 @@ def build_worker(
         redis_pool(settings, timeout=settings.redis_timeout_s),
         job_serializer=protocol.json_dumps,
         job_deserializer=protocol.json_loads,
-        default_queue_name=keys.QUEUE,
+        default_queue_name=names.QUEUE,
     )
     metrics = WorkerMetrics()
     metrics.max_active.set(settings.max_active)
@@ -67,7 +68,7 @@ def build_worker(
     return WakeableWorker(
         runtime,
         functions=[chat],
-        queue_name=keys.QUEUE,
+        queue_name=names.QUEUE,
         redis_pool=redis,
         max_jobs=settings.max_active,
         job_timeout=grace + 5,

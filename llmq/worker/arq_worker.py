@@ -8,7 +8,8 @@ abort requested) or a slot freeing, with WAKE_FALLBACK_S as a safety net.
 arq's iteration also reads the first 100 queue entries and tries each, running ones
 included (arq keeps running jobs in the queue): three Redis round trips per running job
 before it reaches a waiting one, tens of milliseconds with a few dozen slots busy. Here one
-Lua call (``Store.pick_jobs``: highest priority band first, fair across API keys) returns
+Lua call (``Store.routing.pick``: highest priority band first, fair across API keys, then
+cache-aware) returns
 only waiting jobs, as many as there are free slots, and claims them in the same step (arq's
 in-progress key), so arq's ``start_jobs`` and its four round trips per job are skipped:
 ``_start_claimed`` does its slot accounting and starts arq's ``run_job``. The rest of the
@@ -211,7 +212,9 @@ class WakeableWorker(Worker):
         self._claims_checked = now
         rt = self.runtime
         running = [*self.tasks, *rt.entered]
-        requeued = await rt.store.requeue_claims(rt.settings.worker_id, running, CLAIM_CHECK_S)
+        requeued = await rt.store.workers.requeue_claims(
+            rt.settings.worker_id, running, CLAIM_CHECK_S
+        )
         if requeued:
             logger.warning("%d job(s) picked but never started went back to the queue", requeued)
 
@@ -233,7 +236,7 @@ class WakeableWorker(Worker):
         when the pick left jobs for warmer workers, look again once their wait runs out.
         Returns how many started."""
         rt = self.runtime
-        result = await rt.store.pick(
+        result = await rt.store.routing.pick(
             rt.models, limit, self.in_progress_timeout_s, rt.settings.worker_id, rt.affinity
         )
         for job in result.jobs:
@@ -276,7 +279,9 @@ class WakeableWorker(Worker):
         for task in self.background:
             task.cancel()
         rt = self.runtime
-        self._withdrawing = self.loop.create_task(rt.store.remove_worker(rt.settings.worker_id))
+        self._withdrawing = self.loop.create_task(
+            rt.store.workers.remove_worker(rt.settings.worker_id)
+        )
         self._withdrawing.add_done_callback(log_failure)
         super().handle_sig_wait_for_completion(signum)
 
@@ -303,6 +308,6 @@ class WakeableWorker(Worker):
         rt = self.runtime
         for task in self.background:
             await stop_task(task, 2.0, f"the {task.get_name()} task")
-        await rt.store.remove_worker(rt.settings.worker_id)
+        await rt.store.workers.remove_worker(rt.settings.worker_id)
         await rt.engine.aclose()
         logger.info("worker %s stopped", rt.settings.worker_id)

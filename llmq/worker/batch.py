@@ -26,12 +26,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from llmq.shared import keys
 from llmq.shared import protocol as p
-from llmq.shared.batch_records import BatchRecord, BatchStatus, failure_line, output_line
-from llmq.shared.batches import BatchStore
 from llmq.shared.chat import ChatCompletionRequest, to_job_spec
 from llmq.shared.errors import PayloadUndecryptable, ServiceError, UpstreamError
+from llmq.shared.queue import names
+from llmq.shared.queue.batch_records import BatchRecord, BatchStatus, failure_line, output_line
+from llmq.shared.queue.batches import BatchStore
 from llmq.worker.engine import engine_body
 from llmq.worker.runtime import Runtime
 
@@ -84,7 +84,7 @@ def _line_spec(rec: BatchRecord, index: int, raw: bytes, aliases: dict[str, str]
     line = json.loads(raw)
     req = ChatCompletionRequest.model_validate(line["body"])
     req.model = aliases.get(req.model, req.model)  # the served name (the batch's routes)
-    spec = to_job_spec(req, keys.batch_job_id(rec.id, index), tenant=rec.tenant, band=p.Band.LOW)
+    spec = to_job_spec(req, names.batch_job_id(rec.id, index), tenant=rec.tenant, band=p.Band.LOW)
     update = {"batch_id": rec.id, "batch_index": index, "custom_id": str(line["custom_id"])}
     return spec.model_copy(update=update)
 

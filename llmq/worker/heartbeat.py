@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from llmq.shared.keys import WAKE_CHANNEL, WAKE_MODEL
-from llmq.shared.liveness import log_reaped
 from llmq.shared.protocol import WorkerInfo
-from llmq.shared.pubsub import connection_errors, listen
+from llmq.shared.queue.failover import OutageReaper
+from llmq.shared.queue.names import WAKE_CHANNEL, WAKE_MODEL
+from llmq.shared.queue.pubsub import connection_errors, listen
 from llmq.shared.tasks import stop_if_cancelled
 from llmq.worker.runtime import Runtime
 
@@ -72,7 +72,7 @@ async def write_heartbeat(rt: Runtime) -> None:
         engine_url=rt.engine.base_url,
         started_at=rt.started_at,
     )
-    await rt.store.heartbeat(info, s.heartbeat_ttl_s)
+    await rt.store.workers.heartbeat(info, s.heartbeat_ttl_s)
 
 
 async def beat_once(rt: Runtime) -> None:
@@ -83,17 +83,15 @@ async def beat_once(rt: Runtime) -> None:
 
 async def heartbeat_loop(rt: Runtime) -> None:
     failing = False
-    reap_after = 0.0  # after an outage, peers get a heartbeat's time to beat before a reap
-    loop = asyncio.get_running_loop()
+    reaper = OutageReaper(rt.store.workers, rt.settings.heartbeat_ttl_s, logger)
     while True:
         try:
             await write_heartbeat(rt)
-            if loop.time() >= reap_after:
-                log_reaped(logger, *await rt.store.reap())
+            await reaper.reap()
             await _forget_unreleased(rt)
             if failing:
                 logger.info("heartbeat restored")
-                reap_after = loop.time() + rt.settings.heartbeat_ttl_s
+                reaper.redis_back()
             failing = False
             rt.metrics.redis_up.set(1)
         except RedisError as exc:
@@ -107,7 +105,7 @@ async def heartbeat_loop(rt: Runtime) -> None:
 
 async def _forget_unreleased(rt: Runtime) -> None:
     for job_id, spec in list(rt.unreleased.items()):
-        await rt.store.forget(spec, rt.settings.worker_id)
+        await rt.store.jobs.forget(spec, rt.settings.worker_id)
         del rt.unreleased[job_id]
         logger.info("job %s: its traces removed now that Redis is back", job_id)
 

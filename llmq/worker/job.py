@@ -216,12 +216,12 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
         # round trips stay off the time-to-first-token path.
         worker_id = rt.settings.worker_id
         if spec.batch_id:  # no client: its answer is a line of the batch's results
-            await rt.store.mark_started(spec, worker_id, hold)
+            await rt.store.jobs.mark_started(spec, worker_id, hold)
             outcome, usage = await batch.run_line(rt, spec)
             _count(rt, usage, used)
             rt.metrics.batch_tokens.inc(sum(used))
             return {"id": spec.id, "outcome": outcome}
-        pub.announce(rt.store.mark_started(spec, worker_id, hold), worker_id)
+        pub.announce(rt.store.jobs.mark_started(spec, worker_id, hold), worker_id)
         outcome = await _generate(rt, rt.store.sealer.open_spec(spec), pub, used)
         return {"id": spec.id, "outcome": outcome}
     except PayloadUndecryptable as exc:  # not retried: no key here opens it
@@ -256,7 +256,7 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
             tokens = sum(used) if used else None
             ran = time.monotonic() - t_picked
             await asyncio.shield(
-                rt.store.release(spec, rt.settings.worker_id, tokens, outcome, run_s=ran)
+                rt.store.jobs.release(spec, rt.settings.worker_id, tokens, outcome, run_s=ran)
             )
         except RedisError as exc:  # the heartbeat retries once Redis is back
             logger.warning("job %s: could not release its place yet: %s", spec.id, exc)

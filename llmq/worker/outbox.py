@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from llmq.shared.store import Store
+from llmq.shared.queue.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Outbox:
                 generation, self._generation = self._generation, None
                 assert generation is not None
                 try:
-                    counts = await self._store.publish_many(batch, logged)
+                    counts = await self._store.jobs.publish_many(batch, logged)
                 except Exception as exc:  # every job of this flush learns of it
                     if not generation.done():
                         generation.set_exception(exc)

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmq.shared.batches import BatchStore
-from llmq.shared.picking import Affinity
 from llmq.shared.protocol import JobSpec, ModelCard
+from llmq.shared.queue.batches import BatchStore
+from llmq.shared.queue.routing import Affinity
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 from llmq.worker.engine import EngineClient
 from llmq.worker.metrics import WorkerMetrics
 from llmq.worker.outbox import Outbox

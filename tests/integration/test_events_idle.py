@@ -11,9 +11,9 @@ import pytest
 from redis.asyncio import Redis
 
 from llmq.gateway.app import build_state
-from llmq.shared.keys import events_channel
 from llmq.shared.protocol import Event, EventType
-from llmq.shared.pubsub import PING_S
+from llmq.shared.queue.names import events_channel
+from llmq.shared.queue.pubsub import PING_S
 from llmq.shared.settings import Settings
 from tests.support.stack import Proc
 

@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 
 from llmq.gateway.metrics import GatewayMetrics
 from llmq.gateway.scaling import ModelRow
-from llmq.shared.readings import ModelLoad
+from llmq.shared.queue.readings import ModelLoad
 from llmq.shared.sealing import new_key, parse_keys
 from llmq.shared.settings import Settings
 from tests.support.helm import (

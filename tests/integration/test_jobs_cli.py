@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def jobs_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return cli(stack, "llmq.gateway.jobs", *args)
+    return cli(stack, "llmq.cli.llmq_jobs", *args)
 
 
 def test_list_show_cancel_purge(stack: Stack, rdb: redis.Redis, sim: Proc) -> None:

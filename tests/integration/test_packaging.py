@@ -34,7 +34,8 @@ def test_wheel_ships_only_the_llmq_package(wheel: Path) -> None:
     assert packages == {
         "llmq",
         "llmq/shared",
-        "llmq/shared/scripts",
+        "llmq/shared/queue",
+        "llmq/cli",
         "llmq/gateway",
         "llmq/worker",
     }
@@ -42,8 +43,8 @@ def test_wheel_ships_only_the_llmq_package(wheel: Path) -> None:
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "llmq-gateway = llmq.gateway.__main__:main" in text
     assert "llmq-worker = llmq.worker.__main__:main" in text
-    assert "llmq-keys = llmq.gateway.keys:main" in text
-    assert "llmq-jobs = llmq.gateway.jobs:main" in text
+    assert "llmq-keys = llmq.cli.llmq_keys:main" in text
+    assert "llmq-jobs = llmq.cli.llmq_jobs:main" in text
 
 
 @pytest.mark.parametrize("module", ["llmq.gateway", "llmq.worker"])

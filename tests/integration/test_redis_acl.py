@@ -140,7 +140,7 @@ def test_the_service_runs_under_its_roles_without_one_refusal(
     as_worker: dict[str, Any] = {"redis_username": "worker"}
     as_worker["redis_password"] = PASSWORDS["worker"]
     keys = subprocess.run(
-        [sys.executable, "-m", "llmq.gateway.keys", "create", "app"],
+        [sys.executable, "-m", "llmq.cli.llmq_keys", "create", "app"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ import openai
 import pytest
 import redis
 
-from llmq.shared import keys
+from llmq.shared.queue import names
 from llmq.shared.sealing import key_id, new_key, parse_keys
 from tests.support.clients import (
     MODEL,
@@ -157,9 +157,9 @@ def test_no_canary_in_redis_its_files_or_its_replica_while_jobs_run_and_after(
             await asyncio.to_thread(wait_held, sim.url, "c", 2)
             waiting = asyncio.create_task(c.post(url, json=canary_body(canary, stream=False)))
             await asyncio.to_thread(
-                wait_for, lambda: rep.p.zcard(keys.QUEUE) == 3, 10, "the third job queued"
+                wait_for, lambda: rep.p.zcard(names.QUEUE) == 3, 10, "the third job queued"
             )
-            queued = [m.decode() for m in rep.p.zrange(keys.QUEUE, 0, -1)]
+            queued = [m.decode() for m in rep.p.zrange(names.QUEUE, 0, -1)]
             uploaded = await asyncio.to_thread(
                 sdk.files.create,
                 file=("in.jsonl", io.BytesIO(batch_file(canary, 3))),
@@ -178,7 +178,7 @@ def test_no_canary_in_redis_its_files_or_its_replica_while_jobs_run_and_after(
             for job_id in queued:
                 assert job_id.encode() in files_bytes(rep.primary_dir)
                 assert job_id.encode() in files_bytes(rep.replica_dir)
-                assert rep.r.exists(keys.job_key(job_id))
+                assert rep.r.exists(names.job_key(job_id))
 
             await asyncio.to_thread(release, sim.url, "c")
             plain, kept, answered = await streamed, await stored, await waiting
@@ -269,7 +269,7 @@ def test_jobs_queued_before_a_key_rotation_are_served_after_it(
 
 def sealed_by(stack: Stack, **env: str) -> dict[str, dict[str, Any]]:
     """``llmq-jobs sealed``: key id -> {kind: count, "held": ...}."""
-    out = cli(stack, "llmq.gateway.jobs", "sealed", **env)
+    out = cli(stack, "llmq.cli.llmq_jobs", "sealed", **env)
     assert out.returncode == 0, out.stderr
     rows: dict[str, dict[str, Any]] = {}
     for line in out.stdout.splitlines():
@@ -288,7 +288,7 @@ def waiting_job(rdb: Any) -> str:
     def found() -> bool:
         out[:] = [
             m.decode()
-            for m in rdb.zrange(keys.QUEUE, 0, -1)
+            for m in rdb.zrange(names.QUEUE, 0, -1)
             if not rdb.exists(f"arq:in-progress:{m.decode()}")
         ]
         return len(out) == 1

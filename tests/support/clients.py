@@ -157,7 +157,7 @@ def cli(stack: Stack, module: str, *args: str, **env: str) -> subprocess.Complet
 
 
 def keys_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return cli(stack, "llmq.gateway.keys", *args)
+    return cli(stack, "llmq.cli.llmq_keys", *args)
 
 
 def new_key(stack: Stack, name: str, *flags: str) -> str:

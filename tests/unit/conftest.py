@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import fakeredis
 import pytest
 
-from llmq.shared.store import Store
+from llmq.shared.queue.store import Store
 
 
 @pytest.fixture

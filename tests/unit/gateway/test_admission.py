@@ -18,8 +18,8 @@ from llmq.shared.errors import (
     ServiceError,
 )
 from llmq.shared.protocol import JobSpec, WorkerInfo
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 from tests.support.records import worker_info
 
 

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 
 from llmq.gateway.app import build_state, create_app
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 from tests.support.records import worker_info
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,7 +35,7 @@ def add_worker(client: TestClient, server: fakeredis.FakeServer) -> None:
     info = worker_info(max_active=1, started_at=time.time())
 
     async def beat() -> None:
-        await Store(fakeredis.FakeAsyncRedis(server=server)).heartbeat(info, ttl_s=30)
+        await Store(fakeredis.FakeAsyncRedis(server=server)).workers.heartbeat(info, ttl_s=30)
         await client.app.state.gateway.registry.refresh()  # type: ignore[attr-defined]
 
     client.portal.call(beat)  # type: ignore[union-attr]

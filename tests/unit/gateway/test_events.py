@@ -6,8 +6,8 @@ import pytest
 
 from llmq.gateway.events import Subscriptions
 from llmq.shared.errors import StreamInterrupted
-from llmq.shared.keys import events_channel
 from llmq.shared.protocol import Event, EventType, encode_message
+from llmq.shared.queue.names import events_channel
 
 
 async def test_events_reach_only_their_job_in_order(fake_redis) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator
-from typing import cast
+from collections.abc import MutableMapping
+from typing import Any
 from unittest.mock import AsyncMock
 
 from llmq.gateway.events import Subscription
@@ -25,7 +26,9 @@ FINAL = {**CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 
 
-def relay(include_usage: bool, events: list[Event]) -> tuple[JobRelay, AsyncMock]:
+def relay(
+    include_usage: bool, events: list[Event], request_timeout_s: float = 0.2
+) -> tuple[JobRelay, AsyncMock]:
     spec = JobSpec(
         id="chatcmpl-x",
         model="m",
@@ -45,7 +48,7 @@ def relay(include_usage: bool, events: list[Event]) -> tuple[JobRelay, AsyncMock
         sub,
         subs,
         store,
-        Settings(request_timeout_s=0.2),
+        Settings(request_timeout_s=request_timeout_s),
         GatewayMetrics(),
         Timings(admitted=now, started=now, first=now),
         silence_grace_s=0.1,
@@ -99,7 +102,7 @@ async def test_usage_chunk_only_when_asked() -> None:
     assert usage_chunk["usage"] == USAGE
     assert usage_chunk["timings"]["completion_tokens"] == 1
     assert json.loads(out[-3])["choices"][0]["finish_reason"] == "stop"
-    store.cancel.assert_not_awaited()
+    store.jobs.cancel.assert_not_awaited()
 
     r, _ = relay(False, [done_event(3)])
     r.sub._seq = 2
@@ -117,7 +120,7 @@ async def test_failure_after_first_byte_is_one_error_event_then_done() -> None:
     out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
     assert json.loads(out[1])["error"]["code"] == "request_timeout"
     assert out[2:] == ["[DONE]"]
-    store.cancel.assert_not_awaited()
+    store.jobs.cancel.assert_not_awaited()
 
 
 async def test_lost_events_end_the_stream_and_cancel_the_job() -> None:
@@ -126,7 +129,7 @@ async def test_lost_events_end_the_stream_and_cancel_the_job() -> None:
     out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
     assert json.loads(out[1])["error"]["code"] == "stream_interrupted"
     assert out[-1] == "[DONE]"
-    store.cancel.assert_awaited_once_with(r.spec)
+    store.jobs.cancel.assert_awaited_once_with(r.spec)
 
 
 async def test_silent_worker_times_out_and_cancels() -> None:
@@ -134,7 +137,7 @@ async def test_silent_worker_times_out_and_cancels() -> None:
     r.sub._seq = 2
     out = await frames(r, Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
     assert json.loads(out[1])["error"]["code"] == "request_timeout"
-    store.cancel.assert_awaited_once()
+    store.jobs.cancel.assert_awaited_once()
 
 
 def rejections(r: JobRelay, reason: str) -> float:
@@ -151,13 +154,27 @@ async def test_timeout_counts_as_request_timeout_not_client_cancel() -> None:
 
 
 async def test_client_leaving_mid_stream_cancels_the_job() -> None:
-    r, store = relay(False, [Event(3, EventType.CHUNK, json.dumps(CHUNK).encode())])
+    """The streamed response, driven as uvicorn drives it: once the first frame is out the
+    client disconnects; the response hears it and ends the body, whose cleanup cancels the
+    job (counted as client_cancelled). Nothing else would end this stream for a minute."""
+    r, store = relay(False, [], request_timeout_s=60)
     r.sub._seq = 2
-    body = cast(
-        AsyncGenerator[bytes, None],
-        r.sse_body(Event(2, EventType.CHUNK, json.dumps(CHUNK).encode())),
-    )
-    await anext(body)
-    await body.aclose()  # what the server does when the client disconnects
-    store.cancel.assert_awaited_once_with(r.spec)
+    response = await r.respond(Event(2, EventType.CHUNK, json.dumps(CHUNK).encode()))
+    sent: list[MutableMapping[str, Any]] = []
+    wrote = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await wrote.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+        wrote.set()
+
+    await asyncio.wait_for(response({"type": "http", "method": "POST"}, receive, send), 30)
+    store.jobs.cancel.assert_awaited_once_with(r.spec)
     assert rejections(r, "client_cancelled") == 1
+    assert rejections(r, "request_timeout") == 0
+    bodies = [m["body"] for m in sent if m["type"] == "http.response.body"]
+    assert bodies[0].startswith(b"id: 2\ndata: ")
+    assert all(m.get("more_body", True) for m in sent[1:]), "never completed: the client left"

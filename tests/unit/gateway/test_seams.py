@@ -1,5 +1,5 @@
-"""The uvicorn seams: a tripwire on every member the gateway overrides or relies on (as
-tests/unit/worker/test_arq_worker.py is for arq)."""
+"""The uvicorn and sse-starlette seams: a tripwire on every member the gateway overrides or
+relies on (as tests/unit/worker/test_arq_worker.py is for arq)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,22 @@ import sys
 import types
 
 import uvicorn
+from sse_starlette import sse as sse_module
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from llmq.gateway import http, server
+from llmq.gateway import event_stream, http, server
+from llmq.gateway.event_stream import SSE_SEAM
 from llmq.gateway.http import UVICORN_SEAM, GuardedHttpProtocol
 from llmq.gateway.server import UVICORN_SERVER_SEAM, DrainingServer
 from llmq.shared.seams import seam_problems
 from tests.support.stack import ROOT
 
 
-def test_installed_uvicorn_matches_every_pin() -> None:
+def test_installed_uvicorn_and_sse_starlette_match_every_pin() -> None:
     assert http.seam_problems() == []
     assert server.seam_problems() == []
+    assert event_stream.seam_problems() == []
 
 
 def test_every_override_is_pinned() -> None:
@@ -36,7 +39,10 @@ def test_every_override_is_pinned() -> None:
         for name, member in vars(DrainingServer).items()
         if callable(member) and hasattr(uvicorn.Server, name)
     }
-    assert ours <= set(UVICORN_SERVER_SEAM), ours - set(UVICORN_SERVER_SEAM)
+    # handle_exit: uvicorn's own is pinned as sse-starlette keeps it (it patches the class).
+    assert ours - {"handle_exit"} <= set(UVICORN_SERVER_SEAM), ours - set(UVICORN_SERVER_SEAM)
+    assert "handle_exit" in ours
+    assert "AppStatus.original_handler" in SSE_SEAM
 
 
 def test_tripwire_fires_when_uvicorn_renames_a_callback() -> None:
@@ -88,3 +94,27 @@ def test_the_gateway_refuses_to_start_on_a_renamed_uvicorn_member() -> None:
     assert done.returncode == 1
     assert "the installed uvicorn does not match" in done.stderr
     assert "'HttpToolsProtocol.on_header' is gone" in done.stderr
+
+
+def test_the_gateway_refuses_to_start_on_a_renamed_sse_starlette_member() -> None:
+    patch = (
+        "from sse_starlette import sse\n"
+        "sse._watch_for_shutdown = sse._shutdown_watcher\n"
+        "del sse._shutdown_watcher"
+    )
+    done = _gateway_start_with(patch)
+    assert done.returncode == 1
+    assert "the installed sse-starlette does not match" in done.stderr
+    assert "'_shutdown_watcher' is gone" in done.stderr
+
+
+def test_tripwire_fires_when_sse_starlette_renames_its_stream_writer() -> None:
+    members = dict(vars(sse_module.EventSourceResponse))
+    members["_send_stream"] = members.pop("_stream_response")
+    renamed = type("EventSourceResponse", sse_module.EventSourceResponse.__bases__, members)
+    changed = types.SimpleNamespace(**{**vars(sse_module), "EventSourceResponse": renamed})
+    problems = seam_problems(changed, SSE_SEAM, library="sse-starlette")
+    assert problems == [
+        "method 'EventSourceResponse._stream_response' is gone "
+        f"({SSE_SEAM['EventSourceResponse._stream_response'].why})"
+    ]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
@@ -94,12 +96,44 @@ def test_every_error_crosses_redis_and_every_429_503_has_retry_after(
         assert err.headers()["Retry-After"].isdigit()
 
 
-def test_the_tree_in_the_docstring_names_every_class() -> None:
+_TREE_LINE = re.compile(r"^(?P<indent>[ │├└─]*)(?P<name>[A-Z]\w+)\s+->\s*(?P<rest>.*)$")
+
+
+def _docstring_tree() -> dict[str, tuple[str | None, str]]:
+    """The tree drawn in ``shared.errors``' docstring: class name -> (parent, what follows
+    its arrow), each name read as a whole word at its place in the drawing."""
     import llmq.shared.errors as module
 
     assert module.__doc__ is not None
-    for cls in _all_subclasses(ServiceError):
-        assert cls.__name__ in module.__doc__, cls.__name__
+    tree: dict[str, tuple[str | None, str]] = {}
+    ancestors: list[tuple[int, str]] = []  # (column of the name, name), outermost first
+    for line in module.__doc__.splitlines():
+        m = _TREE_LINE.match(line)
+        if m is None:
+            continue
+        column = len(m["indent"])
+        while ancestors and ancestors[-1][0] >= column:
+            ancestors.pop()
+        tree[m["name"]] = (ancestors[-1][1] if ancestors else None, m["rest"])
+        ancestors.append((column, m["name"]))
+    return tree
+
+
+def test_the_tree_in_the_docstring_names_every_class() -> None:
+    """Every class is drawn under its own base, with its status and code; nothing else is."""
+    tree = _docstring_tree()
+    classes: list[type[ServiceError]] = [ServiceError, *_all_subclasses(ServiceError)]
+    assert set(tree) == {cls.__name__ for cls in classes}
+    for cls in classes:
+        parent, rest = tree[cls.__name__]
+        base = None if cls is ServiceError else cls.__bases__[0].__name__
+        assert parent == base, (cls.__name__, parent, base)
+        words = rest.split()
+        if words and words[0].isdigit():  # the status, where the drawing gives one
+            assert int(words[0]) == cls.status, cls.__name__
+            words = words[1:]
+        if words and cls.code is not None and words[0] not in ("+", "the"):
+            assert words[0] == cls.code, cls.__name__
 
 
 @pytest.mark.parametrize(

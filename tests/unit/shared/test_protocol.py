@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmq.shared.keys import events_channel, job_key, worker_key
 from llmq.shared.protocol import Event, EventType, WorkerInfo
+from llmq.shared.queue.names import events_channel, job_key, worker_key
 
 
 def test_event_round_trip_keeps_data_with_spaces() -> None:

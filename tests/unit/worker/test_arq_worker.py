@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from arq.worker import Worker
 
-from llmq.shared.picking import Affinity, Picked, PickResult
+from llmq.shared.queue.routing import Affinity, Picked, PickResult
 from llmq.shared.settings import Settings
 from llmq.worker import arq_worker
 from llmq.worker.app import build_worker
@@ -129,8 +129,8 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
     async def no_claims(worker_id: str, running: list[str], min_age_s: float) -> int:
         return 0
 
-    monkeypatch.setattr(worker.runtime.store, "pick", pick)
-    monkeypatch.setattr(worker.runtime.store, "requeue_claims", no_claims)
+    monkeypatch.setattr(worker.runtime.store.routing, "pick", pick)
+    monkeypatch.setattr(worker.runtime.store.workers, "requeue_claims", no_claims)
     monkeypatch.setattr(worker, "_cancel_aborted_jobs", nothing)
     monkeypatch.setattr(worker, "heart_beat", nothing)
     worker._wake_event.clear()
@@ -155,7 +155,7 @@ async def test_a_pick_counts_affinity_and_looks_again_when_a_left_jobs_wait_runs
     async def start(picked: list[tuple[str, int]]) -> None:
         started.append(picked)
 
-    monkeypatch.setattr(worker.runtime.store, "pick", pick)
+    monkeypatch.setattr(worker.runtime.store.routing, "pick", pick)
     monkeypatch.setattr(worker, "_start_claimed", start)
     worker.runtime.models = ("m",)
     worker._wake_event.clear()

@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from llmq.shared import keys
 from llmq.shared import protocol as p
-from llmq.shared.batches import BatchStore
+from llmq.shared.queue import names
+from llmq.shared.queue.batches import BatchStore
+from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 from llmq.worker.engine import EngineClient
 from llmq.worker.job import chat
 from llmq.worker.metrics import WorkerMetrics
@@ -73,7 +73,7 @@ def job(stream: bool = True) -> dict:
 
 async def run_and_collect(store: Store, fake_redis, rt: Runtime, stream: bool = True):
     pubsub = fake_redis.pubsub()
-    await pubsub.subscribe(keys.events_channel("chatcmpl-x"))
+    await pubsub.subscribe(names.events_channel("chatcmpl-x"))
     await pubsub.get_message(timeout=1)
     result = await chat({RUNTIME: rt}, job(stream))
     events = []
@@ -86,7 +86,7 @@ async def run_and_collect(store: Store, fake_redis, rt: Runtime, stream: bool = 
 async def test_stream_publishes_numbered_chunks_and_holds_the_final_one(store, fake_redis):
     body = sse(chunk("a"), chunk("b"), chunk(finish="stop"), USAGE)
     async with runtime(store, lambda r: httpx.Response(200, content=body)) as rt:
-        await store.admit(p.JobSpec.model_validate(job()), limit=5, hold_s=30, expire_s=30)
+        await store.jobs.admit(p.JobSpec.model_validate(job()), limit=5, hold_s=30, expire_s=30)
         result, events = await run_and_collect(store, fake_redis, rt)
         assert result == {"id": "chatcmpl-x", "outcome": "completed"}
         assert [e.seq for e in events] == [1, 2, 3, 4]
@@ -145,10 +145,23 @@ async def test_engine_priority_passes_the_band_on(store, fake_redis, setting, se
     assert [b.get("priority") for b in bodies] == [sent]
 
 
-def test_band_priorities_order_high_first() -> None:
-    from llmq.worker.engine import BAND_PRIORITY
+async def test_band_priorities_order_high_first(store) -> None:
+    """ENGINE_PRIORITY on: a job of each band, run by the worker; the `priority` each one's
+    engine request carries makes vLLM run high before normal before low (lower first)."""
+    sent: dict[str, int] = {}
+    completion = {"id": "e", "object": "chat.completion", "choices": [], "usage": {}}
 
-    assert sorted(p.Band, key=BAND_PRIORITY.__getitem__) == [p.Band.HIGH, p.Band.NORMAL, p.Band.LOW]
+    def engine(r: httpx.Request) -> httpx.Response:
+        body = json.loads(r.content)
+        sent[body["band"]] = body["priority"]
+        return httpx.Response(200, json=completion)
+
+    async with runtime(store, engine, engine_priority=True) as rt:
+        for band in p.Band:
+            spec = {**job(stream=False), "band": band.value, "body": {"band": band.value}}
+            assert (await chat({RUNTIME: rt}, spec))["outcome"] == "completed"
+    assert sorted(sent, key=sent.__getitem__) == ["high", "normal", "low"]
+    assert len(set(sent.values())) == 3, "no two bands tie"
 
 
 @pytest.mark.parametrize("grace", [0.0001])

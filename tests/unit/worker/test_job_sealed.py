@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 from arq.jobs import deserialize_job
 
-from llmq.shared import keys
 from llmq.shared import protocol as p
-from llmq.shared.batches import BatchStore
+from llmq.shared.queue import names
+from llmq.shared.queue.batches import BatchStore
+from llmq.shared.queue.store import Store
 from llmq.shared.sealing import Sealer, new_key, parse_keys
 from llmq.shared.settings import Settings
-from llmq.shared.store import Store
 from llmq.worker.engine import EngineClient
 from llmq.worker.job import chat
 from llmq.worker.metrics import WorkerMetrics
@@ -54,8 +54,8 @@ async def run(fake_redis: Any, gateway_key: str, worker_keys: str) -> dict[str, 
     worker holding ``worker_keys``; returns what the engine got, what was published (raw)
     and the worker's outcome and metrics."""
     gateway = Store(fake_redis, sealer=Sealer(parse_keys(gateway_key)))
-    await gateway.admit(spec(), limit=5, hold_s=30, expire_s=30)
-    raw = await fake_redis.get(keys.job_key(JOB))
+    await gateway.jobs.admit(spec(), limit=5, hold_s=30, expire_s=30)
+    raw = await fake_redis.get(names.job_key(JOB))
     queued = deserialize_job(raw, deserializer=p.json_loads).args[0]  # what arq passes
     metrics = WorkerMetrics()
     worker = Store(fake_redis, sealer=Sealer(parse_keys(worker_keys), metrics.undecryptable.inc))
@@ -67,7 +67,7 @@ async def run(fake_redis: Any, gateway_key: str, worker_keys: str) -> dict[str, 
         return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
 
     pubsub = fake_redis.pubsub()
-    await pubsub.subscribe(keys.events_channel(JOB))
+    await pubsub.subscribe(names.events_channel(JOB))
     await pubsub.get_message(timeout=1)
     async with fake_engine(engine) as url:
         client = EngineClient(url, max_connections=2)

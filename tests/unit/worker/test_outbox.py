@@ -8,9 +8,10 @@ import json
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from llmq.shared import keys
 from llmq.shared import protocol as p
-from llmq.shared.store import Store
+from llmq.shared.queue import names
+from llmq.shared.queue.store import Store
+from llmq.worker import outbox as outbox_module
 from llmq.worker.job import relabel
 from llmq.worker.outbox import Outbox
 from llmq.worker.publisher import ClientGone, Publisher
@@ -26,7 +27,7 @@ async def _messages(pubsub) -> list[bytes]:
 
 async def test_events_ready_together_share_one_message_per_job(store: Store, fake_redis) -> None:
     pubsub = fake_redis.pubsub()
-    await pubsub.subscribe(keys.events_channel("a"), keys.events_channel("b"))
+    await pubsub.subscribe(names.events_channel("a"), names.events_channel("b"))
     outbox = Outbox(store)
     for seq in (1, 2, 3):  # no await between puts: all go in one flush
         outbox.put("a", p.Event(seq, p.EventType.CHUNK, b"x").encode())
@@ -38,11 +39,20 @@ async def test_events_ready_together_share_one_message_per_job(store: Store, fak
     await pubsub.aclose()
 
 
-async def test_an_event_alone_goes_out_at_once(store: Store, fake_redis) -> None:
-    """One stream: no waiting for company, the flush starts on the next loop iteration."""
+async def test_an_event_alone_goes_out_at_once(
+    store: Store, fake_redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One stream: no waiting for company. The linger is an hour here: a flush that waited
+    for it would never come within the bound; this one carries the event at once."""
+    monkeypatch.setattr(outbox_module, "LINGER_S", 3600.0)
+    pubsub = fake_redis.pubsub()
+    await pubsub.subscribe(names.events_channel("a"))
     outbox = Outbox(store)
-    generation = outbox.put("a", p.Event(1, p.EventType.CHUNK, b"x").encode())
-    await asyncio.wait_for(generation, 1)
+    event = p.Event(1, p.EventType.CHUNK, b"x").encode()
+    generation = outbox.put("a", event)
+    assert await asyncio.wait_for(generation, 10) == {"a": 1}  # one subscriber heard it
+    assert await _messages(pubsub) == [p.encode_message([event])]
+    await pubsub.aclose()
 
 
 async def test_terminal_events_wait_until_out_and_redis_errors_reach_the_job(store) -> None:
@@ -55,7 +65,7 @@ async def test_terminal_events_wait_until_out_and_redis_errors_reach_the_job(sto
     async def broken(batch, logged=None):
         raise RedisConnectionError("gone")
 
-    store.publish_many = broken
+    store.jobs.publish_many = broken
     with pytest.raises(RedisConnectionError):
         await pub.send(p.EventType.ERROR, b"{}")
 
@@ -116,7 +126,7 @@ async def test_started_is_published_again_until_a_subscriber_hears_it(
     its stream must still begin with #1, not with a gap."""
     heard: list[int] = []
     first_out = asyncio.Event()
-    publish_many = store.publish_many
+    publish_many = store.jobs.publish_many
 
     async def recording(batch, logged=None):
         counts = await publish_many(batch, logged)
@@ -124,7 +134,7 @@ async def test_started_is_published_again_until_a_subscriber_hears_it(
         first_out.set()
         return counts
 
-    store.publish_many = recording  # type: ignore[method-assign]
+    store.jobs.publish_many = recording  # type: ignore[method-assign]
     pub = Publisher(Outbox(store), "a", orphan_grace_s=10)
 
     async def started() -> None:
@@ -134,7 +144,7 @@ async def test_started_is_published_again_until_a_subscriber_hears_it(
     await asyncio.wait_for(first_out.wait(), 5)
     assert heard[0] == 0, "the first STARTED went out to nobody"
     pubsub = fake_redis.pubsub()
-    await pubsub.subscribe(keys.events_channel("a"))
+    await pubsub.subscribe(names.events_channel("a"))
     await pub.announced()
     await pub.send(p.EventType.DONE, b"{}")
     events = [e for m in await _messages(pubsub) for e in p.Event.decode_message(m)]
@@ -186,5 +196,5 @@ async def test_a_stored_job_is_logged_once_and_never_client_gone(store: Store, f
     assert [e.seq for e in await store.records.read_log("s", after=5)] == [6, 7]
     assert (last := await store.records.last_logged("s")) is not None
     assert last.type is p.EventType.DONE
-    assert await fake_redis.pttl(keys.log_key("s")) > 0
-    assert not await fake_redis.exists(keys.log_key("unstored"))
+    assert await fake_redis.pttl(names.log_key("s")) > 0
+    assert not await fake_redis.exists(names.log_key("unstored"))
