@@ -197,7 +197,7 @@ async def health(st: StateDep, scope: Literal["service", "gateway"] = "service")
     while a model is scaled to zero (its requests queue and wake the autoscaler)."""
     try:  # bounded: /health answers within a second even while Redis is frozen
         async with asyncio.timeout(_HEALTH_PING_S):
-            redis_ok = bool(await st.redis.ping())
+            redis_ok = await st.store.readings.ping()
     except (RedisError, TimeoutError):
         redis_ok = False
     ready = len(st.registry.ready())

@@ -14,11 +14,12 @@ import time
 from typing import Any
 
 # Libraries that log request or response content at DEBUG (multipart: uploaded batch
-# files; aiohttp: the worker's engine client; hpack), or one line per request at INFO
+# files; aiohttp: the worker's engine client; sse_starlette: every streamed chunk; hpack),
+# or one line per request at INFO
 # (httpx and httpcore, which the tests and benchmarks use as clients, and which a library
 # loaded into either process may use). They stay at WARNING whatever LOG_LEVEL says:
 # prompts and completions are never logged.
-_QUIET = ("httpx", "httpcore", "hpack", "multipart", "aiohttp")
+_QUIET = ("httpx", "httpcore", "hpack", "multipart", "aiohttp", "sse_starlette")
 
 # The attribute of a LogRecord that carries an access or job line's fields.
 FIELDS = "llmq_fields"

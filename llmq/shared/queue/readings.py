@@ -147,6 +147,10 @@ class Readings:
         )
         return int(out[0]), int(out[1])
 
+    async def ping(self) -> bool:
+        """Whether Redis answers (PING)."""
+        return bool(await self.redis.ping())
+
     async def queue_depth(self, scan_limit: int = 100_000) -> int:
         """Jobs in arq's queue not running, every model's (the first ``scan_limit``)."""
         return int(
