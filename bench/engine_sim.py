@@ -18,6 +18,10 @@ first one, a non-streamed answer holds before it is sent) and then waits until
 breaks off, as an engine crash would). ``GET /sim/stats`` shows ``held`` per name, so a
 test polls for "held" instead of sleeping. A release or fail that comes first is kept: a
 later hold of that name passes (or fails) at once. ``POST /sim/reset`` forgets them.
+``{"sim": {"tool_call": {"name": "f", "arguments": "{...}"}}}`` answers with that function
+call (streamed as vLLM does: the call, then its arguments in two pieces, finish reason
+``tool_calls``) instead of text. ``{"sim": {"record": "r"}}`` keeps the request's messages
+and tools under ``recorded["r"]`` of ``/sim/stats`` (what a test checks the engine got).
 ``{"sim": {"tag": "x"}}`` records "x" in ``tags`` of ``/sim/stats``, in the order requests
 reached the engine (what the priority and fairness tests read).
 
@@ -109,6 +113,7 @@ class Simulator:
         self.holds = Holds()
         # The "tag" knob of each request, in the order they reached the engine (bounded).
         self.tags: collections.deque[str] = collections.deque(maxlen=10_000)
+        self.recorded: dict[str, Any] = {}  # "record" knob -> the request's messages, tools
         self.cache = PrefixCache(config.prefix_cache_tokens)
 
     def _serves(self, model: str, *, probe: bool) -> bool:
@@ -136,6 +141,7 @@ class Simulator:
             "hold_after": int(over.get("hold_after", 1)),
             "pad": int(over.get("pad", 0)),
             "tag": over.get("tag"),
+            "tool_call": over.get("tool_call"),
             "say": str(over.get("say", "tok")),
             "fail_message": over.get("fail_message"),
             "model": str(body.get("model")),
@@ -158,8 +164,7 @@ class Simulator:
         if auto and not self.config.auto_tools:  # vLLM's own words
             return _error(400, AUTO_TOOLS_REFUSED)
         k = self.knobs(body)
-        if k["tag"] is not None:
-            self.tags.append(str(k["tag"]))
+        self._note(k, body)
         prompt = _prompt_tokens(messages)
         if prompt + k["tokens"] > self.config.max_model_len:
             return _error(
@@ -179,6 +184,13 @@ class Simulator:
                 self._stream(rid, k, prompt, usage, chain), media_type="text/event-stream"
             )
         return await self._complete(rid, k, prompt, chain)
+
+    def _note(self, k: dict[str, Any], body: dict[str, Any]) -> None:
+        """The "tag" and "record" knobs: what a test reads back from /sim/stats."""
+        if k["tag"] is not None:
+            self.tags.append(str(k["tag"]))
+        if record := (body.get("sim") or {}).get("record"):
+            self.recorded[str(record)] = {"messages": body["messages"], "tools": body.get("tools")}
 
     def _prefill(
         self, k: dict[str, Any], messages: list[dict[str, Any]], tools: Any
@@ -265,49 +277,13 @@ class Simulator:
         self.stats.running += 1
         try:
             await asyncio.sleep(k["ttft"])
-            text, sent = "", 0  # with stream_interval: the first token, then one delta per n
-            for i in range(k["tokens"]):
-                if k["drop_after"] is not None and i >= int(k["drop_after"]):
-                    raise DroppedStream(rid)
-                if k["hold"] and i == k["hold_after"]:
-                    await self.holds.wait(str(k["hold"]))
-                if i:
-                    await asyncio.sleep(k["itl"])
-                text += f"{k['say']}{i} " + "x" * k["pad"]
-                if i and i + 1 - sent < k["interval"] and i + 1 < k["tokens"]:
-                    continue
-                delta: dict[str, Any] = {"content": text}
-                if i == 0:
-                    delta = {"role": "assistant", **delta}
-                text, sent = "", i + 1
-                yield self._chunk(
-                    rid, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
-                )
-            if k["hold"] and k["hold_after"] >= k["tokens"]:
-                await self.holds.wait(str(k["hold"]))
-            yield self._chunk(
-                rid,
-                [
-                    {
-                        "index": 0,
-                        "delta": {},
-                        "logprobs": None,
-                        "finish_reason": k["finish"],
-                        "stop_reason": None,
-                    }
-                ],
+            frames = (
+                self._tool_call(rid, k, prompt, usage)
+                if k["tool_call"]
+                else self._tokens(rid, k, prompt, usage)
             )
-            if usage:
-                yield self._chunk(
-                    rid,
-                    [],
-                    usage={
-                        "prompt_tokens": prompt,
-                        "completion_tokens": k["tokens"],
-                        "total_tokens": prompt + k["tokens"],
-                    },
-                )
-            yield b"data: [DONE]\n\n"
+            async for frame in frames:
+                yield frame
             self.stats.streams_completed += 1
             self._cache_answer(chain, k)
         except (asyncio.CancelledError, GeneratorExit):
@@ -315,6 +291,67 @@ class Simulator:
             raise
         finally:
             self.stats.running -= 1
+
+    async def _tokens(
+        self, rid: str, k: dict[str, Any], prompt: int, usage: bool
+    ) -> AsyncIterator[bytes]:
+        """The text answer, token by token (one delta per ``stream_interval`` after the
+        first), held or dropped where the knobs say; the finish chunk, the usage."""
+        text, sent = "", 0
+        for i in range(k["tokens"]):
+            if k["drop_after"] is not None and i >= int(k["drop_after"]):
+                raise DroppedStream(rid)
+            if k["hold"] and i == k["hold_after"]:
+                await self.holds.wait(str(k["hold"]))
+            if i:
+                await asyncio.sleep(k["itl"])
+            text += f"{k['say']}{i} " + "x" * k["pad"]
+            if i and i + 1 - sent < k["interval"] and i + 1 < k["tokens"]:
+                continue
+            delta: dict[str, Any] = {"content": text}
+            if i == 0:
+                delta = {"role": "assistant", **delta}
+            text, sent = "", i + 1
+            yield self._chunk(
+                rid, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+            )
+        if k["hold"] and k["hold_after"] >= k["tokens"]:
+            await self.holds.wait(str(k["hold"]))
+        finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": k["finish"],
+                  "stop_reason": None}  # fmt: skip
+        yield self._chunk(rid, [finish])
+        if usage:
+            counts = {"prompt_tokens": prompt, "completion_tokens": k["tokens"],
+                      "total_tokens": prompt + k["tokens"]}  # fmt: skip
+            yield self._chunk(rid, [], usage=counts)
+        yield b"data: [DONE]\n\n"
+
+    async def _tool_call(
+        self, rid: str, k: dict[str, Any], prompt: int, usage: bool
+    ) -> AsyncIterator[bytes]:
+        """A function call, streamed as vLLM streams one: its id and name, then the
+        arguments in two pieces, then the finish chunk (``tool_calls``) and the usage."""
+        call = k["tool_call"]
+        arguments = str(call.get("arguments", "{}"))
+        half = len(arguments) // 2
+        first = {"index": 0, "id": f"call_{rid}", "type": "function",
+                 "function": {"name": str(call["name"]), "arguments": ""}}  # fmt: skip
+        deltas = [
+            {"role": "assistant", "content": None, "tool_calls": [first]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": arguments[:half]}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]},
+        ]
+        for delta in deltas:
+            yield self._chunk(
+                rid, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+            )
+            await asyncio.sleep(k["itl"])
+        finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+        yield self._chunk(rid, [finish])
+        if usage:
+            counts = {"prompt_tokens": prompt, "completion_tokens": 3, "total_tokens": prompt + 3}
+            yield self._chunk(rid, [], usage=counts)
+        yield b"data: [DONE]\n\n"
 
     async def models(self, request: Request) -> Response:
         """As vLLM lists them: each served name, then each adapter with its ``parent``."""
@@ -331,7 +368,8 @@ class Simulator:
         return JSONResponse({"object": "list", "data": data})
 
     async def get_stats(self, request: Request) -> Response:
-        stats = {**asdict(self.stats), "held": dict(self.holds.held), "tags": list(self.tags)}
+        stats = {**asdict(self.stats), "held": dict(self.holds.held), "tags": list(self.tags),
+                 "recorded": self.recorded}  # fmt: skip
         return JSONResponse(stats)
 
     async def reset(self, request: Request) -> Response:
@@ -340,6 +378,7 @@ class Simulator:
             self.holds.fail(name)  # a test that ended without releasing must not leak streams
         self.holds = Holds()
         self.tags.clear()
+        self.recorded.clear()
         return JSONResponse({"ok": True})
 
     async def release(self, request: Request) -> Response:

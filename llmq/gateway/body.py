@@ -25,7 +25,9 @@ MAX_JSON_DEPTH = 32  # an OpenAI request needs ~8 (tools' JSON schemas a few mor
 _MAX_TOP_LOGPROBS = 20  # OpenAI's maximum
 
 
-def parse_chat_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
+def read_json(raw: bytes, settings: Settings) -> dict[str, Any]:
+    """A request body as a JSON object: byte prechecks, the parse, the nesting depth and
+    unencodable strings (every API's body goes through this first)."""
     precheck(raw, settings)
     try:
         data = json.loads(raw)
@@ -36,6 +38,11 @@ def parse_chat_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     check_tree(data)
+    return data
+
+
+def parse_chat_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
+    data = read_json(raw, settings)
     messages = data.get("messages")
     if isinstance(messages, list) and len(messages) > settings.max_messages:
         raise InvalidRequest(

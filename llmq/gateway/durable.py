@@ -53,16 +53,17 @@ def _queued_until(st: GatewayState, rec: StoredJob) -> float:
 
 
 async def owned(
-    st: GatewayState, job_id: str, tenant: Tenant, rec: StoredJob | None = None
+    st: GatewayState, job_id: str, tenant: Tenant, rec: StoredJob | None = None, api: str = "chat"
 ) -> StoredJob:
-    """The caller's stored job (``rec``, when read already), or 404 (also for another key's:
-    its existence is private).
+    """The caller's stored job of ``api`` (``rec``, when read already), or 404 (also for
+    another key's: its existence is private).
 
     A job still queued past QUEUE_TIMEOUT_S whose client left (a detached job: no relay
     waits to cancel it) is cancelled here, so its status says what happened."""
     rec = rec or await st.store.records.stored(job_id)
-    if rec is None or rec.tenant != tenant.name:
-        raise NotFound(f"no stored chat completion {job_id!r} (unknown, expired or not stored)")
+    if rec is None or rec.tenant != tenant.name or rec.api != api:
+        what = "chat completion" if api == "chat" else "response"
+        raise NotFound(f"no stored {what} {job_id!r} (unknown, expired or not stored)")
     if rec.status is StoredStatus.QUEUED and time.time() > _queued_until(st, rec) + 1:
         expired = QueueTimeout(f"waited {st.settings.queue_timeout_s:g}s in the queue")
         await st.store.jobs.cancel(rec.spec(), expired)

@@ -116,6 +116,9 @@ class JobRelay:
     finished: bool = False
     silence_grace_s: float = _WORKER_SILENCE_GRACE_S
     resumed: bool = False  # a stored job followed again (gateway.durable), not its POST
+    # Runs on when its client leaves (a stored chat completion, a background response);
+    # None: as ``spec.stored`` says.
+    detached: bool | None = None
 
     async def open(self) -> Event:
         """Wait for pickup (QUEUE_TIMEOUT_S), then for the first payload; errors raise."""
@@ -210,8 +213,9 @@ class JobRelay:
         ``client_gone``: the client left (counted as ``client_cancelled``), as opposed to the
         gateway ending the job itself after a timeout or lost events (counted where raised).
         """
+        detached = self.spec.stored if self.detached is None else self.detached
         with anyio.CancelScope(shield=True):
-            if self.spec.stored and not self.finished:  # detached: it runs on
+            if detached and not self.finished:  # it runs on
                 if client_gone:
                     logger.info("job %s: client gone, the stored job runs on", self.spec.id)
             elif not self.finished:
@@ -229,7 +233,8 @@ class JobRelay:
         limit = self.settings.request_timeout_s + self.silence_grace_s
         return max(0.0, limit - (time.monotonic() - self.timings.started))
 
-    def _account(self, usage: dict[str, Any] | None) -> int:
+    def account(self, usage: dict[str, Any] | None) -> int:
+        """Count a finished job's tokens (metrics); returns its completion tokens."""
         usage = usage or {}
         completion = int(usage.get("completion_tokens") or 0)
         prompt = int(usage.get("prompt_tokens") or 0)
@@ -244,7 +249,7 @@ class JobRelay:
         result: dict[str, Any] = json.loads(event.data)
         if not self.resumed:  # (a resumed one keeps the worker's timings: see worker.job)
             usage = result.get("usage")
-            result["timings"] = self.timings.report(self._account(usage), streamed=False)
+            result["timings"] = self.timings.report(self.account(usage), streamed=False)
         return result
 
     def _finish(self, event: Event) -> list[bytes]:
@@ -252,7 +257,7 @@ class JobRelay:
         final: dict[str, Any] | None = done.get("final")
         usage: dict[str, Any] | None = done.get("usage")
         # A resumed stream: counted once (by the first relay); the timings are the worker's.
-        timings = done.get("timings") if self.resumed else self.timings.report(self._account(usage))
+        timings = done.get("timings") if self.resumed else self.timings.report(self.account(usage))
         frames = []
         if self.spec.include_usage:
             if final is not None:
@@ -299,36 +304,46 @@ class JobRelay:
         await self.close(client_gone=False)  # the result is in: nothing left to cancel
         return JSONResponse(self.completion(first))
 
+    async def batches(self, first: Event) -> AsyncIterator[list[Event]]:
+        """The job's events from ``first`` on, each batch what had arrived by then (under
+        load several deltas, at low load one), up to the terminal event (the last of its
+        batch). Raises TimeoutError at the job's deadline and StreamInterrupted when events
+        were lost."""
+        event = first
+        while True:
+            batch = [event, *self.sub.ready()]
+            for i, ev in enumerate(batch):
+                if ev.type is not EventType.CHUNK:
+                    self.finished = True
+                    yield batch[: i + 1]
+                    return
+            yield batch
+            if len(self.subs) >= BUSY_STREAMS:
+                await asyncio.sleep(COALESCE_S)
+            event = await self.sub.next(self._deadline_left())
+
     async def sse_body(self, first: Event) -> AsyncIterator[bytes]:
         """The SSE body: chunks as they come, the final chunk with timings, ``[DONE]``.
 
         A failure after the first byte is one error event, then ``[DONE]``, as vLLM's own
         server does.
         """
-        event = first
         client_gone = True  # unless we end the stream ourselves below
         try:
-            while True:
-                # Every event already here goes out in one write: under load that is
-                # several deltas per send instead of one (at low load, one).
+            async for batch in self.batches(first):
+                # Every event already here goes out in one write.
                 frames = []
-                for ev in (event, *self.sub.ready()):
+                for ev in batch:
                     if ev.type is EventType.CHUNK:
                         frames.append(b"id: %d\ndata: %s\n\n" % (ev.seq, ev.data))
                         continue
-                    self.finished = True
                     if ev.type is EventType.DONE:
                         frames += self._finish(ev)
                     else:  # ERROR (or an unexpected type): terminal
                         err = ServiceError.from_wire(json.loads(ev.data))
                         frames.append(self.error_frame(err))
                     frames.append(b"id: %d\n%s" % (ev.seq, DONE) if ev.seq else DONE)
-                    yield b"".join(frames)
-                    return
                 yield b"".join(frames)
-                if len(self.subs) >= BUSY_STREAMS:
-                    await asyncio.sleep(COALESCE_S)
-                event = await self.sub.next(self._deadline_left())
         except TimeoutError:
             client_gone = False
             yield self.error_frame(RequestTimeout("the engine stopped answering"))

@@ -16,42 +16,30 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from llmq.gateway import durable, queued
-from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.auth import TenantDep
 from llmq.gateway.body import (
-    check_max_tokens,
-    check_stored_size,
-    check_tools,
     parse_chat_body,
 )
-from llmq.gateway.relay import JobRelay, Timings, until_disconnect
+from llmq.gateway.relay import JobRelay, Timings
 from llmq.gateway.state import GatewayState, StateDep
+from llmq.gateway.submission import Attach, first_event, submit
 from llmq.gateway.tenant import Tenant
 from llmq.shared.chat import ChatCompletionRequest, band_for, new_job_id, to_job_spec
 from llmq.shared.errors import (
     ClientClosedRequest,
     EngineUnavailable,
-    IdempotencyKeyReused,
     InvalidRequest,
     QueueUnavailable,
     ServiceError,
     ShuttingDown,
 )
 from llmq.shared.protocol import Event, StoredJob
-from llmq.shared.queue.jobs import AdmitResult, AdmitStatus
+from llmq.shared.queue.jobs import AdmitResult
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 _HEALTH_PING_S = 0.5
 _MAX_IDEMPOTENCY_KEY = 255
-
-
-class _Attach(Exception):
-    """The Idempotency-Key names an earlier job of the same body: answer with that one."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(job_id)
-        self.job_id = job_id
 
 
 def _idempotency(request: Request, digests: list[str]) -> tuple[str, str] | None:
@@ -77,63 +65,25 @@ async def _open_relay(
 ) -> tuple[JobRelay, Event | None, AdmitResult]:
     """Admit the request; then (unless ``updates``: the stream starts now and tells the
     client where it waits) wait for its first event."""
-    job_id = new_job_id()
     band = band_for(body, tenant.band)
     body.model = st.registry.resolve(body.model)  # MODEL_ALIASES: the served name
     # An Idempotency-Key implies store: a retry must find the job's events.
     spec = to_job_spec(
-        body, job_id, tenant=tenant.name, band=band, tpm=tenant.tpm, store=bool(idempotency)
+        body, new_job_id(), tenant=tenant.name, band=band, tpm=tenant.tpm, store=bool(idempotency)
     )
-    capacity = st.admission.check_ready(spec.model)
-    request.state.model = spec.model  # a known model: the metrics' label
-    check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
-    check_tools(body, st.registry.auto_tools(spec.model))
-    if spec.stored:
-        check_stored_size(body, st.settings.store_max_tokens)
     record = None
     if spec.stored:
         record = StoredJob.of(spec, idempotency[1] if idempotency else "", body.metadata)
     # The messages are kept only when the client asked to store the completion (not for an
     # Idempotency-Key alone): the stored-completion API lists them.
     kept = json.dumps(spec.body["messages"], separators=(",", ":")) if body.store else ""
-    sub = await st.subs.subscribe(job_id)  # before enqueue: pub/sub keeps no backlog
-    relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
-    try:
-        result = await st.admission.admit(spec, capacity, tenant, record, idempotency, kept)
-        if result.status == AdmitStatus.IDEMPOTENT:
-            prior_id, _, digest = result.prior.partition(" ")
-            if idempotency is None or digest not in body_digests:  # any key's: rotations
-                raise IdempotencyKeyReused(
-                    "this Idempotency-Key was sent before with a different body"
-                )
-            raise _Attach(prior_id)
-        # On every answer from here on, refusals included (added by the middleware).
-        request.state.ratelimit_headers = ratelimit_headers(result, tenant)
-        st.admission.raise_unless_admitted(result, spec, capacity, tenant)
-        timings.admitted = time.monotonic()
-        st.metrics.admissions.labels(spec.model).inc()
-        request.state.request_id = job_id  # a completion exists now: x-request-id is its id
-    except BaseException:
-        await st.subs.unsubscribe(sub)
-        raise
-    logger.info(
-        "job %s: admitted (model=%s stream=%s store=%s)",
-        job_id,
-        spec.model,
-        spec.stream,
-        spec.stored,
-    )
+    relay, result = await submit(
+        st, request, spec, body, tenant, timings, record=record, kept=kept,
+        idempotency=idempotency, body_digests=body_digests,
+    )  # fmt: skip
     if updates:
         return relay, None, result
-    try:
-        first = await until_disconnect(request, relay.open())
-    except BaseException as exc:
-        gone = isinstance(exc, ClientClosedRequest | asyncio.CancelledError)
-        if gone:
-            logger.info("job %s: client left before the first token", job_id)
-        await relay.close(client_gone=gone)
-        raise
-    return relay, first, result
+    return relay, await first_event(request, relay), result
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -154,7 +104,7 @@ async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) ->
         )
     except ClientClosedRequest:
         return Response(status_code=499)
-    except _Attach as attach:
+    except Attach as attach:
         logger.info("Idempotency-Key: attached to job %s", attach.job_id)
         request.state.request_id = attach.job_id
         return await durable.attach(st, request, tenant, attach.job_id)

@@ -65,8 +65,8 @@ async def _matching(
         if rec is None:
             await records.forget_stored(tenant, job_id)
             continue
-        if model is not None and rec.model != model:
-            continue
+        if rec.api != "chat" or (model is not None and rec.model != model):
+            continue  # stored responses are listed by the Responses API, not here
         if any(rec.metadata.get(k) != v for k, v in metadata.items()):
             continue
         out.append(rec)

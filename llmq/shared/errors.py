@@ -4,6 +4,8 @@
     ├── InvalidApiKey                 -> 401 invalid_api_key (missing, wrong or revoked key)
     ├── InvalidRequest                -> 400 invalid_request       (param names the field)
     │   ├── NotFound                  -> 404 not_found             (no such route)
+    │   │   └── PreviousResponseNotFound  -> 404 previous_response_not_found
+    │   ├── UnknownParameter          -> 400 unknown_parameter     (a field OpenAI's API lacks)
     │   ├── MethodNotAllowed          -> 405 method_not_allowed
     │   ├── RequestTooLarge           -> 413 request_too_large
     │   ├── HeadersTooLarge           -> 431 headers_too_large
@@ -123,6 +125,16 @@ class InvalidRequest(ServiceError):
 class NotFound(InvalidRequest):
     status = 404
     code = "not_found"
+
+
+class PreviousResponseNotFound(NotFound):
+    """``previous_response_id`` names no stored response of the caller's key."""
+
+    code = "previous_response_not_found"
+
+
+class UnknownParameter(InvalidRequest):
+    code = "unknown_parameter"
 
 
 class MethodNotAllowed(InvalidRequest):
@@ -307,6 +319,8 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         RateLimitExceeded,
         InvalidRequest,
         NotFound,
+        PreviousResponseNotFound,
+        UnknownParameter,
         MethodNotAllowed,
         RequestTooLarge,
         HeadersTooLarge,

@@ -197,6 +197,7 @@ class JobSpec(BaseModel):
     # ``store``, or an Idempotency-Key). Read as "store" too: payloads queued by an older
     # gateway during an upgrade.
     stored: bool = Field(False, validation_alias=AliasChoices("stored", "store"))
+    api: str = "chat"  # the API that answers it: "chat" (completions) or "responses"
     batch_id: str = ""  # a batch request: its result goes to the batch, not to a client
     batch_index: int = -1  # its line in the batch's input file
     custom_id: str = ""
@@ -220,6 +221,7 @@ class StoredJob(BaseModel):
     include_usage: bool
     enqueued_at_ms: int
     status: StoredStatus = StoredStatus.QUEUED
+    api: str = "chat"  # "responses": a stored response (GET /v1/responses/{id})
     body_digest: str = ""  # the Idempotency-Key's body check
     metadata: dict[str, str] = Field(default_factory=dict)  # OpenAI's, for listing
 

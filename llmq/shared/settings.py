@@ -195,6 +195,11 @@ class Settings(BaseSettings):
     client_send_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="a stream the client leaves unread this long ends"
     )
+    responses_builtin_tools: Literal["omit", "reject"] = Field(
+        "omit",
+        description="Responses API: built-in tools this service cannot run (web_search, ...) "
+        "are left out of what the engine sees (omit) or refused with a 400 (reject)",
+    )
     sse_ping_s: float = Field(
         15.0,
         ge=0.05,

@@ -35,6 +35,7 @@ def test_wheel_ships_only_the_llmq_package(wheel: Path) -> None:
         "llmq",
         "llmq/shared",
         "llmq/shared/queue",
+        "llmq/shared/responses",
         "llmq/cli",
         "llmq/gateway",
         "llmq/worker",

@@ -71,10 +71,17 @@ class JobRecords:
     async def messages(self, job_id: str) -> list[dict[str, Any]] | None:
         """The messages a ``store: true`` request sent; None when none were kept. Raises
         PayloadUndecryptable."""
+        kept = await self.kept(job_id)
+        return None if kept is None else list(kept)
+
+    async def kept(self, job_id: str) -> Any:
+        """What a stored job kept of its request (JSON: a chat completion's messages, a
+        response's input items and echoed fields); None when nothing was. Raises
+        PayloadUndecryptable."""
         raw = await self.redis.hget(names.stored_key(job_id), names.STORED_MESSAGES)  # type: ignore[misc]
         if raw is None:
             return None
-        return list(json.loads(self.sealer.open(raw, f"messages:{job_id}")))
+        return json.loads(self.sealer.open(raw, f"messages:{job_id}"))
 
     async def set_metadata(self, job_id: str, metadata: dict[str, str]) -> bool:
         return bool(

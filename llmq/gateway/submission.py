@@ -1,0 +1,105 @@
+"""A request becomes a job: what every API (chat completions, Responses) does the same way.
+
+``submit``: the model's readiness and the request's caps (before anything is queued), the
+subscription to the job's events (before the enqueue: pub/sub keeps no backlog), the atomic
+admission and its refusals (429/503 with ``Retry-After``, ``x-ratelimit-*`` headers), the
+admission metrics. ``first_event``: the wait for the job's first payload event while the
+client may leave (then the job is cancelled). Each API builds its ``JobSpec`` and its
+answer; this module is the path between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from fastapi import Request
+
+from llmq.gateway.admission import ratelimit_headers
+from llmq.gateway.body import check_max_tokens, check_stored_size, check_tools
+from llmq.gateway.relay import JobRelay, Timings, until_disconnect
+from llmq.gateway.state import GatewayState
+from llmq.gateway.tenant import Tenant
+from llmq.shared.chat import ChatCompletionRequest
+from llmq.shared.errors import ClientClosedRequest, IdempotencyKeyReused
+from llmq.shared.protocol import Event, JobSpec, StoredJob
+from llmq.shared.queue.jobs import AdmitResult, AdmitStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Attach(Exception):
+    """The Idempotency-Key names an earlier job of the same body: answer with that one."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+async def submit(
+    st: GatewayState,
+    request: Request,
+    spec: JobSpec,
+    body: ChatCompletionRequest,
+    tenant: Tenant,
+    timings: Timings,
+    *,
+    record: StoredJob | None = None,
+    kept: str = "",
+    idempotency: tuple[str, str] | None = None,
+    body_digests: Sequence[str] = (),
+) -> tuple[JobRelay, AdmitResult]:
+    """Check, subscribe, admit. ``body``: the chat request the job runs (its caps are
+    checked); ``record``: a stored job's record; ``kept``: what a stored job keeps of its
+    request (sealed: ``Store``); ``idempotency``: (key digest, body digest) of an
+    Idempotency-Key (``Attach`` when it names an earlier job of the same body)."""
+    capacity = st.admission.check_ready(spec.model)
+    request.state.model = spec.model  # a known model: the metrics' label
+    check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
+    check_tools(body, st.registry.auto_tools(spec.model))
+    if spec.stored:
+        check_stored_size(body, st.settings.store_max_tokens)
+    sub = await st.subs.subscribe(spec.id)  # before enqueue: pub/sub keeps no backlog
+    relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
+    try:
+        result = await st.admission.admit(spec, capacity, tenant, record, idempotency, kept)
+        if result.status == AdmitStatus.IDEMPOTENT:
+            prior_id, _, digest = result.prior.partition(" ")
+            if idempotency is None or digest not in body_digests:  # any key's: rotations
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key was sent before with a different body"
+                )
+            raise Attach(prior_id)
+        # On every answer from here on, refusals included (added by the middleware).
+        request.state.ratelimit_headers = ratelimit_headers(result, tenant)
+        st.admission.raise_unless_admitted(result, spec, capacity, tenant)
+        timings.admitted = time.monotonic()
+        st.metrics.admissions.labels(spec.model).inc()
+        request.state.request_id = spec.id  # a job exists now: x-request-id is its id
+    except BaseException:
+        await st.subs.unsubscribe(sub)
+        raise
+    logger.info(
+        "job %s: admitted (api=%s model=%s stream=%s store=%s)",
+        spec.id,
+        spec.api,
+        spec.model,
+        spec.stream,
+        spec.stored,
+    )
+    return relay, result
+
+
+async def first_event(request: Request, relay: JobRelay) -> Event:
+    """The job's first payload event; the job is cancelled if the client leaves first
+    (ClientClosedRequest) or the wait fails."""
+    try:
+        return await until_disconnect(request, relay.open())
+    except BaseException as exc:
+        gone = isinstance(exc, ClientClosedRequest | asyncio.CancelledError)
+        if gone:
+            logger.info("job %s: client left before the first token", relay.spec.id)
+        await relay.close(client_gone=gone)
+        raise
