@@ -20,7 +20,8 @@ test polls for "held" instead of sleeping. A release or fail that comes first is
 later hold of that name passes (or fails) at once. ``POST /sim/reset`` forgets them.
 ``{"sim": {"tool_call": {"name": "f", "arguments": "{...}"}}}`` answers with that function
 call (streamed as vLLM does: the call, then its arguments in two pieces, finish reason
-``tool_calls``) instead of text. ``{"sim": {"record": "r"}}`` keeps the request's messages
+``tool_calls``) instead of text, until the conversation holds a tool's output (an agent's
+loop: call, then answer). ``{"sim": {"record": "r"}}`` keeps the request's messages
 and tools under ``recorded["r"]`` of ``/sim/stats`` (what a test checks the engine got).
 ``{"sim": {"tag": "x"}}`` records "x" in ``tags`` of ``/sim/stats``, in the order requests
 reached the engine (what the priority and fairness tests read).
@@ -141,7 +142,10 @@ class Simulator:
             "hold_after": int(over.get("hold_after", 1)),
             "pad": int(over.get("pad", 0)),
             "tag": over.get("tag"),
-            "tool_call": over.get("tool_call"),
+            # An agent's loop: the call until a tool's output comes back, then text.
+            "tool_call": None
+            if any(m.get("role") == "tool" for m in body.get("messages") or [])
+            else over.get("tool_call"),
             "say": str(over.get("say", "tok")),
             "fail_message": over.get("fail_message"),
             "model": str(body.get("model")),

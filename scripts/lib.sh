@@ -123,6 +123,24 @@ PY
   "$HELM" version --short >/dev/null || die "the extracted helm does not run"
 }
 
+# --- the Responses API's real clients (npm): the AI SDK and Codex CLI, for the tests ---
+NODE_CLIENTS_DIR="${NODE_CLIENTS_DIR:-$CACHE_DIR/node-clients}"
+NODE_CLIENTS="ai@7.0.173 @ai-sdk/openai@4.0.118 @openai/codex@0.169.0"
+
+ensure_node_clients() {
+  local stamp="$NODE_CLIENTS_DIR/.installed-$(echo "$NODE_CLIENTS" | sha1sum | cut -c1-12)"
+  if [ -f "$stamp" ]; then return; fi
+  command -v npm >/dev/null || die "npm is needed for the AI SDK and Codex CLI tests"
+  step "installing the Responses API's clients ($NODE_CLIENTS) into $NODE_CLIENTS_DIR"
+  mkdir -p "$NODE_CLIENTS_DIR"
+  # shellcheck disable=SC2086
+  npm install --silent --no-audit --no-fund --prefix "$NODE_CLIENTS_DIR" $NODE_CLIENTS >/dev/null \
+    || die "npm install $NODE_CLIENTS failed"
+  "$NODE_CLIENTS_DIR/node_modules/.bin/codex" --version >/dev/null \
+    || die "the installed Codex CLI does not run"
+  touch "$stamp"
+}
+
 ensure_k8s_models() {
   local stamp="$K8S_MODELS_DIR/.installed-$(echo "$K8S_MODELS" | sha1sum | cut -c1-12)"
   if [ -f "$stamp" ]; then return; fi

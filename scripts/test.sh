@@ -6,7 +6,8 @@
 # ruff, mypy and pytest: unit (fakeredis), integration (real redis-server, gateway and
 # worker processes, the engine simulator) and e2e (a real vLLM serving the bundled model;
 # Open WebUI driven in Debian's Chromium); and the Helm chart, rendered by helm and checked
-# against Kubernetes' and the CRDs' schemas.
+# against Kubernetes' and the CRDs' schemas; and the Responses API's clients (the Agents SDK,
+# the AI SDK and Codex CLI from npm) against the gateway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -20,9 +21,10 @@ ensure_webui_venv
 ensure_chromium
 ensure_helm
 ensure_k8s_models
+ensure_node_clients
 export LLMQ_ENGINE_PYTHON="$ENGINE_VENV/bin/python" LLMQ_MODEL_DIR="$MODEL_DIR"
 export LLMQ_HELM="$HELM" LLMQ_K8S_MODELS="$K8S_MODELS_DIR/node_modules"
-export LLMQ_OPEN_WEBUI="$WEBUI_VENV/bin/open-webui"
+export LLMQ_OPEN_WEBUI="$WEBUI_VENV/bin/open-webui" LLMQ_NODE_CLIENTS="$NODE_CLIENTS_DIR"
 
 step "ruff"
 .venv/bin/ruff check .
