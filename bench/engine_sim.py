@@ -236,6 +236,13 @@ class Simulator:
             self.stats.running -= 1
         text = self.text(k)
         self._cache_answer(chain, k)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if k["tool_call"]:
+            call = k["tool_call"]
+            function = {"name": str(call["name"]), "arguments": str(call.get("arguments", "{}"))}
+            message = {"role": "assistant", "content": None,
+                       "tool_calls": [{"id": f"call_{rid}", "type": "function",
+                                       "function": function}]}  # fmt: skip
         return JSONResponse(
             {
                 "id": rid,
@@ -245,9 +252,9 @@ class Simulator:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": None,
-                        "finish_reason": k["finish"],
+                        "finish_reason": "tool_calls" if k["tool_call"] else k["finish"],
                     }
                 ],
                 "usage": {

@@ -30,10 +30,13 @@ from llmq.shared.queue.batch_records import (
     FileRecord,
 )
 from llmq.shared.queue.batches import new_id
+from llmq.shared.responses.request import ECHO_KEY, batch_body
 from llmq.shared.settings import Settings
 
 router = APIRouter()
 CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+ENDPOINTS = (CHAT, RESPONSES)
 
 
 def validate_lines(raw: bytes, settings: Settings) -> tuple[list[bytes], list[str]]:
@@ -75,11 +78,15 @@ def _check_line(line: bytes, settings: Settings, seen: set[str]) -> tuple[str, s
         raise InvalidRequest(f"custom_id {custom_id!r} appears twice")
     if item.get("method") != "POST":
         raise InvalidRequest('method must be "POST"')
-    if item.get("url") != CHAT:
-        raise InvalidRequest(f'url must be "{CHAT}"')
+    url = item.get("url")
+    if url not in ENDPOINTS:
+        raise InvalidRequest(f'url must be "{CHAT}" or "{RESPONSES}"')
     body = item.get("body")
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
+    if url == RESPONSES:  # checked as its job will run: the chat body it becomes
+        body = batch_body(body, settings.passthrough_extra)
+        body.pop(ECHO_KEY)
     req = parse_chat_body(json.dumps(body).encode(), settings)
     if req.stream:
         raise InvalidRequest("a batch request cannot stream")
@@ -187,8 +194,8 @@ def _routes(st: GatewayState, source: FileRecord) -> dict[str, str]:
 
 @router.post("/v1/batches")
 async def create_batch(req: BatchRequest, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
-    if req.endpoint != CHAT:
-        raise InvalidRequest(f'endpoint must be "{CHAT}"', param="endpoint")
+    if req.endpoint not in ENDPOINTS:
+        raise InvalidRequest(f'endpoint must be "{CHAT}" or "{RESPONSES}"', param="endpoint")
     window = BATCH_WINDOW_S.get(req.completion_window)
     if window is None:
         raise InvalidRequest('completion_window must be "24h"', param="completion_window")

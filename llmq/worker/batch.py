@@ -32,10 +32,13 @@ from llmq.shared.errors import PayloadUndecryptable, ServiceError, UpstreamError
 from llmq.shared.queue import names
 from llmq.shared.queue.batch_records import BatchRecord, BatchStatus, failure_line, output_line
 from llmq.shared.queue.batches import BatchStore
+from llmq.shared.responses.events import from_completion
+from llmq.shared.responses.request import ECHO_KEY, batch_body
 from llmq.worker.engine import engine_body
 from llmq.worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+RESPONSES_URL = "/v1/responses"
 
 
 async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, Any] | None]:
@@ -46,9 +49,13 @@ async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, A
     usage: dict[str, Any] | None = None
     try:
         opened = rt.store.sealer.open_spec(spec)
+        body = dict(engine_body(opened, rt.settings.engine_priority))
+        echoed = body.pop(ECHO_KEY, None)  # a /v1/responses line: its answer's shape
         async with asyncio.timeout(rt.settings.request_timeout_s):
-            result = await rt.engine.complete(engine_body(opened, rt.settings.engine_priority))
+            result = await rt.engine.complete(body)
         result["id"] = spec.id
+        if echoed is not None:
+            result = from_completion(spec.id, result, echoed)
         line, ok = output_line(spec.id, spec.custom_id, 200, result), True
         outcome = p.Outcome.COMPLETED
         usage = result.get("usage")
@@ -80,12 +87,19 @@ async def record_cancelled(rt: Runtime, spec: p.JobSpec) -> None:
         logger.warning("batch request %s: could not record its end: %s", spec.id, exc)
 
 
-def _line_spec(rec: BatchRecord, index: int, raw: bytes, aliases: dict[str, str]) -> p.JobSpec:
+def _line_spec(
+    rec: BatchRecord, index: int, raw: bytes, aliases: dict[str, str], extra: frozenset[str]
+) -> p.JobSpec:
+    """A batch line's job (``extra``: PASSTHROUGH_EXTRA, for a /v1/responses line)."""
     line = json.loads(raw)
-    req = ChatCompletionRequest.model_validate(line["body"])
+    body, api = line["body"], "chat"
+    if line.get("url") == RESPONSES_URL:  # validated at upload: the chat body it becomes
+        body, api = batch_body(body, extra), "responses"
+    req = ChatCompletionRequest.model_validate(body)
     req.model = aliases.get(req.model, req.model)  # the served name (the batch's routes)
     spec = to_job_spec(req, names.batch_job_id(rec.id, index), tenant=rec.tenant, band=p.Band.LOW)
-    update = {"batch_id": rec.id, "batch_index": index, "custom_id": str(line["custom_id"])}
+    update = {"batch_id": rec.id, "batch_index": index, "custom_id": str(line["custom_id"]),
+              "api": api}  # fmt: skip
     return spec.model_copy(update=update)
 
 
@@ -165,7 +179,8 @@ class BatchFeeder:
             await self.batches.fail(rec, "the input file expired or was deleted")
             return 0
         aliases = json.loads(rec.routes or "{}")
-        specs = [_line_spec(rec, rec.next + i, raw, aliases) for i, raw in enumerate(lines)]
+        extra = self.rt.settings.passthrough_extra
+        specs = [_line_spec(rec, rec.next + i, raw, aliases, extra) for i, raw in enumerate(lines)]
         fed = await self.batches.feed(rec, specs, stop)
         if fed:
             logger.debug("batch %s: fed lines %d..%d", rec.id, rec.next, stop - 1)

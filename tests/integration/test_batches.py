@@ -204,3 +204,41 @@ def test_a_batch_past_its_window_expires_with_batch_expired_errors(
     assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
     assert (done.request_counts.completed, done.request_counts.failed) == (1, 5)
     assert sim_stats(sim.url)["tags"] == ["first"]
+
+
+def test_responses_lines_answer_as_the_responses_api(stack: Stack, sim: Proc, sdk) -> None:
+    """``/v1/responses`` lines (a batch of them, endpoint ``/v1/responses``): each result's
+    body is a ``response`` object, instructions and tools echoed, a tool call as its item;
+    a line that would need state (``previous_response_id``) is refused at upload."""
+    stack.worker(**FAST)
+    client = sdk(stack.gateway().url)
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    items = [
+        {"custom_id": "text", "method": "POST", "url": "/v1/responses",
+         "body": {"model": MODEL, "input": "hi", "instructions": "Be brief.",
+                  "sim": {"tokens": 2}}},
+        {"custom_id": "call", "method": "POST", "url": "/v1/responses",
+         "body": {"model": MODEL, "input": "weather?", "tools": [weather, {"type": "web_search"}],
+                  "sim": {"tool_call": {"name": "get_weather", "arguments": "{}"}}}},
+    ]  # fmt: skip
+    uploaded = client.files.create(file=("r.jsonl", io.BytesIO(jsonl(items))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/responses", completion_window="24h"
+    )
+    done = wait_status(client, batch.id, {"completed"})
+    assert done.request_counts.completed == 2
+    out = results(client, done.output_file_id)
+    text = out["text"]["response"]["body"]
+    assert text["object"] == "response"
+    assert text["status"] == "completed"
+    assert text["instructions"] == "Be brief."
+    assert text["output"][0]["content"][0]["text"] == "tok0 tok1 "
+    assert text["usage"]["output_tokens"] == 2
+    [call] = out["call"]["response"]["body"]["output"]
+    assert (call["type"], call["name"], call["arguments"]) == ("function_call", "get_weather", "{}")
+
+    first: dict[str, Any] = items[0]
+    stateful = [{**first, "body": {**first["body"], "previous_response_id": "resp_x"}}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.create(file=("s.jsonl", io.BytesIO(jsonl(stateful))), purpose="batch")
+    assert "line 1: previous_response_id is not served in a batch" in refused.value.message

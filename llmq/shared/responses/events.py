@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from llmq.shared.errors import JobCancelled, ServiceError
 from llmq.shared.protocol import Event, EventType
-from llmq.shared.responses.request import ToolNames
+from llmq.shared.responses.request import ToolNames, chat_tools
 
 Status = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 
@@ -389,3 +389,30 @@ def replay(builder: ResponseBuilder, events: list[Event]) -> list[StreamEvent]:
     for event in events:
         out += builder.feed(event)
     return out
+
+
+def from_completion(
+    response_id: str, completion: dict[str, Any], echoed: dict[str, Any]
+) -> dict[str, Any]:
+    """A non-streamed chat completion (a batch line's answer) as a ``response`` object: its
+    message and tool calls fed to a builder as one chunk."""
+    names = ToolNames()
+    chat_tools(echoed.get("tools") or [], names, reject_builtin=False)
+    builder = ResponseBuilder(
+        response_id, str(completion.get("model", "")), int(completion.get("created", 0)),
+        echoed, names,
+    )  # fmt: skip
+    choice = (completion.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    calls = [{**call, "index": i} for i, call in enumerate(message.get("tool_calls") or [])]
+    delta = {"content": message.get("content"), "tool_calls": calls}
+    chunk = {
+        "choices": [{"index": 0, "finish_reason": choice.get("finish_reason"), "delta": delta}]
+    }
+    done = {"usage": completion.get("usage")}
+    replay(
+        builder,
+        [Event(1, EventType.CHUNK, json.dumps(chunk).encode()),
+         Event(2, EventType.DONE, json.dumps(done).encode())],
+    )  # fmt: skip
+    return builder.response()

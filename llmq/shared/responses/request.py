@@ -384,3 +384,22 @@ def items_json(items: list[InputItem]) -> list[dict[str, Any]]:
 def parse_items(raw: list[dict[str, Any]]) -> list[InputItem]:
     """Stored items back into their models."""
     return [ResponsesRequest.model_validate({"model": "-", "input": [i]}).items()[0] for i in raw]
+
+
+ECHO_KEY = "llmq_response"  # a batch line's echoed fields, inside its (sealed) body
+
+
+def batch_body(data: dict[str, Any], engine_extra: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A ``/v1/responses`` batch line's body as the chat body its job runs, with the fields
+    its ``response`` repeats under ``ECHO_KEY`` (taken off before the engine sees it). A
+    batch line stands alone: no ``previous_response_id``, ``background`` or ``stream``."""
+    req = parse_request(data, engine_extra)
+    for field in ("previous_response_id", "background", "stream"):
+        if getattr(req, field):
+            raise InvalidRequest(f"{field} is not served in a batch", param=f"body.{field}")
+    chat, _, _ = to_chat(req, [])
+    body = chat.model_dump(mode="json", exclude_unset=True)
+    body["stream"] = False
+    body.pop("stream_options", None)
+    body[ECHO_KEY] = echo(req)
+    return body
