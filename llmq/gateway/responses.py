@@ -183,7 +183,7 @@ async def create(request: Request, st: StateDep, tenant: TenantDep) -> Response:
     spec = to_job_spec(
         chat, rid, tenant=tenant.name, band=band_for(chat, tenant.band), tpm=tenant.tpm,
         store=req.store,
-    ).model_copy(update={"api": API})  # fmt: skip
+    ).model_copy(update={"api": API, "background": req.background})  # fmt: skip
     fields = echo(req)
     kept = {"echo": fields, "input": items_json(req.items()), "context": items_json(context)}
     record = StoredJob.of(spec, "", req.metadata) if req.store else None

@@ -198,6 +198,9 @@ class JobSpec(BaseModel):
     # gateway during an upgrade.
     stored: bool = Field(False, validation_alias=AliasChoices("stored", "store"))
     api: str = "chat"  # the API that answers it: "chat" (completions) or "responses"
+    # Nobody listens when it starts (a background response): its worker does not wait for
+    # a subscriber to hear STARTED (its events are logged; a follower reads the log).
+    background: bool = False
     batch_id: str = ""  # a batch request: its result goes to the batch, not to a client
     batch_index: int = -1  # its line in the batch's input file
     custom_id: str = ""

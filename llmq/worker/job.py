@@ -202,7 +202,9 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     rt = runtime_of(ctx)
     spec = JobSpec.model_validate(raw_spec)
     mark_entered(rt, spec.id)  # from here on it is never requeued (at most once)
-    pub = Publisher(rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.stored)
+    pub = Publisher(
+        rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.stored, unheard=spec.background
+    )
     rt.active += 1
     rt.metrics.active.set(rt.active)
     waited_s = max(0.0, time.time() - spec.enqueued_at_ms / 1000)

@@ -23,15 +23,24 @@ class ClientGone(Exception):
 
 class Publisher:
     def __init__(
-        self, outbox: Outbox, job_id: str, orphan_grace_s: float, *, stored: bool = False
+        self,
+        outbox: Outbox,
+        job_id: str,
+        orphan_grace_s: float,
+        *,
+        stored: bool = False,
+        unheard: bool = False,
     ) -> None:
         """``stored``: a ``store: true`` job, whose events are logged and which runs on
-        without a listener (it is detached, never ClientGone)."""
+        without a listener (it is detached, never ClientGone). ``unheard``: a stored job
+        nobody is expected to follow as it starts (a background response): STARTED is
+        published once, not again until someone hears it."""
         self._outbox = outbox
         self._job_id = job_id
         self._sealer = outbox.sealer
         self._grace = orphan_grace_s
         self._stored = stored
+        self._unheard = unheard and stored
         self._seq = 0
         self._silent_since: float | None = None
         self._gone = False
@@ -63,7 +72,7 @@ class Publisher:
             await asyncio.wait([generation])
             heard = _receivers(generation, self._job_id)
             self._seq = 1
-            if heard:
+            if heard or self._unheard:
                 return
             self._silent_since = first
             if time.monotonic() - first >= min(STARTED_WAIT_S, self._grace):

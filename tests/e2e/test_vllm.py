@@ -299,3 +299,29 @@ async def test_readme_sample_answers_paris(stack: Stack) -> None:
             assert result.status == 200
             assert result.done
             assert "Paris" in result.text, result.text
+
+
+def test_the_readme_responses_sample_answers_paris(stack: Stack, vllm: Proc, sdk) -> None:
+    """The README's Responses API sample on the real engine, as the SDK sends it: the
+    answer, streamed and not, names Paris; the events come in OpenAI's order."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"curl -s http://127\.0\.0\.1:8080/v1/responses.*?-d '(.*?)'", readme, re.S)
+    assert match, "the README has a Responses curl sample"
+    payload = json.loads(match.group(1))
+    assert payload["model"] == MODEL
+    stack.worker()
+    client = sdk(stack.gateway().url)
+    done = client.responses.create(**payload)
+    assert done.status == "completed"
+    assert "Paris" in done.output_text, done.output_text
+    events = list(client.responses.create(**payload, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "Paris" in events[-1].response.output_text

@@ -198,3 +198,28 @@ async def test_a_stored_job_is_logged_once_and_never_client_gone(store: Store, f
     assert last.type is p.EventType.DONE
     assert await fake_redis.pttl(names.log_key("s")) > 0
     assert not await fake_redis.exists(names.log_key("unstored"))
+
+
+async def test_a_background_job_publishes_started_once_and_goes_on(store: Store) -> None:
+    """A background response: nobody follows it as it starts (its log serves whoever comes
+    later), so STARTED goes out once and the job does not wait for a listener (with the
+    grace and STARTED_WAIT_S far away, a retry would hold ``announced`` for seconds)."""
+    flushes: list[dict[str, list[bytes]]] = []
+    publish_many = store.jobs.publish_many
+
+    async def recording(batch, logged=None):
+        flushes.append(dict(batch))
+        return await publish_many(batch, logged)
+
+    store.jobs.publish_many = recording  # type: ignore[method-assign]
+    pub = Publisher(Outbox(store), "bg", orphan_grace_s=3600, stored=True, unheard=True)
+
+    async def started() -> None:
+        return None
+
+    pub.announce(started(), "w1")
+    await asyncio.wait_for(pub.announced(), 10)
+    await pub.send(p.EventType.DONE, b"{}")
+    kinds = [p.Event.decode(e).type for f in flushes for e in f["bg"]]
+    assert kinds == [p.EventType.STARTED, p.EventType.DONE]
+    assert [e.seq for e in await store.records.read_log("bg")] == [1, 2]
