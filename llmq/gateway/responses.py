@@ -210,7 +210,11 @@ async def create(request: Request, st: StateDep, tenant: TenantDep) -> Response:
         response = stream(_body(relay, builder, first), st.settings)
         response.headers.update(headers)
         return response
-    return JSONResponse(await _collect(relay, builder, first), headers=headers)
+    try:  # a client that leaves before the whole answer is in cancels it, as a stream's does
+        out = await until_disconnect(request, _collect(relay, builder, first))
+    except ClientClosedRequest:
+        return Response(status_code=499)
+    return JSONResponse(out, headers=headers)
 
 
 async def _owned(st: GatewayState, response_id: str, tenant: Tenant) -> StoredJob:
@@ -250,15 +254,15 @@ async def _frames_only(events: list[StreamEvent], after: int) -> AsyncIterator[b
 async def cancel(response_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
     """Cancel a response: queued, it never runs; running, its engine request is aborted."""
     rec = await _owned(st, response_id, tenant)
-    if rec.status not in _ENDED:
-        never_ran = await st.store.jobs.cancel(rec.spec())
-        logger.info(
-            "job %s: cancelled on request (%s)", rec.id, "queued" if never_ran else "running"
-        )
-        rec = await st.store.records.stored(rec.id) or rec
-    out = await _snapshot(st, rec)
-    if out["status"] in ("queued", "in_progress"):
-        out["status"] = "cancelled"  # the abort is on its way to the worker
+    if rec.status in _ENDED:
+        return await _snapshot(st, rec)
+    never_ran = await st.store.jobs.cancel(rec.spec())
+    state = "queued" if never_ran else "running"
+    logger.info("job %s: cancelled on request (%s)", rec.id, state)
+    out = await _snapshot(st, await st.store.records.stored(rec.id) or rec)
+    # Its worker may not have ended it yet, or ended it in its own words (an abort reaches
+    # the job as a stop): what this call did is cancel it.
+    out["status"] = "cancelled"
     return out
 
 

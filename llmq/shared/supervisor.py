@@ -79,10 +79,14 @@ def supervise(
         MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
         start_http_server(metrics_port, addr=metrics_addr, registry=registry)
     stopping = False
+    # A child still starting has no handler yet and dies of a forwarded signal: that is a
+    # stop, not a failure (a SIGTERM just after start-up must still exit 0).
+    clean: set[int | None] = {0, None}
 
     def forward(sig: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        clean.add(-sig)
         for child in children:
             if child.poll() is None:
                 child.send_signal(sig)
@@ -101,7 +105,7 @@ def supervise(
     finally:
         if own_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    if any(child.returncode not in (0, None) for child in children):
+    if any(child.returncode not in clean for child in children):
         code = 1
     return code
 

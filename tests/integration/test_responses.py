@@ -7,6 +7,7 @@ responses polled, cancelled and resumed from another gateway, refusals."""
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import httpx
@@ -327,3 +328,34 @@ def test_a_full_queue_is_a_429_before_anything_runs(stack: Stack, rdb: redis.Red
     assert refused.value.response.headers.get("retry-after")
     release(stack.engine_url, "full")
     assert_drained(rdb)
+
+
+def test_a_client_leaving_a_foreground_response_cancels_it(stack: Stack) -> None:
+    """Not streamed, stored (the default), not background: the client hangs up while the
+    engine is at work; the engine's request is dropped and the response is cancelled."""
+    stack.worker()
+    gw = stack.gateway()
+    body = json.dumps({"model": MODEL, "input": "x", "sim": {"tokens": 8, "hold": "leave"}})
+    host, port = gw.url.removeprefix("http://").split(":")
+    abandoned = sim_stats(stack.engine_url)["streams_abandoned"]
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(
+            f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        wait_held(stack.engine_url, "leave", 1)
+    wait_for(
+        lambda: sim_stats(stack.engine_url)["streams_abandoned"] == abandoned + 1,
+        30, "the engine's request dropped",
+    )  # fmt: skip
+    c = client(gw)
+    [stored] = _stored_ids(stack)
+    assert poll(c, stored, {"cancelled"}).status == "cancelled"
+
+
+def _stored_ids(stack: Stack) -> list[str]:
+    rdb = redis.Redis.from_url(stack.redis_url)
+    try:
+        return [k.decode().removeprefix("llmq:stored:") for k in rdb.scan_iter("llmq:stored:*")]
+    finally:
+        rdb.close()
