@@ -127,30 +127,29 @@ PY
 NODE_CLIENTS_DIR="${NODE_CLIENTS_DIR:-$CACHE_DIR/node-clients}"
 NODE_CLIENTS="ai@7.0.173 @ai-sdk/openai@4.0.118 @openai/codex@0.169.0"
 
-ensure_node_clients() {
-  local stamp="$NODE_CLIENTS_DIR/.installed-$(echo "$NODE_CLIENTS" | sha1sum | cut -c1-12)"
-  if [ -f "$stamp" ]; then return; fi
-  command -v npm >/dev/null || die "npm is needed for the AI SDK and Codex CLI tests"
-  step "installing the Responses API's clients ($NODE_CLIENTS) into $NODE_CLIENTS_DIR"
-  mkdir -p "$NODE_CLIENTS_DIR"
+# npm_into DIR "PACKAGES" WHAT: install the pinned npm PACKAGES into DIR once (a stamp
+# names the set: a new pin installs again); returns 1 when they were there already.
+npm_into() {
+  local dir=$1 packages=$2 what=$3
+  local stamp="$dir/.installed-$(echo "$packages" | sha1sum | cut -c1-12)"
+  if [ -f "$stamp" ]; then return 1; fi
+  command -v npm >/dev/null || die "npm is needed for $what"
+  step "installing $what ($packages) into $dir"
+  mkdir -p "$dir"
   # shellcheck disable=SC2086
-  npm install --silent --no-audit --no-fund --prefix "$NODE_CLIENTS_DIR" $NODE_CLIENTS >/dev/null \
-    || die "npm install $NODE_CLIENTS failed"
-  "$NODE_CLIENTS_DIR/node_modules/.bin/codex" --version >/dev/null \
-    || die "the installed Codex CLI does not run"
+  npm install --silent --no-audit --no-fund --prefix "$dir" $packages >/dev/null \
+    || die "npm install $packages failed"
   touch "$stamp"
 }
 
+ensure_node_clients() {
+  npm_into "$NODE_CLIENTS_DIR" "$NODE_CLIENTS" "the Responses API's clients" || return 0
+  "$NODE_CLIENTS_DIR/node_modules/.bin/codex" --version >/dev/null \
+    || die "the installed Codex CLI does not run"
+}
+
 ensure_k8s_models() {
-  local stamp="$K8S_MODELS_DIR/.installed-$(echo "$K8S_MODELS" | sha1sum | cut -c1-12)"
-  if [ -f "$stamp" ]; then return; fi
-  command -v npm >/dev/null || die "npm is needed for the chart's schema checks"
-  step "installing the CRD schemas ($K8S_MODELS) into $K8S_MODELS_DIR"
-  mkdir -p "$K8S_MODELS_DIR"
-  # shellcheck disable=SC2086
-  npm install --silent --no-audit --no-fund --prefix "$K8S_MODELS_DIR" $K8S_MODELS >/dev/null \
-    || die "npm install $K8S_MODELS failed"
-  touch "$stamp"
+  npm_into "$K8S_MODELS_DIR" "$K8S_MODELS" "the CRD schemas for the chart's checks" || true
 }
 
 ensure_model() {

@@ -1,4 +1,5 @@
-"""A streamed request that hears where it stands while it waits (``X-Queue-Updates: true``).
+"""A streamed request that hears where it stands while it waits (``X-Queue-Updates: true``),
+a chat completion or a response.
 
 The SSE response starts at admission instead of at the first token, with comment lines
 ``: queued position=<n> eta_ms=<ms>`` (its place in line, 1 next; when it is expected to
@@ -19,6 +20,7 @@ from llmq.gateway.event_stream import RelayStream, stream
 from llmq.gateway.registry import WorkerRegistry
 from llmq.gateway.relay import DONE, JobRelay
 from llmq.shared.errors import ServiceError
+from llmq.shared.protocol import Event
 from llmq.shared.queue.jobs import AdmitResult
 
 UPDATE_EVERY_S = 2.0
@@ -35,14 +37,18 @@ def comment(position: int, eta_ms: int) -> bytes:
 
 
 def respond(relay: JobRelay, admitted: AdmitResult, registry: WorkerRegistry) -> RelayStream:
-    """The SSE answer of an admitted, streamed request: its place at admission first, then
-    re-read from Redis (``Readings.position``) every ``UPDATE_EVERY_S`` until it starts."""
-    return stream(_body(relay, admitted, registry), relay.settings)
+    """The SSE answer of an admitted, streamed chat request: its place at admission first,
+    then re-read every ``UPDATE_EVERY_S`` until it starts, then its chunks."""
+    return stream(_chat_body(relay, admitted, registry), relay.settings)
 
 
-async def _body(
+async def waiting(
     relay: JobRelay, admitted: AdmitResult, registry: WorkerRegistry
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[bytes | Event]:
+    """While the job waits: a comment with its place (re-read from Redis,
+    ``Readings.position``) every ``UPDATE_EVERY_S``; then, last, its first payload event.
+    A failure before it (a queue timeout, a cancel) is raised as the ServiceError; a client
+    that leaves while it waits cancels the job. Every API's waiting stream is this."""
     position, eta_ms = admitted.position, admitted.eta_ms
     spec = relay.spec
     opening = asyncio.ensure_future(relay.open())
@@ -56,14 +62,27 @@ async def _body(
             with contextlib.suppress(RedisError):  # an outage: the last place is said again
                 capacity = registry.capacity(spec.model)
                 position, eta_ms = await relay.store.readings.position(spec, capacity)
-        first = opening.result()
-    except ServiceError as err:  # before its first token: one error event, then [DONE]
-        yield relay.error_frame(err) + DONE
-        await relay.close(client_gone=False)
-        return
     except BaseException:  # the client left while it waited
         opening.cancel()
         await relay.close(client_gone=True)
         raise
+    yield opening.result()  # (a ServiceError: the caller's to answer)
+
+
+async def _chat_body(
+    relay: JobRelay, admitted: AdmitResult, registry: WorkerRegistry
+) -> AsyncIterator[bytes]:
+    first: Event | None = None
+    try:
+        async for item in waiting(relay, admitted, registry):
+            if isinstance(item, Event):
+                first = item
+            else:
+                yield item
+    except ServiceError as err:  # before its first token: one error event, then [DONE]
+        yield relay.error_frame(err) + DONE
+        await relay.close(client_gone=False)
+        return
+    assert first is not None
     async for frame in relay.sse_body(first):
         yield frame

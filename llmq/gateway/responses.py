@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from llmq.gateway import durable
+from llmq.gateway import durable, queued
 from llmq.gateway.auth import TenantDep
 from llmq.gateway.body import read_json
 from llmq.gateway.event_stream import stream
@@ -49,6 +49,7 @@ from llmq.shared.errors import (
     ShuttingDown,
 )
 from llmq.shared.protocol import Event, EventType, StoredJob, StoredStatus
+from llmq.shared.queue.jobs import AdmitResult
 from llmq.shared.responses.events import ResponseBuilder, StreamEvent, replay
 from llmq.shared.responses.request import (
     InputItem,
@@ -124,17 +125,18 @@ async def _chain(st: GatewayState, tenant: Tenant, previous_id: str) -> list[Inp
 
 
 async def _body(
-    relay: JobRelay, builder: ResponseBuilder, first: Event, after: int = -1
+    relay: JobRelay, builder: ResponseBuilder, first: Event, after: int = -1, started: bool = False
 ) -> AsyncIterator[bytes]:
     """The stream: each job event's stream events (those numbered after ``after``), as
-    they come; a failure is ``error`` then ``response.failed``."""
+    they come, after ``response.created`` (unless ``started``: sent already); a failure is
+    ``error`` then ``response.failed``."""
     client_gone = True  # unless the stream ends by itself below
 
     def frames(events: list[StreamEvent]) -> bytes:
         return b"".join(e.frame() for e in events if e.sequence_number > after)
 
     try:
-        out = builder.start()
+        out = [] if started else builder.start()
         async for batch in relay.batches(first):
             for ev in batch:
                 out += builder.feed(ev)
@@ -152,6 +154,28 @@ async def _body(
         yield frames(builder.fail(exc))
     finally:
         await relay.close(client_gone=client_gone)
+
+
+async def _waiting_body(
+    relay: JobRelay, builder: ResponseBuilder, admitted: AdmitResult, st: GatewayState
+) -> AsyncIterator[bytes]:
+    """``X-Queue-Updates: true``: ``response.created`` at admission, comments with the
+    queue position and ETA while it waits (``gateway.queued``), then the stream."""
+    yield b"".join(e.frame() for e in builder.start())
+    first: Event | None = None
+    try:
+        async for item in queued.waiting(relay, admitted, st.registry):
+            if isinstance(item, Event):
+                first = item
+            else:
+                yield item
+    except ServiceError as err:  # before its first token: error, response.failed
+        yield b"".join(e.frame() for e in builder.fail(err))
+        await relay.close(client_gone=False)
+        return
+    assert first is not None
+    async for frame in _body(relay, builder, first, started=True):
+        yield frame
 
 
 async def _collect(relay: JobRelay, builder: ResponseBuilder, first: Event) -> dict[str, Any]:
@@ -202,6 +226,10 @@ async def create(request: Request, st: StateDep, tenant: TenantDep) -> Response:
             eta = admitted.eta_ms if admitted.eta_ms >= 0 else None
             out.update(queue_position=admitted.position, eta_ms=eta)
         return JSONResponse(out, headers=headers)
+    if req.stream and queued.wants_updates(request.headers.get(queued.HEADER)):
+        response = stream(_waiting_body(relay, builder, admitted, st), st.settings)
+        response.headers.update(headers)
+        return response
     try:
         first = await first_event(request, relay)
     except ClientClosedRequest:

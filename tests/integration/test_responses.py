@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -46,17 +47,25 @@ WEATHER = {
 }
 
 
-def client(gw: Proc, secret: str = "unused") -> Any:
-    """The SDK's client, typed loosely: the tests send what Codex and others send (tools
-    and items as plain dicts) and read the answers' fields directly."""
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0, timeout=60)
+@pytest.fixture
+def client(sdk: Callable[[str, str], openai.OpenAI]) -> Callable[..., Any]:
+    """The SDK's client for a gateway (closed after the test), typed loosely: the tests
+    send what Codex and others send (tools and items as plain dicts) and read the answers'
+    fields directly."""
+
+    def make(gw: Proc, secret: str = "unused") -> Any:
+        return sdk(gw.url, secret)
+
+    return make
 
 
 def sim(**knobs: Any) -> dict[str, Any]:
     return {"sim": knobs}
 
 
-def test_plain_and_streamed_answers_in_openais_shape(stack: Stack, rdb: redis.Redis) -> None:
+def test_plain_and_streamed_answers_in_openais_shape(
+    stack: Stack, rdb: redis.Redis, client: Any
+) -> None:
     stack.worker()
     c = client(stack.gateway())
     done = c.responses.create(
@@ -86,7 +95,7 @@ def test_plain_and_streamed_answers_in_openais_shape(stack: Stack, rdb: redis.Re
     assert_drained(rdb)
 
 
-def test_max_output_tokens_makes_it_incomplete(stack: Stack) -> None:
+def test_max_output_tokens_makes_it_incomplete(stack: Stack, client: Any) -> None:
     stack.worker()
     c = client(stack.gateway())
     events = list(c.responses.create(model=MODEL, input="Talk.", max_output_tokens=2, stream=True))
@@ -96,7 +105,7 @@ def test_max_output_tokens_makes_it_incomplete(stack: Stack) -> None:
     assert response.output_text == "tok0 tok1 "
 
 
-def test_unknown_fields_are_refused_and_clients_fields_accepted(stack: Stack) -> None:
+def test_unknown_fields_are_refused_and_clients_fields_accepted(stack: Stack, client: Any) -> None:
     stack.worker()
     c = client(stack.gateway())
     with pytest.raises(openai.BadRequestError) as refused:
@@ -112,7 +121,7 @@ def test_unknown_fields_are_refused_and_clients_fields_accepted(stack: Stack) ->
     assert done.status == "completed"
 
 
-def test_built_in_tools_are_left_out_and_named(stack: Stack) -> None:
+def test_built_in_tools_are_left_out_and_named(stack: Stack, client: Any) -> None:
     stack.worker()
     gw = stack.gateway()
     raw = client(gw).responses.with_raw_response.create(
@@ -130,7 +139,7 @@ def test_built_in_tools_are_left_out_and_named(stack: Stack) -> None:
     assert refused.value.param == "tools.0.type"
 
 
-def test_a_namespaced_tool_is_called_by_its_own_name(stack: Stack) -> None:
+def test_a_namespaced_tool_is_called_by_its_own_name(stack: Stack, client: Any) -> None:
     stack.worker()
     c = client(stack.gateway())
     lookup = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
@@ -149,7 +158,7 @@ def test_a_namespaced_tool_is_called_by_its_own_name(stack: Stack) -> None:
     assert sent[0]["function"]["name"] == "crm__lookup"
 
 
-def test_a_tool_loop_over_three_turns_with_previous_response_id(stack: Stack) -> None:
+def test_a_tool_loop_over_three_turns_with_previous_response_id(stack: Stack, client: Any) -> None:
     """Turn 1 calls the tool; turn 2 sends its output after turn 1; turn 3 follows up. The
     engine gets every earlier item each time: the user's words, the call, its output."""
     stack.worker()
@@ -188,7 +197,7 @@ def test_a_tool_loop_over_three_turns_with_previous_response_id(stack: Stack) ->
     assert missing.value.code == "previous_response_not_found"
 
 
-def test_stored_responses_are_the_keys_own(stack: Stack, rdb: redis.Redis) -> None:
+def test_stored_responses_are_the_keys_own(stack: Stack, rdb: redis.Redis, client: Any) -> None:
     stack.worker()
     gw = stack.gateway(auth="keys")
     mine, theirs = client(gw, new_key(stack, "owner")), client(gw, new_key(stack, "other"))
@@ -232,7 +241,7 @@ def poll(c: Any, response_id: str, statuses: set[str]) -> Any:
     return found["r"]
 
 
-def test_background_is_queued_then_polled_from_another_gateway(stack: Stack) -> None:
+def test_background_is_queued_then_polled_from_another_gateway(stack: Stack, client: Any) -> None:
     stack.worker(max_active=1)
     one, two = client(stack.gateway()), client(stack.gateway())
     busy = one.responses.create(
@@ -250,7 +259,7 @@ def test_background_is_queued_then_polled_from_another_gateway(stack: Stack) -> 
     assert poll(two, waiting.id, {"completed"}).output_text == "tok0 tok1 "
 
 
-def test_cancel_a_queued_and_a_running_background_response(stack: Stack) -> None:
+def test_cancel_a_queued_and_a_running_background_response(stack: Stack, client: Any) -> None:
     stack.worker(max_active=1)
     c = client(stack.gateway())
     running = c.responses.create(
@@ -288,7 +297,9 @@ def _stream_lines(url: str, response_id: str, after: int) -> list[dict[str, Any]
     return events
 
 
-def test_a_background_stream_resumes_on_another_gateway_after_its_own_died(stack: Stack) -> None:
+def test_a_background_stream_resumes_on_another_gateway_after_its_own_died(
+    stack: Stack, client: Any
+) -> None:
     stack.worker()
     first_gw, second_gw = stack.gateway(), stack.gateway()
     c = client(first_gw)
@@ -317,7 +328,9 @@ def test_a_background_stream_resumes_on_another_gateway_after_its_own_died(stack
     assert whole[-len(rest) :] == rest
 
 
-def test_a_full_queue_is_a_429_before_anything_runs(stack: Stack, rdb: redis.Redis) -> None:
+def test_a_full_queue_is_a_429_before_anything_runs(
+    stack: Stack, rdb: redis.Redis, client: Any
+) -> None:
     stack.worker(max_active=1)
     c = client(stack.gateway(queue_mode="reject"))
     c.responses.create(model=MODEL, input="a", background=True, extra_body=sim(hold="full"))
@@ -330,7 +343,7 @@ def test_a_full_queue_is_a_429_before_anything_runs(stack: Stack, rdb: redis.Red
     assert_drained(rdb)
 
 
-def test_a_client_leaving_a_foreground_response_cancels_it(stack: Stack) -> None:
+def test_a_client_leaving_a_foreground_response_cancels_it(stack: Stack, client: Any) -> None:
     """Not streamed, stored (the default), not background: the client hangs up while the
     engine is at work; the engine's request is dropped and the response is cancelled."""
     stack.worker()
@@ -359,3 +372,33 @@ def _stored_ids(stack: Stack) -> list[str]:
         return [k.decode().removeprefix("llmq:stored:") for k in rdb.scan_iter("llmq:stored:*")]
     finally:
         rdb.close()
+
+
+def test_a_waiting_stream_hears_its_place_in_the_queue(stack: Stack, client: Any) -> None:
+    """``X-Queue-Updates: true``: ``response.created`` at admission, then ``: queued
+    position=1`` while the only slot is busy; once the slot frees, the rest of the stream,
+    numbered on from the created event."""
+    stack.worker(max_active=1)
+    gw = stack.gateway()
+    c = client(gw)
+    c.responses.create(model=MODEL, input="a", background=True, extra_body=sim(hold="busy"))
+    wait_held(stack.engine_url, "busy", 1)
+    lines: list[str] = []
+    body = {"model": MODEL, "input": "b", "stream": True, "store": False, "sim": {"tokens": 2}}
+    with httpx.stream(
+        "POST", gw.url + "/v1/responses", json=body, headers={"X-Queue-Updates": "true"},
+        timeout=60,
+    ) as r:  # fmt: skip
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            lines.append(line)
+            if line.startswith(": queued position=1"):
+                release(stack.engine_url, "busy")
+    events = [json.loads(x[6:]) for x in lines if x.startswith("data: ")]
+    assert lines[0] == "event: response.created"
+    assert lines.index(next(x for x in lines if x.startswith(": queued"))) > lines.index(
+        "event: response.created"
+    )
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "tok0 tok1 "

@@ -18,6 +18,7 @@ from agents import (
     Agent,
     ModelSettings,
     Runner,
+    RunResult,
     function_tool,
     set_default_openai_client,
     set_tracing_disabled,
@@ -49,8 +50,6 @@ def test_the_agents_sdk_runs_an_agent_with_a_tool_to_its_final_output(stack: Sta
     tool, the SDK runs it and sends its output back, the engine answers."""
     stack.worker()
     gw = stack.gateway()
-    set_tracing_disabled(True)
-    set_default_openai_client(AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused"))
     call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     agent = Agent(
         name="weather",
@@ -59,7 +58,17 @@ def test_the_agents_sdk_runs_an_agent_with_a_tool_to_its_final_output(stack: Sta
         tools=[get_weather],
         model_settings=ModelSettings(extra_body={"sim": {"tool_call": call, "record": "agent"}}),
     )
-    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?"))
+
+    async def run() -> RunResult:
+        openai_client = AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused")
+        set_tracing_disabled(True)
+        set_default_openai_client(openai_client)
+        try:
+            return await Runner.run(agent, "What is the weather in Paris?")
+        finally:
+            await openai_client.close()
+
+    result = asyncio.run(run())
     assert result.final_output == " ".join(f"tok{i}" for i in range(16)) + " "
     kinds = [type(item).__name__ for item in result.new_items]
     assert kinds == ["ToolCallItem", "ToolCallOutputItem", "MessageOutputItem"]

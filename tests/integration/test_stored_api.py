@@ -13,13 +13,9 @@ import pytest
 import redis
 
 from tests.support.clients import MODEL, assert_drained, new_key
-from tests.support.stack import Proc, Stack
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
-
-
-def client(gw: Proc, secret: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0, timeout=30)
 
 
 def ask(c: openai.OpenAI, text: str, **kw: Any) -> str:
@@ -32,11 +28,13 @@ def ask(c: openai.OpenAI, text: str, **kw: Any) -> str:
     return done.id
 
 
-def test_list_messages_update_and_delete_through_the_sdk(stack: Stack, rdb: redis.Redis) -> None:
+def test_list_messages_update_and_delete_through_the_sdk(
+    stack: Stack, rdb: redis.Redis, sdk: Any
+) -> None:
     stack.worker()
     gw = stack.gateway(auth="keys")
-    mine = client(gw, new_key(stack, "owner"))
-    theirs = client(gw, new_key(stack, "other"))
+    mine = sdk(gw.url, new_key(stack, "owner"))
+    theirs = sdk(gw.url, new_key(stack, "other"))
 
     a1 = ask(mine, "first", store=True, metadata={"team": "a", "env": "dev"})
     b = ask(mine, "second", store=True, metadata={"team": "b"})
@@ -99,21 +97,21 @@ def test_list_messages_update_and_delete_through_the_sdk(stack: Stack, rdb: redi
             call()
 
 
-def test_metadata_is_checked_at_the_edge(stack: Stack, rdb: redis.Redis) -> None:
+def test_metadata_is_checked_at_the_edge(stack: Stack, rdb: redis.Redis, sdk: Any) -> None:
     stack.worker()
     gw = stack.gateway()
-    c = client(gw, "unused")
+    c = sdk(gw.url, "unused")
     for bad in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
         with pytest.raises(openai.BadRequestError):
             ask(c, "x", store=True, metadata=bad)
     assert rdb.zcard("llmq:queue") == 0
 
 
-def test_files_list_by_purpose_and_page_through_the_sdk(stack: Stack) -> None:
+def test_files_list_by_purpose_and_page_through_the_sdk(stack: Stack, sdk: Any) -> None:
     stack.worker()
     gw = stack.gateway(auth="keys")
-    mine = client(gw, new_key(stack, "files-owner"))
-    theirs = client(gw, new_key(stack, "files-other"))
+    mine = sdk(gw.url, new_key(stack, "files-owner"))
+    theirs = sdk(gw.url, new_key(stack, "files-other"))
     line = {
         "custom_id": "q1",
         "method": "POST",
