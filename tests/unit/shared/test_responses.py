@@ -10,9 +10,11 @@ from pydantic import ValidationError
 
 from llmq.shared.errors import InvalidRequest, JobCancelled, UnknownParameter, WorkerLost
 from llmq.shared.protocol import Event, EventType
-from llmq.shared.responses.events import ResponseBuilder, replay
+from llmq.shared.responses.events import ResponseBuilder, from_completion, replay
 from llmq.shared.responses.request import (
+    ECHO_KEY,
     ToolNames,
+    batch_body,
     chat_tools,
     echo,
     items_json,
@@ -236,3 +238,32 @@ def test_the_response_repeats_the_requests_fields() -> None:
     assert fields["store"] is True
     assert fields["tool_choice"] == "auto"
     assert fields["text"] == {"format": {"type": "text"}}
+
+
+def test_a_batch_line_runs_as_a_chat_body_and_answers_as_a_response() -> None:
+    body = batch_body(
+        {"model": "m", "input": "x", "instructions": "Be brief.", "tools": [
+            {"type": "namespace", "name": "crm", "description": "d",
+             "tools": [{"type": "function", "name": "lookup"}]}]},
+    )  # fmt: skip
+    assert body["stream"] is False
+    assert "stream_options" not in body
+    assert body[ECHO_KEY]["instructions"] == "Be brief."
+    with pytest.raises(InvalidRequest) as refused:
+        batch_body({"model": "m", "input": "x", "previous_response_id": "resp_1"})
+    assert refused.value.param == "body.previous_response_id"
+    completion = {
+        "model": "m",
+        "created": 7,
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "crm__lookup", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }  # fmt: skip
+    response = from_completion(RID, completion, body[ECHO_KEY])
+    assert response["status"] == "completed"
+    assert response["created_at"] == 7
+    [call] = response["output"]
+    assert (call["name"], call["namespace"], call["call_id"]) == ("lookup", "crm", "call_1")
+    assert response["usage"]["total_tokens"] == 4
