@@ -52,7 +52,7 @@ def _spec(prompt_chars: int) -> p.JobSpec:
 
 
 def _payload(spec: p.JobSpec) -> bytes:
-    """arq's job payload, as Store.admit writes it."""
+    """arq's job payload, as Jobs.admit writes it."""
     args = (spec.model_dump(mode="json"),)
     return serialize_job(p.JOB_FUNCTION, args, {}, 1, 0, serializer=p.json_dumps)
 

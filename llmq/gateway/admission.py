@@ -69,7 +69,7 @@ class Admission:
         messages: str = "",
     ) -> AdmitResult:
         """Try to admit and enqueue atomically (the tenant's limits, then the model's bound),
-        with a stored job's record and its Idempotency-Key (see ``Store.admit``).
+        with a stored job's record and its Idempotency-Key (see ``Jobs.admit``).
 
         ``ratelimit_headers(result, tenant)`` describes the key's budget either way; then
         ``raise_unless_admitted`` turns a refusal into its 429.

@@ -1,4 +1,4 @@
-"""OpenAI's Files and Batches API: ``/v1/files`` and ``/v1/batches`` (see shared.batches
+"""OpenAI's Files and Batches API: ``/v1/files`` and ``/v1/batches`` (see shared.queue.batches
 for how a batch runs). Files and batches belong to the API key that created them; any
 other key gets 404, as for an unknown id.
 

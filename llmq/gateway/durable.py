@@ -241,11 +241,15 @@ async def cancel(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]
     return {"id": job_id, "object": "chat.completion", "status": status}
 
 
-@router.delete("/v1/chat/completions/{job_id}")
-async def delete(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
-    """Delete a stored completion (OpenAI's shape); cancels it first if it still runs."""
-    rec = await owned(st, job_id, tenant)
+async def forget(st: GatewayState, rec: StoredJob) -> None:
+    """A stored job deleted: cancelled first if it still runs (every API's DELETE)."""
     if rec.status not in _ENDED:
         await st.store.jobs.cancel(rec.spec())
     await st.store.records.delete_stored(rec)
+
+
+@router.delete("/v1/chat/completions/{job_id}")
+async def delete(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
+    """Delete a stored completion (OpenAI's shape); cancels it first if it still runs."""
+    await forget(st, await owned(st, job_id, tenant))
     return {"id": job_id, "object": "chat.completion.deleted", "deleted": True}

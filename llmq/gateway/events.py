@@ -9,7 +9,7 @@ The connection is supervised by its one reader task:
   connection: its check makes whichever coroutine sends the next command (a request's
   SUBSCRIBE) also *read* the PING reply, racing the reader ("read() called while another
   coroutine is already waiting"): after an idle spell, one request in a few got a 500.
-  Liveness is checked by the reader itself instead (``shared.pubsub.listen``, as the
+  Liveness is checked by the reader itself instead (``shared.queue.pubsub.listen``, as the
   worker's wake listener does): when the connection has been silent
   for ``PING_S`` it sends PING, and no answer within ``DEAD_AFTER_S`` counts as lost (a
   frozen Redis never closes the socket).

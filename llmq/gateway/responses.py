@@ -297,10 +297,7 @@ async def cancel(response_id: str, st: StateDep, tenant: TenantDep) -> dict[str,
 @router.delete("/v1/responses/{response_id}")
 async def delete(response_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
     """Delete a stored response (cancelled first if it still runs)."""
-    rec = await _owned(st, response_id, tenant)
-    if rec.status not in _ENDED:
-        await st.store.jobs.cancel(rec.spec())
-    await st.store.records.delete_stored(rec)
+    await durable.forget(st, await _owned(st, response_id, tenant))
     return {"id": response_id, "object": "response", "deleted": True}
 
 

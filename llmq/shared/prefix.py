@@ -1,4 +1,4 @@
-"""A request's prefix signature: what cache-aware pickup compares (``scripts.pick``).
+"""A request's prefix signature: what cache-aware pickup compares (``queue.routing``'s PICK).
 
 An engine's prefix (KV) cache keeps the prompt blocks it computed; a later request that
 starts with the same text skips their prefill. The signature is a chain of hashes over the

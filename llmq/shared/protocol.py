@@ -1,6 +1,6 @@
 """The messages that cross Redis: job and worker records, the event wire format.
 
-Key and channel names are ``shared.keys``'s.
+Key and channel names are ``shared.queue.names``'s.
 
 Event wire format: ``"<seq> <type> <data>"``, one pub/sub message each. ``data`` of a
 ``chunk`` event is the OpenAI chunk JSON exactly as the gateway sends it to the client, so the

@@ -1,6 +1,6 @@
-"""Files and batches as stored in Redis (keys in ``shared.keys``) and their OpenAI shapes;
+"""Files and batches as stored in Redis (keys in ``queue.names``) and their OpenAI shapes;
 ``output_line`` and ``failure_line`` write every line of a batch's results (the reaper's
-script fills in a ``failure_line`` rendered here). The scripts are ``shared.scripts``'.
+script fills in a ``failure_line`` rendered here). The scripts are ``queue.batches``'.
 
 A batch's status follows OpenAI's machine: ``validating`` (never seen here: the input was
 validated at upload) -> ``in_progress`` -> ``finalizing`` -> ``completed``; or ``expired``

@@ -1,6 +1,7 @@
 """A Lua script whose KEYS and ARGV have names: bound in its first lines, passed by name.
 
-Every script of the service is a ``Script`` (``shared.scripts``). Its source starts with
+Every script of the service is a ``Script``, defined in the module of ``shared.queue``
+that runs it. Its source starts with
 ``local <name> = KEYS[i]`` / ``ARGV[i]`` for each declared name, ``local <CONST> = ...`` for
 the constants it needs from the Python that owns them (status codes, statuses, key
 suffixes), and, when asked, ``now`` (Redis' clock, ms) and the token bucket; the body uses

@@ -1,4 +1,4 @@
-"""Cache-aware pickup (scripts.pick) in the Redis contract, on fakeredis and a real
+"""Cache-aware pickup (queue.routing's pick) in the Redis contract, on fakeredis and a real
 redis-server: a job goes to the worker whose engine holds its prompt's prefix, waits for it
 only while that worker has a free slot and at most AFFINITY_MAX_WAIT_MS, and never before
 what bands and per-key fairness put first; workers' records are bounded and leave with them.
