@@ -52,14 +52,24 @@ def parse_chat_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
+    check_size(req, settings)
+    return req
+
+
+def check_size(req: ChatCompletionRequest, settings: Settings, param: str = "messages") -> None:
+    """The prompt's size caps (MAX_MESSAGES, MAX_PROMPT_CHARS), then ``check_bounds``: for
+    a chat body, and for the chat a Responses request becomes (``param``: ``input``)."""
+    if len(req.messages) > settings.max_messages:
+        raise InvalidRequest(
+            f"{len(req.messages)} messages; at most {settings.max_messages}", param=param
+        )
     chars = sum(len(str(m.content or "")) for m in req.messages)
     if chars > settings.max_prompt_chars:
         raise InvalidRequest(
             f"the messages hold {chars} characters; at most {settings.max_prompt_chars}",
-            param="messages",
+            param=param,
         )
     check_bounds(req, settings)
-    return req
 
 
 def check_bounds(req: ChatCompletionRequest, settings: Settings) -> None:

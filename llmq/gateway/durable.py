@@ -44,7 +44,7 @@ from llmq.shared.protocol import TERMINAL, Event, EventType, JobSpec, StoredJob,
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-_ENDED = frozenset({StoredStatus.COMPLETED, StoredStatus.FAILED, StoredStatus.CANCELLED})
+ENDED = frozenset({StoredStatus.COMPLETED, StoredStatus.FAILED, StoredStatus.CANCELLED})
 
 
 def _queued_until(st: GatewayState, rec: StoredJob) -> float:
@@ -232,7 +232,7 @@ async def cancel(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]
     """Cancel a job, stored or not: a queued one never runs, a running one is aborted
     (its slot is free within moments). Answers the status it leaves."""
     job = await _cancellable(st, job_id, tenant)
-    if isinstance(job, StoredJob) and job.status in _ENDED:
+    if isinstance(job, StoredJob) and job.status in ENDED:
         return {"id": job_id, "object": "chat.completion", "status": job.status}
     spec = job.spec() if isinstance(job, StoredJob) else job
     never_ran = await st.store.jobs.cancel(spec)
@@ -243,7 +243,7 @@ async def cancel(job_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]
 
 async def forget(st: GatewayState, rec: StoredJob) -> None:
     """A stored job deleted: cancelled first if it still runs (every API's DELETE)."""
-    if rec.status not in _ENDED:
+    if rec.status not in ENDED:
         await st.store.jobs.cancel(rec.spec())
     await st.store.records.delete_stored(rec)
 

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from llmq.gateway import durable, queued
 from llmq.gateway.auth import TenantDep
-from llmq.gateway.body import read_json
+from llmq.gateway.body import check_size, read_json
 from llmq.gateway.event_stream import stream
 from llmq.gateway.pagination import page
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
@@ -67,7 +67,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 API = "responses"
 OMITTED_HEADER = "x-llmq-omitted-tools"
-_ENDED = frozenset({StoredStatus.COMPLETED, StoredStatus.FAILED, StoredStatus.CANCELLED})
 _MAX_CHAIN_ITEMS = 4096
 
 
@@ -202,6 +201,7 @@ async def create(request: Request, st: StateDep, tenant: TenantDep) -> Response:
     chat, names, omitted = to_chat(
         req, context, reject_builtin=st.settings.responses_builtin_tools == "reject"
     )
+    check_size(chat, st.settings, param="input")  # the whole conversation, chain included
     chat.model = st.registry.resolve(chat.model)  # MODEL_ALIASES: the served name
     rid = new_response_id()
     spec = to_job_spec(
@@ -282,7 +282,7 @@ async def _frames_only(events: list[StreamEvent], after: int) -> AsyncIterator[b
 async def cancel(response_id: str, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
     """Cancel a response: queued, it never runs; running, its engine request is aborted."""
     rec = await _owned(st, response_id, tenant)
-    if rec.status in _ENDED:
+    if rec.status in durable.ENDED:
         return await _snapshot(st, rec)
     never_ran = await st.store.jobs.cancel(rec.spec())
     state = "queued" if never_ran else "running"

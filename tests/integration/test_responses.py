@@ -112,6 +112,10 @@ def test_unknown_fields_are_refused_and_clients_fields_accepted(stack: Stack, cl
         c.responses.create(model=MODEL, input="x", extra_body={"frobnicate": 1})
     assert refused.value.code == "unknown_parameter"
     assert refused.value.param == "frobnicate"
+    small = client(stack.gateway(max_prompt_chars=40))
+    with pytest.raises(openai.BadRequestError) as too_long:
+        small.responses.create(model=MODEL, input="x" * 50, store=False)
+    assert too_long.value.param == "input"
     # What Codex CLI and the Agents SDK send besides: accepted, meaningless here.
     done = c.responses.create(
         model=MODEL, input="x", store=False, include=["reasoning.encrypted_content"],
