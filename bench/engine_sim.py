@@ -23,6 +23,12 @@ call (streamed as vLLM does: the call, then its arguments in two pieces, finish 
 ``tool_calls``) instead of text, until the conversation holds a tool's output (an agent's
 loop: call, then answer). ``{"sim": {"record": "r"}}`` keeps the request's messages
 and tools under ``recorded["r"]`` of ``/sim/stats`` (what a test checks the engine got).
+``--embed-dim N`` makes it an embedding engine (vLLM's pooling runner): ``/v1/embeddings``
+answers a deterministic unit vector per input (``sim_vector``; base64 or floats;
+``dimensions`` with ``--matryoshka``), and chat and completions are a bare 404; ``/sim/stats``
+counts its requests, inputs and the most inputs in one request (``embed_*``: what merging
+jobs into one engine request does). A generative engine also serves legacy
+``/v1/completions`` (a prompt answered as chat's, in ``text_completion`` chunks).
 ``{"sim": {"tag": "x"}}`` records "x" in ``tags`` of ``/sim/stats``, in the order requests
 reached the engine (what the priority and fairness tests read).
 
@@ -37,9 +43,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
+import hashlib
 import json
+import math
 import random
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, fields
@@ -71,6 +81,12 @@ class SimConfig:
     # hold adds prefill_us_per_token to the time to first token.
     prefix_cache_tokens: int = 0
     prefill_us_per_token: float = 0.0
+    # An embedding engine (vLLM's pooling runner): vectors of this many dimensions from
+    # /v1/embeddings, and no chat or completions route (a bare 404, as vLLM). 0: generative.
+    embed_dim: int = 0
+    matryoshka: bool = False  # takes ``dimensions`` (shorter vectors, renormalised)
+    embed_ms: float = 2.0  # one embeddings request's fixed time (the server, the scheduler)
+    embed_us_per_input: float = 200.0  # and each input's (the forward pass)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -83,6 +99,23 @@ def _error(status: int, message: str) -> JSONResponse:
         }
     }
     return JSONResponse(body, status_code=status)
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A completions prompt (a string, strings, token ids) as one text."""
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(_prompt_text(p) if isinstance(p, list | str) else str(p) for p in prompt)
+
+
+def sim_vector(value: Any, dim: int) -> list[float]:
+    """The simulator's embedding of one input: pseudo-random, seeded by the input, unit
+    length, float32 values (what a test decodes from base64 equals the floats)."""
+    seed = hashlib.sha256(json.dumps(value).encode()).digest()
+    rng = random.Random(seed)
+    vector = [rng.gauss(0.0, 1.0) for _ in range(dim)]
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return list(struct.unpack(f"<{dim}f", struct.pack(f"<{dim}f", *(v / norm for v in vector))))
 
 
 def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
@@ -102,6 +135,16 @@ AUTO_TOOLS_REFUSED = (
 # The header the worker's capability probe carries (llmq.worker.engine): counted apart, so
 # that tests count the requests of jobs.
 PROBE_HEADER = "x-llmq-probe"
+
+
+def _as_text(choice: dict[str, Any]) -> dict[str, Any]:
+    """A chat chunk's choice as a legacy completion's: its delta's content as ``text``."""
+    delta = choice.get("delta") or {}
+    out = {"index": choice["index"], "text": delta.get("content") or "", "logprobs": None,
+           "finish_reason": choice.get("finish_reason")}  # fmt: skip
+    if "stop_reason" in choice:
+        out["stop_reason"] = choice["stop_reason"]
+    return out
 
 
 class Simulator:
@@ -153,12 +196,88 @@ class Simulator:
         }
 
     async def chat(self, request: Request) -> Response:
+        if self.config.embed_dim:  # a pooling model has no chat route
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        """Legacy completions: the prompt (a string or token ids) answered as chat is, in
+        ``text_completion`` chunks."""
+        if self.config.embed_dim:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return await self._generate(request, "completions")
+
+    async def embeddings(self, request: Request) -> Response:
+        """A vector per input, the same for the same input (a hash seeds it), of
+        ``embed_dim`` (or the request's ``dimensions`` on a Matryoshka engine) floats,
+        normalised; float or base64 (little-endian float32) as asked. Takes
+        ``embed_ms`` + ``embed_us_per_input`` per input. A generative engine has no such
+        route (404)."""
+        c = self.config
+        if not c.embed_dim:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        probe = bool(request.headers.get(PROBE_HEADER))
+        try:
+            body = json.loads(await request.body())
+            raw = body["input"]
+        except (ValueError, KeyError):
+            return _error(400, "invalid body")
+        if not self._serves(str(body.get("model")), probe=probe):
+            return _error(404, f"The model `{body.get('model')}` does not exist.")
+        inputs = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+        tokens = [len(x) if isinstance(x, list) else len(str(x).split()) + 2 for x in inputs]
+        refused = self._embed_refusal(body, tokens)
+        if refused is not None:
+            return refused
+        dim = body.get("dimensions")
+        if not probe:
+            self.stats.requests += 1
+            self.stats.embed_requests += 1
+            self.stats.embed_inputs += len(inputs)
+            self.stats.embed_largest = max(self.stats.embed_largest, len(inputs))
+            if (body.get("sim") or {}).get("fail_status"):
+                return _error(int(body["sim"]["fail_status"]), "injected failure")
+        self.stats.running += 1
+        try:
+            await asyncio.sleep((c.embed_ms + c.embed_us_per_input * len(inputs) / 1000) / 1000)
+        finally:
+            self.stats.running -= 1
+        base64_out = body.get("encoding_format") == "base64"
+        data = []
+        for i, x in enumerate(inputs):
+            vector = sim_vector(x, int(dim or c.embed_dim))
+            out: Any = vector
+            if base64_out:
+                out = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"index": i, "object": "embedding", "embedding": out})
+        used = sum(tokens)
+        return JSONResponse(
+            {"id": f"embd-sim{self.stats.requests}", "object": "list", "created": int(time.time()),
+             "model": body.get("model"), "data": data,
+             "usage": {"prompt_tokens": used, "total_tokens": used}}
+        )  # fmt: skip
+
+    def _embed_refusal(self, body: dict[str, Any], tokens: list[int]) -> Response | None:
+        """vLLM's refusals: ``dimensions`` on a model without Matryoshka vectors, or out of
+        range; an input longer than the model's context."""
+        c, dim, model = self.config, body.get("dimensions"), body.get("model")
+        if dim is not None and not c.matryoshka:
+            return _error(400, f"Model '{model}' does not support Matryoshka embeddings")
+        if dim is not None and not 1 <= int(dim) <= c.embed_dim:
+            return _error(400, f"dimensions must be 1..{c.embed_dim}")
+        if max(tokens, default=0) > c.max_model_len:
+            return _error(400, f"This model's maximum context length is {c.max_model_len} tokens.")
+        return None
+
+    async def _generate(self, request: Request, api: str) -> Response:
         if request.headers.get(PROBE_HEADER):
             self.stats.probes += 1
         else:
             self.stats.requests += 1
         try:
             body = json.loads(await request.body())
+            if api == "completions":
+                body["messages"] = [{"role": "user", "content": _prompt_text(body["prompt"])}]
             messages = body["messages"]
         except (ValueError, KeyError):
             return _error(400, "invalid body")
@@ -168,6 +287,7 @@ class Simulator:
         if auto and not self.config.auto_tools:  # vLLM's own words
             return _error(400, AUTO_TOOLS_REFUSED)
         k = self.knobs(body)
+        k["api"] = api
         self._note(k, body)
         prompt = _prompt_tokens(messages)
         if prompt + k["tokens"] > self.config.max_model_len:
@@ -181,7 +301,8 @@ class Simulator:
         if k["hang"]:
             await asyncio.sleep(3600)
         chain = self._prefill(k, messages, body.get("tools"))
-        rid = f"chatcmpl-sim{self.stats.requests}@{k['model']}"  # the model after "@"
+        kind = "cmpl" if api == "completions" else "chatcmpl"
+        rid = f"{kind}-sim{self.stats.requests}@{k['model']}"  # the model after "@"
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
@@ -243,6 +364,14 @@ class Simulator:
             message = {"role": "assistant", "content": None,
                        "tool_calls": [{"id": f"call_{rid}", "type": "function",
                                        "function": function}]}  # fmt: skip
+        if rid.startswith("cmpl-"):
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": k["finish"]}
+            counts = {"prompt_tokens": prompt, "completion_tokens": k["tokens"],
+                      "total_tokens": prompt + k["tokens"]}  # fmt: skip
+            return JSONResponse(
+                {"id": rid, "object": "text_completion", "created": int(time.time()),
+                 "model": k["model"], "choices": [choice], "usage": counts}
+            )  # fmt: skip
         return JSONResponse(
             {
                 "id": rid,
@@ -266,9 +395,12 @@ class Simulator:
         )
 
     def _chunk(self, rid: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        text = rid.startswith("cmpl-")  # a legacy completion: text, not a delta
+        if text:
+            choices = [_as_text(c) for c in choices]
         obj = {
             "id": rid,
-            "object": "chat.completion.chunk",
+            "object": "text_completion" if text else "chat.completion.chunk",
             "created": int(time.time()),
             "model": rid.partition("@")[2],
             "choices": choices,
@@ -418,6 +550,8 @@ def create_app(config: SimConfig) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", sim.chat, methods=["POST"]),
+            Route("/v1/completions", sim.completions, methods=["POST"]),
+            Route("/v1/embeddings", sim.embeddings, methods=["POST"]),
             Route("/v1/models", sim.models),
             Route("/health", sim.health),
             Route("/metrics", sim.metrics),
@@ -440,8 +574,10 @@ def main(argv: list[str] | None = None) -> None:
     defaults = SimConfig()
     for f in fields(SimConfig):
         value = getattr(defaults, f.name)
-        if isinstance(value, bool):
+        if isinstance(value, bool) and value:
             ap.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false")
+        elif isinstance(value, bool):
+            ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true")
         else:
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value)
     a = ap.parse_args(argv)

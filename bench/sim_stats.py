@@ -18,3 +18,6 @@ class SimStats:
     not_found: int = 0  # requests for a model this engine does not serve (answered 404)
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache (as vLLM counts)
     prefix_hits: int = 0  # of those, found cached
+    embed_requests: int = 0  # embeddings requests (an embedding engine)
+    embed_inputs: int = 0  # inputs they held
+    embed_largest: int = 0  # the most inputs in one request

@@ -16,9 +16,10 @@ from llmq.shared.errors import (
     RateLimitExceeded,
     ServerBusy,
     ServiceError,
+    WrongModelKind,
 )
 from llmq.shared.prefix import signature
-from llmq.shared.protocol import JobSpec, StoredJob
+from llmq.shared.protocol import Api, JobSpec, StoredJob
 from llmq.shared.queue.jobs import AdmitResult, AdmitStatus, QueueTerms, TenantLimits
 from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
@@ -58,6 +59,15 @@ class Admission:
         if capacity == 0 and model not in self._settings.scale_to_zero_models:
             raise EngineUnavailable(f"no live worker with a ready engine serves `{model}` now")
         return capacity
+
+    def check_kind(self, model: str, api: Api) -> None:
+        """400 when ``model`` does not serve ``api`` (embeddings on a generate model, or
+        chat, Responses or completions on an embedding model), as its engines answered the
+        worker's probe (heartbeat). A model whose kind no live worker knows yet passes:
+        its worker refuses the job with the same error."""
+        kind = self._registry.kind(model)
+        if kind is not None and not kind.serves(api):
+            raise WrongModelKind(kind.refusal(model, api), param="model")
 
     async def admit(
         self,

@@ -12,7 +12,15 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from llmq.gateway import batch_api, durable, error_handlers, responses, stored
+from llmq.gateway import (
+    batch_api,
+    completions,
+    durable,
+    embeddings,
+    error_handlers,
+    responses,
+    stored,
+)
 from llmq.gateway.admission import Admission
 from llmq.gateway.events import Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
@@ -175,6 +183,8 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app.include_router(stored.router)
     app.include_router(batch_api.router)
     app.include_router(responses.router)
+    app.include_router(completions.router)
+    app.include_router(embeddings.router)
     error_handlers.install(app)
     app.add_middleware(GatewayMiddleware, state=st)
     return app

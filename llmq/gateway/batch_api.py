@@ -18,11 +18,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from llmq.gateway.auth import TenantDep
-from llmq.gateway.body import parse_chat_body
+from llmq.gateway.body import parse_chat_body, parse_completion_body, parse_embedding_body
 from llmq.gateway.pagination import page
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
 from llmq.shared.errors import InvalidRequest, ModelNotFound, NotFound, ServiceError
+from llmq.shared.protocol import Api
 from llmq.shared.queue.batch_records import (
     BATCH_WINDOW_S,
     BatchRecord,
@@ -34,9 +35,8 @@ from llmq.shared.responses.request import ECHO_KEY, batch_body
 from llmq.shared.settings import Settings
 
 router = APIRouter()
-CHAT = "/v1/chat/completions"
-RESPONSES = "/v1/responses"
-ENDPOINTS = (CHAT, RESPONSES)
+ENDPOINTS = tuple(api.path for api in Api)  # chat, Responses, completions, embeddings
+_ONE_OF = ", ".join(f'"{e}"' for e in ENDPOINTS)
 
 
 def validate_lines(raw: bytes, settings: Settings) -> tuple[list[bytes], list[str]]:
@@ -80,17 +80,29 @@ def _check_line(line: bytes, settings: Settings, seen: set[str]) -> tuple[str, s
         raise InvalidRequest('method must be "POST"')
     url = item.get("url")
     if url not in ENDPOINTS:
-        raise InvalidRequest(f'url must be "{CHAT}" or "{RESPONSES}"')
+        raise InvalidRequest(f"url must be one of {_ONE_OF}")
     body = item.get("body")
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
-    if url == RESPONSES:  # checked as its job will run: the chat body it becomes
+    return custom_id, _line_model(url, body, settings)
+
+
+def _line_model(url: str, body: dict[str, Any], settings: Settings) -> str:
+    """The model a line's body names, once the body is checked as its endpoint's."""
+    if url == Api.EMBEDDINGS.path:
+        return parse_embedding_body(json.dumps(body).encode(), settings).model
+    if url == Api.RESPONSES.path:  # checked as its job will run: the chat body it becomes
         body = batch_body(body, settings.passthrough_extra)
         body.pop(ECHO_KEY)
-    req = parse_chat_body(json.dumps(body).encode(), settings)
+    raw = json.dumps(body).encode()
+    req = (
+        parse_completion_body(raw, settings)
+        if url == Api.COMPLETIONS.path
+        else parse_chat_body(raw, settings)
+    )
     if req.stream:
         raise InvalidRequest("a batch request cannot stream")
-    return custom_id, req.model
+    return req.model
 
 
 def _short(exc: Exception) -> str:
@@ -195,7 +207,7 @@ def _routes(st: GatewayState, source: FileRecord) -> dict[str, str]:
 @router.post("/v1/batches")
 async def create_batch(req: BatchRequest, st: StateDep, tenant: TenantDep) -> dict[str, Any]:
     if req.endpoint not in ENDPOINTS:
-        raise InvalidRequest(f'endpoint must be "{CHAT}" or "{RESPONSES}"', param="endpoint")
+        raise InvalidRequest(f"endpoint must be one of {_ONE_OF}", param="endpoint")
     window = BATCH_WINDOW_S.get(req.completion_window)
     if window is None:
         raise InvalidRequest('completion_window must be "24h"', param="completion_window")

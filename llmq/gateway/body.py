@@ -1,4 +1,5 @@
-"""The chat request body, read at the edge: every hostile body is a 400, never a 500.
+"""Request bodies (chat, completions, embeddings), read at the edge: every hostile body is
+a 400, never a 500.
 
 FastAPI's own body parsing would hand a body nested a few hundred levels deep, or holding a
 lone surrogate (``"\\ud800"``, valid JSON, not encodable as UTF-8), to code that fails
@@ -12,12 +13,19 @@ then the pydantic model, then the prompt-size cap.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from llmq.shared.chat import ChatCompletionRequest
+from llmq.shared.completions import FIELDS, CompletionRequest
+from llmq.shared.embeddings import (
+    ENGINE_FIELDS,
+    MAX_TOTAL_TOKENS,
+    EmbeddingRequest,
+    estimate_tokens,
+)
 from llmq.shared.errors import InvalidRequest
 from llmq.shared.settings import Settings
 
@@ -48,12 +56,54 @@ def parse_chat_body(raw: bytes, settings: Settings) -> ChatCompletionRequest:
         raise InvalidRequest(
             f"{len(messages)} messages; at most {settings.max_messages}", param="messages"
         )
-    try:
-        req = ChatCompletionRequest.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+    req = _validated(ChatCompletionRequest, data)
     check_size(req, settings)
     return req
+
+
+def parse_completion_body(raw: bytes, settings: Settings) -> CompletionRequest:
+    """``POST /v1/completions``: as a chat body (its prompt within MAX_PROMPT_CHARS, known
+    fields only, ``n`` within MAX_N)."""
+    req = _validated(CompletionRequest, read_json(raw, settings))
+    if req.chars() > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"the prompt holds {req.chars()} characters; at most {settings.max_prompt_chars}",
+            param="prompt",
+        )
+    _known_fields(req, settings.passthrough_fields | settings.passthrough_extra | FIELDS)
+    if req.n > settings.max_n:
+        raise InvalidRequest(f"n is at most {settings.max_n}", param="n")
+    return req
+
+
+def parse_embedding_body(raw: bytes, settings: Settings) -> EmbeddingRequest:
+    """``POST /v1/embeddings``: OpenAI's shapes and limits (``shared.embeddings``), the
+    inputs' estimated tokens within MAX_TOTAL_TOKENS, known fields only."""
+    req = _validated(EmbeddingRequest, read_json(raw, settings))
+    tokens = estimate_tokens(req.inputs())
+    if tokens > MAX_TOTAL_TOKENS:
+        raise InvalidRequest(
+            f"the inputs hold about {tokens} tokens; at most {MAX_TOTAL_TOKENS} per request",
+            param="input",
+        )
+    _known_fields(req, ENGINE_FIELDS | {"user"} | settings.passthrough_extra)
+    return req
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validated(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _known_fields(req: BaseModel, allowed: frozenset[str] | set[str]) -> None:
+    for field in req.model_extra or {}:
+        if field not in allowed:
+            raise InvalidRequest(f"unsupported field {field!r}", param=field)
 
 
 def check_size(req: ChatCompletionRequest, settings: Settings, param: str = "messages") -> None:
@@ -74,10 +124,7 @@ def check_size(req: ChatCompletionRequest, settings: Settings, param: str = "mes
 
 def check_bounds(req: ChatCompletionRequest, settings: Settings) -> None:
     """What one request may ask of the engine: known fields only, bounded counts."""
-    allowed = settings.passthrough_fields | settings.passthrough_extra
-    for field in req.model_extra or {}:
-        if field not in allowed:
-            raise InvalidRequest(f"unsupported field {field!r}", param=field)
+    _known_fields(req, settings.passthrough_fields | settings.passthrough_extra)
     if req.n > settings.max_n:
         raise InvalidRequest(f"n is at most {settings.max_n}", param="n")
     top = (req.model_extra or {}).get("top_logprobs")
@@ -93,7 +140,7 @@ def check_bounds(req: ChatCompletionRequest, settings: Settings) -> None:
                 )
 
 
-def check_max_tokens(req: ChatCompletionRequest, cap: int) -> None:
+def check_max_tokens(req: ChatCompletionRequest | CompletionRequest, cap: int) -> None:
     """max_tokens / max_completion_tokens / min_tokens within ``cap`` (0: no cap known)."""
     if not cap:
         return
@@ -107,7 +154,7 @@ def check_max_tokens(req: ChatCompletionRequest, cap: int) -> None:
             raise InvalidRequest(f"{name} is at most {cap} here", param=name)
 
 
-def check_stored_size(req: ChatCompletionRequest, cap: int) -> None:
+def check_stored_size(req: ChatCompletionRequest | CompletionRequest, cap: int) -> None:
     """A stored completion's size is bounded by its max_tokens: with STORE_MAX_TOKENS set,
     a store:true request must set one within it (no silent cap: vLLM refuses a max_tokens
     that does not fit the prompt's context, so the gateway cannot pick one for it)."""

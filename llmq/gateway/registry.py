@@ -8,7 +8,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from llmq.shared.protocol import ModelCard, WorkerInfo
+from llmq.shared.protocol import ModelCard, ModelKind, WorkerInfo
 from llmq.shared.queue.failover import OutageReaper
 from llmq.shared.queue.store import Store
 from llmq.shared.tasks import stop_if_cancelled
@@ -109,6 +109,24 @@ class WorkerRegistry:
             for m in w.models:
                 out.setdefault(m, by_id.get(m) or ModelCard(id=m))
         return out
+
+    def card(self, model: str) -> ModelCard | None:
+        """What the live workers' engines said of ``model``: the first card whose kind was
+        probed (a worker that started a moment ago may not know it yet); None if none."""
+        fallback = None
+        for w in self.workers:
+            for c in w.cards:
+                if c.id == model:
+                    if c.kind is not None:
+                        return c
+                    fallback = fallback or c
+        return fallback
+
+    def kind(self, model: str) -> ModelKind | None:
+        """``model``'s kind (generate or embed) as its engines answered; None: not known
+        (no live worker serves it, or none has probed it yet)."""
+        found = self.card(model)
+        return found.kind if found else None
 
     def resolve(self, name: str) -> str:
         """The served model a request's ``model`` names (MODEL_ALIASES, else itself)."""

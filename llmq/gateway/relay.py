@@ -40,7 +40,7 @@ from llmq.shared.errors import (
     RequestTimeout,
     ServiceError,
 )
-from llmq.shared.protocol import TERMINAL, Event, EventType, JobSpec
+from llmq.shared.protocol import TERMINAL, Api, Event, EventType, JobSpec
 from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
 
@@ -259,13 +259,14 @@ class JobRelay:
         # A resumed stream: counted once (by the first relay); the timings are the worker's.
         timings = done.get("timings") if self.resumed else self.timings.report(self.account(usage))
         frames = []
+        kind = "text_completion" if self.spec.api is Api.COMPLETIONS else "chat.completion.chunk"
         if self.spec.include_usage:
             if final is not None:
                 frames.append(final)
             frames.append(
                 {
                     "id": self.spec.id,
-                    "object": "chat.completion.chunk",
+                    "object": kind,
                     "created": (final or {}).get("created", int(time.time())),
                     "model": self.spec.model,
                     "choices": [],
@@ -280,7 +281,7 @@ class JobRelay:
                         final
                         or {
                             "id": self.spec.id,
-                            "object": "chat.completion.chunk",
+                            "object": kind,
                             "model": self.spec.model,
                             "choices": [],
                         }

@@ -48,7 +48,7 @@ from llmq.shared.errors import (
     ServiceError,
     ShuttingDown,
 )
-from llmq.shared.protocol import Event, EventType, StoredJob, StoredStatus
+from llmq.shared.protocol import Api, Event, EventType, StoredJob, StoredStatus
 from llmq.shared.queue.jobs import AdmitResult
 from llmq.shared.responses.events import ResponseBuilder, StreamEvent, replay
 from llmq.shared.responses.request import (
@@ -65,7 +65,7 @@ from llmq.shared.responses.request import (
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-API = "responses"
+API = Api.RESPONSES
 OMITTED_HEADER = "x-llmq-omitted-tools"
 _MAX_CHAIN_ITEMS = 4096
 
@@ -204,9 +204,9 @@ async def create(request: Request, st: StateDep, tenant: TenantDep) -> Response:
     check_size(chat, st.settings, param="input")  # the whole conversation, chain included
     chat.model = st.registry.resolve(chat.model)  # MODEL_ALIASES: the served name
     rid = new_response_id()
+    band = band_for(chat.service_tier, tenant.band)
     spec = to_job_spec(
-        chat, rid, tenant=tenant.name, band=band_for(chat, tenant.band), tpm=tenant.tpm,
-        store=req.store,
+        chat, rid, tenant=tenant.name, band=band, tpm=tenant.tpm, store=req.store
     ).model_copy(update={"api": API, "background": req.background})  # fmt: skip
     fields = echo(req)
     kept = {"echo": fields, "input": items_json(req.items()), "context": items_json(context)}

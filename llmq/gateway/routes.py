@@ -65,7 +65,7 @@ async def _open_relay(
 ) -> tuple[JobRelay, Event | None, AdmitResult]:
     """Admit the request; then (unless ``updates``: the stream starts now and tells the
     client where it waits) wait for its first event."""
-    band = band_for(body, tenant.band)
+    band = band_for(body.service_tier, tenant.band)
     body.model = st.registry.resolve(body.model)  # MODEL_ALIASES: the served name
     # An Idempotency-Key implies store: a retry must find the job's events.
     spec = to_job_spec(

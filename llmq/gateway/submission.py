@@ -23,6 +23,7 @@ from llmq.gateway.relay import JobRelay, Timings, until_disconnect
 from llmq.gateway.state import GatewayState
 from llmq.gateway.tenant import Tenant
 from llmq.shared.chat import ChatCompletionRequest
+from llmq.shared.completions import CompletionRequest
 from llmq.shared.errors import ClientClosedRequest, IdempotencyKeyReused
 from llmq.shared.protocol import Event, JobSpec, StoredJob
 from llmq.shared.queue.jobs import AdmitResult, AdmitStatus
@@ -42,7 +43,7 @@ async def submit(
     st: GatewayState,
     request: Request,
     spec: JobSpec,
-    body: ChatCompletionRequest,
+    body: ChatCompletionRequest | CompletionRequest | None,
     tenant: Tenant,
     timings: Timings,
     *,
@@ -51,16 +52,20 @@ async def submit(
     idempotency: tuple[str, str] | None = None,
     body_digests: Sequence[str] = (),
 ) -> tuple[JobRelay, AdmitResult]:
-    """Check, subscribe, admit. ``body``: the chat request the job runs (its caps are
-    checked); ``record``: a stored job's record; ``kept``: what a stored job keeps of its
-    request (sealed: ``Store``); ``idempotency``: (key digest, body digest) of an
+    """Check, subscribe, admit. ``body``: the chat or completions request the job runs
+    (its caps are checked; None: an embeddings job, checked by its route); ``record``: a
+    stored job's record; ``kept``: what a stored job keeps of its request (sealed:
+    ``Store``); ``idempotency``: (key digest, body digest) of an
     Idempotency-Key (``Attach`` when it names an earlier job of the same body)."""
     capacity = st.admission.check_ready(spec.model)
     request.state.model = spec.model  # a known model: the metrics' label
-    check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
-    check_tools(body, st.registry.auto_tools(spec.model))
-    if spec.stored:
-        check_stored_size(body, st.settings.store_max_tokens)
+    st.admission.check_kind(spec.model, spec.api)
+    if body is not None:
+        check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
+        if isinstance(body, ChatCompletionRequest):
+            check_tools(body, st.registry.auto_tools(spec.model))
+        if spec.stored:
+            check_stored_size(body, st.settings.store_max_tokens)
     sub = await st.subs.subscribe(spec.id)  # before enqueue: pub/sub keeps no backlog
     relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
     try:

@@ -72,10 +72,10 @@ def estimate_tokens(req: ChatCompletionRequest) -> int:
     return chars // 4 + 4 * len(req.messages) + cap * req.n
 
 
-def band_for(req: ChatCompletionRequest, key_band: Band) -> Band:
+def band_for(service_tier: str | None, key_band: Band) -> Band:
     """OpenAI's ``service_tier: "flex"`` lowers a request to the low band; nothing raises
     it above its key's band."""
-    return key_band.lowered_to(Band.LOW) if req.service_tier == "flex" else key_band
+    return key_band.lowered_to(Band.LOW) if service_tier == "flex" else key_band
 
 
 def to_job_spec(

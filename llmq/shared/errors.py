@@ -10,7 +10,9 @@
     │   ├── RequestTooLarge           -> 413 request_too_large
     │   ├── HeadersTooLarge           -> 431 headers_too_large
     │   ├── ClientTimeout             -> 408 client_timeout (head or body not sent in time)
-    │   └── ModelNotFound             -> 404 model_not_found
+    │   ├── ModelNotFound             -> 404 model_not_found
+    │   └── WrongModelKind            -> 400 model_not_supported (an embedding model asked
+    │                                        for chat, or a chat model for embeddings)
     ├── Overloaded                    -> 429 + Retry-After
     │   ├── QueueFull                 ->     queue_full   (QUEUE_MODE=queue)
     │   ├── ServerBusy                ->     server_busy  (QUEUE_MODE=reject)
@@ -162,6 +164,13 @@ class ClientTimeout(InvalidRequest):
 class ModelNotFound(InvalidRequest):
     status = 404
     code = "model_not_found"
+
+
+class WrongModelKind(InvalidRequest):
+    """The model does not serve this endpoint (an embedding model asked for chat, or a
+    chat model for embeddings): refused before anything is queued."""
+
+    code = "model_not_supported"
 
 
 class Overloaded(ServiceError):
@@ -326,6 +335,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         HeadersTooLarge,
         ClientTimeout,
         ModelNotFound,
+        WrongModelKind,
         QueueFull,
         ServerBusy,
         EngineUnavailable,

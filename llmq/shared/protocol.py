@@ -45,6 +45,41 @@ def outcome_record(outcome: Outcome, worker_id: str = "") -> str:
     return json.dumps({"outcome": outcome, "worker": worker_id}, separators=(",", ":"))
 
 
+class Api(StrEnum):
+    """The API a job answers (``JobSpec.api``): what its worker asks the engine and what
+    shape its answer takes."""
+
+    CHAT = "chat"  # /v1/chat/completions
+    RESPONSES = "responses"  # /v1/responses: a chat job answered as a response
+    COMPLETIONS = "completions"  # /v1/completions (legacy text completions)
+    EMBEDDINGS = "embeddings"  # /v1/embeddings
+
+    @property
+    def path(self) -> str:
+        """The route that answers it (the gateway's and the engine's)."""
+        return "/v1/chat/completions" if self is Api.CHAT else f"/v1/{self.value}"
+
+
+class ModelKind(StrEnum):
+    """What a served model does, as its engine answers (``worker.engine.EngineClient.kind``):
+    vLLM's generate runner serves chat and completions, its pooling runner embeddings, and
+    neither serves the other's routes (a bare 404)."""
+
+    GENERATE = "generate"
+    EMBED = "embed"
+
+    def serves(self, api: Api) -> bool:
+        return (api is Api.EMBEDDINGS) == (self is ModelKind.EMBED)
+
+    def refusal(self, model: str, api: Api) -> str:
+        """Why ``model`` of this kind cannot answer ``api`` (gateway and worker say it)."""
+        if self is ModelKind.EMBED:
+            what, serves = "an embedding model", "/v1/embeddings only"
+        else:
+            what, serves = "a generative model", "chat, Responses and completions, not embeddings"
+        return f"`{model}` is {what}: it serves {serves}, so {api.path} cannot use it"
+
+
 class StoredStatus(StrEnum):
     """A stored job's ``status`` (the Responses API's words)."""
 
@@ -132,7 +167,7 @@ class EventType(StrEnum):
     STARTED = "started"  # the worker took the job off the queue; data: worker id
     CHUNK = "chunk"  # one OpenAI chat.completion.chunk (JSON), already bearing the job id
     DONE = "done"  # stream ended; data: JSON {"final": last chunk with finish_reason, "usage"}
-    RESULT = "result"  # stream=false: the whole chat.completion JSON
+    RESULT = "result"  # stream=false: the whole answer (chat.completion, embeddings list) JSON
     ERROR = "error"  # data: JSON ServiceError.to_wire(); terminal
 
 
@@ -197,7 +232,7 @@ class JobSpec(BaseModel):
     # ``store``, or an Idempotency-Key). Read as "store" too: payloads queued by an older
     # gateway during an upgrade.
     stored: bool = Field(False, validation_alias=AliasChoices("stored", "store"))
-    api: str = "chat"  # the API that answers it: "chat" (completions) or "responses"
+    api: Api = Api.CHAT  # the API that answers it
     # Nobody listens when it starts (a background response): its worker does not wait for
     # a subscriber to hear STARTED (its events are logged; a follower reads the log).
     background: bool = False
@@ -224,7 +259,7 @@ class StoredJob(BaseModel):
     include_usage: bool
     enqueued_at_ms: int
     status: StoredStatus = StoredStatus.QUEUED
-    api: str = "chat"  # "responses": a stored response (GET /v1/responses/{id})
+    api: Api = Api.CHAT  # responses: a stored response (GET /v1/responses/{id})
     body_digest: str = ""  # the Idempotency-Key's body check
     metadata: dict[str, str] = Field(default_factory=dict)  # OpenAI's, for listing
 
@@ -266,7 +301,9 @@ def worker_job_owner(raw: bytes | str) -> tuple[str, str]:
 
 class ModelCard(BaseModel):
     """One model as its engine's ``/v1/models`` lists it: a base model, an extra served name
-    or a LoRA adapter (``parent``: the model it adapts, as vLLM reports it)."""
+    or a LoRA adapter (``parent``: the model it adapts, as vLLM reports it), and what its
+    engine's answers told of it: its kind, and for an embedding model the length of its
+    vectors and whether it takes ``dimensions`` (a Matryoshka model)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -274,6 +311,9 @@ class ModelCard(BaseModel):
     owned_by: str = ""
     parent: str | None = None
     max_model_len: int = 0  # 0: not said
+    kind: ModelKind | None = None  # None: not probed yet
+    dimensions: int = 0  # an embedding model's vector length (0: not known)
+    matryoshka: bool = False  # it takes ``dimensions`` (shorter vectors)
 
     @staticmethod
     def from_engine(entry: dict[str, Any]) -> ModelCard:

@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(
         2_000_000, ge=1, description="characters in all messages of one request"
     )
+    embed_batch_max_inputs: int = Field(
+        256,
+        ge=1,
+        le=65_536,
+        description="inputs in one engine request of merged embedding jobs (worker)",
+    )
     drain_timeout_s: float = Field(60.0, ge=0, le=3600)
     store_ttl_s: float = Field(
         3600.0, gt=0, le=7 * 86_400, description="how long store:true results are kept"

@@ -309,5 +309,6 @@ class WakeableWorker(Worker):
         for task in self.background:
             await stop_task(task, 2.0, f"the {task.get_name()} task")
         await rt.store.workers.remove_worker(rt.settings.worker_id)
+        await rt.embedder.aclose()
         await rt.engine.aclose()
         logger.info("worker %s stopped", rt.settings.worker_id)

@@ -26,19 +26,26 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from llmq.shared import completions, embeddings
 from llmq.shared import protocol as p
 from llmq.shared.chat import ChatCompletionRequest, to_job_spec
-from llmq.shared.errors import PayloadUndecryptable, ServiceError, UpstreamError
+from llmq.shared.completions import CompletionRequest
+from llmq.shared.embeddings import EmbeddingRequest
+from llmq.shared.errors import (
+    PayloadUndecryptable,
+    ServiceError,
+    UpstreamError,
+    WrongModelKind,
+)
 from llmq.shared.queue import names
 from llmq.shared.queue.batch_records import BatchRecord, BatchStatus, failure_line, output_line
 from llmq.shared.queue.batches import BatchStore
 from llmq.shared.responses.events import from_completion
 from llmq.shared.responses.request import ECHO_KEY, batch_body
-from llmq.worker.engine import engine_body
+from llmq.worker.engine import engine_api, engine_body
 from llmq.worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-RESPONSES_URL = "/v1/responses"
 
 
 async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, Any] | None]:
@@ -49,13 +56,9 @@ async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, A
     usage: dict[str, Any] | None = None
     try:
         opened = rt.store.sealer.open_spec(spec)
-        body = dict(engine_body(opened, rt.settings.engine_priority))
-        echoed = body.pop(ECHO_KEY, None)  # a /v1/responses line: its answer's shape
+        rt.check_kind(spec)
         async with asyncio.timeout(rt.settings.request_timeout_s):
-            result = await rt.engine.complete(body)
-        result["id"] = spec.id
-        if echoed is not None:
-            result = from_completion(spec.id, result, echoed)
+            result = await _answer(rt, opened)
         line, ok = output_line(spec.id, spec.custom_id, 200, result), True
         outcome = p.Outcome.COMPLETED
         usage = result.get("usage")
@@ -66,7 +69,7 @@ async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, A
     except PayloadUndecryptable as exc:  # never retried: no key here opens it
         line = failure_line(spec.id, spec.custom_id, exc.code or "error", exc.message)
         outcome = p.Outcome.UNDECRYPTABLE
-    except UpstreamError as exc:  # the engine's answer: a response with its status
+    except (UpstreamError, WrongModelKind) as exc:  # a response with its status
         line = output_line(spec.id, spec.custom_id, exc.status, exc.body())
         outcome = p.Outcome.REJECTED if exc.status < 500 else p.Outcome.ENGINE_ERROR
     except ServiceError as exc:
@@ -75,6 +78,19 @@ async def run_line(rt: Runtime, spec: p.JobSpec) -> tuple[p.Outcome, dict[str, A
     await batches.record(spec, line, ok)
     rt.metrics.batch_requests.labels("completed" if ok else "failed").inc()
     return outcome, usage
+
+
+async def _answer(rt: Runtime, spec: p.JobSpec) -> dict[str, Any]:
+    """A line's answer as its endpoint gives it (``spec``: opened)."""
+    if spec.api is p.Api.EMBEDDINGS:  # merged with the other embedding jobs, as a client's
+        vectors, tokens = await rt.embedder.embed(spec.body)
+        encoding = str(spec.body.get("encoding_format") or "float")
+        return embeddings.answer(spec.model, vectors, tokens, encoding)
+    body = dict(engine_body(spec, rt.settings.engine_priority))
+    echoed = body.pop(ECHO_KEY, None)  # a /v1/responses line: its answer's shape
+    result = await rt.engine.complete(body, engine_api(spec))
+    result["id"] = spec.id
+    return result if echoed is None else from_completion(spec.id, result, echoed)
 
 
 async def record_cancelled(rt: Runtime, spec: p.JobSpec) -> None:
@@ -90,16 +106,25 @@ async def record_cancelled(rt: Runtime, spec: p.JobSpec) -> None:
 def _line_spec(
     rec: BatchRecord, index: int, raw: bytes, aliases: dict[str, str], extra: frozenset[str]
 ) -> p.JobSpec:
-    """A batch line's job (``extra``: PASSTHROUGH_EXTRA, for a /v1/responses line)."""
+    """A batch line's job (validated at upload; ``extra``: PASSTHROUGH_EXTRA, for a
+    /v1/responses line)."""
     line = json.loads(raw)
-    body, api = line["body"], "chat"
-    if line.get("url") == RESPONSES_URL:  # validated at upload: the chat body it becomes
-        body, api = batch_body(body, extra), "responses"
-    req = ChatCompletionRequest.model_validate(body)
-    req.model = aliases.get(req.model, req.model)  # the served name (the batch's routes)
-    spec = to_job_spec(req, names.batch_job_id(rec.id, index), tenant=rec.tenant, band=p.Band.LOW)
-    update = {"batch_id": rec.id, "batch_index": index, "custom_id": str(line["custom_id"]),
-              "api": api}  # fmt: skip
+    body, url = line["body"], line.get("url")
+    body["model"] = aliases.get(body["model"], body["model"])  # the served name (its routes)
+    job_id = names.batch_job_id(rec.id, index)
+    spec: p.JobSpec
+    if url == p.Api.EMBEDDINGS.path:
+        req = EmbeddingRequest.model_validate(body)
+        spec = embeddings.to_job_spec(req, job_id, tenant=rec.tenant, band=p.Band.LOW)
+    elif url == p.Api.COMPLETIONS.path:
+        text = CompletionRequest.model_validate(body)
+        spec = completions.to_job_spec(text, job_id, tenant=rec.tenant, band=p.Band.LOW)
+    else:  # chat, or a /v1/responses line: the chat body it becomes
+        responses = url == p.Api.RESPONSES.path
+        chat = ChatCompletionRequest.model_validate(batch_body(body, extra) if responses else body)
+        spec = to_job_spec(chat, job_id, tenant=rec.tenant, band=p.Band.LOW)
+        spec = spec.model_copy(update={"api": p.Api.RESPONSES if responses else p.Api.CHAT})
+    update = {"batch_id": rec.id, "batch_index": index, "custom_id": str(line["custom_id"])}
     return spec.model_copy(update=update)
 
 

@@ -7,6 +7,7 @@ only has to leave the ``async with`` block.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -18,7 +19,7 @@ import aiohttp
 
 from llmq.shared import sse
 from llmq.shared.errors import EngineUnavailable, UpstreamError
-from llmq.shared.protocol import Band, JobSpec, ModelCard
+from llmq.shared.protocol import Api, Band, JobSpec, ModelCard, ModelKind
 from llmq.shared.settings import ENGINE_PROBE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ def engine_body(spec: JobSpec, priority: bool, stream_interval: int = 1) -> dict
     return {**spec.body, **extra} if extra else spec.body
 
 
+def engine_api(spec: JobSpec) -> Api:
+    """The engine route a job's body goes to: a Responses job is a chat job there."""
+    return Api.CHAT if spec.api is Api.RESPONSES else spec.api
+
+
 def _upstream_error(status: int, raw: bytes) -> UpstreamError:
     """vLLM's error body (new ``{"error": {...}}`` or old flat shape) -> UpstreamError."""
     message, etype, param = (
@@ -86,7 +92,7 @@ class EngineClient:
 
     def __init__(self, base_url: str, *, max_connections: int, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._chat = self.base_url + "/v1/chat/completions"
+        self._chat = self.base_url + Api.CHAT.path
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._limit = max_connections + 4
         self._session: aiohttp.ClientSession | None = None
@@ -150,10 +156,53 @@ class EngineClient:
             return False
         return None
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``stream=false``: one chat.completion."""
+    async def kind(self, model: str) -> ModelCard | None:
+        """What ``model`` is, from the engine's answers (vLLM's /v1/models does not say):
+        one embedding of a word. 200: an embedding model (its vector's length; then a
+        second request asks for that length as ``dimensions``, which only a Matryoshka
+        model takes); 404 (no such route for this model: vLLM's generate runner, or an
+        engine without embeddings): a generative model. None when the answer says neither
+        (asked again at the next probe)."""
+        body: dict[str, Any] = {"model": model, "input": "probe", "encoding_format": "base64"}
+        answer = await self._probe(Api.EMBEDDINGS.path, body)
+        if answer is None:
+            return None
+        status, raw = answer
+        if status in (404, 405):
+            return ModelCard(id=model, kind=ModelKind.GENERATE)
+        if status != 200:
+            return None
         try:
-            async with self._http().post(self._chat, json=body) as resp:
+            length = len(base64.b64decode(json.loads(raw)["data"][0]["embedding"])) // 4
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+        again = await self._probe(Api.EMBEDDINGS.path, {**body, "dimensions": length})
+        return ModelCard(
+            id=model,
+            kind=ModelKind.EMBED,
+            dimensions=length,
+            matryoshka=again is not None and again[0] == 200,
+        )
+
+    async def _probe(self, path: str, body: dict[str, Any]) -> tuple[int, bytes] | None:
+        try:
+            async with self._http().post(
+                self.base_url + path,
+                json=body,
+                headers={"X-LLMQ-Probe": "kind"},
+                timeout=aiohttp.ClientTimeout(total=_TOOLS_PROBE_S),
+            ) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.debug("kind probe failed: %r", exc)
+            return None
+
+    async def complete(self, body: dict[str, Any], api: Api = Api.CHAT) -> dict[str, Any]:
+        """``stream=false``: one answer (a chat.completion, a text completion, an
+        embeddings list) of the engine's route for ``api``."""
+        url = self._chat if api is Api.CHAT else self.base_url + api.path
+        try:
+            async with self._http().post(url, json=body) as resp:
                 raw = await resp.read()
         except aiohttp.ClientConnectionError as exc:
             raise EngineUnavailable(f"engine unreachable: {exc!r}") from exc
@@ -163,13 +212,16 @@ class EngineClient:
         return result
 
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[bytes]]:
-        """``stream=true``: yields an iterator of the chunks' JSON text, as bytes (parsed by
-        the caller only when it must); raises before yielding when the engine refuses the
-        request (its status and message kept). Leaving the block early closes the
-        connection, which aborts the request inside vLLM."""
+    async def stream(
+        self, body: dict[str, Any], api: Api = Api.CHAT
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """``stream=true`` (chat or completions): yields an iterator of the chunks' JSON
+        text, as bytes (parsed by the caller only when it must); raises before yielding
+        when the engine refuses the request (its status and message kept). Leaving the
+        block early closes the connection, which aborts the request inside vLLM."""
+        url = self._chat if api is Api.CHAT else self.base_url + api.path
         try:
-            resp = await self._http().post(self._chat, json=body)
+            resp = await self._http().post(url, json=body)
         except aiohttp.ClientConnectionError as exc:
             raise EngineUnavailable(f"engine unreachable: {exc!r}") from exc
         try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from llmq.shared.protocol import WorkerInfo
+from llmq.shared.protocol import ModelCard, ModelKind, WorkerInfo
 from llmq.shared.queue.failover import OutageReaper
 from llmq.shared.queue.names import WAKE_CHANNEL, WAKE_MODEL
 from llmq.shared.queue.pubsub import connection_errors, listen
@@ -32,16 +32,44 @@ async def probe_engine(rt: Runtime) -> None:
     ready = models is not None
     if ready != rt.engine_ready:
         logger.info("engine at %s is %s", rt.engine.base_url, "ready" if ready else "NOT ready")
-    if ready and not rt.engine_ready:  # (re)started: its flags may have changed
+    if ready and not rt.engine_ready:  # (re)started: its flags and models may have changed
         rt.auto_tools = None
+        rt.kinds = {}
     rt.engine_ready = ready
     if models:
         if rt.models and tuple(m.id for m in models) != rt.models:
             logger.info("engine now serves %s", ", ".join(m.id for m in models))
-        rt.cards = tuple(models)
+        rt.cards = tuple(_with_kind(rt, m) for m in models)
         rt.models = tuple(m.id for m in models)
         rt.max_model_len = max(m.max_model_len for m in models)
     rt.metrics.engine_up.set(1 if ready else 0)
+
+
+def _with_kind(rt: Runtime, card: ModelCard) -> ModelCard:
+    known = rt.kinds.get(card.id)
+    if known is None:
+        return card
+    return card.model_copy(
+        update={"kind": known.kind, "dimensions": known.dimensions, "matryoshka": known.matryoshka}
+    )
+
+
+async def probe_kinds(rt: Runtime) -> None:
+    """Once per engine (re)start and served model: is it a generative or an embedding
+    model (``EngineClient.kind``)? The heartbeat carries the answer on the model's card:
+    gateways refuse the wrong endpoint before queueing, and jobs are checked here too."""
+    if not rt.engine_ready:
+        return
+    for card in rt.cards:
+        if card.id in rt.kinds:
+            continue
+        found = await rt.engine.kind(card.id)
+        if found is None:
+            continue  # asked again at the next probe
+        rt.kinds[card.id] = found
+        extra = f" of {found.dimensions} dimensions" if found.kind is ModelKind.EMBED else ""
+        logger.info("engine model %s is a %s model%s", card.id, found.kind, extra)
+    rt.cards = tuple(_with_kind(rt, c) for c in rt.cards)
 
 
 async def probe_tools(rt: Runtime) -> None:
@@ -50,7 +78,10 @@ async def probe_tools(rt: Runtime) -> None:
     when it is no (a job also learns it from the engine's refusal)."""
     if not rt.engine_ready or not rt.models or rt.auto_tools is not None:
         return
-    rt.auto_tools = await rt.engine.auto_tools(rt.models[0])
+    generative = [c.id for c in rt.cards if c.kind is ModelKind.GENERATE]
+    if not generative:  # an embedding engine (or kinds not known yet): nothing to ask
+        return
+    rt.auto_tools = await rt.engine.auto_tools(generative[0])
     logger.info(
         "engine %s tools with tool_choice auto",
         {True: "takes", False: "does NOT take", None: "may or may not take"}[rt.auto_tools],
@@ -78,6 +109,7 @@ async def write_heartbeat(rt: Runtime) -> None:
 async def beat_once(rt: Runtime) -> None:
     """Start-up: probe, then beat, so the first heartbeat already tells the truth."""
     await probe_engine(rt)
+    await probe_kinds(rt)
     await write_heartbeat(rt)
 
 
@@ -117,7 +149,8 @@ async def probe_loop(rt: Runtime) -> None:
         await probe_engine(rt)
         if rt.engine_ready and not was_ready:
             tried_tools = False
-        if not tried_tools and rt.engine_ready:
+        await probe_kinds(rt)
+        if not tried_tools and rt.engine_ready and rt.kinds:
             await probe_tools(rt)  # an unclear answer is not asked again until a restart
             tried_tools = True
         await asyncio.sleep(rt.settings.heartbeat_interval_s)

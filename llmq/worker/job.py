@@ -1,4 +1,5 @@
-"""The arq job function: run one chat job against the engine and publish its events."""
+"""The arq job function: run one job (chat, Responses, completions, embeddings) against
+the engine and publish its events."""
 
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from llmq.shared import embeddings
 from llmq.shared.errors import (
     PayloadUndecryptable,
     RequestTimeout,
     ServiceError,
     ShuttingDown,
     UpstreamError,
+    WrongModelKind,
 )
 from llmq.shared.logs import record_line
-from llmq.shared.protocol import EventType, JobSpec, Outcome
+from llmq.shared.protocol import Api, EventType, JobSpec, Outcome
 from llmq.worker import batch
-from llmq.worker.engine import engine_body, refuses_auto_tools, stream_error
+from llmq.worker.engine import engine_api, engine_body, refuses_auto_tools, stream_error
 from llmq.worker.publisher import ClientGone, Publisher
 from llmq.worker.runtime import Runtime, mark_entered, runtime_of
 
@@ -106,7 +109,7 @@ async def _stream(
     t_first = t_first_wall = 0.0
     job_id = spec.id.encode()
     body = engine_body(spec, rt.settings.engine_priority, rt.stream_interval())
-    async with rt.engine.stream(body) as chunks:
+    async with rt.engine.stream(body, engine_api(spec)) as chunks:
         async for raw in chunks:
             kind, value = _classify(raw, spec, job_id)
             if kind == "usage":
@@ -140,7 +143,9 @@ async def _stream(
 async def _complete(
     rt: Runtime, spec: JobSpec, pub: Publisher, t_picked: float
 ) -> dict[str, Any] | None:
-    result = await rt.engine.complete(engine_body(spec, rt.settings.engine_priority))
+    result = await rt.engine.complete(
+        engine_body(spec, rt.settings.engine_priority), engine_api(spec)
+    )
     await pub.announced()
     result["id"] = spec.id
     if spec.stored:
@@ -148,6 +153,19 @@ async def _complete(
     await pub.send(EventType.RESULT, _dumps(result))
     usage: dict[str, Any] | None = result.get("usage")
     return usage
+
+
+async def _embed(
+    rt: Runtime, spec: JobSpec, pub: Publisher, t_picked: float
+) -> dict[str, Any] | None:
+    """An embeddings job: its vectors (merged with other jobs' into one engine request:
+    ``worker.embeddings``), published as the client's whole answer."""
+    vectors, tokens = await rt.embedder.embed(spec.body)
+    await pub.announced()
+    encoding = str(spec.body.get("encoding_format") or "float")
+    out = embeddings.answer(spec.model, vectors, tokens, encoding)
+    await pub.send(EventType.RESULT, embeddings.encode(out))
+    return {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
 
 
 def _count(rt: Runtime, usage: dict[str, Any] | None, used: list[int]) -> None:
@@ -172,10 +190,15 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int])
     used (prompt, completion) go into ``used`` when the engine reported them."""
     s = rt.settings
     try:
+        rt.check_kind(spec)
         async with asyncio.timeout(s.request_timeout_s):
-            run = _stream if spec.stream else _complete
+            run = _embed if spec.api is Api.EMBEDDINGS else _stream if spec.stream else _complete
             _count(rt, await run(rt, spec, pub, time.time()), used)
         return Outcome.COMPLETED
+    except WrongModelKind as exc:
+        logger.info("job %s: %s", spec.id, exc.message)
+        await _fail(pub, exc)
+        return Outcome.REJECTED
     except TimeoutError:
         logger.warning("job %s: request timeout after %.1fs", spec.id, s.request_timeout_s)
         await _fail(pub, RequestTimeout(f"generation exceeded {s.request_timeout_s:g}s"))

@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmq.shared.errors import WrongModelKind
 from llmq.shared.protocol import JobSpec, ModelCard
 from llmq.shared.queue.batches import BatchStore
 from llmq.shared.queue.routing import Affinity
 from llmq.shared.queue.store import Store
 from llmq.shared.settings import Settings
+from llmq.worker.embeddings import Embedder
 from llmq.worker.engine import EngineClient
 from llmq.worker.metrics import WorkerMetrics
 from llmq.worker.outbox import Outbox
@@ -35,12 +37,15 @@ class Runtime:
     engine: EngineClient
     metrics: WorkerMetrics
     outbox: Outbox
+    embedder: Embedder = field(init=False)  # embedding jobs into the engine, merged
     active: int = 0
     models: tuple[str, ...] = ()  # what the engine serves: the jobs this worker takes
     cards: tuple[ModelCard, ...] = ()
     max_model_len: int = 0  # the engine's context length, as /v1/models says
     engine_ready: bool = False
     auto_tools: bool | None = None  # the engine takes tool_choice "auto" (None: not known)
+    # What each served model is (kind, vector length), probed once per engine start.
+    kinds: dict[str, ModelCard] = field(default_factory=dict)
     affinity: Affinity | None = None  # cache-aware pickup's terms (None: PREFIX_AFFINITY off)
     # Jobs that ended while Redis was unreachable: their traces are removed once it is back.
     unreleased: dict[str, JobSpec] = field(default_factory=dict)
@@ -49,6 +54,16 @@ class Runtime:
     entered: dict[str, None] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     itl_s: float = 0.0  # the engine's recent time per token (EWMA of streamed jobs; 0: unknown)
+
+    def __post_init__(self) -> None:
+        self.embedder = Embedder(self.engine, self.settings.embed_batch_max_inputs)
+
+    def check_kind(self, spec: JobSpec) -> None:
+        """A job its model's kind cannot answer (admitted while no gateway knew the kind:
+        a model scaled to zero) is refused as the gateway would have (WrongModelKind)."""
+        card = self.kinds.get(spec.model)
+        if card is not None and card.kind is not None and not card.kind.serves(spec.api):
+            raise WrongModelKind(card.kind.refusal(spec.model, spec.api), param="model")
 
     def stream_interval(self) -> int:
         """Tokens the engine is asked to put in one streamed delta (vLLM's
