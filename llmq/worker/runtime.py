@@ -56,7 +56,8 @@ class Runtime:
     itl_s: float = 0.0  # the engine's recent time per token (EWMA of streamed jobs; 0: unknown)
 
     def __post_init__(self) -> None:
-        self.embedder = Embedder(self.engine, self.settings.embed_batch_max_inputs)
+        sizes = self.metrics.embed_batch if self.metrics is not None else None
+        self.embedder = Embedder(self.engine, self.settings.embed_batch_max_inputs, sizes=sizes)
 
     def check_kind(self, spec: JobSpec) -> None:
         """A job its model's kind cannot answer (admitted while no gateway knew the kind:
