@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import statistics
 import tempfile
@@ -33,21 +32,19 @@ import aiohttp
 import httpx
 
 from bench.processes import (
-    ROOT,
+    EMBED_MODEL,
     Proc,
+    embed_model_dir,
     engine_paths,
     free_port,
     service_env,
-    spawn,
+    spawn_vllm_embedding,
     start_gateway,
     start_redis,
     start_sim,
     start_worker,
     wait_for,
 )
-from local.launch import vllm_argv, vllm_env
-
-EMBED_MODEL = "all-MiniLM-L6-v2"
 
 
 @dataclass
@@ -96,15 +93,10 @@ def start_engine(logdir: Path, kind: str, conc: int) -> Proc:
     if kind == "sim":
         return start_sim(logdir, "--model", EMBED_MODEL, "--embed-dim", "384")
     python, _ = engine_paths()
-    model = Path(os.environ.get("LLMQ_EMBED_MODEL_DIR", ROOT / ".cache/models" / EMBED_MODEL))
+    model = embed_model_dir()
     if not python.exists() or not (model / "config.json").exists():
         raise SystemExit(f"no vLLM ({python}) or no embedding model ({model}): see the docstring")
-    port = free_port()
-    argv = vllm_argv(
-        str(python), str(model), EMBED_MODEL, port, max_num_seqs=max(conc, 64),
-        max_model_len=256, tool_parser="none", extra=("--runner", "pooling"),
-    )  # fmt: skip
-    proc = spawn("vllm-embed", argv, logdir, vllm_env("1"), port)
+    proc = spawn_vllm_embedding(logdir, max_num_seqs=max(conc, 64))
     wait_for(lambda: httpx.get(proc.url + "/v1/models").status_code == 200, 240, "vLLM")
     return proc
 

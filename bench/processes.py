@@ -23,7 +23,14 @@ from pathlib import Path
 import httpx
 
 from llmq.shared.sealing import new_key
-from local.launch import redis_argv, sentinel_argv, sentinel_config, vllm_argv, vllm_env
+from local.launch import (
+    EMBED_VLLM_FLAGS,
+    redis_argv,
+    sentinel_argv,
+    sentinel_config,
+    vllm_argv,
+    vllm_env,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,6 +248,7 @@ def start_gateway(
 
 
 BUNDLED_MODEL = "SmolLM2-135M-Instruct"
+EMBED_MODEL = "all-MiniLM-L6-v2"  # the local run's embedding model (scripts/lib.sh)
 
 
 def engine_paths() -> tuple[Path, Path]:
@@ -248,6 +256,24 @@ def engine_paths() -> tuple[Path, Path]:
     python = Path(os.environ.get("LLMQ_ENGINE_PYTHON", ROOT / ".cache/engine-venv/bin/python"))
     model = Path(os.environ.get("LLMQ_MODEL_DIR", ROOT / ".cache/models" / BUNDLED_MODEL))
     return python, model
+
+
+def embed_model_dir() -> Path:
+    """The embedding model's folder (as scripts/*.sh prepare it)."""
+    return Path(os.environ.get("LLMQ_EMBED_MODEL_DIR", ROOT / ".cache/models" / EMBED_MODEL))
+
+
+def spawn_vllm_embedding(logdir: Path, *, max_num_seqs: int, api_key: str | None = None) -> Proc:
+    """vLLM's CPU build serving the embedding model with the pooling runner, as the local run
+    does (256 tokens: the model's own limit; 1 GiB of KV cache)."""
+    python, _ = engine_paths()
+    port = free_port()
+    args = vllm_argv(
+        str(python), str(embed_model_dir()), EMBED_MODEL, port, max_num_seqs=max_num_seqs,
+        max_model_len=256, tool_parser="none", extra=EMBED_VLLM_FLAGS,
+    )  # fmt: skip
+    env = {**vllm_env("1"), **({"VLLM_API_KEY": api_key} if api_key else {})}
+    return spawn("vllm-embed", args, logdir, env, port)
 
 
 def spawn_vllm(

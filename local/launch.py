@@ -38,6 +38,9 @@ from collections.abc import Sequence
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 VLLM_CPU_FLAGS = ("--dtype", "float32", "--enforce-eager")
+# An embedding model: vLLM's pooling runner (its auto choice for BertModel too, said here so
+# that a model vLLM could run either way is served as an embedding model).
+EMBED_VLLM_FLAGS = ("--runner", "pooling")
 # Tool calling on, with the parser of the bundled model's family (SmolLM2 writes Hermes-style
 # <tool_call> blocks): without it vLLM refuses every request with tools and tool_choice
 # "auto", which Open WebUI sends by default. "none" turns it off.

@@ -15,6 +15,10 @@
 #   VLLM_ARGS="..."                 more engine flags, after the defaults of local/launch.py
 #                                   (--max-model-len 2048 --dtype float32 --enforce-eager);
 #                                   a flag given again wins, e.g. "--max-model-len 4096"
+#   EMBEDDINGS=0                    no embedding model (by default a second vLLM serves
+#                                   all-MiniLM-L6-v2 from its PyPI package on VLLM_EMBED_PORT,
+#                                   with its own worker: /v1/embeddings, README "Embeddings")
+#   EMBED_MAX_ACTIVE=32             that worker's slots (embedding jobs are short and merged)
 #   TOOL_CALL_PARSER=hermes          vLLM's tool-call parser for the served model's family
 #                                   (README, "Tool calling"); "none" runs vLLM without tools
 #   GATEWAY_PORT=8080 GATEWAY_METRICS_PORT=9101 VLLM_PORT=8000 REDIS_PORT=6379
@@ -46,6 +50,11 @@ REDIS_PORT="${REDIS_PORT:-6379}"
 PROMETHEUS="${PROMETHEUS:-1}"
 PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 VLLM_PORT="${VLLM_PORT:-8000}"
+EMBEDDINGS="${EMBEDDINGS:-1}"
+VLLM_EMBED_PORT="${VLLM_EMBED_PORT:-8001}"
+EMBED_MAX_ACTIVE="${EMBED_MAX_ACTIVE:-32}"
+EMBED_MODEL_NAME="all-MiniLM-L6-v2"
+EMBED_WORKER_METRICS_PORT="${EMBED_WORKER_METRICS_PORT:-9102}"
 OPEN_WEBUI="${OPEN_WEBUI:-0}"
 REDIS_HA="${REDIS_HA:-0}"
 SENTINEL_PORT="${SENTINEL_PORT:-26379}"
@@ -55,7 +64,8 @@ SAMPLE_MODEL="${SERVED_MODEL_NAME%%,*}"  # the first served name, for the sample
 VLLM_ARGS="${VLLM_ARGS:-}"
 TOOL_CALL_PARSER="${TOOL_CALL_PARSER:-hermes}"
 START_ENGINE=1
-if [ -n "${VLLM_URL:-}" ]; then START_ENGINE=0; else export VLLM_URL="http://127.0.0.1:$VLLM_PORT"; fi
+if [ -n "${VLLM_URL:-}" ]; then START_ENGINE=0; EMBEDDINGS=0; else export VLLM_URL="http://127.0.0.1:$VLLM_PORT"; fi
+EMBED_URL="http://127.0.0.1:$VLLM_EMBED_PORT"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}"
 
 mkdir -p "$LOG_DIR" "$VAR_DIR/redis"
@@ -80,6 +90,12 @@ stop_all() {
 }
 trap 'exit 130' INT TERM  # Ctrl-C during set-up: stop what was started (EXIT trap)
 trap stop_all EXIT
+
+# pid_of NAME: the process id of what ``start`` started as NAME.
+pid_of() {
+  local i
+  for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = "$1" ] && echo "${PIDS[$i]}"; done
+}
 
 # start NAME CMD...: run in the background, log to $LOG_DIR/NAME.log
 start() {
@@ -131,7 +147,7 @@ run_open_webui() {
   # shellcheck disable=SC1091
   source compose/open-webui.env
   set +a
-  export WEBUI_AUTH=False OFFLINE_MODE=True HF_HUB_OFFLINE=1 RAG_EMBEDDING_ENGINE=openai \
+  export WEBUI_AUTH=False OFFLINE_MODE=True HF_HUB_OFFLINE=1 \
     DATA_DIR="$VAR_DIR/open-webui" OPENAI_API_BASE_URL="http://127.0.0.1:$GATEWAY_PORT/v1" \
     OPENAI_API_KEY="$LLMQ_API_KEY" WEBUI_SECRET_KEY="$(cat "$VAR_DIR/open-webui/secret-key")"
   exec "$WEBUI_VENV/bin/open-webui" serve --host 127.0.0.1 --port "$OPEN_WEBUI_PORT"
@@ -152,6 +168,7 @@ if [ "$START_ENGINE" = 1 ]; then
   ensure_engine_venv
   ensure_model
 fi
+[ "$EMBEDDINGS" = 1 ] && ensure_embedding_model
 [ "$OPEN_WEBUI" = 1 ] && ensure_webui_venv
 
 step "starting the service"
@@ -185,6 +202,13 @@ if [[ "$REDIS_URL" == "redis://127.0.0.1:$REDIS_PORT/0" ]]; then
   fi
 fi
 
+if [ "$EMBEDDINGS" = 1 ]; then
+  # The embedding model on its own vLLM (the pooling runner), loading beside the chat model.
+  start vllm-embed env VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m local.launch vllm \
+    --python "$ENGINE_VENV/bin/python" --model "$EMBED_MODEL_DIR" --name "$EMBED_MODEL_NAME" \
+    --port "$VLLM_EMBED_PORT" --max-num-seqs "$EMBED_MAX_ACTIVE" --max-model-len 256 \
+    --tool-call-parser none -- --runner pooling
+fi
 if [ "$START_ENGINE" = 1 ]; then
   # shellcheck disable=SC2086  # VLLM_ARGS is a list of flags
   start vllm .venv/bin/python -m local.launch vllm --python "$ENGINE_VENV/bin/python" \
@@ -197,9 +221,18 @@ else
   wait_http "$VLLM_URL/v1/models" 60 vllm || die "no vLLM answers on VLLM_URL=$VLLM_URL"
 fi
 
+if [ "$EMBEDDINGS" = 1 ]; then
+  wait_http "$EMBED_URL/v1/models" 900 vllm-embed "$(pid_of vllm-embed)" \
+    || fail_with_log vllm-embed "no answer on $EMBED_URL/v1/models"
+fi
+
 ensure_dev_key
 ensure_payload_keys
 start worker .venv/bin/llmq-worker
+if [ "$EMBEDDINGS" = 1 ]; then
+  start worker-embed env VLLM_URL="$EMBED_URL" MAX_ACTIVE="$EMBED_MAX_ACTIVE" \
+    WORKER_METRICS_PORT="$EMBED_WORKER_METRICS_PORT" .venv/bin/llmq-worker
+fi
 start gateway .venv/bin/llmq-gateway
 wait_http "http://127.0.0.1:$GATEWAY_PORT/health" 60 gateway "${PIDS[-1]}" \
   || fail_with_log gateway "/health is not 200 (is the worker up? see $LOG_DIR/worker.log)"
@@ -208,6 +241,7 @@ PROM_LINE=""
 if [ "$PROMETHEUS" = 1 ]; then
   targets=(--target "gateway=127.0.0.1:$GATEWAY_METRICS_PORT" --target "worker=127.0.0.1:$WORKER_METRICS_PORT")
   [ "$START_ENGINE" = 1 ] && targets+=(--target "vllm=127.0.0.1:$VLLM_PORT")
+  [ "$EMBEDDINGS" = 1 ] && targets+=(--target "worker=127.0.0.1:$EMBED_WORKER_METRICS_PORT" --target "vllm=127.0.0.1:$VLLM_EMBED_PORT")
   .venv/bin/python -m local.prometheus_config --out "$VAR_DIR/prometheus/prometheus.yml" \
     --interval 5s "${targets[@]}"
   start prometheus prometheus --config.file="$VAR_DIR/prometheus/prometheus.yml" \
@@ -221,6 +255,13 @@ HA_LINE=""
 if [ "$REDIS_HA" = 1 ]; then
   HA_LINE="Redis HA: primary :$REDIS_PORT, replica :$REPLICA_PORT, sentinels $REDIS_SENTINELS
   (fail over: redis-cli -p $SENTINEL_PORT SENTINEL FAILOVER mymaster)"
+fi
+
+EMBED_LINE=""
+if [ "$EMBEDDINGS" = 1 ]; then
+  EMBED_LINE="  curl http://127.0.0.1:$GATEWAY_PORT/v1/embeddings -H 'Content-Type: application/json' \\
+    -H \"Authorization: Bearer \$LLMQ_API_KEY\" -d '{\"model\": \"$EMBED_MODEL_NAME\", \"input\": [\"a first text\", \"a second\"]}'
+"
 fi
 
 WEBUI_LINE=""
@@ -246,6 +287,7 @@ Try it:
     -d '{"model": "$SAMPLE_MODEL", "stream": true, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
 
   .venv/bin/python -c 'import os; from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key=os.environ["LLMQ_API_KEY"]); print(c.chat.completions.create(model="$SAMPLE_MODEL", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content)'
+$EMBED_LINE
 
 $PROM_LINE
 $HA_LINE

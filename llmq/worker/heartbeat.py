@@ -67,8 +67,11 @@ async def probe_kinds(rt: Runtime) -> None:
         if found is None:
             continue  # asked again at the next probe
         rt.kinds[card.id] = found
-        extra = f" of {found.dimensions} dimensions" if found.kind is ModelKind.EMBED else ""
-        logger.info("engine model %s is a %s model%s", card.id, found.kind, extra)
+        if found.kind is ModelKind.EMBED:
+            how = "matryoshka" if found.matryoshka else "fixed length"
+            logger.info("model %s: embeddings, %d dimensions (%s)", card.id, found.dimensions, how)
+        else:
+            logger.info("model %s: generation (chat, completions)", card.id)
     rt.cards = tuple(_with_kind(rt, c) for c in rt.cards)
 
 

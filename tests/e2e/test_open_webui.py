@@ -28,12 +28,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 WEBUI_SETTINGS = ROOT / "compose" / "open-webui.env"
 # What only this test adds: no login (one local user), no downloads (this machine is
-# offline: no embedding model is fetched, documents would be embedded through the API).
+# offline; compose/open-webui.env already embeds documents through the API).
 TEST_ONLY = {
     "WEBUI_AUTH": "False",
     "OFFLINE_MODE": "True",
     "HF_HUB_OFFLINE": "1",
-    "RAG_EMBEDDING_ENGINE": "openai",
 }
 CHROMIUM_FLAGS = [
     "--no-sandbox",
