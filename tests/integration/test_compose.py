@@ -318,6 +318,21 @@ def test_vllm_runs_with_tool_calling_and_open_webui_with_the_tested_settings() -
     assert webui["image"].endswith(":v0.12.4"), "the version the e2e test runs (scripts/lib.sh)"
 
 
+def test_the_embeddings_profile_serves_the_model_open_webui_searches_with() -> None:
+    services = stack()["services"]
+    engine, worker = services["vllm-embed"], services["worker-embed"]
+    assert engine["profiles"] == worker["profiles"] == ["embeddings"]
+    assert worker["environment"]["VLLM_URL"] == "http://vllm-embed:8000"
+    assert worker["depends_on"]["vllm-embed"] == {"condition": "service_healthy"}
+    cmd = engine["command"]
+    assert cmd[cmd.index("--runner") + 1] == "pooling"
+    assert cmd[cmd.index("--max-num-seqs") + 1] == worker["environment"]["MAX_ACTIVE"]
+    served = cmd[cmd.index("--served-model-name") + 1]
+    webui = env_file(COMPOSE.parent / "open-webui.env")
+    assert webui["RAG_EMBEDDING_ENGINE"] == "openai"
+    assert webui["RAG_EMBEDDING_MODEL"] == served, "Open WebUI embeds with the served model"
+
+
 def test_the_two_models_profile_pairs_a_second_engine_with_its_own_worker() -> None:
     services = stack()["services"]
     engine, worker = services["vllm-2"], services["worker-2"]

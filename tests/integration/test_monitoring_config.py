@@ -47,8 +47,9 @@ def test_prometheus_scrapes_every_service_by_compose_name() -> None:
     config = yaml.safe_load(text)
     found = {j["job_name"]: j["dns_sd_configs"][0] for j in config["scrape_configs"]
              if "dns_sd_configs" in j}  # fmt: skip
-    assert (found["worker"]["names"], found["worker"]["port"]) == (["worker", "worker-2"], 9100)
-    assert (found["vllm"]["names"], found["vllm"]["port"]) == (["vllm", "vllm-2"], 8000)
+    workers, engines = ["worker", "worker-2", "worker-embed"], ["vllm", "vllm-2", "vllm-embed"]
+    assert (found["worker"]["names"], found["worker"]["port"]) == (workers, 9100)
+    assert (found["vllm"]["names"], found["vllm"]["port"]) == (engines, 8000)
 
 
 def test_every_alert_has_summary_and_runbook_description() -> None:
