@@ -55,7 +55,8 @@ def example(request: pytest.FixtureRequest) -> tuple[Path, list[Doc]]:
 
 
 def test_there_are_the_three_examples() -> None:
-    assert {p.stem for p in EXAMPLES} >= {"one-model", "two-models-keda", "external-redis"}
+    assert {p.stem for p in EXAMPLES} >= {"one-model", "two-models-keda", "external-redis",
+                                          "embeddings"}  # fmt: skip
 
 
 @pytest.mark.parametrize("values", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -373,6 +374,22 @@ def test_models_set_their_queue_places_and_scale_to_zero() -> None:
 )
 def test_values_that_cannot_work_are_refused(sets: dict[str, str], message: str) -> None:
     assert message in render_error(TWO_MODELS, **sets)
+
+
+def test_an_embedding_model_runs_the_pooling_runner_beside_a_chat_model() -> None:
+    docs = render(CHART / "examples/embeddings.yaml")
+    chat = container(named(docs, "Deployment", f"{FULL}-model-qwen-7b"), "vllm")["args"]
+    embed_doc = named(docs, "Deployment", f"{FULL}-model-minilm")
+    embed = container(embed_doc, "vllm")["args"]
+    assert embed[embed.index("--runner") + 1] == "pooling"
+    assert "--runner" not in chat
+    assert "--enable-auto-tool-choice" in chat
+    assert "--enable-auto-tool-choice" not in embed, "no tool calling on a pooling model"
+    assert "--max-model-len" not in embed, "the model's own context length"
+    worker = env_values(container(embed_doc, "worker"))
+    assert worker["MAX_ACTIVE"] == embed[embed.index("--max-num-seqs") + 1] == "64"
+    gateway = env_values(container(named(docs, "Deployment", f"{FULL}-gateway"), "gateway"))
+    assert json.loads(gateway["QUEUE_MAX_PER_MODEL"]) == {"all-MiniLM-L6-v2": 512}
 
 
 def test_an_empty_model_list_is_refused() -> None:
