@@ -9,7 +9,8 @@ on loopback, then alternates rounds: ``--requests`` 1-input embeddings requests 
 ``--conc`` straight to the engine, then the same through the gateway, ``--rounds`` times
 each (alternated, so that a slower moment of the machine hits both). Every process, the
 load generator included, shares this machine's cores. Prints each path's throughput and
-latency, the ratio service / direct, and how many jobs the worker merged into each engine
+latency, the ratio service / direct, the CPU each process spent per request (the engine's:
+vLLM's server and engine core), and how many jobs the worker merged into each engine
 request (its ``worker_embedding_request_jobs`` histogram).
 
 ``--merge off`` sets EMBED_BATCH_MAX_INPUTS=1: each job its own engine request, what the
@@ -25,7 +26,7 @@ import re
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -54,6 +55,7 @@ class Round:
     p50_ms: float
     p99_ms: float
     failed: int
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU-ms per request, by process
 
 
 async def load(url: str, model: str, requests: int, conc: int, path: str) -> Round:
@@ -131,9 +133,11 @@ def main(argv: list[str] | None = None) -> None:
                 queue_max=4 * a.conc, worker_metrics_port=metrics_port,
                 embed_batch_max_inputs=256 if a.merge == "on" else 1, log_level="WARNING",
             )  # fmt: skip
-            procs.append(start_worker(logdir, env))
+            worker = start_worker(logdir, env)
+            procs.append(worker)
             gateway = start_gateway(logdir, env)
             procs.append(gateway)
+            kinds = {"engine": engine, "gateway": gateway, "worker": worker, "redis": redis}
 
             def ready() -> bool:
                 models = httpx.get(gateway.url + "/v1/models").json()["data"]
@@ -146,10 +150,15 @@ def main(argv: list[str] | None = None) -> None:
             rounds: list[Round] = []
             for _ in range(a.rounds):
                 for path, url in (("direct", engine.url), ("service", gateway.url)):
+                    cpu0 = {k: p.cpu_seconds() for k, p in kinds.items()}
                     r = asyncio.run(load(url, EMBED_MODEL, a.requests, a.conc, path))
+                    r.cpu_ms = {k: (p.cpu_seconds() - cpu0[k]) * 1000 / a.requests
+                                for k, p in kinds.items()}  # fmt: skip
                     rounds.append(r)
+                    cpu = "  ".join(f"{k} {v:.2f}" for k, v in r.cpu_ms.items())
                     print(f"  {path:8s} {r.rate:8.1f} req/s  p50 {r.p50_ms:7.1f} ms  "
                           f"p99 {r.p99_ms:7.1f} ms  failed {r.failed}")  # fmt: skip
+                    print(f"           CPU-ms per request: {cpu}")
             after = merged(f"http://127.0.0.1:{metrics_port}/metrics")
         finally:
             for p in reversed(procs):
@@ -169,6 +178,14 @@ def report(a: argparse.Namespace, rounds: list[Round], requests: float, jobs: fl
           f"(mean {statistics.mean(service):.1f})")  # fmt: skip
     print(f"ratio service/direct per round: {', '.join(f'{x:.2f}' for x in ratios)} "
           f"(mean {statistics.mean(ratios):.2f})")  # fmt: skip
+    for path in ("direct", "service"):
+        mine = [r.cpu_ms for r in rounds if r.path == path]
+        mean = {k: statistics.mean(c[k] for c in mine) for k in mine[0]}
+        print(
+            f"{path} CPU-ms per request (mean): "
+            + "  ".join(f"{k} {v:.2f}" for k, v in mean.items())
+            + f"  (service processes {sum(v for k, v in mean.items() if k != 'engine'):.2f})"
+        )
     if requests:
         print(f"worker: {jobs:.0f} jobs in {requests:.0f} engine requests "
               f"({jobs / requests:.1f} jobs per request)")  # fmt: skip

@@ -165,6 +165,22 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
          "Jobs left for (or passed over for) a warmer worker: from the first time a pick "
          "left one to its pickup (at most AFFINITY_MAX_WAIT_MS while a slot is free)", 8),
     ]),
+    ("Endpoints and embeddings", 8, [
+        ("Requests by endpoint", [(
+            f"sum by (route) (rate(api_requests_total{{{API}}}[{RI}]))", "{{route}}")],
+         "reqps", "API requests per second by route: chat, Responses, completions, "
+         "embeddings, ...", 8),
+        ("Embedding jobs per engine request", [(
+            f"sum(rate(worker_embedding_request_jobs_sum{{{GW}}}[{RI}])) / "
+            f"clamp_min(sum(rate(worker_embedding_request_jobs_count{{{GW}}}[{RI}])), 1e-9)",
+            "jobs per request")], "short",
+         "Embedding jobs the workers merged into each engine request (1: no merging; rises "
+         "with load)", 8),
+        ("Embedding engine requests", [(
+            f"sum(rate(worker_embedding_request_jobs_count{{{GW}}}[{RI}]))", "requests/s"),
+            (f"sum(rate(worker_embedding_request_jobs_sum{{{GW}}}[{RI}]))", "jobs/s")],
+         "ops", "Embeddings requests sent to engines, and the jobs they carried", 8),
+    ]),
     ("Batches", 8, [
         ("Batches in flight", [(f"max by (status) (api_batches{{{GW}}})", "{{status}}")],
          "short", "Batches being fed, cancelled or finalized (read from Redis)", 8),

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -26,7 +27,7 @@ import redis
 from langchain_openai import OpenAIEmbeddings
 
 from bench.engine_sim import sim_vector
-from tests.support.clients import assert_drained, sim_stats, stream_chat
+from tests.support.clients import assert_drained, everything, new_key, sim_stats, stream_chat
 from tests.support.stack import ROOT, Proc, Stack, start_sim, wait_for
 
 pytestmark = pytest.mark.integration
@@ -318,3 +319,60 @@ def test_a_batch_of_embedding_and_completion_lines_completes(
     assert out["c0"]["body"]["choices"][0]["text"] == "tok0 tok1 "
     assert out["wrong"]["status_code"] == 400
     assert "generative model" in out["wrong"]["body"]["error"]["message"]
+
+
+def test_no_input_or_text_is_left_in_redis_or_the_logs(
+    stack: Stack, sims: tuple[Proc, Proc, Proc], rdb: redis.Redis
+) -> None:
+    """Embedding inputs and legacy prompts as chat's: at LOG_LEVEL=DEBUG, in clear in Redis
+    (PAYLOAD_KEYS=none) while they wait, gone once they ended."""
+    chat, mini, _ = sims
+    quiet = {"log_level": "DEBUG", "payload_keys": "none"}
+    procs = [stack.worker(vllm_url=chat.url, **quiet), stack.worker(vllm_url=mini.url, **quiet)]
+    gw = stack.gateway(**quiet)
+    procs.append(gw)
+    wait_for(lambda: set(httpx.get(gw.url + "/health").json()["models"]) >= {CHAT, MINI}, 30,
+             "both models")  # fmt: skip
+    canary = "INPUT-" + secrets.token_hex(8)
+    said = "SAID" + secrets.token_hex(8)
+    emb = httpx.post(gw.url + "/v1/embeddings", json={"model": MINI, "input": [canary, "x"]})
+    assert emb.status_code == 200, emb.text
+    text = httpx.post(gw.url + "/v1/completions",
+                      json={"model": CHAT, "prompt": canary, "sim": {"say": said}})  # fmt: skip
+    assert said in text.json()["choices"][0]["text"]
+    with httpx.stream("POST", gw.url + "/v1/completions",
+                      json={"model": CHAT, "prompt": canary, "stream": True,
+                            "sim": {"say": said}}) as r:  # fmt: skip
+        assert r.status_code == 200
+        assert said in r.read().decode()
+    assert_drained(rdb)
+    wait_for(lambda: not rdb.keys("arq:in-progress:*"), 15, "arq to finish every job")
+    for word in (canary, said):
+        assert [k for k, v in everything(rdb).items() if word.encode() in k + v] == []
+        for proc in procs:
+            assert word not in proc.output(), proc.name
+
+
+def test_a_keys_tokens_per_minute_count_embedding_inputs(
+    stack: Stack, sims: tuple[Proc, Proc, Proc], rdb: redis.Redis
+) -> None:
+    """An input of ~50 estimated tokens (200 characters) fits a key's tpm of 60 once; the
+    engine's exact count (42) corrects the bucket; the second is refused."""
+    _, mini, _ = sims
+    httpx.post(mini.url + "/sim/reset").raise_for_status()
+    stack.worker(vllm_url=mini.url)
+    gw = stack.gateway(auth="keys")
+    secret = new_key(stack, "indexer", "--tpm", "60")
+    auth = {"Authorization": f"Bearer {secret}"}
+    wait_for(lambda: MINI in httpx.get(gw.url + "/health").json()["models"], 30, "the model")
+    body = {"model": MINI, "input": "word " * 40}
+    first = httpx.post(gw.url + "/v1/embeddings", json=body, headers=auth)
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"]["prompt_tokens"] == 42
+    assert first.headers["x-ratelimit-limit-tokens"] == "60"
+    second = httpx.post(gw.url + "/v1/embeddings", json=body, headers=auth)
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(second.headers["retry-after"]) >= 1
+    assert sim_stats(mini.url)["embed_requests"] == 1
+    assert_drained(rdb)
