@@ -327,9 +327,9 @@ def test_no_input_or_text_is_left_in_redis_or_the_logs(
     """Embedding inputs and legacy prompts as chat's: at LOG_LEVEL=DEBUG, in clear in Redis
     (PAYLOAD_KEYS=none) while they wait, gone once they ended."""
     chat, mini, _ = sims
-    quiet = {"log_level": "DEBUG", "payload_keys": "none"}
+    quiet: dict[str, object] = {"log_level": "DEBUG", "payload_keys": "none"}
     procs = [stack.worker(vllm_url=chat.url, **quiet), stack.worker(vllm_url=mini.url, **quiet)]
-    gw = stack.gateway(**quiet)
+    gw = stack.gateway(log_level="DEBUG", payload_keys="none")
     procs.append(gw)
     wait_for(lambda: set(httpx.get(gw.url + "/health").json()["models"]) >= {CHAT, MINI}, 30,
              "both models")  # fmt: skip
