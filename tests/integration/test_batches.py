@@ -101,7 +101,8 @@ def test_invalid_jsonl_is_a_400_naming_the_line(stack: Stack, sdk) -> None:
     for bad, words in (
         (good + b"{not json\n", "line 3"),
         (jsonl([line("a"), line("a")]), "line 2: custom_id 'a' appears twice"),
-        (jsonl([line("a"), {**line("b"), "url": "/v1/embeddings"}]), "line 2: url"),
+        (jsonl([line("a"), {**line("b"), "url": "/v1/audio/speech"}]), "line 2: url"),
+        (jsonl([line("a"), {**line("b"), "url": "/v1/embeddings"}]), "line 2: body.input"),
         (jsonl([{**line("a"), "body": {"model": MODEL, "messages": []}}]), "line 1: body.messages"),
         (jsonl([{**line("a"), "body": {**line("a")["body"], "stream": True}}]), "line 1"),
     ):
