@@ -21,8 +21,9 @@ later hold of that name passes (or fails) at once. ``POST /sim/reset`` forgets t
 ``{"sim": {"tool_call": {"name": "f", "arguments": "{...}"}}}`` answers with that function
 call (streamed as vLLM does: the call, then its arguments in two pieces, finish reason
 ``tool_calls``) instead of text, until the conversation holds a tool's output (an agent's
-loop: call, then answer). ``{"sim": {"record": "r"}}`` keeps the request's messages
-and tools under ``recorded["r"]`` of ``/sim/stats`` (what a test checks the engine got).
+loop: call, then answer). ``{"sim": {"record": "r"}}`` keeps the request's messages,
+tools and ``traceparent`` header under ``recorded["r"]`` of ``/sim/stats`` (what a test
+checks the engine got).
 ``--embed-dim N`` makes it an embedding engine (vLLM's pooling runner): ``/v1/embeddings``
 answers a deterministic unit vector per input (``sim_vector``; base64 or floats;
 ``dimensions`` with ``--matryoshka``), and chat and completions are a bare 404; ``/sim/stats``
@@ -288,6 +289,7 @@ class Simulator:
             return _error(400, AUTO_TOOLS_REFUSED)
         k = self.knobs(body)
         k["api"] = api
+        k["traceparent"] = request.headers.get("traceparent")  # a traced caller's context
         self._note(k, body)
         prompt = _prompt_tokens(messages)
         if prompt + k["tokens"] > self.config.max_model_len:
@@ -315,7 +317,8 @@ class Simulator:
         if k["tag"] is not None:
             self.tags.append(str(k["tag"]))
         if record := (body.get("sim") or {}).get("record"):
-            self.recorded[str(record)] = {"messages": body["messages"], "tools": body.get("tools")}
+            self.recorded[str(record)] = {"messages": body["messages"], "tools": body.get("tools"),
+                                          "traceparent": k.get("traceparent")}  # fmt: skip
 
     def _prefill(
         self, k: dict[str, Any], messages: list[dict[str, Any]], tools: Any

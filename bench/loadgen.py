@@ -123,10 +123,15 @@ class StreamResult:
 
 
 async def stream_chat(
-    client: httpx.AsyncClient, url: str, payload: dict[str, Any], max_chunks: int | None = None
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    max_chunks: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> StreamResult:
     """POST and read the SSE stream (or the error body); stop early after ``max_chunks``."""
-    async with client.stream("POST", url + "/v1/chat/completions", json=payload) as resp:
+    path = url + "/v1/chat/completions"
+    async with client.stream("POST", path, json=payload, headers=headers) as resp:
         result = StreamResult(resp.status_code, dict(resp.headers))
         if resp.status_code != 200:
             result.error_body = json.loads(await resp.aread())

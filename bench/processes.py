@@ -258,6 +258,15 @@ def engine_paths() -> tuple[Path, Path]:
     return python, model
 
 
+def start_otlp_receiver(logdir: Path) -> Proc:
+    """``bench.otlp_receiver`` on a free loopback port: OTLP/HTTP in, ``GET /spans`` out."""
+    port = free_port()
+    proc = spawn("otlp", [sys.executable, "-m", "bench.otlp_receiver", "--port", str(port)],
+                 logdir, port=port)  # fmt: skip
+    wait_for(lambda: httpx.get(proc.url + "/health").status_code == 200, 30, "the OTLP receiver")
+    return proc
+
+
 def embed_model_dir() -> Path:
     """The embedding model's folder (as scripts/*.sh prepare it)."""
     return Path(os.environ.get("LLMQ_EMBED_MODEL_DIR", ROOT / ".cache/models" / EMBED_MODEL))
@@ -283,10 +292,12 @@ def spawn_vllm(
     max_num_seqs: int,
     api_key: str | None = None,
     names: str = BUNDLED_MODEL,
+    traces_to: str = "",
 ) -> Proc:
     """Start vLLM's CPU build serving the bundled model (float32, eager: quick to start)
     under ``names`` (comma-separated served names); with ``api_key``, its /v1 routes need
-    it (vLLM reads VLLM_API_KEY)."""
+    it (vLLM reads VLLM_API_KEY); with ``traces_to`` (an OTLP/HTTP traces URL), its spans go
+    there (``--otlp-traces-endpoint``)."""
     python, model = engine_paths()
     port = free_port()
     args = vllm_argv(
@@ -296,8 +307,11 @@ def spawn_vllm(
         port,
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
+        extra=("--otlp-traces-endpoint", traces_to) if traces_to else (),
     )
     env = {**vllm_env("1"), **({"VLLM_API_KEY": api_key} if api_key else {})}
+    if traces_to:
+        env.update(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_SERVICE_NAME="vllm")
     return spawn("vllm", args, logdir, env, port)
 
 

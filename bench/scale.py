@@ -24,6 +24,8 @@ engine of a real deployment would not.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
 import asyncio
 import time
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from pathlib import Path
 import redis
 
 from bench.loadgen import RunResult, merge, run
-from bench.processes import ROOT, LocalStack, Proc, local_stack
+from bench.processes import ROOT, LocalStack, Proc, local_stack, start_otlp_receiver
 from bench.profile import redis_commands, sampled, summarize
 
 PROFILE_REQUESTS_PER_LANE = 8
@@ -239,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--stream-frame-ms", type=int, default=None, help="the worker's STREAM_FRAME_MS"
     )
+    ap.add_argument(
+        "--tracing",
+        action="store_true",
+        help="trace every request: gateway and worker export OTLP to a bench.otlp_receiver",
+    )
     a = ap.parse_args(argv)
     concs = [int(c) for c in a.conc.split(",")]
     sim_args = ("--ttft-ms", str(a.ttft_ms), "--itl-ms", str(a.itl_ms), "--tokens", str(a.tokens))
@@ -249,6 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     if a.stream_frame_ms is not None:
         settings["stream_frame_ms"] = a.stream_frame_ms
+    with contextlib.ExitStack() as cleanup:
+        if a.tracing:  # every request sampled (the SDK's default), exported every 100 ms
+            logdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="otlp-")))
+            receiver = start_otlp_receiver(logdir)
+            cleanup.callback(receiver.kill)
+            settings.update(otel_exporter_otlp_endpoint=receiver.url, otel_bsp_schedule_delay=100)
+        _measure(a, concs, sim_args, settings)
+
+
+def _measure(
+    a: argparse.Namespace, concs: list[int], sim_args: tuple[str, ...], settings: dict[str, object]
+) -> None:
     with local_stack("llmq-scale-", sim_args, gateway_processes=a.gateways, **settings) as stack:
         sim, gateway = stack.sim, stack.gateway
         kinds = {"gateway": [gateway], "worker": [stack.worker], "redis": [stack.redis]}
@@ -258,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"engine simulator: TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms, {a.tokens} "
             f"tokens; gateway processes {a.gateways}, "
-            f"MAX_ACTIVE {max(concs)}; {a.rounds} alternating rounds per c"
+            f"MAX_ACTIVE {max(concs)}; {a.rounds} alternating rounds per c; "
+            f"tracing {'on' if a.tracing else 'off'}"
         )
         rows = []
         print_header()

@@ -246,8 +246,18 @@ class Layout:
         self.panels.append(panel)
 
 
+# Histograms whose observations carry a trace id (OpenMetrics exemplars, README "Tracing"):
+# their quantile panels show the exemplars, each naming the trace of a request in that bucket.
+EXEMPLARS = ("api_time_to_first_token_seconds", "api_request_latency_seconds",
+             "api_queue_wait_seconds", "worker_engine_ttft_seconds",
+             "worker_pickup_latency_seconds")  # fmt: skip
+
+
 def target(expr: str, legend: str) -> dict[str, Any]:
-    return {"expr": expr, "legendFormat": legend, "datasource": DS}
+    out = {"expr": expr, "legendFormat": legend, "datasource": DS}
+    if "histogram_quantile" in expr and any(f"{m}_bucket" in expr for m in EXEMPLARS):
+        out["exemplar"] = True
+    return out
 
 
 def stat(

@@ -90,6 +90,20 @@ ensure_webui_venv() {
   touch "$stamp"
 }
 
+# --- Arize Phoenix, the local run's trace backend (TRACING=1 bash scripts/run.sh) ---
+PHOENIX_VENV="${PHOENIX_VENV:-$CACHE_DIR/phoenix-venv}"
+PHOENIX_VERSION="${PHOENIX_VERSION:-20.26.1}"
+
+ensure_phoenix_venv() {
+  local stamp="$PHOENIX_VENV/.installed-arize-phoenix-$PHOENIX_VERSION"
+  if [ -f "$stamp" ]; then return; fi
+  step "installing Arize Phoenix $PHOENIX_VERSION into $PHOENIX_VENV (one-off)"
+  new_venv "$PHOENIX_VENV"
+  "$PHOENIX_VENV/bin/pip" install -q "arize-phoenix==$PHOENIX_VERSION" \
+    || die "pip install arize-phoenix==$PHOENIX_VERSION failed"
+  touch "$stamp"
+}
+
 # Debian's Chromium, driven by Playwright through executable_path (Playwright's own browser
 # download is not reachable from every machine).
 ensure_chromium() {

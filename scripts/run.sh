@@ -30,6 +30,9 @@
 #                                   sentinels on SENTINEL_PORT..+2; the services find the
 #                                   primary through them (README, "High availability")
 #   PROMETHEUS_PORT=9090, or PROMETHEUS=0 to run without Prometheus
+#   TRACING=1 [PHOENIX_PORT=6006]  traces (README "Tracing"): Arize Phoenix (installed into
+#                                   .cache/phoenix-venv once) on PHOENIX_PORT; the gateway,
+#                                   the workers and vLLM send it their spans
 #   OPEN_WEBUI=1 [OPEN_WEBUI_PORT=3000]  also Open WebUI (installed into .cache/webui-venv
 #                                   once), with compose/open-webui.env's settings, no login
 #   MAX_ACTIVE=4 QUEUE_MODE=queue QUEUE_MAX=64 ... (every setting of the service, see README)
@@ -56,6 +59,8 @@ EMBED_MAX_ACTIVE="${EMBED_MAX_ACTIVE:-32}"
 EMBED_MODEL_NAME="all-MiniLM-L6-v2"
 EMBED_WORKER_METRICS_PORT="${EMBED_WORKER_METRICS_PORT:-9102}"
 OPEN_WEBUI="${OPEN_WEBUI:-0}"
+TRACING="${TRACING:-0}"
+PHOENIX_PORT="${PHOENIX_PORT:-6006}"
 REDIS_HA="${REDIS_HA:-0}"
 SENTINEL_PORT="${SENTINEL_PORT:-26379}"
 OPEN_WEBUI_PORT="${OPEN_WEBUI_PORT:-3000}"
@@ -170,6 +175,7 @@ if [ "$START_ENGINE" = 1 ]; then
 fi
 [ "$EMBEDDINGS" = 1 ] && ensure_embedding_model
 [ "$OPEN_WEBUI" = 1 ] && ensure_webui_venv
+[ "$TRACING" = 1 ] && ensure_phoenix_venv
 
 step "starting the service"
 if [[ "$REDIS_URL" == "redis://127.0.0.1:$REDIS_PORT/0" ]]; then
@@ -202,18 +208,33 @@ if [[ "$REDIS_URL" == "redis://127.0.0.1:$REDIS_PORT/0" ]]; then
   fi
 fi
 
+TRACE_FLAGS=()
+if [ "$TRACING" = 1 ]; then
+  # First, so that every process sends its spans from its start: Phoenix takes OTLP/HTTP
+  # on its web port and OTLP/gRPC on PHOENIX_PORT+1 (its data in var/phoenix).
+  start phoenix env PHOENIX_WORKING_DIR="$VAR_DIR/phoenix" PHOENIX_PORT="$PHOENIX_PORT" \
+    PHOENIX_HOST=127.0.0.1 PHOENIX_GRPC_PORT=$((PHOENIX_PORT + 1)) "$PHOENIX_VENV/bin/phoenix" serve
+  wait_http "http://127.0.0.1:$PHOENIX_PORT/healthz" 120 phoenix "$(pid_of phoenix)" \
+    || fail_with_log phoenix "no answer on port $PHOENIX_PORT"
+  export OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$PHOENIX_PORT"
+  # vLLM's own span, a child of the traceparent its worker sends.
+  export OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf
+  TRACE_FLAGS=(--otlp-traces-endpoint "$OTEL_EXPORTER_OTLP_ENDPOINT/v1/traces")
+fi
+
 if [ "$EMBEDDINGS" = 1 ]; then
   # The embedding model on its own vLLM (the pooling runner), loading beside the chat model.
-  start vllm-embed env VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m local.launch vllm \
+  start vllm-embed env VLLM_CPU_KVCACHE_SPACE=1 OTEL_SERVICE_NAME=vllm-embed .venv/bin/python -m local.launch vllm \
     --python "$ENGINE_VENV/bin/python" --model "$EMBED_MODEL_DIR" --name "$EMBED_MODEL_NAME" \
     --port "$VLLM_EMBED_PORT" --max-num-seqs "$EMBED_MAX_ACTIVE" --max-model-len 256 \
-    --tool-call-parser none -- --runner pooling
+    --tool-call-parser none -- --runner pooling "${TRACE_FLAGS[@]}"
 fi
 if [ "$START_ENGINE" = 1 ]; then
   # shellcheck disable=SC2086  # VLLM_ARGS is a list of flags
-  start vllm .venv/bin/python -m local.launch vllm --python "$ENGINE_VENV/bin/python" \
+  start vllm env OTEL_SERVICE_NAME=vllm .venv/bin/python -m local.launch vllm --python "$ENGINE_VENV/bin/python" \
     --model "$MODEL_DIR" --name "$SERVED_MODEL_NAME" --port "$VLLM_PORT" \
-    --max-num-seqs "$MAX_ACTIVE" --tool-call-parser "$TOOL_CALL_PARSER" -- $VLLM_ARGS
+    --max-num-seqs "$MAX_ACTIVE" --tool-call-parser "$TOOL_CALL_PARSER" -- $VLLM_ARGS \
+    "${TRACE_FLAGS[@]}"
   echo "  waiting for vLLM to load the model (about a minute on 2 cores)..."
   wait_http "$VLLM_URL/v1/models" 900 vllm "${PIDS[-1]}" \
     || fail_with_log vllm "no answer on $VLLM_URL/v1/models"
@@ -245,6 +266,7 @@ if [ "$PROMETHEUS" = 1 ]; then
   .venv/bin/python -m local.prometheus_config --out "$VAR_DIR/prometheus/prometheus.yml" \
     --interval 5s "${targets[@]}"
   start prometheus prometheus --config.file="$VAR_DIR/prometheus/prometheus.yml" \
+    --enable-feature=exemplar-storage \
     --storage.tsdb.path="$VAR_DIR/prometheus/data" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT"
   wait_http "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" 30 prometheus "${PIDS[-1]}" \
     || fail_with_log prometheus "not ready on port $PROMETHEUS_PORT"
@@ -262,6 +284,11 @@ if [ "$EMBEDDINGS" = 1 ]; then
   EMBED_LINE="  curl http://127.0.0.1:$GATEWAY_PORT/v1/embeddings -H 'Content-Type: application/json' \\
     -H \"Authorization: Bearer \$LLMQ_API_KEY\" -d '{\"model\": \"$EMBED_MODEL_NAME\", \"input\": [\"a first text\", \"a second\"]}'
 "
+fi
+
+TRACE_LINE=""
+if [ "$TRACING" = 1 ]; then
+  TRACE_LINE="Traces (Arize Phoenix): http://127.0.0.1:$PHOENIX_PORT  (every request's trace: gateway, queue, worker, vLLM)"
 fi
 
 WEBUI_LINE=""
@@ -290,6 +317,7 @@ Try it:
 $EMBED_LINE
 
 $PROM_LINE
+$TRACE_LINE
 $HA_LINE
 $WEBUI_LINE
 Logs: $LOG_DIR/*.log     Ctrl-C stops everything.

@@ -9,7 +9,7 @@ from llmq.gateway import event_stream, http, server
 from llmq.gateway.app import build_state, create_app
 from llmq.gateway.http import guarded_protocol
 from llmq.gateway.server import DrainingServer
-from llmq.shared import logs, sealing, seams, supervisor
+from llmq.shared import logs, sealing, seams, supervisor, tracing
 from llmq.shared.settings import load_settings, require_payload_keys
 
 
@@ -25,6 +25,7 @@ def main() -> None:
     seams.refuse_on(event_stream.seam_problems(check_source=False), "sse-starlette")
     if settings.gateway_processes > 1:
         raise SystemExit(supervisor.run_gateways(settings))
+    tracing.configure("llmq-gateway")  # the standard OTEL_* variables; off without one
     sock = supervisor.inherited_socket()  # set when this process is one of several
     cap = http.connection_cap(settings, http.raise_fd_limit())
     state = build_state(settings)

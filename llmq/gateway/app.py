@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -29,6 +30,7 @@ from llmq.gateway.registry import WorkerRegistry
 from llmq.gateway.routes import router
 from llmq.gateway.scaling import ScalingSignal
 from llmq.gateway.state import GatewayState
+from llmq.shared import tracing
 from llmq.shared.queue.apikeys import KeyStore
 from llmq.shared.queue.batches import BatchStore
 from llmq.shared.queue.connections import redis_client
@@ -167,6 +169,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
             await st.subs.stop()
             await st.subs.redis.aclose()
             await st.redis.aclose()
+            tracing.shutdown()  # what is still buffered goes out
 
     docs = settings.docs_enabled  # /docs and /openapi.json only when asked for
     app = FastAPI(
@@ -178,6 +181,12 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.gateway = st
+    if tracing.enabled():
+        # A server span per request (a client's traceparent honoured), without a span per
+        # ASGI send/receive: a stream sends once per few tokens.
+        FastAPIInstrumentor.instrument_app(
+            app, excluded_urls="/health,/metrics", exclude_spans=["receive", "send"]
+        )
     app.include_router(router)
     app.include_router(durable.router)
     app.include_router(stored.router)

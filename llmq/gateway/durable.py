@@ -33,6 +33,7 @@ from llmq.gateway.event_stream import stream
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
 from llmq.gateway.state import GatewayState, StateDep
 from llmq.gateway.tenant import Tenant
+from llmq.shared import tracing
 from llmq.shared.errors import (
     ClientClosedRequest,
     InvalidRequest,
@@ -76,8 +77,9 @@ async def follow(st: GatewayState, rec: StoredJob, after: int) -> tuple[JobRelay
     None when the job has ended and nothing is left after ``after``."""
     sub = await st.subs.subscribe(rec.id)  # first: no event falls between log and live
     relay = JobRelay(
-        rec.spec(), sub, st.subs, st.store, st.settings, st.metrics, Timings(), resumed=True
-    )
+        rec.spec(), sub, st.subs, st.store, st.settings, st.metrics, Timings(), resumed=True,
+        span=tracing.resume_span(rec.model, rec.id, rec.trace),
+    )  # fmt: skip
     try:
         logged = await st.store.records.read_log(rec.id, after)
         if not logged:

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmq.gateway.error_handlers import render
 from llmq.gateway.state import GatewayState
+from llmq.shared import tracing
 from llmq.shared.errors import RequestTooLarge, ServiceError
 from llmq.shared.logs import record_line
 
@@ -112,7 +113,7 @@ class GatewayMiddleware:
         route = _route(scope)
         st.metrics.requests.labels(scope["method"], route, str(status)).inc()
         model = str(scope.get("state", {}).get("model", ""))  # a chat request's, once known
-        st.metrics.latency.labels(route, model).observe(elapsed)
+        st.metrics.latency.labels(route, model).observe(elapsed, exemplar=tracing.exemplar())
         _access(scope, route, status, elapsed, sent)
 
 

@@ -28,11 +28,13 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from opentelemetry.trace import INVALID_SPAN, Span, StatusCode
 from redis.exceptions import RedisError
 
 from llmq.gateway.event_stream import stream, wait_disconnect
 from llmq.gateway.events import Subscription, Subscriptions
 from llmq.gateway.metrics import GatewayMetrics
+from llmq.shared import tracing
 from llmq.shared.errors import (
     ClientClosedRequest,
     QueueTimeout,
@@ -119,6 +121,10 @@ class JobRelay:
     # Runs on when its client leaves (a stored chat completion, a background response);
     # None: as ``spec.stored`` says.
     detached: bool | None = None
+    # The request's ``<operation> <model>`` span (``gateway.submission``), ended by
+    # ``close``; a no-op span when tracing is off.
+    span: Span = field(default=INVALID_SPAN)
+    error: str = ""  # the OpenAI code the job ended with, for its span
 
     async def open(self) -> Event:
         """Wait for pickup (QUEUE_TIMEOUT_S), then for the first payload; errors raise."""
@@ -137,8 +143,12 @@ class JobRelay:
                 raise RequestTimeout("the worker took the job but sent nothing") from None
         t.started = time.monotonic()
         self._raise_if_error(event)  # a cancel while it waited (an out-of-band error)
-        self.metrics.queue_wait.labels(self.spec.model).observe(t.started - t.admitted)
-        self.metrics.band_queue_wait.labels(self.spec.band).observe(t.started - t.admitted)
+        waited = t.started - t.admitted
+        ex = tracing.exemplar_of(self.span)
+        self.metrics.queue_wait.labels(self.spec.model).observe(waited, exemplar=ex)
+        self.metrics.band_queue_wait.labels(self.spec.band).observe(waited, exemplar=ex)
+        self.span.add_event("started", {"llmq.worker": event.data.decode(errors="replace")})
+        self.span.set_attribute("llmq.queue.wait_s", round(waited, 6))
         try:
             event = await self.sub.next(s.request_timeout_s + self.silence_grace_s)
         except TimeoutError:
@@ -146,7 +156,9 @@ class JobRelay:
         self._raise_if_error(event)
         self.finished = event.type in TERMINAL
         t.first = time.monotonic()
-        self.metrics.ttft.labels(self.spec.model).observe(t.first - t.arrived)
+        ttft = t.first - t.arrived
+        self.metrics.ttft.labels(self.spec.model).observe(ttft, exemplar=tracing.exemplar_of(self.span))
+        self.span.set_attribute(tracing.TIME_TO_FIRST_CHUNK, round(ttft, 6))
         return event
 
     async def _until_started(self, queue_timeout_s: float) -> Event:
@@ -205,7 +217,9 @@ class JobRelay:
     def _raise_if_error(self, event: Event) -> None:
         if event.type is EventType.ERROR:
             self.finished = True
-            raise ServiceError.from_wire(json.loads(event.data))
+            err = ServiceError.from_wire(json.loads(event.data))
+            self.error = str(err.code or err.status)
+            raise err
 
     async def close(self, *, client_gone: bool) -> None:
         """Cancel the job unless it ended, and drop the subscription; safe under cancellation.
@@ -214,6 +228,7 @@ class JobRelay:
         gateway ending the job itself after a timeout or lost events (counted where raised).
         """
         detached = self.spec.stored if self.detached is None else self.detached
+        self._end_span(client_gone=client_gone and not self.finished, detached=detached)
         with anyio.CancelScope(shield=True):
             if detached and not self.finished:  # it runs on
                 if client_gone:
@@ -229,6 +244,22 @@ class JobRelay:
                 self.finished = True
             await self.subs.unsubscribe(self.sub)
 
+    def _end_span(self, *, client_gone: bool, detached: bool) -> None:
+        span = self.span
+        if not span.is_recording():
+            return
+        if client_gone:
+            span.set_attribute("llmq.client_gone", True)
+            if not detached:
+                self.error = self.error or "client_closed_request"
+        if detached and not self.finished:
+            span.set_attribute("llmq.detached", True)  # the job runs on; its span goes on
+        if self.error:
+            span.set_attribute(tracing.ERROR_TYPE, self.error)
+            span.set_status(StatusCode.ERROR, self.error)
+        span.end()
+        self.span = INVALID_SPAN  # once (close may run twice)
+
     def _deadline_left(self) -> float:
         limit = self.settings.request_timeout_s + self.silence_grace_s
         return max(0.0, limit - (time.monotonic() - self.timings.started))
@@ -242,11 +273,20 @@ class JobRelay:
         self.metrics.prompt_tokens.inc(prompt)
         self.metrics.tenant_tokens.labels(self.spec.tenant, "completion").inc(completion)
         self.metrics.tenant_tokens.labels(self.spec.tenant, "prompt").inc(prompt)
+        self.span.set_attribute(tracing.INPUT_TOKENS, prompt)
+        self.span.set_attribute(tracing.OUTPUT_TOKENS, completion)
         return completion
+
+    def finish_reasons(self, answer: dict[str, Any] | None) -> None:
+        """The finish reasons of a final chunk or a whole completion, on the span."""
+        reasons = [c.get("finish_reason") for c in (answer or {}).get("choices") or []]
+        if any(reasons):
+            self.span.set_attribute(tracing.FINISH_REASONS, [str(r) for r in reasons if r])
 
     def completion(self, event: Event) -> dict[str, Any]:
         """``stream=false``: the engine's chat.completion plus the gateway's timings."""
         result: dict[str, Any] = json.loads(event.data)
+        self.finish_reasons(result)
         if not self.resumed:  # (a resumed one keeps the worker's timings: see worker.job)
             usage = result.get("usage")
             result["timings"] = self.timings.report(self.account(usage), streamed=False)
@@ -256,6 +296,7 @@ class JobRelay:
         done = json.loads(event.data)
         final: dict[str, Any] | None = done.get("final")
         usage: dict[str, Any] | None = done.get("usage")
+        self.finish_reasons(final)
         # A resumed stream: counted once (by the first relay); the timings are the worker's.
         timings = done.get("timings") if self.resumed else self.timings.report(self.account(usage))
         frames = []
@@ -292,6 +333,7 @@ class JobRelay:
         return [_frame(json.dumps(f, separators=(",", ":"))) for f in frames]
 
     def error_frame(self, err: ServiceError) -> bytes:
+        self.error = str(err.code or err.status)
         self.metrics.reject(err.code, self.spec.tenant, self.spec.model)
         return _frame(json.dumps(err.body(), separators=(",", ":")))
 

@@ -11,11 +11,14 @@ answer; this module is the path between.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import Request
+from opentelemetry.trace import Span, StatusCode
 
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.body import check_max_tokens, check_stored_size, check_tools
@@ -24,8 +27,9 @@ from llmq.gateway.state import GatewayState
 from llmq.gateway.tenant import Tenant
 from llmq.shared.chat import ChatCompletionRequest
 from llmq.shared.completions import CompletionRequest
-from llmq.shared.errors import ClientClosedRequest, IdempotencyKeyReused
-from llmq.shared.protocol import Event, JobSpec, StoredJob
+from llmq.shared import tracing
+from llmq.shared.errors import ClientClosedRequest, IdempotencyKeyReused, ServiceError
+from llmq.shared.protocol import Api, Event, JobSpec, StoredJob
 from llmq.shared.queue.jobs import AdmitResult, AdmitStatus
 
 logger = logging.getLogger(__name__)
@@ -57,19 +61,30 @@ async def submit(
     stored job's record; ``kept``: what a stored job keeps of its request (sealed:
     ``Store``); ``idempotency``: (key digest, body digest) of an
     Idempotency-Key (``Attach`` when it names an earlier job of the same body)."""
-    capacity = st.admission.check_ready(spec.model)
-    request.state.model = spec.model  # a known model: the metrics' label
-    st.admission.check_kind(spec.model, spec.api)
-    if body is not None:
-        check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
-        if isinstance(body, ChatCompletionRequest):
-            check_tools(body, st.registry.auto_tools(spec.model))
-        if spec.stored:
-            check_stored_size(body, st.settings.store_max_tokens)
-    sub = await st.subs.subscribe(spec.id)  # before enqueue: pub/sub keeps no backlog
-    relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings)
+    span = _span(spec, body, tenant, st.settings.trace_content)
+    try:
+        capacity = st.admission.check_ready(spec.model)
+        request.state.model = spec.model  # a known model: the metrics' label
+        st.admission.check_kind(spec.model, spec.api)
+        if body is not None:
+            cap = st.settings.max_tokens_cap or st.registry.max_model_len(spec.model)
+            check_max_tokens(body, cap)
+            if isinstance(body, ChatCompletionRequest):
+                check_tools(body, st.registry.auto_tools(spec.model))
+            if spec.stored:
+                check_stored_size(body, st.settings.store_max_tokens)
+        sub = await st.subs.subscribe(spec.id)  # before enqueue: pub/sub keeps no backlog
+    except BaseException as exc:
+        end_span(span, exc)
+        raise
+    if tracing.enabled():  # the job (and a stored job's record) carries the request's trace
+        spec = spec.model_copy(update={"trace": tracing.carrier(span)})
+        if record is not None:
+            record = record.model_copy(update={"trace": spec.trace})
+    relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings, span=span)
     try:
         result = await st.admission.admit(spec, capacity, tenant, record, idempotency, kept)
+        _admitted(span, result)
         if result.status == AdmitStatus.IDEMPOTENT:
             prior_id, _, digest = result.prior.partition(" ")
             if idempotency is None or digest not in body_digests:  # any key's: rotations
@@ -83,8 +98,9 @@ async def submit(
         timings.admitted = time.monotonic()
         st.metrics.admissions.labels(spec.model).inc()
         request.state.request_id = spec.id  # a job exists now: x-request-id is its id
-    except BaseException:
+    except BaseException as exc:
         await st.subs.unsubscribe(sub)
+        end_span(span, exc)
         raise
     logger.info(
         "job %s: admitted (api=%s model=%s stream=%s store=%s)",
@@ -97,6 +113,69 @@ async def submit(
     return relay, result
 
 
+_OPERATIONS = {
+    Api.CHAT: "chat",
+    Api.RESPONSES: "chat",
+    Api.COMPLETIONS: "text_completion",
+    Api.EMBEDDINGS: "embeddings",
+}
+
+
+def _span(
+    spec: JobSpec,
+    body: ChatCompletionRequest | CompletionRequest | None,
+    tenant: Tenant,
+    content: bool,
+) -> Span:
+    """The request's ``<operation> <model>`` span (GenAI semantic conventions), a child of
+    the server span (a client's ``traceparent`` included); ended by the relay, or here on a
+    refusal. The key's name, never its secret; the prompt only with TRACE_CONTENT."""
+    operation = _OPERATIONS[spec.api]
+    attributes: dict[str, Any] = {
+        tracing.OPERATION: operation,
+        tracing.SYSTEM: "vllm",
+        tracing.REQUEST_MODEL: spec.model,
+        tracing.REQUEST_STREAM: spec.stream,
+        tracing.RESPONSE_ID: spec.id,
+        "llmq.api": spec.api.value,
+        "llmq.key": tenant.name,
+        "llmq.band": spec.band.value,
+        "llmq.stored": spec.stored,
+    }
+    limit = (body.max_tokens or body.max_completion_tokens) if body is not None else None
+    if limit:
+        attributes[tracing.REQUEST_MAX_TOKENS] = limit
+    if content:
+        attributes[tracing.INPUT_MESSAGES] = json.dumps(
+            spec.body.get("messages") or spec.body.get("prompt") or spec.body.get("input")
+        )
+    return tracing.tracer().start_span(f"{operation} {spec.model}", attributes=attributes)
+
+
+def _admitted(span: Span, result: AdmitResult) -> None:
+    if result.status == AdmitStatus.ADMITTED:
+        span.add_event("admitted", {"llmq.queue.position": result.position,
+                                    "llmq.queue.eta_ms": result.eta_ms})  # fmt: skip
+        span.set_attribute("llmq.queue.position", result.position)
+        if result.eta_ms >= 0:
+            span.set_attribute("llmq.queue.eta_ms", result.eta_ms)
+
+
+def end_span(span: Span, exc: BaseException | None = None) -> None:
+    """End the request's span; ``exc``: why it ended early (its error type: the OpenAI
+    ``code`` of a refusal, ``client_closed_request``, or the exception's class)."""
+    if exc is not None and not isinstance(exc, Attach):
+        if isinstance(exc, ServiceError):
+            kind = exc.code or type(exc).__name__
+        elif isinstance(exc, asyncio.CancelledError):
+            kind = "client_closed_request"
+        else:
+            kind = type(exc).__name__
+        span.set_attribute(tracing.ERROR_TYPE, kind)
+        span.set_status(StatusCode.ERROR, kind)
+    span.end()
+
+
 async def first_event(request: Request, relay: JobRelay) -> Event:
     """The job's first payload event; the job is cancelled if the client leaves first
     (ClientClosedRequest) or the wait fails."""
@@ -104,6 +183,8 @@ async def first_event(request: Request, relay: JobRelay) -> Event:
         return await until_disconnect(request, relay.open())
     except BaseException as exc:
         gone = isinstance(exc, ClientClosedRequest | asyncio.CancelledError)
+        if isinstance(exc, ServiceError) and not relay.error:
+            relay.error = str(exc.code or exc.status)  # the request's span says why
         if gone:
             logger.info("job %s: client left before the first token", relay.spec.id)
         await relay.close(client_gone=gone)

@@ -236,6 +236,9 @@ class JobSpec(BaseModel):
     # Nobody listens when it starts (a background response): its worker does not wait for
     # a subscriber to hear STARTED (its events are logged; a follower reads the log).
     background: bool = False
+    # The W3C trace context of the request that made it (``traceparent``, ``tracestate``;
+    # empty when tracing is off): the worker's span joins the request's trace.
+    trace: dict[str, str] = Field(default_factory=dict)
     batch_id: str = ""  # a batch request: its result goes to the batch, not to a client
     batch_index: int = -1  # its line in the batch's input file
     custom_id: str = ""
@@ -262,6 +265,7 @@ class StoredJob(BaseModel):
     api: Api = Api.CHAT  # responses: a stored response (GET /v1/responses/{id})
     body_digest: str = ""  # the Idempotency-Key's body check
     metadata: dict[str, str] = Field(default_factory=dict)  # OpenAI's, for listing
+    trace: dict[str, str] = Field(default_factory=dict)  # its request's trace (a resume links it)
 
     def to_hash(self) -> dict[str, str]:
         return {
@@ -273,6 +277,7 @@ class StoredJob(BaseModel):
     def from_hash(raw: dict[bytes, bytes]) -> StoredJob:
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         fields["metadata"] = json.loads(fields.get("metadata") or "{}")
+        fields["trace"] = json.loads(fields.get("trace") or "{}")
         return StoredJob.model_validate(fields)
 
     @staticmethod

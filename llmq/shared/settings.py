@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(
         2_000_000, ge=1, description="characters in all messages of one request"
     )
+    trace_content: bool = Field(
+        False,
+        description="tracing: put prompts and answers in spans (GenAI content attributes); "
+        "off: no span holds either (tracing itself: the standard OTEL_* variables)",
+    )
     embed_batch_max_inputs: int = Field(
         256,
         ge=1,

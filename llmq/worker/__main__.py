@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from llmq.shared import logs, sealing, supervisor
+from llmq.shared import logs, sealing, supervisor, tracing
 from llmq.shared.settings import load_settings, require_payload_keys
 from llmq.worker.app import build_worker, serve_metrics
 
@@ -24,6 +24,7 @@ def main() -> None:
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         pass
     asyncio.set_event_loop(asyncio.new_event_loop())
+    tracing.configure("llmq-worker")  # the standard OTEL_* variables; off without one
     worker = build_worker(settings)
     serve_metrics(worker, settings.worker_metrics_port, settings.worker_metrics_host)
     worker.run()

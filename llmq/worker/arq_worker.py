@@ -36,6 +36,7 @@ from typing import Any
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from llmq.shared import tracing
 from llmq.shared import seams
 from llmq.shared.seams import Pin
 from llmq.shared.tasks import log_failure, stop_if_cancelled, stop_task
@@ -44,6 +45,7 @@ from llmq.worker.heartbeat import beat_once, heartbeat_loop, probe_loop, wake_li
 from llmq.worker.runtime import RUNTIME, Runtime
 
 logger = logging.getLogger(__name__)
+_PICKS_KEPT = 10_000  # picks whose job never started (requeued) are not kept past this
 
 _BACKOFF_MAX_S = 5.0
 # Feed-and-pick rounds per turn for idle slots: a batch whose next lines are another model's
@@ -241,6 +243,8 @@ class WakeableWorker(Worker):
         )
         for job in result.jobs:
             if rt.affinity:
+                if len(rt.picks) < _PICKS_KEPT:  # read (and removed) when the job starts
+                    rt.picks[job.id] = (job.affinity, job.left_ms)
                 rt.metrics.affinity.labels(job.affinity).inc()
             if job.left_ms >= 0:
                 rt.metrics.affinity_wait.observe(job.left_ms / 1000)
@@ -311,4 +315,5 @@ class WakeableWorker(Worker):
         await rt.store.workers.remove_worker(rt.settings.worker_id)
         await rt.embedder.aclose()
         await rt.engine.aclose()
+        tracing.shutdown()  # what is still buffered goes out
         logger.info("worker %s stopped", rt.settings.worker_id)

@@ -16,8 +16,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
-from llmq.shared import sse
+from llmq.shared import sse, tracing
 from llmq.shared.errors import EngineUnavailable, UpstreamError
 from llmq.shared.protocol import Api, Band, JobSpec, ModelCard, ModelKind
 from llmq.shared.settings import ENGINE_PROBE_TIMEOUT_S
@@ -99,8 +100,12 @@ class EngineClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # With tracing on, each engine request is a span of the job's trace and sends
+            # its traceparent (the probes run under tracing.quiet: no span).
+            traced = [create_trace_config()] if tracing.enabled() else []
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
+                trace_configs=traced,
                 connector=aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=30),
                 # Generation time is bounded by REQUEST_TIMEOUT_S in the job, not here.
                 timeout=aiohttp.ClientTimeout(total=None, connect=5.0),

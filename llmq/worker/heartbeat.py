@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
+from llmq.shared import tracing
 from llmq.shared.protocol import ModelCard, ModelKind, WorkerInfo
 from llmq.shared.queue.failover import OutageReaper
 from llmq.shared.queue.names import WAKE_CHANNEL, WAKE_MODEL
@@ -28,7 +29,8 @@ _BACKOFF_MAX_S = 5.0
 
 async def probe_engine(rt: Runtime) -> None:
     """Ask the engine for its models; record whether it is ready."""
-    models = await rt.engine.models()
+    with tracing.quiet():
+        models = await rt.engine.models()
     ready = models is not None
     if ready != rt.engine_ready:
         logger.info("engine at %s is %s", rt.engine.base_url, "ready" if ready else "NOT ready")
@@ -63,7 +65,8 @@ async def probe_kinds(rt: Runtime) -> None:
     for card in rt.cards:
         if card.id in rt.kinds:
             continue
-        found = await rt.engine.kind(card.id)
+        with tracing.quiet():
+            found = await rt.engine.kind(card.id)
         if found is None:
             continue  # asked again at the next probe
         rt.kinds[card.id] = found
@@ -84,7 +87,8 @@ async def probe_tools(rt: Runtime) -> None:
     generative = [c.id for c in rt.cards if c.kind is ModelKind.GENERATE]
     if not generative:  # an embedding engine (or kinds not known yet): nothing to ask
         return
-    rt.auto_tools = await rt.engine.auto_tools(generative[0])
+    with tracing.quiet():
+        rt.auto_tools = await rt.engine.auto_tools(generative[0])
     logger.info(
         "engine %s tools with tool_choice auto",
         {True: "takes", False: "does NOT take", None: "may or may not take"}[rt.auto_tools],

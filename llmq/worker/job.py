@@ -12,7 +12,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from llmq.shared import embeddings
+from opentelemetry.trace import SpanKind, StatusCode
+
+from llmq.shared import embeddings, tracing
 from llmq.shared.errors import (
     PayloadUndecryptable,
     RequestTimeout,
@@ -118,7 +120,7 @@ async def _stream(
             if first:
                 t_first = time.monotonic()
                 t_first_wall = time.time()
-                rt.metrics.engine_ttft.observe(t_first - t0)
+                rt.metrics.engine_ttft.observe(t_first - t0, exemplar=tracing.exemplar())
                 await pub.announced()
                 first = False
             if kind == "delta":
@@ -221,17 +223,69 @@ async def _generate(rt: Runtime, spec: JobSpec, pub: Publisher, used: list[int])
 
 async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
     """arq job: ``chat(spec)``. Returns a small summary for arq's log line (arq keeps no
-    result: ``keep_result=0``; the release script leaves ``llmq:outcome:<id>``)."""
+    result: ``keep_result=0``; the release script leaves ``llmq:outcome:<id>``).
+
+    Its span (``process <model>``, a consumer span in the trace the request started: the
+    job carries its context) covers the pickup to the release, with the queue wait, this
+    worker, the cache-affinity pick and the outcome; the engine call inside it is the
+    aiohttp instrumentation's span, which sends ``traceparent`` on."""
     rt = runtime_of(ctx)
     spec = JobSpec.model_validate(raw_spec)
+    waited_s = max(0.0, time.time() - spec.enqueued_at_ms / 1000)
+    with tracing.tracer().start_as_current_span(
+        f"process {spec.model}",
+        context=tracing.context_of(spec.trace),
+        kind=SpanKind.CONSUMER,
+        attributes=_span_attributes(rt, spec, waited_s),
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            summary = await _run(rt, spec, waited_s)
+        except BaseException as exc:  # cancelled (its client left, or the worker stops)
+            kind = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+            span.set_attribute(tracing.ERROR_TYPE, kind)
+            span.set_status(StatusCode.ERROR, kind)
+            raise
+        outcome = summary["outcome"]
+        span.set_attribute("llmq.outcome", str(outcome))
+        if outcome != Outcome.COMPLETED:
+            span.set_attribute(tracing.ERROR_TYPE, str(outcome))
+            span.set_status(StatusCode.ERROR, str(outcome))
+        return summary
+
+
+def _span_attributes(rt: Runtime, spec: JobSpec, waited_s: float) -> dict[str, Any]:
+    """What the job's span says of its pickup (messaging conventions, and this service's)."""
+    out: dict[str, Any] = {
+        "messaging.system": "redis",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": f"llmq:queue:{spec.model}",
+        "messaging.message.id": spec.id,
+        "llmq.worker": rt.settings.worker_id,
+        "llmq.queue.wait_s": round(waited_s, 6),
+        "llmq.band": spec.band.value,
+        "llmq.api": spec.api.value,
+    }
+    picked = rt.picks.pop(spec.id, None)
+    if picked is not None:
+        out["llmq.affinity"] = picked[0]
+        if picked[1] >= 0:
+            out["llmq.affinity.wait_s"] = picked[1] / 1000
+    if spec.batch_id:
+        out["llmq.batch"] = spec.batch_id
+    return out
+
+
+async def _run(rt: Runtime, spec: JobSpec, waited_s: float) -> dict[str, Any]:
     mark_entered(rt, spec.id)  # from here on it is never requeued (at most once)
     pub = Publisher(
         rt.outbox, spec.id, rt.settings.orphan_grace_s, stored=spec.stored, unheard=spec.background
     )
     rt.active += 1
     rt.metrics.active.set(rt.active)
-    waited_s = max(0.0, time.time() - spec.enqueued_at_ms / 1000)
-    rt.metrics.pickup.observe(waited_s)
+    rt.metrics.pickup.observe(waited_s, exemplar=tracing.exemplar())
     outcome = Outcome.CANCELLED
     used: list[int] = []  # exact tokens (prompt, completion), when the engine reported them
     t_picked = time.monotonic()

@@ -44,6 +44,9 @@ class Runtime:
     max_model_len: int = 0  # the engine's context length, as /v1/models says
     engine_ready: bool = False
     auto_tools: bool | None = None  # the engine takes tool_choice "auto" (None: not known)
+    # The cache-affinity result of each job picked and not yet started (its span says it):
+    # job id -> (hit | miss | cold, ms it was left for a warmer worker, -1: never).
+    picks: dict[str, tuple[str, int]] = field(default_factory=dict)
     # What each served model is (kind, vector length), probed once per engine start.
     kinds: dict[str, ModelCard] = field(default_factory=dict)
     affinity: Affinity | None = None  # cache-aware pickup's terms (None: PREFIX_AFFINITY off)

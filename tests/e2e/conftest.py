@@ -23,6 +23,7 @@ from tests.support.stack import (
     engine_paths,
     spawn_vllm,
     stack_for,
+    start_otlp_receiver,
     wait_for,
 )
 
@@ -31,7 +32,15 @@ ENGINE_AUTH = {"Authorization": f"Bearer {ENGINE_KEY}"}
 
 
 @pytest.fixture(scope="session")
-def vllm(logdir: Path) -> Iterator[Proc]:
+def otlp(logdir: Path) -> Iterator[Proc]:
+    """The OTLP receiver the session's vLLM sends its spans to (tests/e2e/test_tracing.py)."""
+    proc = start_otlp_receiver(logdir)
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture(scope="session")
+def vllm(logdir: Path, otlp: Proc) -> Iterator[Proc]:
     python, model = engine_paths()
     if not python.exists() or not (model / "config.json").exists():
         pytest.fail(
@@ -45,6 +54,7 @@ def vllm(logdir: Path) -> Iterator[Proc]:
         max_num_seqs=8,
         api_key=ENGINE_KEY,
         names=f"{BUNDLED_MODEL},{E2E_SECOND_NAME}",  # a fleet of one engine, two models
+        traces_to=otlp.url + "/v1/traces",  # vLLM's own spans (--otlp-traces-endpoint)
     )
     try:
         wait_for(

@@ -226,10 +226,11 @@ def test_payload_keys_are_required_and_shared_by_gateways_and_workers() -> None:
 def test_only_the_gateway_is_published_beyond_this_host() -> None:
     services = stack()["services"]
     published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
-    assert set(published) == {"gateway", "grafana", "open-webui"}
+    assert set(published) == {"gateway", "grafana", "open-webui", "phoenix"}
     assert published["gateway"] == ["0.0.0.0:8080:8080"]
     assert published["grafana"][0].startswith("127.0.0.1:")
     assert published["open-webui"][0].startswith("127.0.0.1:")
+    assert published["phoenix"][0].startswith("127.0.0.1:")
 
 
 def test_redis_requires_a_password_and_each_service_has_its_own_user() -> None:
@@ -316,6 +317,20 @@ def test_vllm_runs_with_tool_calling_and_open_webui_with_the_tested_settings() -
     for task in ("TITLE", "TAGS", "FOLLOW_UP", "AUTOCOMPLETE"):
         assert settings[f"ENABLE_{task}_GENERATION"] == "false"
     assert webui["image"].endswith(":v0.12.4"), "the version the e2e test runs (scripts/lib.sh)"
+
+
+def test_tracing_is_off_until_an_endpoint_is_set_and_the_profile_runs_a_backend() -> None:
+    services = stack()["services"]
+    for role in ("gateway", "worker", "worker-2", "worker-embed"):
+        env = services[role]["environment"]
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "", f"{role}: off by default"
+        assert env["TRACE_CONTENT"] == "false"
+    assert services["phoenix"]["profiles"] == ["tracing"]
+    assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
+    on = stack({**env_example(), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://phoenix:6006"})
+    assert on["services"]["worker"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == (
+        "http://phoenix:6006"
+    )
 
 
 def test_the_embeddings_profile_serves_the_model_open_webui_searches_with() -> None:

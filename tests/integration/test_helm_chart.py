@@ -392,5 +392,23 @@ def test_an_embedding_model_runs_the_pooling_runner_beside_a_chat_model() -> Non
     assert json.loads(gateway["QUEUE_MAX_PER_MODEL"]) == {"all-MiniLM-L6-v2": 512}
 
 
+def test_tracing_passes_the_otel_variables_and_points_vllm_at_the_same_backend() -> None:
+    off = render(ONE_MODEL)
+    gateway = env_values(container(named(off, "Deployment", f"{FULL}-gateway"), "gateway"))
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in gateway, "off by default"
+    on = render(ONE_MODEL, tracing__endpoint="http://phoenix.observability:6006",
+                tracing__sampler="parentbased_traceidratio", tracing__samplerArg="0.25")  # fmt: skip
+    gateway = env_values(container(named(on, "Deployment", f"{FULL}-gateway"), "gateway"))
+    assert gateway["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://phoenix.observability:6006"
+    assert gateway["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert gateway["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+    assert gateway["TRACE_CONTENT"] == "false"
+    model = next(d for d in of_kind(on, "Deployment") if "-model-" in d["metadata"]["name"])
+    assert env_values(container(model, "worker"))["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    vllm = container(model, "vllm")
+    assert "--otlp-traces-endpoint=http://phoenix.observability:6006/v1/traces" in vllm["args"]
+    assert env_values(vllm)["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+
+
 def test_an_empty_model_list_is_refused() -> None:
     assert "models is empty" in render_error(None)

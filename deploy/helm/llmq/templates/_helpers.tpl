@@ -117,6 +117,24 @@ write there: (dict "root" $ "role" "gateway"). */}}
   value: {{ .Values.modelAliases | toJson | quote }}
 - name: SCALE_TO_ZERO_MODELS
   value: {{ join "," $cold | quote }}
+{{- with .Values.tracing }}
+{{- if .endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ .protocol | default "http/protobuf" | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .sampler | default "parentbased_always_on" | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .samplerArg | default "1.0" | toString | quote }}
+{{- if .resourceAttributes }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ .resourceAttributes | quote }}
+{{- end }}
+- name: TRACE_CONTENT
+  value: {{ .content | default false | toString | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Container settings for the project's image (non-root, read-only). */}}
