@@ -24,9 +24,9 @@ engine of a real deployment would not.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import tempfile
-import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path

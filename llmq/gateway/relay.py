@@ -157,7 +157,9 @@ class JobRelay:
         self.finished = event.type in TERMINAL
         t.first = time.monotonic()
         ttft = t.first - t.arrived
-        self.metrics.ttft.labels(self.spec.model).observe(ttft, exemplar=tracing.exemplar_of(self.span))
+        self.metrics.ttft.labels(self.spec.model).observe(
+            ttft, exemplar=tracing.exemplar_of(self.span)
+        )
         self.span.set_attribute(tracing.TIME_TO_FIRST_CHUNK, round(ttft, 6))
         return event
 

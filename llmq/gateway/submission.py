@@ -25,9 +25,9 @@ from llmq.gateway.body import check_max_tokens, check_stored_size, check_tools
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
 from llmq.gateway.state import GatewayState
 from llmq.gateway.tenant import Tenant
+from llmq.shared import tracing
 from llmq.shared.chat import ChatCompletionRequest
 from llmq.shared.completions import CompletionRequest
-from llmq.shared import tracing
 from llmq.shared.errors import ClientClosedRequest, IdempotencyKeyReused, ServiceError
 from llmq.shared.protocol import Api, Event, JobSpec, StoredJob
 from llmq.shared.queue.jobs import AdmitResult, AdmitStatus

@@ -36,8 +36,7 @@ from typing import Any
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
-from llmq.shared import tracing
-from llmq.shared import seams
+from llmq.shared import seams, tracing
 from llmq.shared.seams import Pin
 from llmq.shared.tasks import log_failure, stop_if_cancelled, stop_task
 from llmq.worker.batch import BatchFeeder

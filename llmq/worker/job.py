@@ -10,9 +10,8 @@ import logging
 import time
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from opentelemetry.trace import SpanKind, StatusCode
+from redis.exceptions import RedisError
 
 from llmq.shared import embeddings, tracing
 from llmq.shared.errors import (

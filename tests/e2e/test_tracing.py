@@ -18,7 +18,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def test_vllms_span_is_inside_the_requests_trace(stack: Stack, otlp: Proc) -> None:
-    traced = {"otel_exporter_otlp_endpoint": otlp.url, "otel_bsp_schedule_delay": "100"}
+    traced: dict[str, Any] = {
+        "otel_exporter_otlp_endpoint": otlp.url,
+        "otel_bsp_schedule_delay": "100",
+    }
     stack.worker(**traced)
     gw = stack.gateway(**traced)
     trace_id = secrets.token_hex(16)

@@ -396,8 +396,8 @@ def test_tracing_passes_the_otel_variables_and_points_vllm_at_the_same_backend()
     off = render(ONE_MODEL)
     gateway = env_values(container(named(off, "Deployment", f"{FULL}-gateway"), "gateway"))
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in gateway, "off by default"
-    on = render(ONE_MODEL, tracing__endpoint="http://phoenix.observability:6006",
-                tracing__sampler="parentbased_traceidratio", tracing__samplerArg="0.25")  # fmt: skip
+    sampler = {"tracing__sampler": "parentbased_traceidratio", "tracing__samplerArg": "0.25"}
+    on = render(ONE_MODEL, tracing__endpoint="http://phoenix.observability:6006", **sampler)
     gateway = env_values(container(named(on, "Deployment", f"{FULL}-gateway"), "gateway"))
     assert gateway["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://phoenix.observability:6006"
     assert gateway["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"

@@ -34,7 +34,7 @@ def otlp(logdir: Path) -> Iterator[Proc]:
 
 
 @pytest.fixture
-def traced(otlp: Proc) -> dict[str, object]:
+def traced(otlp: Proc) -> dict[str, Any]:
     """The settings of a traced process: the standard OTEL_* variables, a short export delay."""
     httpx.post(otlp.url + "/reset").raise_for_status()
     return {"otel_exporter_otlp_endpoint": otlp.url, "otel_bsp_schedule_delay": "100"}
@@ -68,7 +68,7 @@ def names(found: list[Span]) -> set[str]:
 
 
 def test_a_streamed_chat_is_one_trace_from_the_client_through_the_queue_to_the_engine(
-    stack: Stack, traced: dict[str, object], otlp: Proc, sim: Proc, rdb: redis.Redis
+    stack: Stack, traced: dict[str, Any], otlp: Proc, sim: Proc, rdb: redis.Redis
 ) -> None:
     stack.worker(**traced)
     gws = [stack.gateway(**traced) for _ in range(2)]
@@ -143,7 +143,7 @@ def test_a_streamed_chat_is_one_trace_from_the_client_through_the_queue_to_the_e
 
 
 def test_refusals_and_a_lost_worker_end_their_spans_with_the_error(
-    stack: Stack, traced: dict[str, object], otlp: Proc, sim: Proc
+    stack: Stack, traced: dict[str, Any], otlp: Proc, sim: Proc
 ) -> None:
     worker = stack.worker(max_active=1, **traced)
     gw = stack.gateway(queue_mode="reject", **traced)
@@ -180,7 +180,7 @@ def test_refusals_and_a_lost_worker_end_their_spans_with_the_error(
 
 
 def test_a_resumed_stream_links_to_the_trace_that_made_the_job(
-    stack: Stack, traced: dict[str, object], otlp: Proc
+    stack: Stack, traced: dict[str, Any], otlp: Proc
 ) -> None:
     stack.worker(**traced)
     gw = stack.gateway(**traced)
