@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="trace every request: gateway and worker export OTLP to a bench.otlp_receiver",
     )
+    ap.add_argument(
+        "--trace-ratio",
+        type=float,
+        default=1.0,
+        help="with --tracing: the share of requests sampled (parentbased_traceidratio)",
+    )
     a = ap.parse_args(argv)
     concs = [int(c) for c in a.conc.split(",")]
     sim_args = ("--ttft-ms", str(a.ttft_ms), "--itl-ms", str(a.itl_ms), "--tokens", str(a.tokens))
@@ -257,11 +263,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.stream_frame_ms is not None:
         settings["stream_frame_ms"] = a.stream_frame_ms
     with contextlib.ExitStack() as cleanup:
-        if a.tracing:  # every request sampled (the SDK's default), exported every 100 ms
+        if a.tracing:  # every request sampled unless --trace-ratio; the SDK's export batches
             logdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="otlp-")))
             receiver = start_otlp_receiver(logdir)
             cleanup.callback(receiver.kill)
-            settings.update(otel_exporter_otlp_endpoint=receiver.url, otel_bsp_schedule_delay=100)
+            settings.update(otel_exporter_otlp_endpoint=receiver.url)
+            if a.trace_ratio < 1:
+                settings.update(otel_traces_sampler="parentbased_traceidratio",
+                                otel_traces_sampler_arg=a.trace_ratio)  # fmt: skip
         _measure(a, concs, sim_args, settings)
 
 
@@ -278,7 +287,7 @@ def _measure(
             f"engine simulator: TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms, {a.tokens} "
             f"tokens; gateway processes {a.gateways}, "
             f"MAX_ACTIVE {max(concs)}; {a.rounds} alternating rounds per c; "
-            f"tracing {'on' if a.tracing else 'off'}"
+            f"tracing {f'on (sampled {a.trace_ratio:g})' if a.tracing else 'off'}"
         )
         rows = []
         print_header()

@@ -34,6 +34,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("prepare_model")
@@ -160,20 +161,32 @@ def prepare(out: Path, *, force: bool = False) -> Path:
         logger.info("model already prepared in %s", out)
         return out
     check_disk(out)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> str:
         logger.info("converting %s -> %s (about 30 s)", gguf.name, out)
         convert(gguf, tmp)
         write_generation_config(tmp)
-        arch = verify(tmp)
+        return verify(tmp)
+
+    arch = _write_folder(out, source, fill)
+    logger.info("model ready in %s (%s)", out, arch)
+    return out
+
+
+def _write_folder(out: Path, source: str, fill: Callable[[Path], str]) -> str:
+    """Make ``out`` with ``fill`` (returns the architecture) in a temporary folder beside
+    it, mark it prepared from ``source``, and rename it into place: an interrupted run
+    never leaves a half-written model behind."""
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out.parent))
+    try:
+        arch = fill(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": source, "architecture": arch}))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("model ready in %s (%s)", out, arch)
-    return out
+    return arch
 
 
 def find_embedding_model(package: str = EMBEDDING_PACKAGE) -> Path:
@@ -196,17 +209,12 @@ def prepare_embedding(out: Path, *, force: bool = False) -> Path:
         logger.info("embedding model already prepared in %s", out)
         return out
     check_disk(out, need=MIN_FREE_BYTES // 4)  # ~92 MB
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> str:
         shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        config = json.loads((tmp / "config.json").read_text())
-        arch = str(config["architectures"][0])
-        (tmp / MARKER).write_text(json.dumps({"source": source, "architecture": arch}))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return str(json.loads((tmp / "config.json").read_text())["architectures"][0])
+
+    arch = _write_folder(out, source, fill)
     logger.info("embedding model ready in %s (%s)", out, arch)
     return out
 

@@ -94,22 +94,13 @@ def to_job_spec(
     ``service_tier`` is the gateway's (it picked the band) and is not passed on, nor is
     ``store`` (``store`` here: the request's, or implied by an Idempotency-Key).
     """
-    body = req.model_dump(mode="json", exclude_unset=True)
-    body.pop("service_tier", None)
+    body = engine_request(req, req.stream, req.stream_options)
     body.pop("store", None)  # the gateway's: stored here, not by the engine
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if req.stream:
-        options = dict(body.get("stream_options") or {})
-        options["include_usage"] = True
-        body["stream_options"] = options
-    else:
-        body.pop("stream_options", None)
-    body["stream"] = req.stream
     return JobSpec(
         id=job_id,
         model=req.model,
         stream=req.stream,
-        include_usage=include_usage,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
         body=body,
         enqueued_at_ms=int(time.time() * 1000),
         tenant=tenant,
@@ -118,3 +109,19 @@ def to_job_spec(
         token_estimate=estimate_tokens(req) if tpm else 0,
         stored=store or req.store,
     )
+
+
+def engine_request(
+    req: BaseModel, stream: bool, stream_options: StreamOptions | None
+) -> dict[str, Any]:
+    """A generation request as its engine gets it (chat's and legacy completions'): the
+    fields sent, without the gateway's ``service_tier``; a stream always asks for its usage
+    (``stream_options.include_usage``: exact token counts), whatever the client asked."""
+    body = req.model_dump(mode="json", exclude_unset=True)
+    body.pop("service_tier", None)
+    if stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    else:
+        body.pop("stream_options", None)
+    body["stream"] = stream
+    return body

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmq.shared.chat import StreamOptions
+from llmq.shared.chat import StreamOptions, engine_request
 from llmq.shared.protocol import ANONYMOUS, Api, Band, JobSpec
 
 # OpenAI's and vLLM's default max_tokens for a completion (when the request sets none).
@@ -90,21 +90,13 @@ def to_job_spec(
     band: Band = Band.NORMAL,
     tpm: int = 0,
 ) -> JobSpec:
-    """As ``shared.chat.to_job_spec``: a streamed job always asks the engine for its usage."""
-    body = req.model_dump(mode="json", exclude_unset=True)
-    body.pop("service_tier", None)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if req.stream:
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    else:
-        body.pop("stream_options", None)
-    body["stream"] = req.stream
+    """As ``shared.chat.to_job_spec`` (``engine_request``: a stream asks for its usage)."""
     return JobSpec(
         id=job_id,
         model=req.model,
         stream=req.stream,
-        include_usage=include_usage,
-        body=body,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        body=engine_request(req, req.stream, req.stream_options),
         enqueued_at_ms=int(time.time() * 1000),
         tenant=tenant,
         band=band,

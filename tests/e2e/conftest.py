@@ -56,6 +56,12 @@ def vllm(logdir: Path, otlp: Proc) -> Iterator[Proc]:
         names=f"{BUNDLED_MODEL},{E2E_SECOND_NAME}",  # a fleet of one engine, two models
         traces_to=otlp.url + "/v1/traces",  # vLLM's own spans (--otlp-traces-endpoint)
     )
+    yield serving(proc, "the model")
+    proc.stop(timeout=20)
+
+
+def serving(proc: Proc, what: str) -> Proc:
+    """``proc`` once its vLLM answers /v1/models (the test fails with its log otherwise)."""
     try:
         wait_for(
             lambda: (
@@ -63,13 +69,12 @@ def vllm(logdir: Path, otlp: Proc) -> Iterator[Proc]:
                 and httpx.get(proc.url + "/v1/models", headers=ENGINE_AUTH).status_code == 200
             ),
             600,
-            "vLLM to serve the model",
+            f"vLLM to serve {what}",
         )
     except TimeoutError:
         proc.kill()
-        pytest.fail(f"vLLM did not start:\n{proc.output()[-3000:]}", pytrace=False)
-    yield proc
-    proc.stop(timeout=20)
+        pytest.fail(f"vLLM ({what}) did not start:\n{proc.output()[-3000:]}", pytrace=False)
+    return proc
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import redis
 from langchain_openai import OpenAIEmbeddings
 
-from tests.e2e.conftest import ENGINE_AUTH, ENGINE_KEY
+from tests.e2e.conftest import ENGINE_KEY, serving
 from tests.support.clients import assert_drained
 from tests.support.stack import (
     BUNDLED_MODEL,
@@ -40,19 +40,7 @@ def vllm_embed(logdir: Path) -> Iterator[Proc]:
         pytest.fail(f"no embedding model in {embed_model_dir()}: run `bash scripts/test.sh`",
                     pytrace=False)  # fmt: skip
     proc = spawn_vllm_embedding(logdir, max_num_seqs=16, api_key=ENGINE_KEY)
-    try:
-        wait_for(
-            lambda: (
-                proc.alive()
-                and httpx.get(proc.url + "/v1/models", headers=ENGINE_AUTH).status_code == 200
-            ),
-            600,
-            "vLLM to serve the embedding model",
-        )
-    except TimeoutError:
-        proc.kill()
-        pytest.fail(f"the embedding vLLM did not start:\n{proc.output()[-3000:]}", pytrace=False)
-    yield proc
+    yield serving(proc, "the embedding model")
     proc.stop(timeout=20)
 
 

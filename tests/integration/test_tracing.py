@@ -140,6 +140,39 @@ def test_a_streamed_chat_is_one_trace_from_the_client_through_the_queue_to_the_e
     rest = trace_of(otlp, chats[0]["trace_id"], complete)
     assert one(rest, name="process sim-model")["parent_span_id"] == chats[0]["span_id"]
     assert canary not in json.dumps(spans(otlp)), "no prompt in any span"
+    # The TTFT histogram's bucket names the trace (an OpenMetrics exemplar).
+    openmetrics = httpx.get(
+        f"http://127.0.0.1:{gws[0].metrics_port}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+    ).text
+    buckets = [line for line in openmetrics.splitlines()
+               if line.startswith("api_time_to_first_token_seconds_bucket")]  # fmt: skip
+    assert any(f'trace_id="{client_trace}"' in line for line in buckets), buckets
+
+
+def test_prompts_reach_a_span_only_when_trace_content_is_on(
+    stack: Stack, traced: dict[str, Any], otlp: Proc
+) -> None:
+    stack.worker(**traced)
+    quiet, telling = stack.gateway(**traced), stack.gateway(trace_content=True, **traced)
+    canary = "PROMPT-" + secrets.token_hex(8)
+    ask = body(stream=False)
+    ask["messages"][0]["content"] = canary
+    ids = []
+    for gw in (quiet, telling):
+        answer = httpx.post(gw.url + "/v1/chat/completions", json=ask, timeout=60)
+        assert answer.status_code == 200
+        ids.append(answer.headers["x-request-id"])
+
+    def chat_span(job_id: str) -> Span | None:
+        return next((s for s in spans(otlp)
+                     if s["attributes"].get("gen_ai.response.id") == job_id), None)  # fmt: skip
+
+    wait_for(lambda: all(chat_span(i) for i in ids), 30, "both chat spans")
+    assert canary not in json.dumps(chat_span(ids[0]))
+    told = chat_span(ids[1])
+    assert told is not None
+    assert canary in told["attributes"]["gen_ai.input.messages"]
 
 
 def test_refusals_and_a_lost_worker_end_their_spans_with_the_error(

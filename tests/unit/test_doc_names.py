@@ -119,11 +119,23 @@ def _resolve_dotted(token: str) -> str | None:
     return None
 
 
+@cache
+def _written_names() -> frozenset[str]:
+    """Dotted names the code writes as strings (span attributes such as
+    ``llmq.queue.position``, logger names): cited as what the service emits, not as code."""
+    found: set[str] = set()
+    for path in (ROOT / "llmq").rglob("*.py"):
+        found.update(re.findall(r'"(llmq(?:\.[a-z_]+)+)"', path.read_text()))
+    return frozenset(found)
+
+
 def _cited_dotted(doc: str) -> list[str]:
     out = []
     for token in _ticked(doc):
         token = token.removesuffix("()")
         if token in NOT_CODE or re.search(r"\.(py|md|yaml|yml|json|sh|toml)$", token):
+            continue
+        if token in _written_names():
             continue
         if _DOTTED.match(token):
             out.append(token)

@@ -124,9 +124,9 @@ write there: (dict "root" $ "role" "gateway"). */}}
 - name: OTEL_EXPORTER_OTLP_PROTOCOL
   value: {{ .protocol | default "http/protobuf" | quote }}
 - name: OTEL_TRACES_SAMPLER
-  value: {{ .sampler | default "parentbased_always_on" | quote }}
+  value: {{ .sampler | default "parentbased_traceidratio" | quote }}
 - name: OTEL_TRACES_SAMPLER_ARG
-  value: {{ .samplerArg | default "1.0" | toString | quote }}
+  value: {{ .samplerArg | default "0.1" | toString | quote }}
 {{- if .resourceAttributes }}
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: {{ .resourceAttributes | quote }}
