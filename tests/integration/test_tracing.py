@@ -134,7 +134,13 @@ def test_a_streamed_chat_is_one_trace_from_the_client_through_the_queue_to_the_e
     )
     # The other gateway's request: a trace of its own, the same shape.
     other = second.headers["x-request-id"]
-    chats = [s for s in spans(otlp) if s["attributes"].get("gen_ai.response.id") == other]
+    chats: list[Span] = []
+
+    def exported() -> bool:  # the second gateway exports on its own schedule
+        chats[:] = [s for s in spans(otlp) if s["attributes"].get("gen_ai.response.id") == other]
+        return bool(chats)
+
+    wait_for(exported, 30, "the other gateway's chat span")
     assert len(chats) == 1
     assert chats[0]["trace_id"] != client_trace
     rest = trace_of(otlp, chats[0]["trace_id"], complete)
