@@ -13,20 +13,13 @@ from fastapi import APIRouter, Request, Response
 from llmq.gateway.auth import TenantDep
 from llmq.gateway.body import parse_completion_body
 from llmq.gateway.relay import Timings
-from llmq.gateway.state import GatewayState, StateDep
-from llmq.gateway.submission import first_event, submit
+from llmq.gateway.state import StateDep
+from llmq.gateway.submission import arrived, first_event, submit
 from llmq.shared import completions
 from llmq.shared.chat import band_for
-from llmq.shared.errors import ClientClosedRequest, ShuttingDown
+from llmq.shared.errors import ClientClosedRequest
 
 router = APIRouter()
-
-
-def opened(st: GatewayState, tenant_name: str) -> None:
-    """A request of ``tenant_name`` arrived: counted, refused while draining."""
-    st.metrics.tenant_requests.labels(tenant_name).inc()
-    if st.draining:
-        raise ShuttingDown("the gateway is shutting down; retry on another replica")
 
 
 @router.post("/v1/completions", response_model=None)
@@ -35,7 +28,7 @@ async def create_completion(request: Request, st: StateDep, tenant: TenantDep) -
     not; ``echo``, ``logprobs``, ``suffix``, ``best_of`` go to the engine as sent."""
     timings = Timings()
     req = parse_completion_body(await request.body(), st.settings)
-    opened(st, tenant.name)
+    arrived(st, tenant.name)
     req.model = st.registry.resolve(req.model)  # MODEL_ALIASES: the served name
     spec = completions.to_job_spec(
         req, completions.new_job_id(), tenant=tenant.name,

@@ -12,10 +12,9 @@ from fastapi import APIRouter, Request, Response
 
 from llmq.gateway.auth import TenantDep
 from llmq.gateway.body import parse_embedding_body
-from llmq.gateway.completions import opened
 from llmq.gateway.relay import Timings
 from llmq.gateway.state import StateDep
-from llmq.gateway.submission import first_event, submit
+from llmq.gateway.submission import arrived, first_event, submit
 from llmq.shared import embeddings
 from llmq.shared.errors import ClientClosedRequest, InvalidRequest
 from llmq.shared.protocol import ModelKind
@@ -29,7 +28,7 @@ async def create_embeddings(request: Request, st: StateDep, tenant: TenantDep) -
     ``encoding_format`` float or base64; ``dimensions`` on a model that takes it."""
     timings = Timings()
     req = parse_embedding_body(await request.body(), st.settings)
-    opened(st, tenant.name)
+    arrived(st, tenant.name)
     req.model = st.registry.resolve(req.model)
     card = st.registry.card(req.model)
     if req.dimensions is not None and card is not None and card.kind is ModelKind.EMBED:

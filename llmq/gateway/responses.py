@@ -37,7 +37,7 @@ from llmq.gateway.event_stream import stream
 from llmq.gateway.pagination import page
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
 from llmq.gateway.state import GatewayState, StateDep
-from llmq.gateway.submission import first_event, submit
+from llmq.gateway.submission import arrived, first_event, submit
 from llmq.gateway.tenant import Tenant
 from llmq.shared.chat import band_for, to_job_spec
 from llmq.shared.errors import (
@@ -46,7 +46,6 @@ from llmq.shared.errors import (
     PreviousResponseNotFound,
     RequestTimeout,
     ServiceError,
-    ShuttingDown,
 )
 from llmq.shared.protocol import Api, Event, EventType, StoredJob, StoredStatus
 from llmq.shared.queue.jobs import AdmitResult
@@ -192,9 +191,7 @@ async def create(request: Request, st: StateDep, tenant: TenantDep) -> Response:
         req = parse_request(data, st.settings.passthrough_extra)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
-    st.metrics.tenant_requests.labels(tenant.name).inc()
-    if st.draining:
-        raise ShuttingDown("the gateway is shutting down; retry on another replica")
+    arrived(st, tenant.name)
     if req.background and not req.store:
         raise InvalidRequest("background responses must be stored (store: true)", param="store")
     context = await _chain(st, tenant, req.previous_response_id) if req.previous_response_id else []

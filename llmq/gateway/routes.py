@@ -22,7 +22,7 @@ from llmq.gateway.body import (
 )
 from llmq.gateway.relay import JobRelay, Timings
 from llmq.gateway.state import GatewayState, StateDep
-from llmq.gateway.submission import Attach, first_event, submit
+from llmq.gateway.submission import Attach, arrived, first_event, submit
 from llmq.gateway.tenant import Tenant
 from llmq.shared.chat import ChatCompletionRequest, band_for, new_job_id, to_job_spec
 from llmq.shared.errors import (
@@ -94,9 +94,7 @@ async def chat_completions(request: Request, st: StateDep, tenant: TenantDep) ->
     body = parse_chat_body(raw, st.settings)
     digests = st.store.sealer.digests(raw) if "idempotency-key" in request.headers else []
     idempotency = _idempotency(request, digests)
-    st.metrics.tenant_requests.labels(tenant.name).inc()
-    if st.draining:
-        raise ShuttingDown("the gateway is shutting down; retry on another replica")
+    arrived(st, tenant.name)
     updates = body.stream and queued.wants_updates(request.headers.get(queued.HEADER))
     try:
         relay, first, admitted = await _open_relay(

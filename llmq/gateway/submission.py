@@ -28,7 +28,12 @@ from llmq.gateway.tenant import Tenant
 from llmq.shared import tracing
 from llmq.shared.chat import ChatCompletionRequest
 from llmq.shared.completions import CompletionRequest
-from llmq.shared.errors import ClientClosedRequest, IdempotencyKeyReused, ServiceError
+from llmq.shared.errors import (
+    ClientClosedRequest,
+    IdempotencyKeyReused,
+    ServiceError,
+    ShuttingDown,
+)
 from llmq.shared.protocol import Api, Event, JobSpec, StoredJob
 from llmq.shared.queue.jobs import AdmitResult, AdmitStatus
 
@@ -41,6 +46,13 @@ class Attach(Exception):
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id)
         self.job_id = job_id
+
+
+def arrived(st: GatewayState, tenant_name: str) -> None:
+    """A request of ``tenant_name`` arrived (every API): counted, refused while draining."""
+    st.metrics.tenant_requests.labels(tenant_name).inc()
+    if st.draining:
+        raise ShuttingDown("the gateway is shutting down; retry on another replica")
 
 
 async def submit(
