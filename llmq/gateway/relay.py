@@ -147,8 +147,10 @@ class JobRelay:
         ex = tracing.exemplar_of(self.span)
         self.metrics.queue_wait.labels(self.spec.model).observe(waited, exemplar=ex)
         self.metrics.band_queue_wait.labels(self.spec.band).observe(waited, exemplar=ex)
-        self.span.add_event("started", {"llmq.worker": event.data.decode(errors="replace")})
-        self.span.set_attribute("llmq.queue.wait_s", round(waited, 6))
+        if self.span.is_recording():
+            worker = event.data.decode(errors="replace")
+            self.span.add_event("started", {"llmq.worker": worker})
+            self.span.set_attribute("llmq.queue.wait_s", round(waited, 6))
         try:
             event = await self.sub.next(s.request_timeout_s + self.silence_grace_s)
         except TimeoutError:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, StatusCode
 
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.body import check_max_tokens, check_stored_size, check_tools
@@ -141,7 +141,10 @@ def _span(
 ) -> Span:
     """The request's ``<operation> <model>`` span (GenAI semantic conventions), a child of
     the server span (a client's ``traceparent`` included); ended by the relay, or here on a
-    refusal. The key's name, never its secret; the prompt only with TRACE_CONTENT."""
+    refusal. The key's name, never its secret; the prompt only with TRACE_CONTENT. Tracing
+    off: the no-op span, nothing built."""
+    if not tracing.enabled():
+        return INVALID_SPAN
     operation = _OPERATIONS[spec.api]
     attributes: dict[str, Any] = {
         tracing.OPERATION: operation,

@@ -145,15 +145,11 @@ def context_of(carried: Mapping[str, str]) -> otel_context.Context | None:
 def exemplar() -> dict[str, str] | None:
     """A histogram exemplar naming the current trace (prometheus-client's OpenMetrics
     exemplars: a dashboard's slow bucket opens its trace); None when nothing records."""
-    if not _configured:
-        return None
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid or not ctx.trace_flags.sampled:
-        return None
-    return {"trace_id": format(ctx.trace_id, "032x")}
+    return exemplar_of(trace.get_current_span()) if _configured else None
 
 
 def exemplar_of(span: trace.Span | None) -> dict[str, str] | None:
+    """The exemplar of ``span``'s trace (None: tracing off, or the span not sampled)."""
     if span is None or not _configured:
         return None
     ctx = span.get_span_context()

@@ -242,7 +242,8 @@ class WakeableWorker(Worker):
         )
         for job in result.jobs:
             if rt.affinity:
-                if len(rt.picks) < _PICKS_KEPT:  # read (and removed) when the job starts
+                # For the job's span (read and removed when the job starts).
+                if tracing.enabled() and len(rt.picks) < _PICKS_KEPT:
                     rt.picks[job.id] = (job.affinity, job.left_ms)
                 rt.metrics.affinity.labels(job.affinity).inc()
             if job.left_ms >= 0:

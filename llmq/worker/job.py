@@ -255,7 +255,11 @@ async def chat(ctx: dict[str, Any], raw_spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _span_attributes(rt: Runtime, spec: JobSpec, waited_s: float) -> dict[str, Any]:
-    """What the job's span says of its pickup (messaging conventions, and this service's)."""
+    """What the job's span says of its pickup (messaging conventions, and this service's);
+    the job's affinity pick is taken out of ``Runtime.picks`` either way."""
+    picked = rt.picks.pop(spec.id, None)
+    if not tracing.enabled():
+        return {}
     out: dict[str, Any] = {
         "messaging.system": "redis",
         "messaging.operation.type": "process",
@@ -267,7 +271,6 @@ def _span_attributes(rt: Runtime, spec: JobSpec, waited_s: float) -> dict[str, A
         "llmq.band": spec.band.value,
         "llmq.api": spec.api.value,
     }
-    picked = rt.picks.pop(spec.id, None)
     if picked is not None:
         out["llmq.affinity"] = picked[0]
         if picked[1] >= 0:
