@@ -33,6 +33,12 @@ jobs into one engine request does). A generative engine also serves legacy
 ``{"sim": {"tag": "x"}}`` records "x" in ``tags`` of ``/sim/stats``, in the order requests
 reached the engine (what the priority and fairness tests read).
 
+``--itl-curve "1:10,8:14,32:30"`` makes the time between tokens grow with the running batch,
+``--kv-tokens N`` gives it a KV cache budget (the latest request is preempted beyond it, and
+stalls until recomputed; new ones wait), and ``--prefill-us-per-token`` makes prefill grow
+with the prompt (``bench.sim_load``); ``/metrics`` exports vLLM's ``num_requests_waiting``
+and ``num_preemptions_total``.
+
 ``--prefix-cache-tokens N`` gives the engine a prefix cache (``bench.prefix_cache``: an LRU
 of prompt blocks, answers included) and ``--prefill-us-per-token`` the time each prompt token
 it does not hold adds to the first token; ``/sim/stats`` and ``/metrics`` count the tokens
@@ -64,6 +70,7 @@ from starlette.routing import Route
 
 from bench.prefix_cache import PrefixCache, prompt_blocks, with_answer
 from bench.sim_holds import DroppedStream, Holds
+from bench.sim_load import LoadModel
 from bench.sim_stats import SimStats
 
 
@@ -88,6 +95,11 @@ class SimConfig:
     matryoshka: bool = False  # takes ``dimensions`` (shorter vectors, renormalised)
     embed_ms: float = 2.0  # one embeddings request's fixed time (the server, the scheduler)
     embed_us_per_input: float = 200.0  # and each input's (the forward pass)
+    # Under load (bench.sim_load): the time between tokens by running requests, points
+    # "running:ms" ("1:10,8:14,32:30"; empty: itl_ms whatever runs), and the KV cache budget
+    # in tokens beyond which the latest request is preempted (0: none).
+    itl_curve: str = ""
+    kv_tokens: int = 0
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -160,6 +172,7 @@ class Simulator:
         self.tags: collections.deque[str] = collections.deque(maxlen=10_000)
         self.recorded: dict[str, Any] = {}  # "record" knob -> the request's messages, tools
         self.cache = PrefixCache(config.prefix_cache_tokens)
+        self.load = LoadModel(config.itl_curve, config.kv_tokens, config.prefill_us_per_token)
 
     def _serves(self, model: str, *, probe: bool) -> bool:
         """Whether this engine serves ``model``; counted per model (probes apart)."""
@@ -177,6 +190,8 @@ class Simulator:
         return {
             "ttft": float(over.get("ttft_ms", self.config.ttft_ms)) / 1000,
             "itl": float(over.get("itl_ms", self.config.itl_ms)) / 1000,
+            # the request's own pace, kept under load (None: the load model's curve)
+            "itl_fixed": float(over["itl_ms"]) / 1000 if "itl_ms" in over else None,
             "tokens": tokens,
             "finish": "length" if limit and tokens >= int(limit) else "stop",
             "fail_status": over.get("fail_status"),
@@ -350,14 +365,23 @@ class Simulator:
         self, rid: str, k: dict[str, Any], prompt: int, chain: list[tuple[bytes, int]]
     ) -> Response:
         self.stats.running += 1
+        seq = k["seq"] = self.load.join(prompt) if self.load.active else None
         try:
-            await asyncio.sleep(k["ttft"] + k["itl"] * max(0, k["tokens"] - 1))
+            if seq is None:
+                await asyncio.sleep(k["ttft"] + k["itl"] * max(0, k["tokens"] - 1))
+            else:
+                await seq.admitted.wait()
+                await self.load.prefill_for(k["ttft"])
+                for _ in range(k["tokens"] - 1):
+                    await self._gap(k)
             if k["hold"]:
                 await self.holds.wait(str(k["hold"]))
         except DroppedStream:
             return _error(500, "held job failed by the test")
         finally:
             self.stats.running -= 1
+            if seq is not None:
+                self.load.leave(seq)
         text = self.text(k)
         self._cache_answer(chain, k)
         message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -421,8 +445,13 @@ class Simulator:
     ) -> AsyncIterator[bytes]:
         self.stats.streams_started += 1
         self.stats.running += 1
+        seq = k["seq"] = self.load.join(prompt) if self.load.active else None
         try:
-            await asyncio.sleep(k["ttft"])
+            if seq is None:
+                await asyncio.sleep(k["ttft"])
+            else:
+                await seq.admitted.wait()
+                await self.load.prefill_for(k["ttft"])  # one prefill at a time
             frames = (
                 self._tool_call(rid, k, prompt, usage)
                 if k["tool_call"]
@@ -437,6 +466,17 @@ class Simulator:
             raise
         finally:
             self.stats.running -= 1
+            if seq is not None:
+                self.load.leave(seq)
+
+    async def _gap(self, k: dict[str, Any]) -> None:
+        """The wait before a request's next token: its own fixed pace, or the load model's
+        (the batch's pace, stalled while preempted)."""
+        seq = k.get("seq")
+        if seq is None:
+            await asyncio.sleep(k["itl"])
+        else:
+            await self.load.gap(seq, k["itl_fixed"], k["itl"])
 
     async def _tokens(
         self, rid: str, k: dict[str, Any], prompt: int, usage: bool
@@ -450,7 +490,7 @@ class Simulator:
             if k["hold"] and i == k["hold_after"]:
                 await self.holds.wait(str(k["hold"]))
             if i:
-                await asyncio.sleep(k["itl"])
+                await self._gap(k)
             text += f"{k['say']}{i} " + "x" * k["pad"]
             if i and i + 1 - sent < k["interval"] and i + 1 < k["tokens"]:
                 continue
@@ -540,6 +580,8 @@ class Simulator:
         st = self.stats
         return PlainTextResponse(
             f"vllm:num_requests_running{label} {st.running}\n"
+            f"vllm:num_requests_waiting{label} {self.load.waiting}\n"
+            f"vllm:num_preemptions_total{label} {self.load.preemptions}\n"
             f"vllm:prefix_cache_queries_total{label} {st.prefix_queries}\n"
             f"vllm:prefix_cache_hits_total{label} {st.prefix_hits}\n"
         )

@@ -59,6 +59,10 @@ def _age(ms: int) -> str:
     return f"{max(0.0, time.time() - ms / 1000):.1f}s"
 
 
+def _until(ms: int) -> str:
+    return f"{ms / 1000 - time.time():.1f}s"
+
+
 async def list_jobs(store: Store) -> None:
     queued = await store.records.queued_jobs()
     running = await store.records.running_jobs()
@@ -70,7 +74,7 @@ async def list_jobs(store: Store) -> None:
         for j in mq:
             print(
                 f"  {j.id}  queued   band={j.band.value} key={j.tenant} "
-                f"waiting={_age(j.enqueued_at_ms)}"
+                f"waiting={_age(j.enqueued_at_ms)} due_in={_until(j.due_ms)}"
             )
         for job_id, worker, tenant, _ in mr:
             print(f"  {job_id}  running  worker={worker} key={tenant}")

@@ -8,6 +8,7 @@ from llmq.gateway.registry import WorkerRegistry
 from llmq.gateway.tenant import Tenant
 from llmq.shared.errors import (
     ConcurrencyLimitExceeded,
+    DeadlineUnattainable,
     EngineUnavailable,
     ModelNotFound,
     QueueFull,
@@ -98,6 +99,7 @@ class Admission:
                 capacity=capacity,
                 timeout_s=s.queue_timeout_s if s.queue_mode == "queue" and s.queue_predict else 0,
                 displace=s.queue_mode == "queue" and s.queue_fair_share,
+                due_s=s.queue_timeout_s,
             ),
             prefix=signature(spec.body, spec.model, self._store.sealer.prefix_key)
             if s.prefix_affinity
@@ -134,6 +136,16 @@ class Admission:
         # When a place or slot is expected to free (whole seconds, at least 1), from the
         # model's service time and what runs; RETRY_AFTER_S before any job completed.
         retry = max(1, math.ceil(result.retry_after_ms / 1000)) if result.retry_after_ms else None
+        if result.status == AdmitStatus.DEADLINE:
+            objective = spec.ttft_objective_ms
+            return DeadlineUnattainable(
+                f"`{spec.model}` would not give this request its first token within its "
+                f"objective of {objective} ms (predicted "
+                f"{objective + result.retry_after_ms} ms: {max(0, result.eta_ms)} ms in the "
+                "queue and the model's time to first token); retry later, or send "
+                "X-Deadline-Policy: best-effort to wait anyway",
+                retry_after_s=retry or s.retry_after_s,
+            )
         if result.status == AdmitStatus.WAIT:
             return QueueTimeout(
                 f"`{spec.model}` would not start this request within {s.queue_timeout_s:g}s "

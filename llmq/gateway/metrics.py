@@ -26,7 +26,15 @@ REJECTION_REASONS = (
     "concurrency_limit_exceeded",
     "rate_limit_exceeded",
     "invalid_api_key",
+    "deadline_unattainable",
 )
+
+# Why a request with a time-to-first-token objective was not served (api_deadline_refusals
+# {reason}): refused at admission (its predicted time to first token exceeded it), or
+# dropped from the queue when its deadline passed. And what became of every such request
+# (api_ttft_objective{result}): attainment is met / all.
+DEADLINE_REASONS = ("unattainable", "expired")
+OBJECTIVE_RESULTS = ("met", "missed", "refused", "dropped")
 
 
 class GatewayMetrics:
@@ -207,7 +215,27 @@ class GatewayMetrics:
         )
         for status in BATCH_ACTIVE:
             self.batches.labels(status)
+        self.deadline_refusals = Counter(
+            "api_deadline_refusals",
+            "Requests refused (unattainable) or dropped from the queue (expired) because their "
+            "time-to-first-token objective could not be met, by model, band and reason",
+            ["model", "band", "reason"],
+            registry=r,
+        )
+        self.objective = Counter(
+            "api_ttft_objective",
+            "Requests with a time-to-first-token objective by result (met, missed, refused, "
+            "dropped), model and band",
+            ["model", "band", "result"],
+            registry=r,
+        )
         self._exported: set[str] = set()  # models with per-model series
+
+    def deadline(self, model: str, band: str, reason: str) -> None:
+        """A request with an objective refused (``unattainable``) or dropped (``expired``)."""
+        self.deadline_refusals.labels(model, band, reason).inc()
+        result = "refused" if reason == "unattainable" else "dropped"
+        self.objective.labels(model, band, result).inc()
 
     def reject(self, code: str | None, tenant: str | None = None, model: str = "") -> None:
         """Count a refusal by its error code; other errors (engine refusals) are not counted."""

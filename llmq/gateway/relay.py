@@ -37,6 +37,7 @@ from llmq.gateway.metrics import GatewayMetrics
 from llmq.shared import tracing
 from llmq.shared.errors import (
     ClientClosedRequest,
+    DeadlineUnattainable,
     QueueTimeout,
     QueueUnavailable,
     RequestTimeout,
@@ -44,6 +45,7 @@ from llmq.shared.errors import (
 )
 from llmq.shared.protocol import TERMINAL, Api, Event, EventType, JobSpec
 from llmq.shared.queue.store import Store
+from llmq.shared.queue.waiting import LATE
 from llmq.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -127,15 +129,37 @@ class JobRelay:
     error: str = ""  # the OpenAI code the job ended with, for its span
 
     async def open(self) -> Event:
-        """Wait for pickup (QUEUE_TIMEOUT_S), then for the first payload; errors raise."""
-        s, t = self.settings, self.timings
+        """Wait for pickup (QUEUE_TIMEOUT_S, or the job's deadline when it is dropped
+        then), then for the first payload; errors raise."""
         try:
-            event = await self._until_started(s.queue_timeout_s)
+            event = await self._open()
+        except DeadlineUnattainable:  # dropped at its deadline (here, or by a pick)
+            self.metrics.deadline(self.spec.model, self.spec.band.value, "expired")
+            raise
+        objective = self.spec.ttft_objective_ms
+        if objective:
+            t = self.timings
+            # A stream's first token; a whole answer's start (its first token is not seen).
+            ttft = (t.first if self.spec.stream else t.started) - t.arrived
+            met = "met" if ttft * 1000 <= objective else "missed"
+            self.metrics.objective.labels(self.spec.model, self.spec.band.value, met).inc()
+        return event
+
+    async def _open(self) -> Event:
+        s, t = self.settings, self.timings
+        spec = self.spec
+        wait_s, late = s.queue_timeout_s, None
+        if spec.ttft_objective_ms and not spec.best_effort:
+            late = DeadlineUnattainable(LATE.message)
+            wait_s = min(wait_s, spec.ttft_objective_ms / 1000)
+        try:
+            event = await self._until_started(wait_s)
         except TimeoutError:
-            timeout = QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue; try again")
+            timeout = late or QueueTimeout(f"waited {s.queue_timeout_s:g}s in the queue; try again")
             # Only if it still waits: one that started just now is served, not aborted.
             if await self.store.jobs.cancel(self.spec, timeout, queued_only=True):
                 self.finished = True
+                self.error = str(timeout.code)
                 raise timeout from None
             try:  # it started just as we gave up: its STARTED event is on the way
                 event = await self.sub.next(_STARTED_GRACE_S)

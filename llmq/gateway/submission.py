@@ -31,11 +31,13 @@ from llmq.shared.completions import CompletionRequest
 from llmq.shared.errors import (
     ClientClosedRequest,
     IdempotencyKeyReused,
+    InvalidRequest,
     ServiceError,
     ShuttingDown,
 )
-from llmq.shared.protocol import Api, Event, JobSpec, StoredJob
+from llmq.shared.protocol import MAX_OBJECTIVE_MS, Api, Event, JobSpec, StoredJob
 from llmq.shared.queue.jobs import AdmitResult, AdmitStatus
+from llmq.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +75,12 @@ async def submit(
     stored job's record; ``kept``: what a stored job keeps of its request (sealed:
     ``Store``); ``idempotency``: (key digest, body digest) of an
     Idempotency-Key (``Attach`` when it names an earlier job of the same body)."""
+    spec = with_objective(spec, request, tenant, st.settings)
     span = _span(spec, body, tenant, st.settings.trace_content)
     try:
         capacity = st.admission.check_ready(spec.model)
         request.state.model = spec.model  # a known model: the metrics' label
-        st.admission.check_kind(spec.model, spec.api)
-        if body is not None:
-            cap = st.settings.max_tokens_cap or st.registry.max_model_len(spec.model)
-            check_max_tokens(body, cap)
-            if isinstance(body, ChatCompletionRequest):
-                check_tools(body, st.registry.auto_tools(spec.model))
-            if spec.stored:
-                check_stored_size(body, st.settings.store_max_tokens)
+        _check(st, spec, body)
         sub = await st.subs.subscribe(spec.id)  # before enqueue: pub/sub keeps no backlog
     except BaseException as exc:
         end_span(span, exc)
@@ -106,6 +102,8 @@ async def submit(
             raise Attach(prior_id)
         # On every answer from here on, refusals included (added by the middleware).
         request.state.ratelimit_headers = ratelimit_headers(result, tenant)
+        if result.status == AdmitStatus.DEADLINE:
+            st.metrics.deadline(spec.model, spec.band.value, "unattainable")
         st.admission.raise_unless_admitted(result, spec, capacity, tenant)
         timings.admitted = time.monotonic()
         st.metrics.admissions.labels(spec.model).inc()
@@ -123,6 +121,53 @@ async def submit(
         spec.stored,
     )
     return relay, result
+
+
+def _check(
+    st: GatewayState, spec: JobSpec, body: ChatCompletionRequest | CompletionRequest | None
+) -> None:
+    """What the model and the request's caps allow, before anything is queued."""
+    st.admission.check_kind(spec.model, spec.api)
+    if body is None:
+        return
+    check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
+    if isinstance(body, ChatCompletionRequest):
+        check_tools(body, st.registry.auto_tools(spec.model))
+    if spec.stored:
+        check_stored_size(body, st.settings.store_max_tokens)
+
+
+OBJECTIVE_HEADER = "x-ttft-objective-ms"
+POLICY_HEADER = "x-deadline-policy"
+_POLICIES = {"drop": False, "best-effort": True}
+
+
+def with_objective(spec: JobSpec, request: Request, tenant: Tenant, settings: Settings) -> JobSpec:
+    """The job with its time-to-first-token objective: the request's X-TTFT-Objective-Ms,
+    else its key's, else its band's (TTFT_OBJECTIVE_MS); none: as before. X-Deadline-Policy:
+    ``drop`` (the default: refused when it cannot be met, dropped when it passes) or
+    ``best-effort`` (ordered by it, never refused for it)."""
+    raw = request.headers.get(OBJECTIVE_HEADER)
+    objective = tenant.ttft_objective_ms or settings.ttft_objective_ms.get(spec.band.value, 0)
+    if raw is not None:
+        try:
+            objective = int(raw.strip())
+        except ValueError:
+            objective = -1
+        if not 0 < objective <= MAX_OBJECTIVE_MS:
+            raise InvalidRequest(
+                f"X-TTFT-Objective-Ms must be a whole number of milliseconds, "
+                f"1..{MAX_OBJECTIVE_MS}",
+                param=OBJECTIVE_HEADER,
+            )
+    policy = (request.headers.get(POLICY_HEADER) or "drop").strip().lower()
+    if policy not in _POLICIES:
+        raise InvalidRequest("X-Deadline-Policy must be drop or best-effort", param=POLICY_HEADER)
+    if not objective:
+        return spec
+    return spec.model_copy(
+        update={"ttft_objective_ms": objective, "best_effort": _POLICIES[policy]}
+    )
 
 
 _OPERATIONS = {

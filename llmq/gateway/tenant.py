@@ -16,7 +16,10 @@ class Tenant:
     rpm: int = 0
     tpm: int = 0
     band: Band = Band.NORMAL
+    ttft_objective_ms: int = 0  # its requests' default time-to-first-token objective (0: none)
 
     @staticmethod
     def of(key: ApiKey) -> Tenant:
-        return Tenant(key.name, key.max_concurrent, key.rpm, key.tpm, key.priority)
+        return Tenant(
+            key.name, key.max_concurrent, key.rpm, key.tpm, key.priority, key.ttft_objective_ms
+        )

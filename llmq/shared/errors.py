@@ -17,7 +17,9 @@
     │   ├── QueueFull                 ->     queue_full   (QUEUE_MODE=queue)
     │   ├── ServerBusy                ->     server_busy  (QUEUE_MODE=reject)
     │   ├── ConcurrencyLimitExceeded  ->     concurrency_limit_exceeded (the key's max)
-    │   └── RateLimitExceeded         ->     rate_limit_exceeded (the key's rpm / tpm)
+    │   ├── RateLimitExceeded         ->     rate_limit_exceeded (the key's rpm / tpm)
+    │   └── DeadlineUnattainable      ->     deadline_unattainable (its time-to-first-token
+    │                                        objective cannot be met, or passed in the queue)
     ├── Unavailable                   -> 503 + Retry-After
     │   ├── EngineUnavailable         ->     engine_unavailable
     │   ├── QueueTimeout              ->     queue_timeout
@@ -195,6 +197,14 @@ class RateLimitExceeded(Overloaded):
     code = "rate_limit_exceeded"
 
 
+class DeadlineUnattainable(Overloaded):
+    """Its time-to-first-token objective cannot be met: refused at admission (the predicted
+    wait and first token exceed it), or dropped from the queue when its deadline passed
+    (never run late)."""
+
+    code = "deadline_unattainable"
+
+
 class Unavailable(ServiceError):
     status = 503
     type = "server_error"
@@ -326,6 +336,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         InvalidApiKey,
         ConcurrencyLimitExceeded,
         RateLimitExceeded,
+        DeadlineUnattainable,
         InvalidRequest,
         NotFound,
         PreviousResponseNotFound,

@@ -37,6 +37,7 @@ class Outcome(StrEnum):
     REDIS_ERROR = "redis_error"  # its events could not be delivered
     WORKER_LOST = "worker_lost"  # its worker died (set by the reaper)
     DISPLACED = "displaced"  # never started: its place went to a key holding fewer (admit)
+    DEADLINE = "deadline"  # never started: its time-to-first-token deadline passed (dropped)
     UNDECRYPTABLE = "payload_undecryptable"  # no key of PAYLOAD_KEYS opens its body
 
 
@@ -121,6 +122,10 @@ class Band(StrEnum):
 BANDS = tuple(b.value for b in Band)
 
 
+# The longest time-to-first-token objective a request or key may name (a day).
+MAX_OBJECTIVE_MS = 86_400_000
+
+
 class KeyLimits(BaseModel):
     """Limits given on the command line: None keeps the current value (0 = unlimited)."""
 
@@ -128,6 +133,7 @@ class KeyLimits(BaseModel):
     rpm: int | None = Field(None, ge=0)
     tpm: int | None = Field(None, ge=0)
     priority: Band | None = None
+    ttft_objective_ms: int | None = Field(None, ge=0, le=MAX_OBJECTIVE_MS)
 
     def fields(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -145,6 +151,9 @@ class ApiKey(BaseModel):
     tpm: int = 0
     priority: Band = Band.NORMAL
     created_at: float = 0.0
+    # Its requests' default time-to-first-token objective (0: none; a request's
+    # X-TTFT-Objective-Ms comes first, TTFT_OBJECTIVE_MS of its band after).
+    ttft_objective_ms: int = 0
 
     def to_hash(self) -> dict[str, str]:
         return {k: str(v.value if isinstance(v, Band) else v) for k, v in self}
@@ -228,6 +237,11 @@ class JobSpec(BaseModel):
     band: Band = Band.NORMAL
     tpm: int = 0  # the tenant's tokens-per-minute limit (the worker corrects the bucket)
     token_estimate: int = 0  # tokens taken from the tenant's bucket at admission
+    # Its time-to-first-token objective (ms; 0: none): it is due at admission + this, is
+    # ordered by that among its key's waiting jobs, and is dropped when it passes unstarted,
+    # unless ``best_effort`` (X-Deadline-Policy: best-effort: ordered, never refused).
+    ttft_objective_ms: int = 0
+    best_effort: bool = False
     # A stored job: its events logged (llmq:log:<id>), it outlives its client (the request's
     # ``store``, or an Idempotency-Key). Read as "store" too: payloads queued by an older
     # gateway during an upgrade.

@@ -87,7 +87,26 @@ class Settings(BaseSettings):
     payload_keys: SecretStr | None = None
 
     # Backpressure (ARCHITECTURE.md, "Admission and the bound").
-    max_active: int = Field(8, ge=1, le=4096, description="slots per worker")
+    max_active: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="slots per worker; auto: sized to the engine (MAX_ACTIVE_CEILING at most, "
+        "the time per token within TPOT_OBJECTIVE_MS)",
+    )
+    # MAX_ACTIVE=auto (ARCHITECTURE.md, "Scheduling to service levels"): set from it, not
+    # from a variable of its own. max_active is then the ceiling.
+    adaptive_slots: bool = Field(False, exclude=True)
+    max_active_ceiling: int = Field(
+        64, ge=1, le=4096, description="MAX_ACTIVE=auto: the most slots a worker grows to"
+    )
+    tpot_objective_ms: float = Field(
+        0.0,
+        ge=0,
+        le=60_000,
+        description="MAX_ACTIVE=auto: the engine's time per output token a worker keeps its "
+        "load within (0: off)",
+    )
     queue_mode: Literal["queue", "reject"] = "queue"
     queue_max: int = Field(64, ge=0, le=1_000_000)
     queue_timeout_s: float = Field(30.0, gt=0, le=86_400)
@@ -116,6 +135,12 @@ class Settings(BaseSettings):
         gt=0,
         le=30 * 86_400,
         description="a model no live worker serves is still known (503, not 404) this long",
+    )
+    # Time-to-first-token objectives per band (ARCHITECTURE.md, "Scheduling to service
+    # levels"), JSON: {"high": 500, "normal": 2000}; a key's and a request's come first.
+    ttft_objective_ms: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description='default time-to-first-token objective per band, JSON: {"high": 500}',
     )
     scale_target_wait_s: float = Field(
         10.0, gt=0, le=3600, description="the wait the scaling signal sizes a model's workers for"
@@ -288,7 +313,18 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return url
 
-    @field_validator("queue_max_per_model", "model_aliases", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _max_active_auto(cls, data: object) -> object:
+        # MAX_ACTIVE=auto: slots sized by the worker (worker.slots), up to the ceiling.
+        if isinstance(data, dict):
+            value = data.get("max_active")
+            if isinstance(value, str) and value.strip().lower() == "auto":
+                data = {**data, "adaptive_slots": True}
+                data["max_active"] = data.get("max_active_ceiling", 64)
+        return data
+
+    @field_validator("queue_max_per_model", "model_aliases", "ttft_objective_ms", mode="before")
     @classmethod
     def _json_object(cls, value: object) -> object:
         if isinstance(value, str):
@@ -318,6 +354,23 @@ class Settings(BaseSettings):
             if target in value:
                 raise ValueError(f"alias {alias!r} names an alias ({target!r}): name the model")
         return value
+
+    @field_validator("ttft_objective_ms")
+    @classmethod
+    def _check_objectives(cls, value: dict[str, int]) -> dict[str, int]:
+        bands = {"high", "normal", "low"}
+        for band, ms in value.items():
+            if band not in bands:
+                raise ValueError(f"{band!r} is not a band (high, normal, low)")
+            if not 0 < ms <= 86_400_000:
+                raise ValueError(f"the objective of {band!r} must be 1..86400000 ms")
+        return value
+
+    @model_validator(mode="after")
+    def _auto_needs_an_objective(self) -> Settings:
+        if self.adaptive_slots and not self.tpot_objective_ms:
+            raise ValueError("MAX_ACTIVE=auto needs TPOT_OBJECTIVE_MS (the time per token to keep)")
+        return self
 
     def queue_max_for(self, model: str) -> int:
         """The model's queue places: QUEUE_MAX_PER_MODEL's, else QUEUE_MAX."""

@@ -132,13 +132,19 @@ def run_gateways(settings: Settings) -> int:
 
 def run_workers(settings: Settings) -> int:
     """WORKER_PROCESSES workers in front of one engine, splitting MAX_ACTIVE between them
-    (so the engine still sees at most MAX_ACTIVE requests), each with its own WORKER_ID."""
+    (so the engine still sees at most MAX_ACTIVE requests), each with its own WORKER_ID.
+    With MAX_ACTIVE=auto each sizes its own slots, and the ceiling is split."""
     n = settings.worker_processes
     if settings.max_active < n:
         raise SystemExit(f"MAX_ACTIVE ({settings.max_active}) < WORKER_PROCESSES ({n})")
+    share = [settings.max_active // n + (1 if i < settings.max_active % n else 0) for i in range(n)]
     envs = [
         {
-            "MAX_ACTIVE": str(settings.max_active // n + (1 if i < settings.max_active % n else 0)),
+            **(
+                {"MAX_ACTIVE": "auto", "MAX_ACTIVE_CEILING": str(share[i])}
+                if settings.adaptive_slots
+                else {"MAX_ACTIVE": str(share[i])}
+            ),
             "WORKER_ID": f"{settings.worker_id}-{i}",
             "WORKER_PROCESSES": "1",
             "WORKER_METRICS_PORT": "0",

@@ -43,7 +43,6 @@ def build_worker(
         default_queue_name=names.QUEUE,
     )
     metrics = WorkerMetrics()
-    metrics.max_active.set(settings.max_active)
     sealer = settings.sealer(metrics.undecryptable.inc)
     store = Store(redis, settings.store_ttl_s, sealer=sealer)
     runtime = Runtime(
@@ -64,6 +63,7 @@ def build_worker(
         if settings.prefix_affinity
         else None,
     )
+    metrics.max_active.set(runtime.capacity)
     grace = settings.request_timeout_s + settings.orphan_grace_s
     return WakeableWorker(
         runtime,

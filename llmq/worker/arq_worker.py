@@ -40,7 +40,14 @@ from llmq.shared import seams, tracing
 from llmq.shared.seams import Pin
 from llmq.shared.tasks import log_failure, stop_if_cancelled, stop_task
 from llmq.worker.batch import BatchFeeder
-from llmq.worker.heartbeat import beat_once, heartbeat_loop, probe_loop, wake_listener
+from llmq.worker.heartbeat import (
+    beat_once,
+    count_dropped,
+    heartbeat_loop,
+    probe_loop,
+    slots_loop,
+    wake_listener,
+)
 from llmq.worker.runtime import RUNTIME, Runtime
 
 logger = logging.getLogger(__name__)
@@ -188,7 +195,7 @@ class WakeableWorker(Worker):
     async def _turn(self) -> None:
         """After a wake-up: start waiting jobs in the free slots, then arq's own steps
         (aborts, finished tasks, its health key). Dead workers are reaped by the heartbeat."""
-        free = self.max_jobs - self.job_counter
+        free = min(self.max_jobs, self.runtime.capacity) - self.job_counter
         if self.allow_pick_jobs and free > 0:
             await self._fill(free)
         if self.allow_abort_jobs:
@@ -248,6 +255,7 @@ class WakeableWorker(Worker):
                 rt.metrics.affinity.labels(job.affinity).inc()
             if job.left_ms >= 0:
                 rt.metrics.affinity_wait.observe(job.left_ms / 1000)
+        count_dropped(rt, result.dropped)
         if result.retry_ms >= 0:
             self._look_again(result.retry_ms / 1000)
         await self._start_claimed([(job.id, job.score) for job in result.jobs])
@@ -298,12 +306,16 @@ class WakeableWorker(Worker):
             asyncio.create_task(wake_listener(rt, self.wake), name="wake-listener"),
             asyncio.create_task(self.feeder.run(), name="batch-feeder"),
         ]
+        if rt.slots is not None:
+            self.background.append(asyncio.create_task(slots_loop(rt, self.wake), name="slots"))
         for task in self.background:
             task.add_done_callback(log_failure)
         logger.info(
-            "worker %s ready: %d slots, engine %s (%s)",
+            "worker %s ready: %s slots, engine %s (%s)",
             rt.settings.worker_id,
-            rt.settings.max_active,
+            f"auto ({rt.capacity} to start, at most {rt.settings.max_active})"
+            if rt.slots
+            else rt.settings.max_active,
             rt.engine.base_url,
             "ready" if rt.engine_ready else "not ready",
         )

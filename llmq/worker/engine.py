@@ -132,6 +132,19 @@ class EngineClient:
             logger.debug("engine probe failed: %r", exc)
             return None
 
+    async def metrics_text(self) -> str | None:
+        """The engine's Prometheus text (``/metrics``), or None when it does not answer."""
+        try:
+            async with self._http().get(
+                self.base_url + "/metrics",
+                timeout=aiohttp.ClientTimeout(total=ENGINE_PROBE_TIMEOUT_S),
+            ) as resp:
+                resp.raise_for_status()
+                return (await resp.read()).decode(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.debug("engine metrics failed: %r", exc)
+            return None
+
     async def auto_tools(self, model: str) -> bool | None:
         """Whether the engine takes ``tools`` with ``tool_choice: "auto"`` (vLLM does only
         when started with ``--enable-auto-tool-choice --tool-call-parser ...``): one

@@ -21,6 +21,7 @@ from llmq.shared.queue.names import WAKE_CHANNEL, WAKE_MODEL
 from llmq.shared.queue.pubsub import connection_errors, listen
 from llmq.shared.tasks import stop_if_cancelled
 from llmq.worker.runtime import Runtime
+from llmq.worker.slots import WINDOW_S, preemptions
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ async def write_heartbeat(rt: Runtime) -> None:
     s = rt.settings
     info = WorkerInfo(
         worker_id=s.worker_id,
-        max_active=s.max_active,
+        max_active=rt.capacity,
         active=rt.active,
         models=rt.models,
         engine_ready=rt.engine_ready,
@@ -128,6 +129,7 @@ async def heartbeat_loop(rt: Runtime) -> None:
             await write_heartbeat(rt)
             await reaper.reap()
             await _forget_unreleased(rt)
+            count_dropped(rt, await rt.store.deadlines.sweep(rt.models))
             if failing:
                 logger.info("heartbeat restored")
                 reaper.redis_back()
@@ -140,6 +142,49 @@ async def heartbeat_loop(rt: Runtime) -> None:
             failing = True
             rt.metrics.redis_up.set(0)
         await asyncio.sleep(rt.settings.heartbeat_interval_s)
+
+
+def count_dropped(rt: Runtime, dropped: dict[str, int]) -> None:
+    """Late jobs a pick or the sweep dropped (their deadline passed unstarted)."""
+    for model, n in dropped.items():
+        rt.metrics.dropped_late.labels(model).inc(n)
+        logger.info("%d job(s) of %s dropped: their deadline passed in the queue", n, model)
+
+
+async def slots_loop(rt: Runtime, wake: Callable[[], None]) -> None:
+    """MAX_ACTIVE=auto: every ``slots.WINDOW_S``, the window's time per token and the
+    engine's preemptions (its ``/metrics``) set the live limit (``worker.slots``); a limit
+    that grew wakes the worker (free slots), and the heartbeat advertises it."""
+    slots = rt.slots
+    if slots is None:
+        return
+    seen: float | None = None
+    while True:
+        await asyncio.sleep(WINDOW_S)
+        text = await rt.engine.metrics_text()
+        count = preemptions(text) if text is not None else None
+        preempted = seen is not None and count is not None and count > seen
+        seen = count if count is not None else seen
+        slots.busy(rt.active)
+        before = slots.limit
+        limit = slots.adjust(preempted)
+        if slots.last is not None and slots.last.tpot_s:
+            rt.metrics.tpot.set(slots.last.tpot_s)
+        if preempted:
+            rt.metrics.preempted.inc()
+        if limit != before:
+            rt.metrics.max_active.set(limit)
+            logger.info(
+                "slots %d -> %d (time per token %.1f ms with %.1f running, objective %.0f ms%s)",
+                before,
+                limit,
+                (slots.last.tpot_s if slots.last else 0.0) * 1000,
+                slots.last.running if slots.last else 0.0,
+                slots.objective_s * 1000,
+                "; the engine preempted" if preempted else "",
+            )
+        if limit > before:
+            wake()
 
 
 async def _forget_unreleased(rt: Runtime) -> None:

@@ -107,18 +107,25 @@ async def _stream(
     final: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     first = True
-    t_first = t_first_wall = 0.0
+    t_first = t_first_wall = last = 0.0
     job_id = spec.id.encode()
-    body = engine_body(spec, rt.settings.engine_priority, rt.stream_interval())
+    interval = rt.stream_interval()
+    slots = rt.slots  # MAX_ACTIVE=auto: each delta's gap measures the engine's time per token
+    body = engine_body(spec, rt.settings.engine_priority, interval)
     async with rt.engine.stream(body, engine_api(spec)) as chunks:
         async for raw in chunks:
             kind, value = _classify(raw, spec, job_id)
             if kind == "usage":
                 usage = value or usage
                 continue
+            if slots is not None and not first and kind == "delta":
+                now = time.monotonic()
+                slots.sample(now - last, interval, rt.active)
+                last = now
             if first:
-                t_first = time.monotonic()
+                t_first = last = time.monotonic()
                 t_first_wall = time.time()
+                pub.first_token_s = t_first - t0
                 rt.metrics.engine_ttft.observe(t_first - t0, exemplar=tracing.exemplar())
                 await pub.announced()
                 first = False
@@ -337,7 +344,9 @@ async def _run(rt: Runtime, spec: JobSpec, waited_s: float) -> dict[str, Any]:
             tokens = sum(used) if used else None
             ran = time.monotonic() - t_picked
             await asyncio.shield(
-                rt.store.jobs.release(spec, rt.settings.worker_id, tokens, outcome, run_s=ran)
+                rt.store.jobs.release(
+                    spec, rt.settings.worker_id, tokens, outcome, ran, pub.first_token_s
+                )
             )
         except RedisError as exc:  # the heartbeat retries once Redis is back
             logger.warning("job %s: could not release its place yet: %s", spec.id, exc)

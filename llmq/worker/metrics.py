@@ -28,11 +28,31 @@ class WorkerMetrics:
         )
         self.max_active = Gauge(
             "worker_max_active",
-            "Slots of this worker (MAX_ACTIVE)",
+            "Slots of this worker (MAX_ACTIVE; with MAX_ACTIVE=auto, its live limit)",
             registry=r,
             multiprocess_mode="livesum",
         )
         self.jobs = Counter("worker_jobs", "Jobs finished, by outcome", ["outcome"], registry=r)
+        self.tpot = Gauge(
+            "worker_engine_tpot_seconds",
+            "MAX_ACTIVE=auto: the engine's mean time per output token in the last window, "
+            "from this worker's streams",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.preempted = Counter(
+            "worker_engine_preempted_windows",
+            "MAX_ACTIVE=auto: windows in which the engine preempted requests (the limit "
+            "backed off)",
+            registry=r,
+        )
+        self.dropped_late = Counter(
+            "worker_jobs_dropped_late",
+            "Waiting jobs dropped because their time-to-first-token deadline passed (by the "
+            "pick or the sweep of this worker), by model",
+            ["model"],
+            registry=r,
+        )
         self.undecryptable = Counter(
             "worker_payload_undecryptable",
             "Sealed payloads (jobs, batch files) no key of PAYLOAD_KEYS opens",

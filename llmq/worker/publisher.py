@@ -47,6 +47,9 @@ class Publisher:
         self._error: BaseException | None = None
         self._watched: Generation | None = None
         self._announcing: asyncio.Task[None] | None = None
+        # The engine's time to this job's first token (a stream's; None: not seen), for
+        # the model's measured time to first token (deadlines are predicted with it).
+        self.first_token_s: float | None = None
 
     def announce(self, mark_started: Awaitable[None], worker_id: str) -> None:
         """Start publishing STARTED (event #1) in the background; see ``announced``."""

@@ -21,6 +21,7 @@ from llmq.worker.embeddings import Embedder
 from llmq.worker.engine import EngineClient
 from llmq.worker.metrics import WorkerMetrics
 from llmq.worker.outbox import Outbox
+from llmq.worker.slots import AdaptiveSlots
 
 # The one key of arq's per-worker ``ctx`` dict this service uses: arq hands ``ctx`` to every
 # job function, and the job finds the worker's Runtime under it.
@@ -57,10 +58,19 @@ class Runtime:
     entered: dict[str, None] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     itl_s: float = 0.0  # the engine's recent time per token (EWMA of streamed jobs; 0: unknown)
+    slots: AdaptiveSlots | None = None  # MAX_ACTIVE=auto: the live limit (None: fixed)
 
     def __post_init__(self) -> None:
         sizes = self.metrics.embed_batch if self.metrics is not None else None
         self.embedder = Embedder(self.engine, self.settings.embed_batch_max_inputs, sizes=sizes)
+        s = self.settings
+        if s.adaptive_slots and self.slots is None:
+            self.slots = AdaptiveSlots(s.tpot_objective_ms / 1000, s.max_active)
+
+    @property
+    def capacity(self) -> int:
+        """The jobs this worker runs at once now: MAX_ACTIVE, or the adaptive limit."""
+        return self.slots.limit if self.slots is not None else self.settings.max_active
 
     def check_kind(self, spec: JobSpec) -> None:
         """A job its model's kind cannot answer (admitted while no gateway knew the kind:

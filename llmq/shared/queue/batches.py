@@ -43,7 +43,8 @@ _BATCH = {"IN_PROGRESS": BatchStatus.IN_PROGRESS.value}
 
 # Feed the next lines of a batch that is in progress and not ending, if nobody fed them
 # first (its ``next`` still ``expected_next``): any worker may run the feeder, a line is
-# enqueued once, into the lowest band of its own model's queue. ``jobs``: job id / payload /
+# enqueued once, into the lowest band of its own model's queue, due when the batch expires
+# (after its key's requests in that band, which are due sooner). ``jobs``: job id / payload /
 # model triples. The models' workers are woken.
 FEED = Script(
     keys=("batch", "inflight", "queue"),
@@ -61,7 +62,7 @@ for i = 1, #jobs, 3 do
   local index = model_prefix .. model .. BAND_PART .. LOW
   redis.call('SET', job_prefix .. id, jobs[i + 1], 'PX', job_ttl_ms)
   redis.call('ZADD', queue, score_ms, id)
-  redis.call('ZADD', index .. SEP .. tenant, score_ms, id)
+  redis.call('ZADD', index .. SEP .. tenant, score_ms + job_ttl_ms, id)
   redis.call('ZADD', index, 'NX', 0, tenant)
   redis.call('SADD', inflight, id)
   woken[model] = true

@@ -9,7 +9,6 @@ reading (``queue.readings``) shares. Keys come from ``queue.names``.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -26,6 +25,7 @@ from llmq.shared.queue import names
 from llmq.shared.queue.failover import not_replicated
 from llmq.shared.queue.lua import Registered, Script
 from llmq.shared.queue.standing import QUEUE_CONSTS, QUEUE_LUA
+from llmq.shared.queue.waiting import REMOVE_LUA, WAITING_CONSTS, out_of_band
 from llmq.shared.sealing import Sealer
 
 
@@ -40,6 +40,7 @@ class AdmitStatus(IntEnum):
     RPM = 3
     TPM = 4
     WAIT = 5  # its expected wait exceeds QUEUE_TIMEOUT_S: it would not start in time
+    DEADLINE = 6  # its predicted time to first token exceeds its objective
 
 
 class CancelResult(IntEnum):
@@ -55,6 +56,10 @@ _STORED = {"QUEUED": StoredStatus.QUEUED.value, "IN_PROGRESS": StoredStatus.IN_P
 
 # arq's own job timeout is the hold + 5 s: a started job's payload outlives it.
 PAYLOAD_SLACK_MS = 10_000
+
+# A model's measured time to first token older than this is not used to refuse: after a
+# spell of refusals nothing measures it again, so it must not refuse forever.
+TTFT_FRESH_MS = 30_000
 
 
 # The tenant's limits first (max_concurrent, rpm, tpm), then the model's bound (``admitted``
@@ -74,6 +79,13 @@ PAYLOAD_SLACK_MS = 10_000
 # holding fewer (at least two fewer, counting this request): that job is removed as a
 # cancel removes it, and whoever waits for it gets ``displaced_event`` (429 queue_full).
 # Otherwise FULL, with ``retry`` the ms until a place is expected to free (one job's end).
+# The job is due at now + ``objective_ms`` (its time-to-first-token objective), or now +
+# ``default_due_ms`` (QUEUE_TIMEOUT_S) without one: its key's waiting jobs in the band are
+# ordered by that (earliest deadline first), so its position counts those due before it.
+# With an objective (and ``best_effort`` not "1"), DEADLINE when its ETA plus the model's
+# measured time to first token (younger than TTFT_FRESH_MS; else 0) exceeds it, ``retry``
+# the ms until it would not; when admitted, it joins the model's deadlines (dropped there
+# if it has not started by then: ``queue.waiting``).
 # Then, when the job's expected wait (its ETA) exceeds ``timeout_ms`` (0: never), WAIT: it
 # would not start in time; ``retry`` the ms until it would. ``retry`` 0: unknown.
 # Returns {status, N, rpm left, rpm reset ms, tpm left, tpm reset ms, retry ms, prior,
@@ -99,9 +111,13 @@ if maxc > 0 and redis.call('ZCOUNT', tenant_admitted, live, '+inf') >= maxc then
 end
 if r_ok == 0 then return answer(RPM, r_wait) end
 if t_ok == 0 then return answer(TPM, t_wait) end
-local service_ms = tonumber(redis.call('HGET', service, 'ms')) or 0
+local svc = redis.call('HMGET', service, 'ms', 'ttft', 'ttft_at')
+local service_ms = tonumber(svc[1]) or 0
 local cap = tonumber(capacity)
-local k = redis.call('ZCARD', band_queue) + 1
+local objective = tonumber(objective_ms)
+local due = now + tonumber(default_due_ms)
+if objective > 0 then due = now + objective end
+local k = redis.call('ZCOUNT', band_queue, '-inf', due) + 1
 local ahead, waiting, top_key, top, per_key = queue_view(bands_prefix, band, tenant, k)
 if n >= tonumber(limit) then
   if displace == '1' and (per_key[tenant] or 0) + 1 < top then
@@ -119,6 +135,11 @@ if n >= tonumber(limit) then
 end
 position = ahead + 1
 eta_ms = eta(position, waiting, n, cap, service_ms)
+if objective > 0 and best_effort ~= '1' and eta_ms >= 0 and victim == '' then
+  local ttft = 0
+  if svc[2] and now - (tonumber(svc[3]) or 0) < TTFT_FRESH_MS then ttft = tonumber(svc[2]) end
+  if eta_ms + ttft > objective then return answer(DEADLINE, eta_ms + ttft - objective) end
+end
 local timeout = tonumber(timeout_ms)
 if timeout > 0 and eta_ms > timeout and victim == '' then
   return answer(WAIT, eta_ms - timeout)
@@ -133,8 +154,12 @@ redis.call('ZREMRANGEBYSCORE', admitted, '-inf', now)
 redis.call('ZREMRANGEBYSCORE', tenant_admitted, '-inf', now)
 redis.call('SET', job, payload, 'PX', expire_ms)
 redis.call('ZADD', queue, score_ms, job_id)
-redis.call('ZADD', band_queue, score_ms, job_id)
+redis.call('ZADD', band_queue, due, job_id)
 redis.call('ZADD', band_index, 'NX', 0, tenant)
+if objective > 0 and best_effort ~= '1' then
+  redis.call('ZADD', MODEL_PREFIX .. model .. DEADLINES_PART, due,
+             band .. QSEP .. tenant .. QSEP .. job_id)
+end
 if prefix_hashes ~= '' then
   redis.call('HSET', prefix, 'h', prefix_hashes)
   redis.call('PEXPIRE', prefix, expire_ms)
@@ -154,9 +179,9 @@ return answer(ADMITTED, 0)
 """
 
 
-# displace_newest(key): the newest waiting interactive job of ``key`` (lowest band first)
-# removed as a never-started cancelled job is (its place, payload, queues; its stored
-# record failed, with the event in its log), its waiter told ``displaced_event``.
+# displace_newest(key): the newest waiting interactive job of ``key`` (lowest band first;
+# its latest deadline first within a band) removed as a never-started cancelled job is
+# (``queue.waiting``), its waiter told ``displaced_event``.
 _DISPLACE_LUA = """
 local function displace_newest(key)
   for i = #BANDS, 1, -1 do
@@ -164,20 +189,7 @@ local function displace_newest(key)
     for _, id in ipairs(redis.call('ZREVRANGE', q, 0, -1)) do
       if string.sub(id, 1, #BATCH_JOB_PREFIX) ~= BATCH_JOB_PREFIX
           and redis.call('EXISTS', IN_PROGRESS_PREFIX .. id) == 0 then
-        redis.call('ZREM', q, id)
-        redis.call('ZREM', queue, id)
-        redis.call('ZREM', admitted, id)
-        redis.call('ZREM', TENANT_PREFIX .. key .. TENANT_ADMITTED_SUFFIX, id)
-        redis.call('DEL', JOB_PREFIX .. id, PREFIX_PREFIX .. id)
-        redis.call('SET', OUTCOME_PREFIX .. id, displaced_outcome, 'PX', outcome_ttl_ms)
-        local stored_id = STORED_PREFIX .. id
-        if redis.call('HGET', stored_id, 'status') == QUEUED then
-          redis.call('HSET', stored_id, 'status', FAILED)
-          redis.call('XADD', LOG_PREFIX .. id, '*', 'e', displaced_event)
-          local keep = redis.call('PTTL', stored_id)
-          if keep > 0 then redis.call('PEXPIRE', LOG_PREFIX .. id, keep) end
-        end
-        redis.call('PUBLISH', EVENTS_PREFIX .. id, displaced_event)
+        remove_waiting(id, model, BANDS[i], key, displaced_event, displaced_outcome)
         return id
       end
     end
@@ -193,17 +205,13 @@ ADMIT = Script(
     args=("limit", "hold_ms", "payload", "expire_ms", "job_id", "score_ms", "wake",
           "wake_message", "tenant", "max_concurrent", "rpm", "tpm", "cost", "store_ttl_ms",
           "idem_value", "index_horizon_ms", "capacity", "timeout_ms", "bands_prefix", "band",
-          "displace", "displaced_event", "displaced_outcome", "outcome_ttl_ms", "prefix_hashes"),
+          "displace", "displaced_event", "displaced_outcome", "outcome_ttl_ms", "prefix_hashes",
+          "model", "objective_ms", "best_effort", "default_due_ms"),
     rest="record",
-    consts={**{s.name: s.value for s in AdmitStatus}, **QUEUE_CONSTS, **_STORED,
-            "FAILED": StoredStatus.FAILED.value, "JOB_PREFIX": names.job_key(""),
-            "IN_PROGRESS_PREFIX": names.IN_PROGRESS_PREFIX, "TENANT_PREFIX": names.TENANT_PREFIX,
-            "TENANT_ADMITTED_SUFFIX": names.TENANT_ADMITTED_SUFFIX,
-            "OUTCOME_PREFIX": names.OUTCOME_PREFIX, "EVENTS_PREFIX": names.EVENTS_PREFIX,
-            "STORED_PREFIX": names.STORED_PREFIX, "LOG_PREFIX": names.LOG_PREFIX,
-            "PREFIX_PREFIX": names.PREFIX_PREFIX},
+    consts={**{s.name: s.value for s in AdmitStatus}, **QUEUE_CONSTS, **WAITING_CONSTS,
+            "TTFT_FRESH_MS": TTFT_FRESH_MS},
     bucket=True,
-    body=QUEUE_LUA + _DISPLACE_LUA + _ADMIT_BODY,
+    body=QUEUE_LUA + REMOVE_LUA + _DISPLACE_LUA + _ADMIT_BODY,
 )  # fmt: skip
 
 
@@ -283,12 +291,14 @@ return redis.call('ZADD', admitted, 'XX', deadline, job_id)
 # with the exact usage (``extra``: tokens used beyond the admission estimate, may be
 # negative); a stored job's record and log are kept STORE_TTL_S from now (``stored_status``
 # "": not stored). A completed job's run time (``run_ms``, -1: not measured) updates the
-# model's service time (EWMA, weight SERVICE_ALPHA), which ETAs and Retry-After are made of.
+# model's service time (EWMA, weight SERVICE_ALPHA), which ETAs and Retry-After are made of;
+# its engine's time to first token (``ttft_ms``, -1: not measured) the model's (``ttft``,
+# the same EWMA, with ``ttft_at``: when), what a deadline's prediction adds to the ETA.
 RELEASE = Script(
     keys=("admitted", "tenant_admitted", "worker_jobs", "tpm_bucket", "outcome", "stored", "log",
           "done", "claims", "service"),
     args=("job_id", "extra", "tpm", "outcome_record", "outcome_ttl_ms", "stored_status",
-          "store_ttl_ms", "run_ms"),
+          "store_ttl_ms", "run_ms", "ttft_ms"),
     consts={"SERVICE_ALPHA": "0.2"},
     bucket=True,
     body="""
@@ -309,6 +319,13 @@ if run >= 0 then
   if old then ms = old + tonumber(SERVICE_ALPHA) * (run - old) end
   redis.call('HSET', service, 'ms', math.floor(ms + 0.5))
   redis.call('HINCRBY', service, 'n', 1)
+end
+local first = tonumber(ttft_ms)
+if first >= 0 then
+  local old = tonumber(redis.call('HGET', service, 'ttft'))
+  local ms = first
+  if old then ms = old + tonumber(SERVICE_ALPHA) * (first - old) end
+  redis.call('HSET', service, 'ttft', math.floor(ms + 0.5), 'ttft_at', now)
 end
 local cap, used = tonumber(tpm), tonumber(extra)
 if cap > 0 and used ~= 0 then
@@ -344,12 +361,6 @@ free_places()
 return redis.call('DEL', job, in_progress)
 """,
 )
-
-
-def out_of_band(err: ServiceError) -> bytes:
-    """An out-of-band error event (seq 0), as the reaper and a cancel publish it."""
-    data = json.dumps(err.to_wire(), separators=(",", ":")).encode()
-    return p.Event(p.OUT_OF_BAND, p.EventType.ERROR, data).encode()
 
 
 # What a job displaced from a full queue (a fair share: ``queue.standing``) is told.
@@ -410,6 +421,9 @@ class QueueTerms:
     capacity: int = 0  # the model's slots (0: no ETA)
     timeout_s: float = 0.0  # refuse (WAIT) a job expected to wait longer; 0: never
     displace: bool = False  # at the bound, the most-queued key gives a place to a lesser one
+    # When a job without an objective is due (QUEUE_TIMEOUT_S): its key's jobs are ordered
+    # by deadline, and this is its own.
+    due_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,6 +539,10 @@ class Jobs:
                 "displaced_outcome": p.outcome_record(p.Outcome.DISPLACED),
                 "outcome_ttl_ms": OUTCOME_TTL_MS,
                 "prefix_hashes": " ".join(prefix),
+                "model": spec.model,
+                "objective_ms": spec.ttft_objective_ms,
+                "best_effort": "1" if spec.best_effort else "0",
+                "default_due_ms": int(q.due_s * 1000),
             },
             rest=_flat(
                 _record_fields(record, self.sealer.seal_text(messages, f"messages:{spec.id}"))
@@ -625,11 +643,13 @@ class Jobs:
         tokens_used: int | None,
         outcome: p.Outcome,
         run_s: float | None = None,
+        ttft_s: float | None = None,
     ) -> None:
         """The job ended: free its places, leave its outcome record; correct the tenant's
         token bucket with the exact usage (``tokens_used``, prompt + completion; None when
         unknown). ``run_s``: how long it held its slot, for the model's service time (only
-        completed jobs count: a failure's time says nothing of the next job's)."""
+        completed jobs count: a failure's time says nothing of the next job's); ``ttft_s``:
+        its engine's time to its first token (a stream's), for the model's."""
         extra = 0 if tokens_used is None else tokens_used - spec.token_estimate
         await self._release(
             keys={
@@ -655,6 +675,7 @@ class Jobs:
                 "run_ms": -1
                 if run_s is None or outcome is not p.Outcome.COMPLETED
                 else int(run_s * 1000),
+                "ttft_ms": -1 if ttft_s is None else int(ttft_s * 1000),
             },
         )
 

@@ -210,7 +210,9 @@ MODELS_SERVED = "llmq:models:served"
 MODEL_PREFIX = "llmq:model:"
 # Parts of a model's keys (MODEL_PREFIX + model + part), also built by the scripts.
 ADMITTED_PART, DONE_PART, BAND_PART = ":admitted", ":done", ":band:"
-SERVICE_PART = ":service"  # hash: ms (a job's service time, smoothed), n (jobs measured)
+SERVICE_PART = ":service"  # hash: ms (a job's service time, smoothed), n (jobs measured),
+# ttft / ttft_at (the engine's time to first token, smoothed, and when last measured)
+DEADLINES_PART = ":deadlines"  # zset: "<band>:<key>:<job id>" -> its deadline (Redis ms)
 WAKE_MODEL = "model:"  # a wake-up for a model's workers: WAKE_MODEL + model
 
 
@@ -229,6 +231,18 @@ def model_done_key(model: str) -> str:
 def model_service_key(model: str) -> str:
     """How long the model's jobs take (workers update it as jobs complete): the ETA's base."""
     return MODEL_PREFIX + model + SERVICE_PART
+
+
+def model_deadlines_key(model: str) -> str:
+    """The model's waiting jobs that are dropped when their deadline passes unstarted
+    (``queue.waiting``), scored by that deadline; members are ``deadline_member``'s."""
+    return MODEL_PREFIX + model + DEADLINES_PART
+
+
+def deadline_member(band: str, tenant: str, job_id: str) -> str:
+    """What the drop needs of a job: its band queue (band, key) and id. Neither a band nor a
+    key name holds a ":"."""
+    return f"{band}:{tenant}:{job_id}"
 
 
 def model_bands_prefix(model: str) -> str:

@@ -38,6 +38,7 @@ class QueuedJob:
     tenant: str
     enqueued_at_ms: int
     model: str
+    due_ms: int = 0  # when it is due (its deadline, Redis ms): its key's jobs go in this order
 
     def spec(self) -> p.JobSpec:
         """Enough of the job to cancel it (its payload may have expired)."""
@@ -150,8 +151,8 @@ class JobRecords:
         return [m.decode() for m in await self.redis.zrevrange(names.MODELS, 0, -1)]
 
     async def queued_jobs(self) -> list[QueuedJob]:
-        """Every job waiting in a band queue, by model, then band (highest first), oldest
-        first."""
+        """Every job waiting in a band queue, by model, then band (highest first), then
+        due first (the order its key's jobs start in)."""
         out: list[QueuedJob] = []
         models = sorted(await self.models())
         for model in models:
@@ -161,13 +162,14 @@ class JobRecords:
                     rows = await self.redis.zrange(
                         names.band_queue_key(model, band, tenant), 0, -1, withscores=True
                     )
+                    if not rows:
+                        continue
+                    enqueued = await self.redis.zmscore(names.QUEUE, [i for i, _ in rows])
                     out += [
-                        QueuedJob(i.decode(), p.Band(band), tenant, int(ms), model)
-                        for i, ms in rows
+                        QueuedJob(i.decode(), p.Band(band), tenant, int(at or due), model, int(due))
+                        for (i, due), at in zip(rows, enqueued, strict=True)
                     ]
-        return sorted(
-            out, key=lambda j: (models.index(j.model), p.BANDS.index(j.band), j.enqueued_at_ms)
-        )
+        return sorted(out, key=lambda j: (models.index(j.model), p.BANDS.index(j.band), j.due_ms))
 
     async def running_jobs(self) -> list[tuple[str, str, str, str]]:
         """(job id, worker id, tenant, model) of every job a worker started and has not

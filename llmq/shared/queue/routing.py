@@ -51,10 +51,13 @@ older than ``record_ttl_ms`` or beyond ``record_max`` entries dropped) and the i
 (bounded by ``index_max``), and its prefix hash is deleted. Jobs that expired, already
 run or left the queue are dropped on the way.
 
-Returns {retry ms, then per job: id, queue score, depth held here, deepest held by a live
-worker, ms it was left (-1: never)}. (The queue score is the gateway's enqueue time: unlike
-arq, never compared with now, as nothing here is deferred and the gateway's clock may be
-ahead of the worker's; a job dropped for that was lost.)
+Before any of that, each model's waiting jobs whose time-to-first-token deadline passed are
+dropped (``queue.waiting``): a job that would start late is never sent to the engine.
+
+Returns {retry ms, {model, late jobs dropped, ...}, then per job: id, queue score, depth held
+here, deepest held by a live worker, ms it was left (-1: never)}. (The queue score is the
+gateway's enqueue time: unlike arq, never compared with now, as nothing here is deferred and
+the gateway's clock may be ahead of the worker's; a job dropped for that was lost.)
 """
 
 from __future__ import annotations
@@ -67,10 +70,12 @@ from redis.asyncio import Redis
 from llmq.shared.protocol import BANDS
 from llmq.shared.queue import names
 from llmq.shared.queue.lua import Registered, Script
+from llmq.shared.queue.waiting import LATE_LUA, REMOVE_LUA, WAITING_CONSTS, dropped_of, late_args
 
 # A prefix this worker picked less than this long ago is not written again (its record's
 # score, its place in the index): a hot system prompt costs its writes once a second.
 REFRESH_MS = 1000
+DROP_MOST = 64  # late jobs a pick drops per model before it takes any
 
 
 _HELPERS = """
@@ -218,7 +223,11 @@ end
 
 
 _BODY = """
-local out = {0}
+local out = {0, {}}
+for _, m in ipairs(models) do
+  local n = drop_late(m, DROP_MOST)
+  if n > 0 then table.insert(out[2], m) table.insert(out[2], n) end
+end
 local skipped, nskipped = {}, {}
 for _, band in ipairs(BANDS) do
   local waiting = {}
@@ -242,9 +251,10 @@ for _, band in ipairs(BANDS) do
       local c, held = choose(tenant_queue, model)
       if c then
         local id = c.id
+        local due = tonumber(redis.call('ZSCORE', tenant_queue, id))
         redis.call('ZREM', tenant_queue, id)
         redis.call('PSETEX', in_progress_prefix .. id, claim_ms, '1')
-        redis.call('HSET', claims, id, cjson.encode({tenant, model, band, c.score, now}))
+        redis.call('HSET', claims, id, cjson.encode({tenant, model, band, c.score, now, due}))
         record(c)
         redis.call('DEL', prefix_prefix .. id)
         local left = -1
@@ -274,12 +284,12 @@ PICK = Script(
     args=("in_progress_prefix", "job_prefix", "model_prefix", "limit", "claim_ms", "worker_id",
           "affinity", "max_wait_ms", "window", "record_max", "record_ttl_ms", "index_max",
           "prefix_prefix", "worker_prefix", "worker_jobs_prefix", "worker_claims_prefix",
-          "records_prefix"),
+          "records_prefix", "late_event", "late_outcome"),
     rest="models",
-    consts={"SEP": names.BAND_QUEUE_SEP, "BAND_PART": names.BAND_PART, "BANDS": BANDS,
-            "REFRESH_MS": REFRESH_MS},
+    consts={**WAITING_CONSTS, "SEP": names.BAND_QUEUE_SEP, "BAND_PART": names.BAND_PART,
+            "BANDS": BANDS, "REFRESH_MS": REFRESH_MS, "DROP_MOST": DROP_MOST},
     clock=True,
-    body=_HELPERS + _BODY,
+    body=REMOVE_LUA + LATE_LUA + _HELPERS + _BODY,
 )  # fmt: skip
 
 WINDOW = 8  # a key's oldest waiting jobs that cache-aware pickup chooses among
@@ -318,6 +328,7 @@ class Picked:
 class PickResult:
     jobs: list[Picked] = field(default_factory=list)
     retry_ms: int = -1  # look again then: a job left for a warmer worker may be taken (-1: none)
+    dropped: dict[str, int] = field(default_factory=dict)  # late jobs dropped, per model
 
 
 class Routing:
@@ -371,14 +382,15 @@ class Routing:
                 "worker_jobs_prefix": names.WORKER_JOBS_PREFIX,
                 "worker_claims_prefix": names.WORKER_CLAIMS_PREFIX,
                 "records_prefix": names.WORKER_PREFIXES_PREFIX,
+                **late_args(),
             },
             rest=models,
         )
         jobs = [
             Picked(flat[i].decode(), *(int(v) for v in flat[i + 1 : i + 5]))
-            for i in range(1, len(flat), 5)
+            for i in range(2, len(flat), 5)
         ]
-        return PickResult(jobs, int(flat[0]))
+        return PickResult(jobs, int(flat[0]), dropped_of(flat[1]))
 
     async def pick_jobs(
         self, models: tuple[str, ...], limit: int, in_progress_s: float, worker_id: str = ""

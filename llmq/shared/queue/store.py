@@ -6,6 +6,7 @@ parts, each part the owner of its scripts.
     store.routing   the pick: which waiting jobs a worker starts (queue.routing)
     store.readings  the queue and the fleet read back, a job's position (queue.readings)
     store.records   jobs read back: stored records, logs, payloads (queue.records)
+    store.deadlines the sweep of waiting jobs whose deadline passed (queue.waiting)
 
 API keys (``queue.apikeys``) and batches (``queue.batches``) have stores of their own.
 """
@@ -18,6 +19,7 @@ from llmq.shared.queue.jobs import Jobs
 from llmq.shared.queue.readings import Readings
 from llmq.shared.queue.records import JobRecords
 from llmq.shared.queue.routing import Routing
+from llmq.shared.queue.waiting import Deadlines
 from llmq.shared.queue.workers import Workers
 from llmq.shared.sealing import Sealer
 
@@ -43,3 +45,4 @@ class Store:
         self.routing = Routing(redis)
         self.readings = Readings(redis)
         self.records = JobRecords(redis, self.sealer)
+        self.deadlines = Deadlines(redis)

@@ -14,8 +14,8 @@ from llmq.shared.errors import WorkerLost
 from llmq.shared.protocol import OUTCOME_TTL_MS, StoredStatus
 from llmq.shared.queue import names
 from llmq.shared.queue.batch_records import failure_line
-from llmq.shared.queue.jobs import out_of_band
 from llmq.shared.queue.lua import Registered, Script
+from llmq.shared.queue.waiting import out_of_band
 
 # Workers whose heartbeat expired are dead (their records of cached prefixes go with them):
 # each job they had started loses its places,
@@ -98,8 +98,9 @@ return dead
 # A worker's claims older than ``min_age_ms`` whose job it is not running (``running``: the
 # ids it holds) never started: a pick whose reply was lost (Redis failed over or dropped
 # the connection after running the script). Each goes back to its tenant's queue in its
-# band, under its enqueue score, and its model's workers are woken; a claim whose job
-# ended or expired is dropped. Returns the number requeued.
+# band, under its deadline (its enqueue score, from a pick of an older version), and its
+# model's workers are woken; a claim whose job ended or expired is dropped. Returns the
+# number requeued.
 REQUEUE = Script(
     keys=("claims", "queue"),
     args=("job_prefix", "in_progress_prefix", "model_prefix", "wake", "min_age_ms"),
@@ -117,13 +118,13 @@ local flat = redis.call('HGETALL', claims)
 local n = 0
 for i = 1, #flat, 2 do
   local id = flat[i]
-  local c = cjson.decode(flat[i + 1])  -- {tenant, model, band, score, claimed ms}
+  local c = cjson.decode(flat[i + 1])  -- {tenant, model, band, score, claimed ms, due ms}
   if not skip[id] and now - tonumber(c[5]) >= tonumber(min_age_ms) then
     redis.call('HDEL', claims, id)
     if redis.call('EXISTS', job_prefix .. id) == 1 and redis.call('ZSCORE', queue, id) then
       local index = model_prefix .. c[2] .. BAND_PART .. c[3]
       redis.call('DEL', in_progress_prefix .. id)
-      redis.call('ZADD', index .. SEP .. c[1], c[4], id)
+      redis.call('ZADD', index .. SEP .. c[1], c[6] or c[4], id)
       redis.call('ZADD', index, 'NX', 0, c[1])
       redis.call('PUBLISH', wake, WAKE_MODEL .. c[2])
       n = n + 1
