@@ -1,6 +1,7 @@
 """Operator CLI for API keys (console script ``llmq-keys``; or ``python -m llmq.cli.llmq_keys``).
 
     llmq-keys create NAME [--max-concurrent N] [--rpm N] [--tpm N] [--priority high|normal|low]
+                          [--ttft-objective-ms MS]
     llmq-keys list
     llmq-keys show NAME
     llmq-keys update NAME [--max-concurrent N] [--rpm N] [--tpm N] [--priority ...]
@@ -33,6 +34,12 @@ def _limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm", type=int, metavar="N", help="requests per minute")
     p.add_argument("--tpm", type=int, metavar="N", help="tokens (prompt + completion) per minute")
     p.add_argument("--priority", choices=[b.value for b in Band])
+    p.add_argument(
+        "--ttft-objective-ms",
+        type=int,
+        metavar="MS",
+        help="its requests' default time-to-first-token objective (0: none)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +75,8 @@ def describe(key: ApiKey) -> str:
 
     return (
         f"{key.name}: priority={key.priority.value} max_concurrent={limit(key.max_concurrent)} "
-        f"rpm={limit(key.rpm)} tpm={limit(key.tpm)}"
+        f"rpm={limit(key.rpm)} tpm={limit(key.tpm)} "
+        f"ttft_objective_ms={key.ttft_objective_ms or 'none'}"
     )
 
 
@@ -78,6 +86,7 @@ def _limits(a: argparse.Namespace) -> KeyLimits:
         rpm=a.rpm,
         tpm=a.tpm,
         priority=Band(a.priority) if a.priority else None,
+        ttft_objective_ms=a.ttft_objective_ms,
     )
 
 

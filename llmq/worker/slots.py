@@ -93,7 +93,7 @@ class AdaptiveSlots:
             pass
         elif tpot > self.objective_s:
             self.slow_start = False
-            fits = math.floor(running * self.objective_s / tpot)
+            fits = math.floor(running * self.objective_s / tpot + 1e-9)
             self.limit = max(1, min(self.limit, fits, math.ceil(running) - 1))
         elif tpot < self.objective_s * (1 - HEADROOM) and peak >= self.limit and not self._hold:
             grown = self.limit * 2 if self.slow_start else self.limit + 1
