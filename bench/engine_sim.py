@@ -100,6 +100,7 @@ class SimConfig:
     # in tokens beyond which the latest request is preempted (0: none).
     itl_curve: str = ""
     kv_tokens: int = 0
+    prefill_parallel: int = 1  # prefills at once under load (1: one at a time, as on CPU)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -172,7 +173,9 @@ class Simulator:
         self.tags: collections.deque[str] = collections.deque(maxlen=10_000)
         self.recorded: dict[str, Any] = {}  # "record" knob -> the request's messages, tools
         self.cache = PrefixCache(config.prefix_cache_tokens)
-        self.load = LoadModel(config.itl_curve, config.kv_tokens, config.prefill_us_per_token)
+        self.load = LoadModel(
+            config.itl_curve, config.kv_tokens, config.prefill_us_per_token, config.prefill_parallel
+        )
 
     def _serves(self, model: str, *, probe: bool) -> bool:
         """Whether this engine serves ``model``; counted per model (probes apart)."""
@@ -451,7 +454,7 @@ class Simulator:
                 await asyncio.sleep(k["ttft"])
             else:
                 await seq.admitted.wait()
-                await self.load.prefill_for(k["ttft"])  # one prefill at a time
+                await self.load.prefill_for(k["ttft"])  # prefill_parallel at a time
             frames = (
                 self._tool_call(rid, k, prompt, usage)
                 if k["tool_call"]

@@ -13,10 +13,11 @@ the simulator's streams:
 - ``kv_tokens``: the budget in tokens (0: none, nothing waits or is preempted);
 - ``prefill_us_per_token``: a preempted request's recompute (prompt + answer so far)
   costs this per token, as a new prompt's prefill does (``engine_sim._prefill``);
-- prefills (a new request's time to first token, a recompute) run one at a time
-  (``prefill``), each slowed as the batch's steps are (``prefill_s``): the engine's compute
-  is shared, so a request's first token waits for the prefills before it and for the
-  running batch, as on vLLM's CPU build (``bench.engine_curve`` compares them).
+- prefills (a new request's time to first token, a recompute) run ``prefill_parallel`` at a
+  time (``prefill``; 1 by default), each slowed as the batch's steps are (``prefill_s``):
+  the engine's compute is shared, so a request's first token waits for the prefills before
+  it and for the running batch, as on vLLM's CPU build (``bench.engine_curve`` compares
+  them; a GPU engine batches many prompts into one step: a higher ``prefill_parallel``).
 
 ``preemptions`` and ``waiting`` are what the simulator's ``/metrics`` exports under vLLM's
 names (``vllm:num_preemptions_total``, ``vllm:num_requests_waiting``).
@@ -72,7 +73,9 @@ class Seq:
 
 
 class LoadModel:
-    def __init__(self, curve: str, kv_tokens: int, prefill_us_per_token: float) -> None:
+    def __init__(
+        self, curve: str, kv_tokens: int, prefill_us_per_token: float, prefill_parallel: int = 1
+    ) -> None:
         self.points = parse_curve(curve)
         self.kv_tokens = kv_tokens
         self.prefill_us = prefill_us_per_token
@@ -82,7 +85,7 @@ class LoadModel:
         self.used = 0
         self.preemptions = 0
         self._order = itertools.count()
-        self.prefill = asyncio.Lock()  # one prefill at a time
+        self.prefill = asyncio.Semaphore(max(1, prefill_parallel))
 
     @property
     def active(self) -> bool:
