@@ -14,7 +14,7 @@ workload, the same arrivals in every run (``--seed``):
 - **chat** (key ``app``): time-to-first-token objective 500 ms, time per output token 50 ms,
   48 tokens; Poisson arrivals at 3/s, bursts of 14/s for 5 s at 5 s and 25 s;
 - **agent** steps (the same key ``app``): objective 10 s, 160 tokens, 1.5/s;
-- **batch** (key ``batch``, band low): 16 clients sending 128-token requests back to back,
+- **batch** (key ``batch``, band low): 32 clients sending 128-token requests back to back,
   a backlog that takes whatever capacity is left.
 
 Runs: ``fifo`` (MAX_ACTIVE ``--fixed``, no objective sent: every job due at QUEUE_TIMEOUT_S,
@@ -60,7 +60,7 @@ CURVE = "1:20,8:30,19:50,32:80,64:160"
 KV_TOKENS = 6000
 TPOT_OBJECTIVE_MS = 50
 TPOT_KEPT_MS = 45  # the workers' TPOT_OBJECTIVE_MS with MAX_ACTIVE=auto
-BATCH_LANES = 16
+BATCH_LANES = 32
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,28 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
         ("Rejections by reason", [(rate("api_rejections_total", "reason"), "{{reason}}")],
          "reqps", "429/503/504 and cancellations, by reason", 8),
     ]),
+    ("Service levels", 8, [
+        ("Objective attainment by band", [(
+            f'sum by (band) (rate(api_ttft_objective_total{{{GW},result="met"}}[{RI}])) / '
+            f"clamp_min(sum by (band) (rate(api_ttft_objective_total{{{GW}}}[{RI}])), 1e-9)",
+            "{{band}}")], "percentunit",
+         "Requests with a time-to-first-token objective that met it (missed, refused as "
+         "unattainable and dropped at their deadline count against it), per band", 8),
+        ("Deadline refusals", [(
+            f"sum by (band, reason) (rate(api_deadline_refusals_total{{{GW}}}[{RI}]))",
+            "{{band}} {{reason}}"),
+            (f"sum by (model) (rate(worker_jobs_dropped_late_total{{{GW}}}[{RI}]))",
+             "dropped by workers {{model}}")], "reqps",
+         "unattainable: refused at admission (predicted first token past the objective); "
+         "expired: dropped when its deadline passed in the queue (never run)", 8),
+        ("Slots and time per token (MAX_ACTIVE=auto)", [
+            (f"sum by (instance) (worker_max_active{{{GW}}})", "slots {{instance}}"),
+            (f"max by (instance) (worker_engine_tpot_seconds{{{GW}}}) * 1000",
+             "TPOT ms {{instance}}"),
+        ], "short", "Each worker's live slot limit and its engine's mean time per output token "
+           "(ms) in the last window; the limit backs off on preemption or a TPOT over "
+           "TPOT_OBJECTIVE_MS", 8),
+    ]),
     ("Tenants", 8, [
         ("Top keys by tokens/s", [(
             f"topk(10, sum by (key) (rate(api_tenant_tokens_total{{{GW}}}[{RI}])))", "{{key}}")],

@@ -202,6 +202,9 @@ def _span(
         "llmq.band": spec.band.value,
         "llmq.stored": spec.stored,
     }
+    if spec.ttft_objective_ms:
+        attributes["llmq.ttft_objective_ms"] = spec.ttft_objective_ms
+        attributes["llmq.deadline_policy"] = "best-effort" if spec.best_effort else "drop"
     limit = (body.max_tokens or body.max_completion_tokens) if body is not None else None
     if limit:
         attributes[tracing.REQUEST_MAX_TOKENS] = limit

@@ -49,7 +49,8 @@ def env_example() -> dict[str, str]:
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} (enough for this file)."""
+    """Compose's ${VAR}, ${VAR:-default} (the default itself interpolated: nested),
+    ${VAR:?error} (enough for this file)."""
 
     def sub(m: re.Match[str]) -> str:
         name, op, arg = m.group(1), m.group(2), m.group(3)
@@ -57,7 +58,7 @@ def interpolate(text: str, env: dict[str, str]) -> str:
             return env[name]
         if op and op.endswith("?"):
             raise KeyError(f"{name} is required: {arg}")
-        return arg or ""
+        return interpolate(arg, env) if arg else ""
 
     return _VAR.sub(sub, text)
 

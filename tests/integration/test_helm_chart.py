@@ -135,7 +135,8 @@ def test_ports_and_probes_match_what_the_processes_serve(example: tuple[Path, li
         vllm_port = {p["name"]: p["containerPort"] for p in vllm["ports"]}["vllm"]
         assert wenv["VLLM_URL"] == f"http://127.0.0.1:{vllm_port}", "the engine in its pod"
         assert vllm["args"][vllm["args"].index("--port") + 1] == str(vllm_port)
-        assert vllm["args"][vllm["args"].index("--max-num-seqs") + 1] == wenv["MAX_ACTIVE"]
+        slots = wenv.get("MAX_ACTIVE_CEILING", wenv["MAX_ACTIVE"])
+        assert vllm["args"][vllm["args"].index("--max-num-seqs") + 1] == slots
         metrics = {p["name"]: p["containerPort"] for p in worker["ports"]}["metrics"]
         assert int(wenv["WORKER_METRICS_PORT"]) == metrics
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -412,3 +413,27 @@ def test_tracing_passes_the_otel_variables_and_points_vllm_at_the_same_backend()
 
 def test_an_empty_model_list_is_refused() -> None:
     assert "models is empty" in render_error(None)
+
+
+def test_a_model_with_a_time_per_token_objective_sizes_its_slots(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``tpotObjectiveMs``: the worker runs MAX_ACTIVE=auto up to maxActive (vLLM's
+    --max-num-seqs), keeping that time per token; the settings load as the worker's would."""
+    values = yaml.safe_load(ONE_MODEL.read_text())
+    values["models"][0]["tpotObjectiveMs"] = 50
+    values.setdefault("config", {})["TTFT_OBJECTIVE_MS"] = '{"high": 500}'
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    docs = render(tmp_path / "values.yaml")
+    model = next(d for d in of_kind(docs, "Deployment") if "-model-" in d["metadata"]["name"])
+    vllm, worker = container(model, "vllm"), env_values(container(model, "worker"))
+    assert worker["MAX_ACTIVE"] == "auto"
+    assert worker["MAX_ACTIVE_CEILING"] == vllm["args"][vllm["args"].index("--max-num-seqs") + 1]
+    assert worker["TPOT_OBJECTIVE_MS"] == "50"
+    for name in ("MAX_ACTIVE", "MAX_ACTIVE_CEILING", "TPOT_OBJECTIVE_MS", "TTFT_OBJECTIVE_MS"):
+        monkeypatch.setenv(name, worker.get(name, '{"high": 500}'))
+    settings = Settings()
+    assert settings.adaptive_slots
+    assert settings.ttft_objective_ms == {"high": 500}
+    gateway = env_values(container(named(docs, "Deployment", f"{FULL}-gateway"), "gateway"))
+    assert gateway["TTFT_OBJECTIVE_MS"] == '{"high": 500}'
