@@ -133,8 +133,8 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
         ("Deadline refusals", [(
             f"sum by (band, reason) (rate(api_deadline_refusals_total{{{GW}}}[{RI}]))",
             "{{band}} {{reason}}"),
-            (f"sum by (model) (rate(worker_jobs_dropped_late_total{{{GW}}}[{RI}]))",
-             "dropped by workers {{model}}")], "reqps",
+            (f"sum(rate(worker_jobs_dropped_late_total{{{GW}}}[{RI}]))",
+             "dropped by workers")], "reqps",
          "unattainable: refused at admission (predicted first token past the objective); "
          "expired: dropped when its deadline passed in the queue (never run)", 8),
         ("Slots and time per token (MAX_ACTIVE=auto)", [

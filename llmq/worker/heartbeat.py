@@ -147,7 +147,7 @@ async def heartbeat_loop(rt: Runtime) -> None:
 def count_dropped(rt: Runtime, dropped: dict[str, int]) -> None:
     """Late jobs a pick or the sweep dropped (their deadline passed unstarted)."""
     for model, n in dropped.items():
-        rt.metrics.dropped_late.labels(model).inc(n)
+        rt.metrics.dropped_late.inc(n)
         logger.info("%d job(s) of %s dropped: their deadline passed in the queue", n, model)
 
 

@@ -49,8 +49,7 @@ class WorkerMetrics:
         self.dropped_late = Counter(
             "worker_jobs_dropped_late",
             "Waiting jobs dropped because their time-to-first-token deadline passed (by the "
-            "pick or the sweep of this worker), by model",
-            ["model"],
+            "pick or the sweep of this worker; the gateways count them per model and band)",
             registry=r,
         )
         self.undecryptable = Counter(

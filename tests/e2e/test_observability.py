@@ -70,6 +70,16 @@ async def drive_load(url: str, rdb: redis.Redis) -> list[int]:
         await asyncio.to_thread(wait_for, lambda: admitted(rdb) == 0, 30, "the slot to be free")
         more = [
             await c.post(url + "/v1/chat/completions", json={**body, "stream": False}),
+            # Service levels: one objective met, one that cannot be (the engine's measured
+            # time to first token alone exceeds 1 ms).
+            await c.post(
+                url + "/v1/chat/completions",
+                json={**body, "stream": False},
+                headers={"X-TTFT-Objective-Ms": "60000"},
+            ),
+            await c.post(
+                url + "/v1/chat/completions", json=body, headers={"X-TTFT-Objective-Ms": "1"}
+            ),
             await c.post(url + "/v1/chat/completions", json={**body, "model": "nope"}),
             await c.post(url + "/v1/chat/completions", json={"model": MODEL}),
         ]
@@ -92,7 +102,7 @@ def test_every_dashboard_and_alert_query_works_on_real_data(
     )
     stack.procs.append(prom)
     statuses = asyncio.run(drive_load(gw.url, rdb))
-    assert sorted(statuses) == [200, 200, 400, 404, 429, 429], statuses
+    assert sorted(statuses) == [200, 200, 200, 400, 404, 429, 429, 429], statuses
     wait_for(
         lambda: (
             bool(query(prom, 'api_rejections_total{reason="server_busy"} > 0'))
@@ -103,10 +113,12 @@ def test_every_dashboard_and_alert_query_works_on_real_data(
     )
     # Series born during the load (one per status) need two samples before rate() has any.
     two_samples = 'min(count_over_time(api_requests_total{route="/v1/chat/completions"}[1m])) >= 2'
+    objectives = "min(count_over_time(api_deadline_refusals_total[1m])) >= 2"
     wait_for(
         lambda: (
             bool(query(prom, "rate(api_completion_tokens_total[1m]) > 0"))
             and bool(query(prom, two_samples))
+            and bool(query(prom, objectives))
         ),
         30,
         "two scrapes after the load",

