@@ -215,6 +215,14 @@ class GatewayMetrics:
         )
         for status in BATCH_ACTIVE:
             self.batches.labels(status)
+        self.fallbacks = Counter(
+            "api_model_fallbacks",
+            "Requests a model could not take sent to one of its MODEL_FALLBACKS, by requested "
+            "and serving model and reason (unavailable: no ready engine; busy: its queue "
+            "refused them)",
+            ["requested", "served", "reason"],
+            registry=r,
+        )
         self.deadline_refusals = Counter(
             "api_deadline_refusals",
             "Requests refused (unattainable) or dropped from the queue (expired) because their "

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmq.gateway.error_handlers import render
+from llmq.gateway.fallbacks import FALLBACK_HEADER
 from llmq.gateway.state import GatewayState
 from llmq.shared import tracing
 from llmq.shared.errors import RequestTooLarge, ServiceError
@@ -65,10 +66,12 @@ class GatewayMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 limits = state.get("ratelimit_headers") or {}
+                fallback = state.get("fallback")
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", state["request_id"].encode()),
                     *((k.encode(), v.encode()) for k, v in limits.items()),
+                    *(((FALLBACK_HEADER.encode(), fallback.encode()),) if fallback else ()),
                 ]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))

@@ -136,6 +136,10 @@ class JobRelay:
         except DeadlineUnattainable:  # dropped at its deadline (here, or by a pick)
             self.metrics.deadline(self.spec.model, self.spec.band.value, "expired")
             raise
+        except QueueTimeout:  # a best-effort request that never started: not on time
+            if self.spec.ttft_objective_ms:
+                self.metrics.objective.labels(self.spec.model, self.spec.band.value, "missed").inc()
+            raise
         objective = self.spec.ttft_objective_ms
         if objective:
             t = self.timings

@@ -215,7 +215,7 @@ async def create(request: Request, st: StateDep, tenant: TenantDep) -> Response:
     )  # fmt: skip
     relay.detached = req.background  # a foreground response's client leaving cancels it
     headers = {OMITTED_HEADER: ",".join(omitted)} if omitted else {}
-    builder = ResponseBuilder(rid, spec.model, spec.enqueued_at_ms // 1000, fields, names)
+    builder = ResponseBuilder(rid, relay.spec.model, spec.enqueued_at_ms // 1000, fields, names)
     if req.background and not req.stream:
         await relay.close(client_gone=False)  # detached: it runs on; nothing to follow here
         out = builder.response()

@@ -22,6 +22,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, StatusCode
 
 from llmq.gateway.admission import ratelimit_headers
 from llmq.gateway.body import check_max_tokens, check_stored_size, check_tools
+from llmq.gateway.fallbacks import BUSY, Candidate, candidates
 from llmq.gateway.relay import JobRelay, Timings, until_disconnect
 from llmq.gateway.state import GatewayState
 from llmq.gateway.tenant import Tenant
@@ -77,21 +78,31 @@ async def submit(
     Idempotency-Key (``Attach`` when it names an earlier job of the same body)."""
     spec = with_objective(spec, request, tenant, st.settings)
     span = _span(spec, body, tenant, st.settings.trace_content)
-    try:
-        capacity = st.admission.check_ready(spec.model)
-        request.state.model = spec.model  # a known model: the metrics' label
-        _check(st, spec, body)
-        sub = await st.subs.subscribe(spec.id)  # before enqueue: pub/sub keeps no backlog
-    except BaseException as exc:
-        end_span(span, exc)
-        raise
     if tracing.enabled():  # the job (and a stored job's record) carries the request's trace
         spec = spec.model_copy(update={"trace": tracing.carrier(span)})
         if record is not None:
             record = record.model_copy(update={"trace": spec.trace})
+    requested = spec.model
+    try:
+        ready = candidates(
+            spec,
+            st.settings.model_fallbacks.get(spec.model, ()),
+            record,
+            lambda job: _capacity(st, job, body),
+        )
+        request.state.model = ready[0].spec.model  # a known model: the metrics' label
+        sub = await st.subs.subscribe(spec.id)  # before enqueue: pub/sub keeps no backlog
+    except BaseException as exc:
+        end_span(span, exc)
+        raise
     relay = JobRelay(spec, sub, st.subs, st.store, st.settings, st.metrics, timings, span=span)
     try:
-        result = await st.admission.admit(spec, capacity, tenant, record, idempotency, kept)
+        result, chosen = await _admit(st, ready, tenant, idempotency, kept)
+        spec = relay.spec = chosen.spec
+        capacity = chosen.capacity
+        request.state.model = spec.model
+        if spec.model != requested and result.admitted:
+            _fell_back(st, request, span, requested, spec.model, ready[0].spec.model)
         _admitted(span, result)
         if result.status == AdmitStatus.IDEMPOTENT:
             prior_id, _, digest = result.prior.partition(" ")
@@ -123,18 +134,52 @@ async def submit(
     return relay, result
 
 
-def _check(
+def _capacity(
     st: GatewayState, spec: JobSpec, body: ChatCompletionRequest | CompletionRequest | None
-) -> None:
-    """What the model and the request's caps allow, before anything is queued."""
+) -> int:
+    """The model's capacity, after what it and the request's caps allow (refusals raise),
+    before anything is queued."""
+    capacity = st.admission.check_ready(spec.model)
     st.admission.check_kind(spec.model, spec.api)
     if body is None:
-        return
+        return capacity
     check_max_tokens(body, st.settings.max_tokens_cap or st.registry.max_model_len(spec.model))
     if isinstance(body, ChatCompletionRequest):
         check_tools(body, st.registry.auto_tools(spec.model))
     if spec.stored:
         check_stored_size(body, st.settings.store_max_tokens)
+    return capacity
+
+
+async def _admit(
+    st: GatewayState,
+    ready: list[Candidate],
+    tenant: Tenant,
+    idempotency: tuple[str, str] | None,
+    kept: str,
+) -> tuple[AdmitResult, Candidate]:
+    """Admitted by the first candidate that takes the job (``gateway.fallbacks``: a busy
+    model's refusal sends it on to the next); none: the first one's refusal."""
+    first: tuple[AdmitResult, Candidate] | None = None
+    for n, c in enumerate(ready):
+        result = await st.admission.admit(c.spec, c.capacity, tenant, c.record, idempotency, kept)
+        if result.status not in BUSY or n == len(ready) - 1:
+            if not result.admitted and first is not None and result.status in BUSY:
+                return first
+            return result, c
+        first = first or (result, c)
+    raise AssertionError("unreachable: there is always a candidate")
+
+
+def _fell_back(
+    st: GatewayState, request: Request, span: Span, requested: str, served: str, first: str
+) -> None:
+    """Say it (header, span, metric, log): the request's model could not take it."""
+    reason = "busy" if first == requested else "unavailable"
+    request.state.fallback = f"{requested} -> {served}"
+    st.metrics.fallbacks.labels(requested, served, reason).inc()
+    span.set_attribute("llmq.fallback", request.state.fallback)
+    logger.info("request for %s sent to %s (%s)", requested, served, reason)
 
 
 OBJECTIVE_HEADER = "x-ttft-objective-ms"

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='public names of served models, JSON: {"gpt-4o-mini": "Qwen2.5-7B-Instruct"}',
     )
+    model_fallbacks: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
+        default_factory=dict,
+        description="JSON object: model -> the models (in order) that take its requests when "
+        'it has no ready engine or cannot take them in time: {"big": ["small"]}',
+    )
     model_memory_s: float = Field(
         3600.0,
         gt=0,
@@ -324,7 +329,13 @@ class Settings(BaseSettings):
                 data["max_active"] = data.get("max_active_ceiling", 64)
         return data
 
-    @field_validator("queue_max_per_model", "model_aliases", "ttft_objective_ms", mode="before")
+    @field_validator(
+        "queue_max_per_model",
+        "model_aliases",
+        "ttft_objective_ms",
+        "model_fallbacks",
+        mode="before",
+    )
     @classmethod
     def _json_object(cls, value: object) -> object:
         if isinstance(value, str):
@@ -353,6 +364,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"alias {alias!r} must name another, non-empty model")
             if target in value:
                 raise ValueError(f"alias {alias!r} names an alias ({target!r}): name the model")
+        return value
+
+    @field_validator("model_fallbacks")
+    @classmethod
+    def _check_fallbacks(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for model, others in value.items():
+            if not model or any(not m or m == model for m in others):
+                raise ValueError(f"the fallbacks of {model!r} must name other, non-empty models")
+            if len(set(others)) != len(others):
+                raise ValueError(f"the fallbacks of {model!r} name a model twice")
         return value
 
     @field_validator("ttft_objective_ms")
