@@ -274,6 +274,7 @@ def test_attainment_counts_what_met_its_objective(stack: Stack, rdb: redis.Redis
         assert ok.status_code == 200
     assert metric(gw, "api_ttft_objective_total", result="met", band="normal") == 3
     assert metric(gw, "api_ttft_objective_total", result="missed") == 0
+    assert rdb.zcard("llmq:model:sim-model:deadlines") == 0, "started: no deadline kept"
 
 
 # -- MAX_ACTIVE=auto on a loaded simulator -------------------------------------------------

@@ -264,10 +264,11 @@ return ABORT_REQUESTED
 # runs), now lives
 # as long as the job may run (arq deletes it when the job ends): what operators read
 # (llmq-jobs show, GET arq:job:<id>) is there while it runs. A longer expiry (a batch
-# request's window) is kept.
+# request's window) is kept. A job with a deadline leaves the model's deadlines
+# (``deadline_member``, "": none): it started in time.
 START = Script(
-    keys=("admitted", "tenant_admitted", "worker_jobs", "stored", "job", "claims"),
-    args=("job_id", "hold_ms", "tenant", "model"),
+    keys=("admitted", "tenant_admitted", "worker_jobs", "stored", "job", "claims", "deadlines"),
+    args=("job_id", "hold_ms", "tenant", "model", "deadline_member"),
     consts={**_STORED, "PAYLOAD_SLACK_MS": PAYLOAD_SLACK_MS},
     clock=True,
     body="""
@@ -280,6 +281,7 @@ if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', job, keep) end
 local deadline = now + tonumber(hold_ms)
 redis.call('HSET', worker_jobs, job_id, cjson.encode({tenant, model}))
 redis.call('HDEL', claims, job_id)
+if deadline_member ~= '' then redis.call('ZREM', deadlines, deadline_member) end
 redis.call('ZADD', tenant_admitted, 'XX', deadline, job_id)
 return redis.call('ZADD', admitted, 'XX', deadline, job_id)
 """,
@@ -627,12 +629,16 @@ class Jobs:
                 "stored": names.stored_key(spec.id),
                 "job": names.job_key(spec.id),
                 "claims": names.worker_claims_key(worker_id),
+                "deadlines": names.model_deadlines_key(spec.model),
             },
             args={
                 "job_id": spec.id,
                 "hold_ms": int(hold_s * 1000),
                 "tenant": spec.tenant,
                 "model": spec.model,
+                "deadline_member": names.deadline_member(spec.band.value, spec.tenant, spec.id)
+                if spec.ttft_objective_ms and not spec.best_effort
+                else "",
             },
         )
 

@@ -241,8 +241,8 @@ def model_deadlines_key(model: str) -> str:
 
 def deadline_member(band: str, tenant: str, job_id: str) -> str:
     """What the drop needs of a job: its band queue (band, key) and id. Neither a band nor a
-    key name holds a ":"."""
-    return f"{band}:{tenant}:{job_id}"
+    key name holds a ":" (BAND_QUEUE_SEP)."""
+    return f"{band}{BAND_QUEUE_SEP}{tenant}{BAND_QUEUE_SEP}{job_id}"
 
 
 def model_bands_prefix(model: str) -> str:

@@ -6,8 +6,9 @@ The Lua here is shared by the scripts that remove such jobs: ``REMOVE_LUA`` take
 of every queue and place it holds, leaves its outcome, fails a stored job's record (the
 error in its log) and tells whoever waits for it; ``LATE_LUA`` drops a model's jobs whose
 deadline passed. A job with a deadline that may be dropped (an objective, not best-effort)
-is in its model's ``model_deadlines_key`` zset, scored by its deadline; entries of jobs that
-started or ended are removed when their deadline comes (started jobs are never touched).
+is in its model's ``model_deadlines_key`` zset, scored by its deadline, until it starts
+(``START`` removes it) or its deadline comes (a job that ended otherwise, cancelled or
+expired, only leaves the zset then; started jobs are never touched).
 """
 
 from __future__ import annotations
