@@ -35,8 +35,6 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from redis.asyncio import Redis
 
 from bench.processes import (
     Proc,
@@ -55,6 +54,8 @@ from bench.processes import (
     wait_for,
 )
 from llmq.shared import sse
+from llmq.shared.protocol import Band, KeyLimits
+from llmq.shared.queue.apikeys import KeyStore
 
 CURVE = "1:20,8:30,19:50,32:80,64:160"
 KV_TOKENS = 6000
@@ -206,13 +207,16 @@ async def workload(url: str, secrets: dict[str, str], seconds: float, seed: int,
         return results, time.monotonic() - t0
 
 
-def _key(redis_url: str, name: str, *flags: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "llmq.cli.llmq_keys", "create", name, *flags],
-        env={"REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return out.stdout.strip().splitlines()[-1]
+async def _keys(redis_url: str) -> dict[str, str]:
+    """The workload's API keys (``app``, and ``batch`` in the low band): their secrets."""
+    redis = Redis.from_url(redis_url)
+    try:
+        store = KeyStore(redis)
+        _, app = await store.create("app", KeyLimits())
+        _, batch = await store.create("batch", KeyLimits(priority=Band.LOW))
+        return {"app": app, "batch": batch}
+    finally:
+        await redis.aclose()
 
 
 def one_run(label: str, slots: str, deadlines: bool, a: argparse.Namespace) -> Run:
@@ -242,8 +246,7 @@ def one_run(label: str, slots: str, deadlines: bool, a: argparse.Namespace) -> R
                 procs.append(start_worker(logdir, env))
             gw = start_gateway(logdir, service_env(redis_url, sims[0].url, **settings))
             procs.append(gw)
-            secrets = {"app": _key(redis_url, "app"),
-                       "batch": _key(redis_url, "batch", "--priority", "low")}  # fmt: skip
+            secrets = asyncio.run(_keys(redis_url))
             wait_for(
                 lambda: httpx.get(gw.url + "/health").json().get("capacity", 0) > 0,
                 30, "capacity",

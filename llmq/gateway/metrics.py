@@ -242,7 +242,10 @@ class GatewayMetrics:
     def deadline(self, model: str, band: str, reason: str) -> None:
         """A request with an objective refused (``unattainable``) or dropped (``expired``)."""
         self.deadline_refusals.labels(model, band, reason).inc()
-        result = "refused" if reason == "unattainable" else "dropped"
+        self.objective_result(model, band, "refused" if reason == "unattainable" else "dropped")
+
+    def objective_result(self, model: str, band: str, result: str) -> None:
+        """What became of a request with an objective (OBJECTIVE_RESULTS)."""
         self.objective.labels(model, band, result).inc()
 
     def reject(self, code: str | None, tenant: str | None = None, model: str = "") -> None:

@@ -138,7 +138,7 @@ class JobRelay:
             raise
         except QueueTimeout:  # a best-effort request that never started: not on time
             if self.spec.ttft_objective_ms:
-                self.metrics.objective.labels(self.spec.model, self.spec.band.value, "missed").inc()
+                self.metrics.objective_result(self.spec.model, self.spec.band.value, "missed")
             raise
         objective = self.spec.ttft_objective_ms
         if objective:
@@ -146,7 +146,7 @@ class JobRelay:
             # A stream's first token; a whole answer's start (its first token is not seen).
             ttft = (t.first if self.spec.stream else t.started) - t.arrived
             met = "met" if ttft * 1000 <= objective else "missed"
-            self.metrics.objective.labels(self.spec.model, self.spec.band.value, met).inc()
+            self.metrics.objective_result(self.spec.model, self.spec.band.value, met)
         return event
 
     async def _open(self) -> Event:

@@ -118,10 +118,6 @@ async def _stream(
             if kind == "usage":
                 usage = value or usage
                 continue
-            if slots is not None and not first and kind == "delta":
-                now = time.monotonic()
-                slots.sample(now - last, interval, rt.active)
-                last = now
             if first:
                 t_first = last = time.monotonic()
                 t_first_wall = time.time()
@@ -129,6 +125,10 @@ async def _stream(
                 rt.metrics.engine_ttft.observe(t_first - t0, exemplar=tracing.exemplar())
                 await pub.announced()
                 first = False
+            elif slots is not None and kind == "delta":
+                now = time.monotonic()
+                slots.sample(now - last, interval, rt.active)
+                last = now
             if kind == "delta":
                 await pub.send(EventType.CHUNK, value)
                 continue
