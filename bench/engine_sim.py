@@ -33,6 +33,15 @@ jobs into one engine request does). A generative engine also serves legacy
 ``{"sim": {"tag": "x"}}`` records "x" in ``tags`` of ``/sim/stats``, in the order requests
 reached the engine (what the priority and fairness tests read).
 
+Continuation, as vLLM's: a chat request with ``continue_final_message: true`` whose last
+message is the assistant's answer so far ("tok0 tok1 ... tok4 ") goes on from the next token
+("tok5 "), as if it had never stopped: the same text in the end, ``max_tokens`` counted
+from there; its prompt counts the answer so far, one token a word. ``POST /tokenize``
+counts a prompt as the usage does (chat ``messages`` with ``continue_final_message``, or a
+``prompt``). ``POST /sim/sick`` makes the engine fail as a dead vLLM engine core does
+(every generation a 500, ``/health`` a 500; ``/v1/models`` still answers), ``POST
+/sim/well`` ends that.
+
 ``--itl-curve "1:10,8:14,32:30"`` makes the time between tokens grow with the running batch,
 ``--kv-tokens N`` gives it a KV cache budget (the latest request is preempted beyond it, and
 stalls until recomputed; new ones wait), and ``--prefill-us-per-token`` makes prefill grow
@@ -132,13 +141,27 @@ def sim_vector(value: Any, dim: int) -> list[float]:
     return list(struct.unpack(f"<{dim}f", struct.pack(f"<{dim}f", *(v / norm for v in vector))))
 
 
-def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
+def _prompt_tokens(messages: list[dict[str, Any]], continued: bool = False) -> int:
+    """A prompt's tokens: 4 per message and one per word; a continued final message (the
+    answer so far) counts its words only (its header is the generation prompt's, free)."""
     total = 0
-    for m in messages:
+    for i, m in enumerate(messages):
         content = m.get("content")
         text = content if isinstance(content, str) else json.dumps(content)
-        total += 4 + len(text.split())
+        last = continued and i == len(messages) - 1
+        total += (0 if last else 4) + len(text.split())
     return total
+
+
+def _continued(body: dict[str, Any]) -> str | None:
+    """The answer so far a request continues (vLLM's ``continue_final_message``), or None."""
+    messages = body.get("messages") or []
+    if not body.get("continue_final_message") or not messages:
+        return None
+    last = messages[-1]
+    if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+        return None
+    return str(last["content"])
 
 
 AUTO_TOOLS_REFUSED = (
@@ -172,6 +195,7 @@ class Simulator:
         # The "tag" knob of each request, in the order they reached the engine (bounded).
         self.tags: collections.deque[str] = collections.deque(maxlen=10_000)
         self.recorded: dict[str, Any] = {}  # "record" knob -> the request's messages, tools
+        self.sick = False  # failing as a dead engine core (POST /sim/sick, /sim/well)
         self.cache = PrefixCache(config.prefix_cache_tokens)
         self.load = LoadModel(
             config.itl_curve, config.kv_tokens, config.prefill_us_per_token, config.prefill_parallel
@@ -187,16 +211,19 @@ class Simulator:
     def knobs(self, body: dict[str, Any]) -> dict[str, Any]:
         over = body.get("sim") or {}
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        tokens = int(over.get("tokens", limit or self.config.tokens))
+        so_far = _continued(body)
+        start = len(so_far.split()) if so_far is not None else 0  # tokens already made
+        tokens = int(over.get("tokens", start + int(limit) if limit else self.config.tokens))
         if limit:
-            tokens = min(tokens, int(limit))
+            tokens = min(tokens, start + int(limit))
         return {
+            "start": start,
             "ttft": float(over.get("ttft_ms", self.config.ttft_ms)) / 1000,
             "itl": float(over.get("itl_ms", self.config.itl_ms)) / 1000,
             # the request's own pace, kept under load (None: the load model's curve)
             "itl_fixed": float(over["itl_ms"]) / 1000 if "itl_ms" in over else None,
             "tokens": tokens,
-            "finish": "length" if limit and tokens >= int(limit) else "stop",
+            "finish": "length" if limit and tokens - start >= int(limit) else "stop",
             "fail_status": over.get("fail_status"),
             "hang": bool(over.get("hang", False)),
             "drop_after": over.get("drop_after"),
@@ -302,14 +329,14 @@ class Simulator:
             return _error(400, "invalid body")
         if not self._serves(str(body.get("model")), probe=bool(request.headers.get(PROBE_HEADER))):
             return _error(404, f"The model `{body.get('model')}` does not exist.")
-        auto = body.get("tools") and body.get("tool_choice", "auto") == "auto"
-        if auto and not self.config.auto_tools:  # vLLM's own words
-            return _error(400, AUTO_TOOLS_REFUSED)
+        refused = self._refusal(body)
+        if refused is not None:
+            return refused
         k = self.knobs(body)
         k["api"] = api
         k["traceparent"] = request.headers.get("traceparent")  # a traced caller's context
         self._note(k, body)
-        prompt = _prompt_tokens(messages)
+        prompt = _prompt_tokens(messages, continued=k["start"] > 0)
         if prompt + k["tokens"] > self.config.max_model_len:
             return _error(
                 400, f"This model's maximum context length is {self.config.max_model_len} tokens."
@@ -330,13 +357,29 @@ class Simulator:
             )
         return await self._complete(rid, k, prompt, chain)
 
+    def _refusal(self, body: dict[str, Any]) -> Response | None:
+        """A dead engine's 500, or vLLM's refusal of tool_choice "auto" without a parser."""
+        if self.sick:
+            return _error(500, "EngineCore encountered an issue (the engine is dead)")
+        auto = body.get("tools") and body.get("tool_choice", "auto") == "auto"
+        if auto and not self.config.auto_tools:  # vLLM's own words
+            return _error(400, AUTO_TOOLS_REFUSED)
+        return None
+
     def _note(self, k: dict[str, Any], body: dict[str, Any]) -> None:
         """The "tag" and "record" knobs: what a test reads back from /sim/stats."""
         if k["tag"] is not None:
             self.tags.append(str(k["tag"]))
         if record := (body.get("sim") or {}).get("record"):
+            flags = (
+                "continue_final_message",
+                "add_generation_prompt",
+                "max_tokens",
+                "max_completion_tokens",
+            )
             self.recorded[str(record)] = {"messages": body["messages"], "tools": body.get("tools"),
-                                          "traceparent": k.get("traceparent")}  # fmt: skip
+                                          "traceparent": k.get("traceparent"),
+                                          **{f: body.get(f) for f in flags}}  # fmt: skip
 
     def _prefill(
         self, k: dict[str, Any], messages: list[dict[str, Any]], tools: Any
@@ -361,8 +404,9 @@ class Simulator:
 
     @staticmethod
     def text(k: dict[str, Any]) -> str:
-        """The whole answer (what the chunks' contents add up to)."""
-        return "".join(f"{k['say']}{i} " + "x" * k["pad"] for i in range(k["tokens"]))
+        """The answer (what the chunks' contents add up to; a continuation's, from its
+        next token)."""
+        return "".join(f"{k['say']}{i} " + "x" * k["pad"] for i in range(k["start"], k["tokens"]))
 
     async def _complete(
         self, rid: str, k: dict[str, Any], prompt: int, chain: list[tuple[bytes, int]]
@@ -370,12 +414,13 @@ class Simulator:
         self.stats.running += 1
         seq = k["seq"] = self.load.join(prompt) if self.load.active else None
         try:
+            made = k["tokens"] - k["start"]
             if seq is None:
-                await asyncio.sleep(k["ttft"] + k["itl"] * max(0, k["tokens"] - 1))
+                await asyncio.sleep(k["ttft"] + k["itl"] * max(0, made - 1))
             else:
                 await seq.admitted.wait()
                 await self.load.prefill_for(k["ttft"])
-                for _ in range(k["tokens"] - 1):
+                for _ in range(made - 1):
                     await self._gap(k)
             if k["hold"]:
                 await self.holds.wait(str(k["hold"]))
@@ -394,10 +439,11 @@ class Simulator:
             message = {"role": "assistant", "content": None,
                        "tool_calls": [{"id": f"call_{rid}", "type": "function",
                                        "function": function}]}  # fmt: skip
+        made = k["tokens"] - k["start"]
         if rid.startswith("cmpl-"):
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": k["finish"]}
-            counts = {"prompt_tokens": prompt, "completion_tokens": k["tokens"],
-                      "total_tokens": prompt + k["tokens"]}  # fmt: skip
+            counts = {"prompt_tokens": prompt, "completion_tokens": made,
+                      "total_tokens": prompt + made}  # fmt: skip
             return JSONResponse(
                 {"id": rid, "object": "text_completion", "created": int(time.time()),
                  "model": k["model"], "choices": [choice], "usage": counts}
@@ -418,8 +464,8 @@ class Simulator:
                 ],
                 "usage": {
                     "prompt_tokens": prompt,
-                    "completion_tokens": k["tokens"],
-                    "total_tokens": prompt + k["tokens"],
+                    "completion_tokens": made,
+                    "total_tokens": prompt + made,
                 },
             }
         )
@@ -486,16 +532,22 @@ class Simulator:
     ) -> AsyncIterator[bytes]:
         """The text answer, token by token (one delta per ``stream_interval`` after the
         first), held or dropped where the knobs say; the finish chunk, the usage."""
-        text, sent = "", 0
-        for i in range(k["tokens"]):
+        start = k["start"]
+        text, sent = "", start
+        if start:  # a continuation: vLLM's first chunk is the role, with no content
+            delta0 = {"role": "assistant", "content": ""}
+            yield self._chunk(
+                rid, [{"index": 0, "delta": delta0, "logprobs": None, "finish_reason": None}]
+            )
+        for i in range(start, k["tokens"]):
             if k["drop_after"] is not None and i >= int(k["drop_after"]):
                 raise DroppedStream(rid)
             if k["hold"] and i == k["hold_after"]:
                 await self.holds.wait(str(k["hold"]))
-            if i:
+            if i > start:
                 await self._gap(k)
             text += f"{k['say']}{i} " + "x" * k["pad"]
-            if i and i + 1 - sent < k["interval"] and i + 1 < k["tokens"]:
+            if i > start and i + 1 - sent < k["interval"] and i + 1 < k["tokens"]:
                 continue
             delta: dict[str, Any] = {"content": text}
             if i == 0:
@@ -510,8 +562,9 @@ class Simulator:
                   "stop_reason": None}  # fmt: skip
         yield self._chunk(rid, [finish])
         if usage:
-            counts = {"prompt_tokens": prompt, "completion_tokens": k["tokens"],
-                      "total_tokens": prompt + k["tokens"]}  # fmt: skip
+            made = k["tokens"] - start
+            counts = {"prompt_tokens": prompt, "completion_tokens": made,
+                      "total_tokens": prompt + made}  # fmt: skip
             yield self._chunk(rid, [], usage=counts)
         yield b"data: [DONE]\n\n"
 
@@ -590,7 +643,24 @@ class Simulator:
         )
 
     async def health(self, request: Request) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=500 if self.sick else 200)
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's ``/tokenize``: a prompt's token count as the usage counts it."""
+        body = json.loads(await request.body())
+        if "prompt" in body:
+            count = _prompt_tokens([{"role": "user", "content": _prompt_text(body["prompt"])}])
+        else:
+            messages = body.get("messages") or []
+            count = _prompt_tokens(messages, continued=_continued(body) is not None)
+        return JSONResponse(
+            {"count": count, "max_model_len": self.config.max_model_len,
+             "tokens": list(range(count))}
+        )  # fmt: skip
+
+    async def set_sick(self, request: Request) -> Response:
+        self.sick = request.url.path.endswith("/sick")
+        return JSONResponse({"ok": True, "sick": self.sick})
 
 
 def create_app(config: SimConfig) -> Starlette:
@@ -607,6 +677,9 @@ def create_app(config: SimConfig) -> Starlette:
             Route("/sim/reset", sim.reset, methods=["POST"]),
             Route("/sim/release/{name}", sim.release, methods=["POST"]),
             Route("/sim/fail/{name}", sim.fail, methods=["POST"]),
+            Route("/tokenize", sim.tokenize, methods=["POST"]),
+            Route("/sim/sick", sim.set_sick, methods=["POST"]),
+            Route("/sim/well", sim.set_sick, methods=["POST"]),
         ]
     )
     app.state.sim = sim

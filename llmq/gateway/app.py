@@ -56,6 +56,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
         settings.redis_min_replicas_ack,
         settings.redis_wait_timeout_s,
         sealer=sealer,
+        migrate_max=settings.migrations,
     )
     registry = WorkerRegistry(
         store,

@@ -39,6 +39,7 @@ class Outcome(StrEnum):
     DISPLACED = "displaced"  # never started: its place went to a key holding fewer (admit)
     DEADLINE = "deadline"  # never started: its time-to-first-token deadline passed (dropped)
     UNDECRYPTABLE = "payload_undecryptable"  # no key of PAYLOAD_KEYS opens its body
+    MIGRATED = "migrated"  # handed over to another worker (its engine failed, or a drain)
 
 
 def outcome_record(outcome: Outcome, worker_id: str = "") -> str:

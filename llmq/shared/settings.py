@@ -214,7 +214,28 @@ class Settings(BaseSettings):
         le=65_536,
         description="inputs in one engine request of merged embedding jobs (worker)",
     )
-    drain_timeout_s: float = Field(60.0, ge=0, le=3600)
+    drain_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="a stopping worker's jobs this long to end; then, with MIGRATE on, "
+        "they are handed over to another worker (else cut)",
+    )
+    migrate: bool = Field(
+        True,
+        description="a started job whose worker is lost, whose engine fails, or whose worker "
+        "drains past DRAIN_TIMEOUT_S continues on another worker (off: it ends)",
+    )
+    migrate_max: int = Field(
+        2, ge=0, le=10, description="migrations one job may have; then it ends (worker_lost)"
+    )
+    engine_stall_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="a streamed job with no engine token for this long counts as an engine "
+        "failure (its jobs migrate; the worker is not ready until the engine answers); 0: off",
+    )
     store_ttl_s: float = Field(
         3600.0, gt=0, le=7 * 86_400, description="how long store:true results are kept"
     )
@@ -464,6 +485,11 @@ class Settings(BaseSettings):
         never waits for the engine probe (that runs on its own), so only a stalled process
         or a lost Redis connection misses three in a row."""
         return self.heartbeat_interval_s * 3
+
+    @property
+    def migrations(self) -> int:
+        """The migrations a job may have: MIGRATE_MAX, 0 with MIGRATE off."""
+        return self.migrate_max if self.migrate else 0
 
 
 def require_payload_keys(settings: Settings) -> None:

@@ -44,7 +44,7 @@ def build_worker(
     )
     metrics = WorkerMetrics()
     sealer = settings.sealer(metrics.undecryptable.inc)
-    store = Store(redis, settings.store_ttl_s, sealer=sealer)
+    store = Store(redis, settings.store_ttl_s, sealer=sealer, migrate_max=settings.migrations)
     runtime = Runtime(
         settings=settings,
         store=store,
@@ -75,7 +75,9 @@ def build_worker(
         # arq's result repeats the job's arguments (the prompt): keep none; the release
         # script leaves llmq:outcome:<id> instead.
         keep_result=0,
-        max_tries=1,  # a job streams to one client once; a re-run would replay its tokens
+        # A job streams to one client once: arq never runs it again (a migrated job is
+        # continued, not re-run: queue.migration resets arq's try counter).
+        max_tries=1,
         retry_jobs=False,
         allow_abort_jobs=True,
         job_serializer=protocol.json_dumps,
@@ -84,6 +86,7 @@ def build_worker(
         job_completion_wait=max(1, int(settings.drain_timeout_s)),
         health_check_interval=60,
         wake_fallback_s=settings.wake_fallback_s,
+        drain_s=settings.drain_timeout_s,
     )
 
 

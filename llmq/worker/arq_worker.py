@@ -46,6 +46,7 @@ from llmq.worker.heartbeat import (
     heartbeat_loop,
     probe_loop,
     slots_loop,
+    stall_loop,
     wake_listener,
 )
 from llmq.worker.runtime import RUNTIME, Runtime
@@ -58,6 +59,7 @@ _BACKOFF_MAX_S = 5.0
 # feeds those (its workers are woken) and this worker tries again, a few times per turn.
 _FEED_ROUNDS = 4
 CLAIM_CHECK_S = 2.0  # how often (and after how long) unstarted claims are requeued
+HAND_OVER_WAIT_S = 10.0  # a drain's jobs given up: this long to hand themselves over
 
 
 # Pinned against arq 0.28.0 (pyproject: >=0.28,<0.29). After an upgrade, read arq's new
@@ -96,8 +98,15 @@ ARQ_SEAM: dict[str, Pin] = {
     "handle_sig_wait_for_completion": Pin(
         "(self, signum: signal.Signals) -> None",
         "8f161d86834cc74ee2293cf004c5456c4c01614d651e6daa03f5d7d81863435f",
-        "overridden: withdraw the heartbeat first, then arq's drain",
+        "overridden: withdraw the heartbeat first, then arq's drain (ours with MIGRATE: what "
+        "runs at DRAIN_TIMEOUT_S is handed over, not cut)",
     ),
+    "_sleep_until_tasks_complete": Pin(
+        "(self) -> None", None, "awaited by our drain (until every job task is done)"
+    ),
+    "job_tasks": Pin(why="job id -> the job function's task: a drain cancels these"),
+    "main_task": Pin(why="cancelled at the end of our drain, as arq's drain does"),
+    "on_stop": Pin(why="called at the end of our drain, as arq's drain does"),
     "max_jobs": Pin(why="slots (read)"),
     "job_counter": Pin(why="running jobs (read; counted up by _start_claimed)"),
     "sem": Pin(why="slot semaphore (acquired by _start_claimed)"),
@@ -150,7 +159,9 @@ def seam_problems(
 class WakeableWorker(Worker):
     """arq's Worker, woken by pub/sub or a freed slot; see the module docstring."""
 
-    def __init__(self, runtime: Runtime, *, wake_fallback_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self, runtime: Runtime, *, wake_fallback_s: float, drain_s: float = 60.0, **kwargs: Any
+    ) -> None:
         super().__init__(
             poll_delay=0,
             ctx={RUNTIME: runtime},
@@ -163,6 +174,7 @@ class WakeableWorker(Worker):
         self._wake_event = asyncio.Event()
         self._wake_event.set()
         self._fallback_s = wake_fallback_s
+        self._drain_s = drain_s  # DRAIN_TIMEOUT_S
         self._withdrawing: asyncio.Task[None] | None = None
         self._redis_failures = 0
         self.feeder = BatchFeeder(runtime)
@@ -232,6 +244,8 @@ class WakeableWorker(Worker):
         batch fills a model's idle capacity while interactive jobs, in higher bands, keep
         the first claim on every slot that frees."""
         rt = self.runtime
+        if not rt.engine_ready:  # (a failed engine: its jobs went to other workers)
+            return
         picked = await self._pick(free)
         idle = free - picked
         for _ in range(_FEED_ROUNDS):
@@ -248,6 +262,8 @@ class WakeableWorker(Worker):
             rt.models, limit, self.in_progress_timeout_s, rt.settings.worker_id, rt.affinity
         )
         for job in result.jobs:
+            if job.moves:  # a migrated job: continued from its log (worker.continuation)
+                rt.resumed[job.id] = job.moves
             if rt.affinity:
                 # For the job's span (read and removed when the job starts).
                 if tracing.enabled() and len(rt.picks) < _PICKS_KEPT:
@@ -278,9 +294,24 @@ class WakeableWorker(Worker):
         for job_id, score in picked:
             await self.sem.acquire()  # free: at most max_jobs - job_counter were picked
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id, score))
+            task = self.loop.create_task(self._run_job(job_id, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    async def _run_job(self, job_id: str, score: int) -> None:
+        """arq's ``run_job``; then, for a job this worker handed over (its engine failed,
+        or a drain), its queueing for the next worker: only once arq's end of the run
+        (which deletes the payload and queue entry the next pick restores) is done."""
+        rt = self.runtime
+        try:
+            await self.run_job(job_id, score)
+        finally:
+            spec = rt.migrating.pop(job_id, None)
+            if spec is not None:
+                try:
+                    await asyncio.shield(rt.store.migration.resume(spec))
+                except RedisError as exc:  # it holds its place until its deadline
+                    logger.warning("job %s: handed over but not queued (Redis: %s)", job_id, exc)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -295,7 +326,34 @@ class WakeableWorker(Worker):
             rt.store.workers.remove_worker(rt.settings.worker_id)
         )
         self._withdrawing.add_done_callback(log_failure)
-        super().handle_sig_wait_for_completion(signum)
+        if not rt.settings.migrations:
+            super().handle_sig_wait_for_completion(signum)
+            return
+        # arq's drain, except that what still runs at DRAIN_TIMEOUT_S is handed over to
+        # other workers (``queue.migration``) instead of cut.
+        self.allow_pick_jobs = False
+        logger.info("draining %d job(s), for at most %gs", len(self.tasks), self._drain_s)
+        self.loop.create_task(self._drain(signal.Signals(signum)))
+
+    async def _drain(self, signum: signal.Signals) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._sleep_until_tasks_complete(), self._drain_s)
+        rt = self.runtime
+        running = [(i, t) for i, t in self.job_tasks.items() if not t.done()]
+        if running:
+            logger.info("drain timeout: handing %d job(s) over to other workers", len(running))
+        for job_id, task in running:
+            rt.giving_up[job_id] = "drain"
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._sleep_until_tasks_complete(), HAND_OVER_WAIT_S)
+        for task in self.tasks.values():
+            if not task.done():
+                task.cancel()
+        if self.main_task:
+            self.main_task.cancel()
+        if self.on_stop:
+            self.on_stop(signum)
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
         rt = self.runtime
@@ -308,6 +366,8 @@ class WakeableWorker(Worker):
         ]
         if rt.slots is not None:
             self.background.append(asyncio.create_task(slots_loop(rt, self.wake), name="slots"))
+        if rt.settings.engine_stall_s and rt.settings.migrations:
+            self.background.append(asyncio.create_task(stall_loop(rt), name="stall-watch"))
         for task in self.background:
             task.add_done_callback(log_failure)
         logger.info(

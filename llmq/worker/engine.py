@@ -145,6 +145,37 @@ class EngineClient:
             logger.debug("engine metrics failed: %r", exc)
             return None
 
+    async def healthy(self) -> bool:
+        """Whether the engine's ``/health`` answers 200 (vLLM's fails once its engine
+        core is dead, while its HTTP server may still answer other routes)."""
+        try:
+            async with self._http().get(
+                self.base_url + "/health",
+                timeout=aiohttp.ClientTimeout(total=ENGINE_PROBE_TIMEOUT_S),
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.debug("engine health check failed: %r", exc)
+            return False
+
+    async def count_tokens(self, body: dict[str, Any]) -> int:
+        """The tokens of a prompt as the engine renders it: vLLM's ``/tokenize`` (chat
+        ``messages`` with its template flags, or a completions ``prompt``). Raises
+        EngineUnavailable or UpstreamError."""
+        try:
+            async with self._http().post(
+                self.base_url + "/tokenize",
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=_TOOLS_PROBE_S),
+            ) as resp:
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EngineUnavailable(f"engine unreachable: {exc!r}") from exc
+        if resp.status != 200:
+            raise _upstream_error(resp.status, raw[:_MAX_ERROR_BODY])
+        return int(json.loads(raw)["count"])
+
     async def auto_tools(self, model: str) -> bool | None:
         """Whether the engine takes ``tools`` with ``tool_choice: "auto"`` (vLLM does only
         when started with ``--enable-auto-tool-choice --tool-call-parser ...``): one
@@ -222,7 +253,7 @@ class EngineClient:
         try:
             async with self._http().post(url, json=body) as resp:
                 raw = await resp.read()
-        except aiohttp.ClientConnectionError as exc:
+        except aiohttp.ClientError as exc:  # unreachable, or gone before its answer ended
             raise EngineUnavailable(f"engine unreachable: {exc!r}") from exc
         if resp.status != 200:
             raise _upstream_error(resp.status, raw[:_MAX_ERROR_BODY])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
@@ -32,6 +33,10 @@ async def probe_engine(rt: Runtime) -> None:
     """Ask the engine for its models; record whether it is ready."""
     with tracing.quiet():
         models = await rt.engine.models()
+        # An engine that failed a job (worker.job): ready again only once /health answers.
+        if models is not None and rt.engine_suspect:
+            models = models if await rt.engine.healthy() else None
+            rt.engine_suspect = models is None
     ready = models is not None
     if ready != rt.engine_ready:
         logger.info("engine at %s is %s", rt.engine.base_url, "ready" if ready else "NOT ready")
@@ -142,6 +147,24 @@ async def heartbeat_loop(rt: Runtime) -> None:
             failing = True
             rt.metrics.redis_up.set(0)
         await asyncio.sleep(rt.settings.heartbeat_interval_s)
+
+
+async def stall_loop(rt: Runtime) -> None:
+    """ENGINE_STALL_S: a streamed job whose engine sent nothing for that long is given up
+    (``worker.job``: handed over to another worker) and the engine counts as failed."""
+    stall = rt.settings.engine_stall_s
+    every = min(1.0, stall / 4)
+    while True:
+        await asyncio.sleep(every)
+        now = time.monotonic()
+        for job_id, watch in list(rt.watching.items()):
+            seen = watch.events()
+            if seen != watch.seen:
+                watch.seen, watch.since = seen, now
+            elif now - watch.since >= stall and job_id not in rt.giving_up:
+                logger.warning("job %s: no engine token for %.1fs: engine stalled", job_id, stall)
+                rt.giving_up[job_id] = "engine_stall"
+                watch.task.cancel()
 
 
 def count_dropped(rt: Runtime, dropped: dict[str, int]) -> None:

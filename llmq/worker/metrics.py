@@ -12,6 +12,9 @@ from llmq.shared.protocol import Outcome
 # admit script's).
 OUTCOMES = tuple(o.value for o in Outcome if o not in (Outcome.WORKER_LOST, Outcome.DISPLACED))
 AFFINITY_RESULTS = ("hit", "miss", "cold")
+# Why a job was handed over to another worker (worker_jobs_migrated_total{reason}).
+MIGRATION_REASONS = ("worker_lost", "engine_error", "engine_stall", "drain")
+MIGRATION_TOKENS = ("reprefilled", "regenerated")
 _RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0)
 
 
@@ -52,6 +55,31 @@ class WorkerMetrics:
             "pick or the sweep of this worker; the gateways count them per model and band)",
             registry=r,
         )
+        self.migrated = Counter(
+            "worker_jobs_migrated",
+            "Migrated jobs this worker took over (counted once each, by why they moved: their "
+            "worker was lost, its engine failed or stalled, or it drained)",
+            ["reason"],
+            registry=r,
+        )
+        self.migrations = Histogram(
+            "worker_job_migrations",
+            "Migrations of each job that ended on this worker (0: none)",
+            buckets=(0, 1, 2, 3, 5),
+            registry=r,
+        )
+        self.migration_tokens = Counter(
+            "worker_migration_tokens",
+            "The cost of migrations in engine tokens: reprefilled (a continued answer's prompt "
+            "and answer so far, prefilled again) and regenerated (the answer of a job run again "
+            "from its start)",
+            ["kind"],
+            registry=r,
+        )
+        for reason in MIGRATION_REASONS:
+            self.migrated.labels(reason)
+        for kind in MIGRATION_TOKENS:
+            self.migration_tokens.labels(kind)
         self.undecryptable = Counter(
             "worker_payload_undecryptable",
             "Sealed payloads (jobs, batch files) no key of PAYLOAD_KEYS opens",

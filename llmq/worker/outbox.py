@@ -17,7 +17,10 @@ only once its last event is out), and when more than ``MAX_PENDING`` of their ev
 (Redis slower than the engine: backpressure instead of an unbounded buffer).
 
 A stored job's events (``store: true``) are also appended to its log, in the same pipeline
-and before they are published: whatever a subscriber saw, a resumed stream finds.
+and before they are published: whatever a subscriber saw, a resumed stream finds. With
+MIGRATE on, every other job's non-terminal events are logged the same way, for as long as
+the job may run: its progress, which another worker continues from if this one is lost
+(``queue.migration``).
 """
 
 from __future__ import annotations
@@ -46,17 +49,21 @@ class Outbox:
         self.sealer = store.sealer  # the publishers seal their events' data with it
         self._pending: dict[str, list[bytes]] = {}
         self._logged: dict[str, list[tuple[int, bytes]]] = {}
+        self._keep: dict[str, int] = {}  # job id -> its log's expiry (ms), when not STORE_TTL_S
         self._generation: Generation | None = None
         self._flusher: asyncio.Task[None] | None = None
 
-    def put(self, job_id: str, event: bytes, log_seq: int = 0) -> Generation:
+    def put(self, job_id: str, event: bytes, log_seq: int = 0, keep_ms: int = 0) -> Generation:
         """Queue one encoded event of ``job_id``; returns the flush that will carry it.
-        ``log_seq``: the event's number, to append it to the job's log (0: not logged)."""
+        ``log_seq``: the event's number, to append it to the job's log (0: not logged);
+        ``keep_ms``: the log's expiry (0: STORE_TTL_S, a stored job's)."""
         if self._generation is None:
             self._generation = asyncio.get_running_loop().create_future()
         self._pending.setdefault(job_id, []).append(event)
         if log_seq:
             self._logged.setdefault(job_id, []).append((log_seq, event))
+            if keep_ms:
+                self._keep[job_id] = keep_ms
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_all())
         return self._generation
@@ -78,10 +85,11 @@ class Outbox:
                     await asyncio.sleep(LINGER_S)
                 batch, self._pending = self._pending, {}
                 logged, self._logged = self._logged, {}
+                keep, self._keep = self._keep, {}
                 generation, self._generation = self._generation, None
                 assert generation is not None
                 try:
-                    counts = await self._store.jobs.publish_many(batch, logged)
+                    counts = await self._store.jobs.publish_many(batch, logged, keep)
                 except Exception as exc:  # every job of this flush learns of it
                     if not generation.done():
                         generation.set_exception(exc)
@@ -95,6 +103,7 @@ class Outbox:
             if self._pending:  # cancelled mid-flush: the next put starts a flusher
                 self._pending.clear()
                 self._logged.clear()
+                self._keep.clear()
             if self._generation is not None and not self._generation.done():
                 self._generation.cancel()
                 self._generation = None

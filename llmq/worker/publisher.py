@@ -30,17 +30,21 @@ class Publisher:
         *,
         stored: bool = False,
         unheard: bool = False,
+        progress_ms: int = 0,
     ) -> None:
         """``stored``: a ``store: true`` job, whose events are logged and which runs on
         without a listener (it is detached, never ClientGone). ``unheard``: a stored job
         nobody is expected to follow as it starts (a background response): STARTED is
-        published once, not again until someone hears it."""
+        published once, not again until someone hears it. ``progress_ms`` (MIGRATE on, a
+        job not stored): its non-terminal events are logged too, the log kept this long
+        (what another worker continues from if this one is lost: ``queue.migration``)."""
         self._outbox = outbox
         self._job_id = job_id
         self._sealer = outbox.sealer
         self._grace = orphan_grace_s
         self._stored = stored
         self._unheard = unheard and stored
+        self._progress_ms = 0 if stored else progress_ms
         self._seq = 0
         self._silent_since: float | None = None
         self._gone = False
@@ -68,9 +72,10 @@ class Publisher:
         event = Event(1, EventType.STARTED, worker_id.encode()).encode()
         first = time.monotonic()
         delay = _RETRY_FIRST_S
-        log_seq = 1 if self._stored else 0  # logged once, however often it is published
+        # logged once, however often it is published
+        log_seq = 1 if self._stored or self._progress_ms else 0
         while True:
-            generation = self._outbox.put(self._job_id, event, log_seq)
+            generation = self._outbox.put(self._job_id, event, log_seq, self._progress_ms)
             log_seq = 0
             await asyncio.wait([generation])
             heard = _receivers(generation, self._job_id)
@@ -82,6 +87,15 @@ class Publisher:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
+
+    def events(self) -> int:
+        """The events published so far (the last one's number)."""
+        return self._seq
+
+    def resume_at(self, seq: int) -> None:
+        """A migrated job: its client has events up to ``seq`` (STARTED among them); this
+        worker's come next, without a STARTED of its own."""
+        self._seq = seq
 
     async def announced(self) -> None:
         """Wait until a subscriber heard STARTED; every later event must follow it."""
@@ -98,8 +112,12 @@ class Publisher:
         raw = data.encode() if isinstance(data, str) else data
         if self._sealer.enabled:  # what reaches Redis is ciphertext (shared.sealing)
             raw = self._sealer.seal_event(self._job_id, raw)
+        logged = self._stored or (self._progress_ms and kind not in TERMINAL)
         generation = self._outbox.put(
-            self._job_id, Event(self._seq, kind, raw).encode(), self._seq if self._stored else 0
+            self._job_id,
+            Event(self._seq, kind, raw).encode(),
+            self._seq if logged else 0,
+            self._progress_ms,
         )
         if generation is not self._watched:
             self._watched = generation

@@ -7,7 +7,9 @@ without importing each other.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +61,17 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     itl_s: float = 0.0  # the engine's recent time per token (EWMA of streamed jobs; 0: unknown)
     slots: AdaptiveSlots | None = None  # MAX_ACTIVE=auto: the live limit (None: fixed)
+    # Migration (``queue.migration``). Picked jobs that are migrated ones: id -> their
+    # migrations so far (read and removed when the job starts).
+    resumed: dict[str, int] = field(default_factory=dict)
+    # Jobs this worker handed over, to queue for the next worker once arq finished them.
+    migrating: dict[str, JobSpec] = field(default_factory=dict)
+    # Running jobs to give up, and why ("drain", "engine_stall"): their task is cancelled.
+    giving_up: dict[str, str] = field(default_factory=dict)
+    # Streamed jobs watched for an engine stall (ENGINE_STALL_S): id -> their watch.
+    watching: dict[str, Watch] = field(default_factory=dict)
+    # The engine failed a job (and its /health did): not ready until /health answers again.
+    engine_suspect: bool = False
 
     def __post_init__(self) -> None:
         sizes = self.metrics.embed_batch if self.metrics is not None else None
@@ -90,6 +103,17 @@ class Runtime:
 
     def observe_itl(self, itl_s: float) -> None:
         self.itl_s = itl_s if self.itl_s <= 0 else 0.8 * self.itl_s + 0.2 * itl_s
+
+
+@dataclass
+class Watch:
+    """A streamed job watched for an engine stall: its task, and its event count when it
+    last changed (a stream's every token is an event)."""
+
+    task: asyncio.Task[Any]
+    events: Callable[[], int]  # its publisher's events so far
+    seen: int = 0
+    since: float = field(default_factory=time.monotonic)
 
 
 ENTERED_KEPT = 10_000

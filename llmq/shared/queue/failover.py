@@ -84,10 +84,12 @@ class OutageReaper:
         """Reap dead workers' jobs, unless within the grace after an outage."""
         if time.monotonic() < self._after:
             return
-        dead, jobs = await self._workers.reap()
+        dead, jobs, migrated = await self._workers.reap()
         if dead:
             self._logger.warning(
-                "worker(s) %s lost their heartbeat: %d started job(s) ended with worker_lost",
+                "worker(s) %s lost their heartbeat: %d started job(s) ended with worker_lost, "
+                "%d handed over to other workers",
                 ", ".join(dead),
                 jobs,
+                migrated,
             )

@@ -226,21 +226,24 @@ local function free_places()
 end
 """
 
-# Not started: removed everywhere, it never runs; whoever follows its events (a resumed
-# stream) gets ``error_event``, and a stored job's record and log say so. Running: arq's
+# Not started (or migrated and waiting to be resumed): removed everywhere, it never runs
+# (again); whoever follows its events (a resumed stream) gets ``error_event``, and a stored
+# job's record and log say so (another job's progress log goes). Running: arq's
 # abort requested (its worker ends it), or left alone when ``queued_only`` is "1".
 CANCEL = Script(
     keys=("admitted", "queue", "job", "in_progress", "abort", "tenant_admitted", "band_queue",
-          "outcome", "stored", "log", "prefix"),
+          "outcome", "stored", "log", "prefix", "moves"),
     args=("job_id", "now_ms", "wake", "outcome_record", "outcome_ttl_ms", "events",
           "error_event", "new_status", "store_ttl_ms", "queued_only"),
     consts={**{r.name: r.value for r in CancelResult}, **_STORED},
     body=_FREE_PLACES + """
 if redis.call('EXISTS', in_progress) == 0 then
-  redis.call('DEL', job, prefix)
+  redis.call('DEL', job, prefix, moves)
   free_places()
   redis.call('ZREM', band_queue, job_id)
   local status = redis.call('HGET', stored, 'status')
+  if status == false then redis.call('DEL', log) end
+  if status == IN_PROGRESS then status = QUEUED end  -- migrated: waits to be resumed
   if status == QUEUED then
     redis.call('HSET', stored, 'status', new_status)
     redis.call('XADD', log, '*', 'e', error_event)
@@ -258,8 +261,9 @@ return ABORT_REQUESTED
 )  # fmt: skip
 
 
-# A job starts: its deadlines re-armed (self-healing N), which worker runs it, for whom and
-# for which model (what the reaper needs if the worker dies); a stored job is in progress.
+# A job starts: its deadlines re-armed (self-healing N), which worker runs it, for whom, for
+# which model and in which band (what the reaper needs if the worker dies: to end the job or
+# hand it over); a stored job is in progress.
 # Its payload, which expired QUEUE_TIMEOUT_S after the enqueue (a job that never starts never
 # runs), now lives
 # as long as the job may run (arq deletes it when the job ends): what operators read
@@ -268,7 +272,7 @@ return ABORT_REQUESTED
 # (``deadline_member``, "": none): it started in time.
 START = Script(
     keys=("admitted", "tenant_admitted", "worker_jobs", "stored", "job", "claims", "deadlines"),
-    args=("job_id", "hold_ms", "tenant", "model", "deadline_member"),
+    args=("job_id", "hold_ms", "tenant", "model", "deadline_member", "band"),
     consts={**_STORED, "PAYLOAD_SLACK_MS": PAYLOAD_SLACK_MS},
     clock=True,
     body="""
@@ -279,7 +283,7 @@ local keep = tonumber(hold_ms) + PAYLOAD_SLACK_MS
 local ttl = redis.call('PTTL', job)
 if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', job, keep) end
 local deadline = now + tonumber(hold_ms)
-redis.call('HSET', worker_jobs, job_id, cjson.encode({tenant, model}))
+redis.call('HSET', worker_jobs, job_id, cjson.encode({tenant, model, band}))
 redis.call('HDEL', claims, job_id)
 if deadline_member ~= '' then redis.call('ZREM', deadlines, deadline_member) end
 redis.call('ZADD', tenant_admitted, 'XX', deadline, job_id)
@@ -289,7 +293,8 @@ return redis.call('ZADD', admitted, 'XX', deadline, job_id)
 
 
 # A job ended, whatever the outcome: its places go, its model's ``done`` counter (the drain
-# rate the scaling signal reads) counts it, the tenant's token bucket is corrected
+# rate the scaling signal reads) counts it, its migrations record and (not stored) its
+# progress log go, the tenant's token bucket is corrected
 # with the exact usage (``extra``: tokens used beyond the admission estimate, may be
 # negative); a stored job's record and log are kept STORE_TTL_S from now (``stored_status``
 # "": not stored). A completed job's run time (``run_ms``, -1: not measured) updates the
@@ -298,7 +303,7 @@ return redis.call('ZADD', admitted, 'XX', deadline, job_id)
 # the same EWMA, with ``ttft_at``: when), what a deadline's prediction adds to the ETA.
 RELEASE = Script(
     keys=("admitted", "tenant_admitted", "worker_jobs", "tpm_bucket", "outcome", "stored", "log",
-          "done", "claims", "service"),
+          "done", "claims", "service", "moves"),
     args=("job_id", "extra", "tpm", "outcome_record", "outcome_ttl_ms", "stored_status",
           "store_ttl_ms", "run_ms", "ttft_ms"),
     consts={"SERVICE_ALPHA": "0.2"},
@@ -308,7 +313,10 @@ if stored_status ~= '' and redis.call('EXISTS', stored) == 1 then
   redis.call('HSET', stored, 'status', stored_status)
   redis.call('PEXPIRE', stored, store_ttl_ms)
   redis.call('PEXPIRE', log, store_ttl_ms)
+elseif stored_status == '' then
+  redis.call('DEL', log)  -- a job not stored: its progress (MIGRATE) goes with it
 end
+redis.call('DEL', moves)
 redis.call('HDEL', worker_jobs, job_id)
 redis.call('HDEL', claims, job_id)
 redis.call('ZREM', tenant_admitted, job_id)
@@ -603,6 +611,7 @@ class Jobs:
                 "stored": names.stored_key(spec.id),
                 "log": names.log_key(spec.id),
                 "prefix": names.prefix_key(spec.id),
+                "moves": names.moves_key(spec.id),
             },
             args={
                 "job_id": spec.id,
@@ -636,6 +645,7 @@ class Jobs:
                 "hold_ms": int(hold_s * 1000),
                 "tenant": spec.tenant,
                 "model": spec.model,
+                "band": spec.band.value,
                 "deadline_member": names.deadline_member(spec.band.value, spec.tenant, spec.id)
                 if spec.ttft_objective_ms and not spec.best_effort
                 else "",
@@ -669,6 +679,7 @@ class Jobs:
                 "done": names.model_done_key(spec.model),
                 "claims": names.worker_claims_key(worker_id),
                 "service": names.model_service_key(spec.model),
+                "moves": names.moves_key(spec.id),
             },
             args={
                 "job_id": spec.id,
@@ -711,11 +722,13 @@ class Jobs:
         self,
         batch: dict[str, list[bytes]],
         logged: Logged | None = None,
+        keep: dict[str, int] | None = None,
     ) -> list[int]:
         """Publish the encoded events of several jobs (job id -> events, in order), one
         message per job, in one round trip; returns each message's subscriber count.
-        ``logged``: events of stored jobs (job id -> (seq, event)) appended to their logs
-        first, in the same round trip (so a published event is always in the log)."""
+        ``logged``: events to log (job id -> (seq, event)), appended to the jobs' logs
+        first, in the same round trip (so a published event is always in the log); a log
+        expires STORE_TTL_S from now, or ``keep[job id]`` ms (a progress log)."""
         if len(batch) == 1 and not logged:  # the usual case at low load: a plain PUBLISH
             ((job_id, events),) = batch.items()  # is cheaper than a pipeline of one
             return [
@@ -728,7 +741,7 @@ class Jobs:
                 key = names.log_key(job_id)
                 for seq, event in entries:
                     pipe.xadd(key, {"e": event}, id=names.log_entry_id(seq))
-                pipe.pexpire(key, self.store_ttl_ms)
+                pipe.pexpire(key, (keep or {}).get(job_id) or self.store_ttl_ms)
             for job_id, events in batch.items():
                 pipe.publish(names.events_channel(job_id), p.encode_message(events))
             out = await pipe.execute(raise_on_error=False)

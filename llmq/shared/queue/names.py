@@ -19,8 +19,8 @@ Keys and channels
     llmq:model:<m>:done     string  jobs of the model that ended (a counter: the drain rate)
     llmq:workers            zset    live-worker index; score = heartbeat expiry (ms, Redis clock)
     llmq:worker:<id>        hash    heartbeat of one worker (WorkerInfo), with a TTL
-    llmq:worker-jobs:<id>   hash    job id -> JSON [tenant, model], for the jobs a worker
-                                    started and not ended
+    llmq:worker-jobs:<id>   hash    job id -> JSON [tenant, model, band], for the jobs a
+                                    worker started and not ended
     llmq:worker-claims:<id> hash    job id -> JSON [tenant, model, band, enqueue ms, claimed
                                     ms]: jobs the worker picked and has not started yet
                                     (a pick whose reply was lost: they go back to the queue)
@@ -54,9 +54,19 @@ Keys and channels
                                     messages (field ``messages``, JSON) only when the
                                     client sent ``store: true`` (not for an Idempotency-Key
                                     alone)
-    llmq:log:<id>           stream  a stored job's events, entry id ``0-<seq>`` (``<ms>-<n>``
-                                    for an out-of-band one), field ``e`` = the event as
-                                    published; kept STORE_TTL_S after the job ended
+    llmq:log:<id>           stream  a job's events, entry id ``0-<seq>`` (``<ms>-<n>`` for an
+                                    out-of-band one), field ``e`` = the event as published: a
+                                    stored job's, kept STORE_TTL_S after the job ended; with
+                                    MIGRATE on, every other job's non-terminal events too
+                                    (its progress, what a migration continues from), deleted
+                                    when it ends
+    llmq:moves:<id>         hash    a job's migrations (``queue.migration``): n = how many,
+                                    why = the last one's reason, s = its arq queue score, p =
+                                    its arq payload while it waits to be resumed; deleted when
+                                    it ends
+    llmq:model:<m>:resume   zset    the model's migrated jobs waiting for a worker, taken
+                                    before any other; member "<band>:<key>:<job id>", score =
+                                    when it was handed over (ms)
     llmq:idem:<tenant>:<h>  string  ``<job id> <body digest>`` for an Idempotency-Key
                                     (h = sha256 of the key), kept STORE_TTL_S
     llmq:file:<id>          hash    an uploaded or result file (FileRecord), kept FILE_TTL_S
@@ -75,7 +85,7 @@ Keys and channels
 
 from __future__ import annotations
 
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 QUEUE = "llmq:queue"
 REPLICATION_MARK = "llmq:replicated"  # written before a WAIT (REDIS_MIN_REPLICAS_ACK)
@@ -97,6 +107,12 @@ def in_progress_key(job_id: str) -> str:
 
 
 IN_PROGRESS_PREFIX = in_progress_key_prefix
+RETRY_PREFIX = retry_key_prefix  # arq's try counter (a resumed job's is reset)
+MOVES_PREFIX = "llmq:moves:"
+
+
+def moves_key(job_id: str) -> str:
+    return MOVES_PREFIX + job_id
 
 
 def outcome_key(job_id: str) -> str:
@@ -213,6 +229,7 @@ ADMITTED_PART, DONE_PART, BAND_PART = ":admitted", ":done", ":band:"
 SERVICE_PART = ":service"  # hash: ms (a job's service time, smoothed), n (jobs measured),
 # ttft / ttft_at (the engine's time to first token, smoothed, and when last measured)
 DEADLINES_PART = ":deadlines"  # zset: "<band>:<key>:<job id>" -> its deadline (Redis ms)
+RESUME_PART = ":resume"  # zset: "<band>:<key>:<job id>" -> when handed over (Redis ms)
 WAKE_MODEL = "model:"  # a wake-up for a model's workers: WAKE_MODEL + model
 
 
@@ -243,6 +260,12 @@ def deadline_member(band: str, tenant: str, job_id: str) -> str:
     """What the drop needs of a job: its band queue (band, key) and id. Neither a band nor a
     key name holds a ":" (BAND_QUEUE_SEP)."""
     return f"{band}{BAND_QUEUE_SEP}{tenant}{BAND_QUEUE_SEP}{job_id}"
+
+
+def model_resume_key(model: str) -> str:
+    """The model's migrated jobs waiting to be resumed (``queue.migration``); members are
+    ``deadline_member``'s."""
+    return MODEL_PREFIX + model + RESUME_PART
 
 
 def model_bands_prefix(model: str) -> str:

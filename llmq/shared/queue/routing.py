@@ -52,12 +52,15 @@ older than ``record_ttl_ms`` or beyond ``record_max`` entries dropped) and the i
 run or left the queue are dropped on the way.
 
 Before any of that, each model's waiting jobs whose time-to-first-token deadline passed are
-dropped (``queue.waiting``): a job that would start late is never sent to the engine.
+dropped (``queue.waiting``): a job that would start late is never sent to the engine. Then
+each model's migrated jobs are taken (``queue.migration``): a job handed over by a lost
+worker goes on before anything new starts.
 
 Returns {retry ms, {model, late jobs dropped, ...}, then per job: id, queue score, depth held
-here, deepest held by a live worker, ms it was left (-1: never)}. (The queue score is the
-gateway's enqueue time: unlike arq, never compared with now, as nothing here is deferred and
-the gateway's clock may be ahead of the worker's; a job dropped for that was lost.)
+here, deepest held by a live worker, ms it was left (-1: never), its migrations (0: none)}.
+(The queue score is the gateway's enqueue time: unlike arq, never compared with now, as
+nothing here is deferred and the gateway's clock may be ahead of the worker's; a job dropped
+for that was lost.)
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from redis.asyncio import Redis
 from llmq.shared.protocol import BANDS
 from llmq.shared.queue import names
 from llmq.shared.queue.lua import Registered, Script
+from llmq.shared.queue.migration import MIGRATION_CONSTS, RESUMED_PICK_LUA
 from llmq.shared.queue.waiting import LATE_LUA, REMOVE_LUA, WAITING_CONSTS, dropped_of, late_args
 
 # A prefix this worker picked less than this long ago is not written again (its record's
@@ -222,12 +226,17 @@ end
 """
 
 
-_BODY = """
+_BODY = (
+    """
 local out = {0, {}}
+"""
+    + RESUMED_PICK_LUA
+    + """
 for _, m in ipairs(models) do
   local n = drop_late(m, DROP_MOST)
   if n > 0 then table.insert(out[2], m) table.insert(out[2], n) end
 end
+for _, m in ipairs(models) do take_resumed(m) end
 local skipped, nskipped = {}, {}
 for _, band in ipairs(BANDS) do
   local waiting = {}
@@ -259,7 +268,7 @@ for _, band in ipairs(BANDS) do
         redis.call('DEL', prefix_prefix .. id)
         local left = -1
         if c.p then left = now - c.p end
-        for _, v in ipairs({id, c.score, c.own, c.best, left}) do table.insert(out, v) end
+        for _, v in ipairs({id, c.score, c.own, c.best, left, 0}) do table.insert(out, v) end
         taken = taken + 1
         local tick = redis.call('INCR', served)
         redis.call('ZADD', index, 'XX', tick, tenant)
@@ -277,6 +286,7 @@ end
 out[1] = retry
 return out
 """
+)
 
 
 PICK = Script(
@@ -286,7 +296,8 @@ PICK = Script(
           "prefix_prefix", "worker_prefix", "worker_jobs_prefix", "worker_claims_prefix",
           "records_prefix", "late_event", "late_outcome"),
     rest="models",
-    consts={**WAITING_CONSTS, "SEP": names.BAND_QUEUE_SEP, "BAND_PART": names.BAND_PART,
+    consts={**WAITING_CONSTS, **MIGRATION_CONSTS, "SEP": names.BAND_QUEUE_SEP,
+            "BAND_PART": names.BAND_PART,
             "BANDS": BANDS, "REFRESH_MS": REFRESH_MS, "DROP_MOST": DROP_MOST},
     clock=True,
     body=REMOVE_LUA + LATE_LUA + _HELPERS + _BODY,
@@ -314,6 +325,7 @@ class Picked:
     held: int = 0  # prefix blocks this worker's engine probably holds
     best: int = 0  # the most any live worker's engine holds
     left_ms: int = -1  # how long it was left for a warmer worker (-1: never)
+    moves: int = 0  # a migrated job: its migrations so far (``queue.migration``)
 
     @property
     def affinity(self) -> str:
@@ -387,8 +399,8 @@ class Routing:
             rest=models,
         )
         jobs = [
-            Picked(flat[i].decode(), *(int(v) for v in flat[i + 1 : i + 5]))
-            for i in range(2, len(flat), 5)
+            Picked(flat[i].decode(), *(int(v) for v in flat[i + 1 : i + 6]))
+            for i in range(2, len(flat), 6)
         ]
         return PickResult(jobs, int(flat[0]), dropped_of(flat[1]))
 

@@ -15,24 +15,29 @@ from llmq.shared.protocol import OUTCOME_TTL_MS, StoredStatus
 from llmq.shared.queue import names
 from llmq.shared.queue.batch_records import failure_line
 from llmq.shared.queue.lua import Registered, Script
+from llmq.shared.queue.migration import MIGRATION_CONSTS, MOVE_LUA
 from llmq.shared.queue.waiting import out_of_band
 
-# Workers whose heartbeat expired are dead (their records of cached prefixes go with them):
-# each job they had started loses its places,
-# queue entry, in-progress marker and payload (it never runs again: at most once), gets the
-# outcome record ``outcome_record``, and its client is told (``error_event``, out of band;
-# logged too for a stored job, whose status becomes failed). A batch request's error line is
-# ``failure_line`` (batch_records.failure_line's, rendered in Python) with its id and
-# custom_id (read from arq's payload) filled in, counted as failed, never run again.
-# Idempotent; any process may run it. Returns {dead worker ids..., reaped job count}.
+# Workers whose heartbeat expired are dead (their records of cached prefixes go with them).
+# Each job they had started (or picked) is handed over to another worker when it can be
+# (``queue.migration``: fewer than ``migrate_max`` migrations, 0 with MIGRATE off; another
+# live worker ready for its model; not a batch line): its in-progress marker and arq's try
+# counter go, and it waits at the head of its model's queue with its places, log and record.
+# Any other job loses its places, queue entry, in-progress marker and payload (it never runs
+# again: at most once), gets the outcome record ``outcome_record``, and its client is told
+# (``error_event``, out of band; logged too for a stored job, whose status becomes failed;
+# another job's progress log is deleted). A batch request's error line is ``failure_line``
+# (batch_records.failure_line's, rendered in Python) with its id and custom_id (read from
+# arq's payload) filled in, counted as failed, never run again. Idempotent; any process may
+# run it. Returns {dead worker ids..., ended job count, migrated job count}.
 REAP = Script(
     keys=("workers", "queue"),
     args=("model_prefix", "worker_prefix", "worker_jobs_prefix", "worker_claims_prefix",
           "job_prefix", "in_progress_prefix",
           "events_prefix", "error_event", "tenant_prefix", "outcome_prefix", "outcome_record",
           "outcome_ttl_ms", "stored_prefix", "log_prefix", "store_ttl_ms", "batch_job_prefix",
-          "batch_prefix", "failure_line", "worker_prefixes_prefix"),
-    consts={
+          "batch_prefix", "failure_line", "worker_prefixes_prefix", "migrate_max"),
+    consts={**MIGRATION_CONSTS,
         "TENANT_ADMITTED": names.TENANT_ADMITTED_SUFFIX,
         "MODEL_ADMITTED": names.ADMITTED_PART,
         "INFLIGHT": ":" + names.BATCH_INFLIGHT,
@@ -42,7 +47,7 @@ REAP = Script(
         "LINE_CUSTOM_ID": '"@@CUSTOM_ID@@"',
     },
     clock=True,
-    body="""
+    body=MOVE_LUA + """
 local function batch_line(id, bid, index)
   local custom = ''
   local payload = redis.call('GET', job_prefix .. id)
@@ -56,40 +61,49 @@ local function batch_line(id, bid, index)
   redis.call('HINCRBY', batch_prefix .. bid, 'failed', 1)
 end
 local dead = redis.call('ZRANGEBYSCORE', workers, '-inf', now)
-local jobs = 0
+local jobs, migrated = 0, 0
 for _, w in ipairs(dead) do
   local records = worker_jobs_prefix .. w
   local pairs_ = redis.call('HGETALL', records)
   for _, x in ipairs(redis.call('HGETALL', worker_claims_prefix .. w)) do
-    table.insert(pairs_, x)  -- picked, maybe started: ended like started ones (at most once)
+    table.insert(pairs_, x)  -- picked, maybe started: as started ones (at most once)
   end
   for i = 1, #pairs_, 2 do
-    local id, tenant, model = pairs_[i], pairs_[i + 1], nil
-    local ok, v = pcall(cjson.decode, tenant)  -- [tenant, model]
-    if ok and type(v) == 'table' then tenant, model = v[1], v[2] end
-    if model then redis.call('ZREM', model_prefix .. model .. MODEL_ADMITTED, id) end
-    redis.call('ZREM', tenant_prefix .. tenant .. TENANT_ADMITTED, id)
-    redis.call('ZREM', queue, id)
+    local id, tenant, model, band = pairs_[i], pairs_[i + 1], nil, nil
+    local ok, v = pcall(cjson.decode, tenant)  -- [tenant, model, band, ...]
+    if ok and type(v) == 'table' then tenant, model, band = v[1], v[2], v[3] end
     local bid, index = string.match(id, '^' .. batch_job_prefix .. '(.+)_(%d+)$')
-    if bid and redis.call('SREM', batch_prefix .. bid .. INFLIGHT, id) == 1 then
-      batch_line(id, bid, index)
+    if not bid and model and band and move(id, model, 'worker_lost', migrate_max, w) then
+      redis.call('DEL', in_progress_prefix .. id, M_RETRY_PREFIX .. id)
+      queue_resumed(model, band .. M_SEP .. tenant .. M_SEP .. id)
+      migrated = migrated + 1
+    else
+      if model then redis.call('ZREM', model_prefix .. model .. MODEL_ADMITTED, id) end
+      redis.call('ZREM', tenant_prefix .. tenant .. TENANT_ADMITTED, id)
+      redis.call('ZREM', queue, id)
+      if bid and redis.call('SREM', batch_prefix .. bid .. INFLIGHT, id) == 1 then
+        batch_line(id, bid, index)
+      end
+      redis.call('DEL', job_prefix .. id, in_progress_prefix .. id, M_MOVES_PREFIX .. id)
+      redis.call('SET', outcome_prefix .. id, outcome_record, 'PX', outcome_ttl_ms)
+      redis.call('PUBLISH', events_prefix .. id, error_event)
+      if redis.call('EXISTS', stored_prefix .. id) == 1 then
+        redis.call('HSET', stored_prefix .. id, 'status', FAILED)
+        redis.call('XADD', log_prefix .. id, '*', 'e', error_event)
+        redis.call('PEXPIRE', stored_prefix .. id, store_ttl_ms)
+        redis.call('PEXPIRE', log_prefix .. id, store_ttl_ms)
+      else
+        redis.call('DEL', log_prefix .. id)  -- its progress: nobody continues it
+      end
+      jobs = jobs + 1
     end
-    redis.call('DEL', job_prefix .. id, in_progress_prefix .. id)
-    redis.call('SET', outcome_prefix .. id, outcome_record, 'PX', outcome_ttl_ms)
-    redis.call('PUBLISH', events_prefix .. id, error_event)
-    if redis.call('EXISTS', stored_prefix .. id) == 1 then
-      redis.call('HSET', stored_prefix .. id, 'status', FAILED)
-      redis.call('XADD', log_prefix .. id, '*', 'e', error_event)
-      redis.call('PEXPIRE', stored_prefix .. id, store_ttl_ms)
-      redis.call('PEXPIRE', log_prefix .. id, store_ttl_ms)
-    end
-    jobs = jobs + 1
   end
   redis.call('DEL', records, worker_claims_prefix .. w, worker_prefix .. w,
              worker_prefixes_prefix .. w)
   redis.call('ZREM', workers, w)
 end
 table.insert(dead, jobs)
+table.insert(dead, migrated)
 return dead
 """,
 )  # fmt: skip
@@ -163,9 +177,12 @@ class Workers:
     """Workers' records (``Store.workers``): the scripts of this module, loaded into one
     client."""
 
-    def __init__(self, redis: Redis, store_ttl_s: float = 3600.0) -> None:
+    def __init__(self, redis: Redis, store_ttl_s: float = 3600.0, migrate_max: int = 0) -> None:
+        """``migrate_max``: MIGRATE_MAX (0: MIGRATE off), the migrations a dead worker's
+        job may have had before it is ended instead of handed over."""
         self.redis = redis
         self.store_ttl_ms = int(store_ttl_s * 1000)  # STORE_TTL_S: a reaped job's record
+        self.migrate_max = migrate_max
         self._reap = Registered(redis, REAP)
         self._heartbeat = Registered(redis, HEARTBEAT)
         self._requeue = Registered(redis, REQUEUE)
@@ -213,10 +230,11 @@ class Workers:
             pipe.zrem(names.WORKERS, worker_id)
             await pipe.execute()
 
-    async def reap(self) -> tuple[list[str], int]:
-        """Reclaim what dead workers held (see ``REAP``); returns (dead worker ids, jobs).
+    async def reap(self) -> tuple[list[str], int, int]:
+        """Reclaim what dead workers held (see ``REAP``); returns (dead worker ids, jobs
+        ended, jobs handed over to other workers).
 
-        Each reclaimed job's client gets ``worker_lost`` as an out-of-band error event."""
+        Each ended job's client gets ``worker_lost`` as an out-of-band error event."""
         lost = WorkerLost("the worker running this job stopped (its heartbeat expired)")
         out: list[Any] = await self._reap(
             keys={"workers": names.WORKERS, "queue": names.QUEUE},
@@ -240,6 +258,7 @@ class Workers:
                 "batch_prefix": names.BATCH_PREFIX,
                 "failure_line": _REAPED_BATCH_LINE,
                 "worker_prefixes_prefix": names.WORKER_PREFIXES_PREFIX,
+                "migrate_max": self.migrate_max,
             },
         )
-        return [w.decode() for w in out[:-1]], int(out[-1])
+        return [w.decode() for w in out[:-2]], int(out[-2]), int(out[-1])

@@ -129,6 +129,7 @@ async def test_poll_iteration_waits_for_a_wake_up_not_the_fallback(
     async def no_claims(worker_id: str, running: list[str], min_age_s: float) -> int:
         return 0
 
+    worker.runtime.engine_ready = True  # (a worker whose engine is not ready picks nothing)
     monkeypatch.setattr(worker.runtime.store.routing, "pick", pick)
     monkeypatch.setattr(worker.runtime.store.workers, "requeue_claims", no_claims)
     monkeypatch.setattr(worker, "_cancel_aborted_jobs", nothing)

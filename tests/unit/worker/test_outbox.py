@@ -62,7 +62,7 @@ async def test_terminal_events_wait_until_out_and_redis_errors_reach_the_job(sto
     await pub.send(p.EventType.DONE, b"{}")  # returns once flushed
     assert outbox.pending("a") == 0
 
-    async def broken(batch, logged=None):
+    async def broken(batch, logged=None, keep=None):
         raise RedisConnectionError("gone")
 
     store.jobs.publish_many = broken
@@ -128,7 +128,7 @@ async def test_started_is_published_again_until_a_subscriber_hears_it(
     first_out = asyncio.Event()
     publish_many = store.jobs.publish_many
 
-    async def recording(batch, logged=None):
+    async def recording(batch, logged=None, keep=None):
         counts = await publish_many(batch, logged)
         heard.extend(counts)
         first_out.set()
@@ -207,7 +207,7 @@ async def test_a_background_job_publishes_started_once_and_goes_on(store: Store)
     flushes: list[dict[str, list[bytes]]] = []
     publish_many = store.jobs.publish_many
 
-    async def recording(batch, logged=None):
+    async def recording(batch, logged=None, keep=None):
         flushes.append(dict(batch))
         return await publish_many(batch, logged)
 

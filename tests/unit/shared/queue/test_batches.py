@@ -94,7 +94,7 @@ async def test_a_dead_workers_batch_request_becomes_one_error_line(contract_redi
     await contract_redis.set(names.job_key(job_id), payload)
     await contract_redis.hset(names.worker_jobs_key("dead"), job_id, "t")
     await contract_redis.zadd(names.WORKERS, {"dead": 1})
-    dead, jobs = await store.workers.reap()
+    dead, jobs, _ = await store.workers.reap()
     assert (dead, jobs) == (["dead"], 1)
     line = json.loads(await contract_redis.hget(names.batch_part_key(rec_id, names.BATCH_ERR), "4"))
     assert line["custom_id"] == "the-fifth"

@@ -169,7 +169,7 @@ async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(
 ) -> None:
     await store.jobs.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     await store.jobs.mark_started(spec("a"), "w1", hold_s=300)
-    assert await contract_redis.hgetall(names.worker_jobs_key("w1")) == {b"a": b'["anonymous","m"]'}
+    assert await contract_redis.hgetall(names.worker_jobs_key("w1")) == {b"a": b'["anonymous","m","normal"]'}
     await store.jobs.release(spec("a"), "w1", None, p.Outcome.COMPLETED)
     assert json.loads(await contract_redis.get(names.outcome_key("a"))) == {
         "outcome": "completed",
@@ -193,10 +193,10 @@ async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
     await pubsub.subscribe(names.events_channel("run1"))
     await pubsub.get_message(timeout=1)
 
-    assert await store.workers.reap() == ([], 0), "nobody is dead yet"
+    assert await store.workers.reap() == ([], 0, 0), "nobody is dead yet"
     await contract_redis.zadd(names.WORKERS, {"dead": PAST})  # its heartbeat expired
     assert [w.worker_id for w in await store.readings.live_workers()] == ["alive"]
-    assert await store.workers.reap() == (["dead"], 2)
+    assert await store.workers.reap() == (["dead"], 2, 0)
 
     assert sorted(await contract_redis.zrange(names.model_admitted_key("m"), 0, -1)) == [
         b"other",
@@ -215,7 +215,7 @@ async def test_reaper_reclaims_a_dead_workers_jobs_and_tells_their_clients(
     lost = ServiceError.from_wire(json.loads(event.data))
     assert (type(lost), lost.status) == (WorkerLost, 502)
     await pubsub.aclose()
-    assert await store.workers.reap() == ([], 0), "idempotent"
+    assert await store.workers.reap() == ([], 0, 0), "idempotent"
 
 
 async def test_arq_reads_an_admitted_job_and_sees_the_picks_claim(

@@ -119,5 +119,5 @@ async def test_reaper_gives_back_the_dead_workers_places_per_key(
     await store.workers.heartbeat(info, ttl_s=30)
     await store.jobs.mark_started(s, "dead", hold_s=300)
     await contract_redis.zadd(names.WORKERS, {"dead": 1})
-    assert await store.workers.reap() == (["dead"], 1)
+    assert await store.workers.reap() == (["dead"], 1, 0)
     assert await admit(store, spec("d1"), max_concurrent=1) == AdmitStatus.ADMITTED

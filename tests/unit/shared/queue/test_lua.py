@@ -67,7 +67,7 @@ SCRIPTS = {
 
 
 def test_the_package_holds_every_script() -> None:
-    assert len(SCRIPTS) == 18, sorted(SCRIPTS)
+    assert len(SCRIPTS) == 20, sorted(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

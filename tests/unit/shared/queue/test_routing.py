@@ -87,11 +87,11 @@ async def test_the_reaper_frees_a_dead_workers_places_in_each_jobs_model(
         assert await admit(store, job_id, model, limit=1)
         await store.jobs.mark_started(spec(job_id, model), "dead", hold_s=60)
     assert await contract_redis.hgetall(names.worker_jobs_key("dead")) == {
-        b"a0": b'["anonymous","alpha"]',
-        b"b0": b'["anonymous","beta"]',
+        b"a0": b'["anonymous","alpha","normal"]',
+        b"b0": b'["anonymous","beta","normal"]',
     }
     await contract_redis.zadd(names.WORKERS, {"dead": 1})  # its heartbeat expired
-    assert await store.workers.reap() == (["dead"], 2)
+    assert await store.workers.reap() == (["dead"], 2, 0)
     assert await store.readings.in_system("alpha") == 0
     assert await store.readings.in_system("beta") == 0
 
@@ -160,6 +160,6 @@ async def test_a_dead_workers_unstarted_claims_end_like_its_started_jobs(
         "a0"
     ]
     await contract_redis.zadd(names.WORKERS, {"dead": 1})
-    assert await store.workers.reap() == (["dead"], 1)
+    assert await store.workers.reap() == (["dead"], 1, 0)
     assert await store.readings.in_system("alpha") == 0
     assert await contract_redis.exists(names.worker_claims_key("dead")) == 0

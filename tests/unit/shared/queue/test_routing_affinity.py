@@ -206,7 +206,7 @@ async def test_a_dead_workers_record_is_dropped_and_its_jobs_go_elsewhere(
     await contract_redis.zadd(names.WORKERS, {"w1": 1})  # its heartbeat expired
     [job] = (await pick(store, "w2")).jobs
     assert (job.id, job.affinity) == ("t2", "cold"), "a dead worker holds nothing"
-    dead, _ = await store.workers.reap()
+    dead, _, _ = await store.workers.reap()
     assert dead == ["w1"]
     assert not await contract_redis.exists(names.worker_prefixes_key("w1"))
 
