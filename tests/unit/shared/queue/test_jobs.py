@@ -169,7 +169,9 @@ async def test_release_forgets_the_job_everywhere_the_worker_recorded_it(
 ) -> None:
     await store.jobs.admit(spec("a"), limit=5, hold_s=30, expire_s=30)
     await store.jobs.mark_started(spec("a"), "w1", hold_s=300)
-    assert await contract_redis.hgetall(names.worker_jobs_key("w1")) == {b"a": b'["anonymous","m","normal"]'}
+    assert await contract_redis.hgetall(names.worker_jobs_key("w1")) == {
+        b"a": b'["anonymous","m","normal"]'
+    }
     await store.jobs.release(spec("a"), "w1", None, p.Outcome.COMPLETED)
     assert json.loads(await contract_redis.get(names.outcome_key("a"))) == {
         "outcome": "completed",
