@@ -145,6 +145,27 @@ SECTIONS: list[tuple[str, int, list[Series]]] = [
            "(ms) in the last window; the limit backs off on preemption or a TPOT over "
            "TPOT_OBJECTIVE_MS", 8),
     ]),
+    ("Migrations and fallbacks", 8, [
+        ("Jobs migrated by reason", [(
+            f"sum by (reason) (rate(worker_jobs_migrated_total{{{GW}}}[{RI}]))", "{{reason}}")],
+         "ops", "Started jobs that went on on another worker (counted by the worker that took "
+         "each over): its worker was lost, its engine failed or stalled, or it drained past "
+         "DRAIN_TIMEOUT_S", 8),
+        ("Cost of migrations", [
+            (f"sum by (kind) (rate(worker_migration_tokens_total{{{GW}}}[{RI}]))",
+             "tokens {{kind}}/s"),
+            (f"sum(rate(worker_job_migrations_sum{{{GW}}}[{RI}])) / "
+             f"clamp_min(sum(rate(worker_job_migrations_count{{{GW}}}[{RI}])), 1e-9)",
+             "migrations per ended job"),
+        ], "short", "Tokens the engines process again (reprefilled: a continued answer's prompt "
+           "and text so far; regenerated: a job run again from its start), and migrations "
+           "per job", 8),
+        ("Model fallbacks", [(
+            f"sum by (requested, served, reason) (rate(api_model_fallbacks_total{{{GW}}}[{RI}]))",
+            "{{requested}} -> {{served}} ({{reason}})")], "reqps",
+         "Requests sent to a MODEL_FALLBACKS model: unavailable (no ready engine) or busy "
+         "(its queue refused them for their wait)", 8),
+    ]),
     ("Tenants", 8, [
         ("Top keys by tokens/s", [(
             f"topk(10, sum by (key) (rate(api_tenant_tokens_total{{{GW}}}[{RI}])))", "{{key}}")],

@@ -49,6 +49,7 @@ def build_state(settings: Settings, redis: Redis | None = None) -> GatewayState:
     pubsub_redis = redis or redis_client(settings)
     redis = redis or redis_client(settings, timeout=settings.redis_timeout_s)
     metrics = GatewayMetrics()
+    metrics.fallback_pairs(settings.model_fallbacks)
     sealer = settings.sealer(metrics.undecryptable.inc)
     store = Store(
         redis,

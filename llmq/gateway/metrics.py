@@ -37,6 +37,10 @@ DEADLINE_REASONS = ("unattainable", "expired")
 OBJECTIVE_RESULTS = ("met", "missed", "refused", "dropped")
 
 
+# Why a request went to a fallback (api_model_fallbacks_total{reason}).
+FALLBACK_REASONS = ("unavailable", "busy")
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -238,6 +242,14 @@ class GatewayMetrics:
             registry=r,
         )
         self._exported: set[str] = set()  # models with per-model series
+
+    def fallback_pairs(self, fallbacks: dict[str, tuple[str, ...]]) -> None:
+        """Every MODEL_FALLBACKS pair exported from the start (at 0), so that its rate exists
+        before the first fallback."""
+        for model, served in fallbacks.items():
+            for other in served:
+                for reason in FALLBACK_REASONS:
+                    self.fallbacks.labels(model, other, reason)
 
     def deadline(self, model: str, band: str, reason: str) -> None:
         """A request with an objective refused (``unattainable``) or dropped (``expired``)."""

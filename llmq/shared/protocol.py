@@ -310,10 +310,10 @@ class StoredJob(BaseModel):
 
 def worker_job_owner(raw: bytes | str) -> tuple[str, str]:
     """(tenant, model) of a running job's entry in ``llmq:worker-jobs:<id>`` (JSON [tenant,
-    model]; a bare tenant from an older worker: model "")."""
+    model, band]; [tenant, model] or a bare tenant from an older worker: model "")."""
     text = raw.decode() if isinstance(raw, bytes) else raw
     try:
-        tenant, model = json.loads(text)
+        tenant, model, *_ = json.loads(text)
         return str(tenant), str(model)
     except (ValueError, TypeError):
         return text, ""

@@ -90,7 +90,9 @@ def test_every_dashboard_and_alert_query_works_on_real_data(
 ) -> None:
     worker_port = free_port()
     stack.worker(max_active=1, worker_metrics_port=worker_port)
-    gw = stack.gateway(queue_mode="reject")
+    # (A fallback pair: the fallbacks panel has its series from the start.)
+    fallbacks = json.dumps({MODEL: ["smol-second"]})
+    gw = stack.gateway(queue_mode="reject", model_fallbacks=fallbacks)
     prom = start_compose_prometheus(
         logdir,
         {

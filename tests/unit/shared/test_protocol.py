@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmq.shared.protocol import Event, EventType, WorkerInfo
+from llmq.shared.protocol import Event, EventType, WorkerInfo, worker_job_owner
 from llmq.shared.queue.names import events_channel, job_key, worker_key
 
 
@@ -61,3 +61,9 @@ def test_a_message_holds_several_events_in_order() -> None:
     events = [Event(1, EventType.STARTED, b"w"), Event(2, EventType.CHUNK, b'{"x": "a b"}')]
     message = encode_message([e.encode() for e in events])
     assert Event.decode_message(message) == events
+
+
+def test_a_running_jobs_owner_reads_every_version_of_its_record() -> None:
+    assert worker_job_owner(b'["team-a","m","high"]') == ("team-a", "m")
+    assert worker_job_owner(b'["team-a","m"]') == ("team-a", "m")
+    assert worker_job_owner(b"team-a") == ("team-a", "")
