@@ -14,8 +14,10 @@ second, and once it is ready (and the streams have 30 tokens or more) breaks the
 
 The second one takes the first one's place in the next round. For each stream: whether its
 answer is whole (the deterministic simulator's text, no error event), the pause (the
-longest gap between two deltas), the time from the failure to its next delta; the tokens
-prefilled again (its prompt and answer so far) and generated again (0 for a continuation).
+longest gap between two of its deltas), the time from the failure to the delta after that
+gap; and, as the workers that took over counted them (``worker_migration_tokens_total``),
+the tokens prefilled again (prompts and answers so far) and generated again (answers run
+again from their start).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import statistics
 import tempfile
@@ -34,7 +37,15 @@ from typing import Any
 import httpx
 import redis
 
-from bench.processes import Proc, service_env, start_gateway, start_redis, start_sim, start_worker
+from bench.processes import (
+    Proc,
+    free_port,
+    service_env,
+    start_gateway,
+    start_redis,
+    start_sim,
+    start_worker,
+)
 
 TOKENS = 400
 WHOLE = "".join(f"tok{i} " for i in range(TOKENS))
@@ -47,6 +58,13 @@ class Pair:
 
     worker: Proc
     sim: Proc
+    metrics_port: int = 0
+
+    def migration_tokens(self) -> dict[str, float]:
+        """Its ``worker_migration_tokens_total`` by kind (what it processed again)."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+        found = re.findall(r'^worker_migration_tokens_total\{kind="(\w+)"\} (\S+)$', text, re.M)
+        return {kind: float(v) for kind, v in found}
 
     def kill(self) -> None:
         self.worker.kill()
@@ -66,7 +84,9 @@ class Rig:
 
     def pair(self, **settings: object) -> Pair:
         sim = start_sim(self.logdir, "--ttft-ms", "10", "--itl-ms", "20")
-        p = Pair(start_worker(self.logdir, self.env(sim.url, max_active=16, **settings)), sim)
+        port = free_port()
+        env = self.env(sim.url, max_active=16, worker_metrics_port=port, **settings)
+        p = Pair(start_worker(self.logdir, env), sim, port)
         self.pairs.append(p)
         return p
 
@@ -125,7 +145,8 @@ class Tally:
     whole: int = 0
     pauses: list[float] = field(default_factory=list)
     to_next: list[float] = field(default_factory=list)
-    reprefilled: list[int] = field(default_factory=list)
+    reprefilled: float = 0.0  # the workers that took over counted these
+    regenerated: float = 0.0
 
 
 async def round_(rig: Rig, how: str, streams: int, tally: Tally) -> None:
@@ -138,7 +159,7 @@ async def round_(rig: Rig, how: str, streams: int, tally: Tally) -> None:
     async with httpx.AsyncClient(timeout=120) as c:
         tasks = [asyncio.create_task(one(c, gw.url, o)) for o in outs]
         await wait(lambda: all(o.times for o in outs))
-        rig.pair(**extra)  # where they will go on
+        spare = rig.pair(**extra)  # where they will go on
         await wait(lambda: ready(gw) == 32 and all(len(o.times) >= 30 for o in outs))
         t_fail = time.monotonic()
         if how == "worker":
@@ -148,15 +169,21 @@ async def round_(rig: Rig, how: str, streams: int, tally: Tally) -> None:
         else:
             victim.worker.signal(signal.SIGTERM)
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    counted = spare.migration_tokens()  # (a fresh worker: this round's)
+    tally.reprefilled += counted.get("reprefilled", 0.0)
+    tally.regenerated += counted.get("regenerated", 0.0)
     for o in outs:
         tally.streams += 1
         tally.whole += o.ok
-        after = [t for t in o.times if t > t_fail]
-        before = [t for t in o.times if t <= t_fail]
-        if after and before:
-            tally.pauses.append(after[0] - before[-1])
-            tally.to_next.append(after[0] - t_fail)
-            tally.reprefilled.append(4 + len(PROMPT[0]["content"].split()) + len(before))
+        if len(o.times) < 2 or o.times[-1] <= t_fail:
+            continue
+        # The pause: the longest gap between two deltas that ends after the failure (an
+        # undisturbed stream's are ~20 ms; deltas already on their way when the worker
+        # failed still arrive after it; a drain streams on for DRAIN_TIMEOUT_S first).
+        pairs = enumerate(zip(o.times, o.times[1:], strict=False), 1)
+        gap, at = max((b - a, i) for i, (a, b) in pairs if b > t_fail)
+        tally.pauses.append(gap)
+        tally.to_next.append(o.times[at] - t_fail)
     victim.kill()
     rig.pairs.remove(victim)
 
@@ -194,22 +221,22 @@ def main() -> None:
             rig.pairs.clear()
             rig.pair(**({"drain_timeout_s": 1} if how == "drain" else {}))
             if rig.gateway is None:
-                env = rig.env(rig.pairs[0].sim.url, log_level="WARNING")
+                env = rig.env(rig.pairs[0].sim.url)
                 rig.gateway = start_gateway(logdir, env)
             tally = asyncio.run(scenario(rig, how, rounds, a.streams))
             rows.append((how, rounds, tally))
     finally:
         rig.close()
     print("| failure | rounds | streams cut | whole answers | pause p50 / p99 (s) | "
-          "failure to next delta p50 / p99 (s) | tokens prefilled again (mean) | "
-          "tokens generated again |")  # fmt: skip
+          "failure to the delta after it p50 / p99 (s) | tokens prefilled again per stream | "
+          "tokens generated again (all) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for how, rounds, t in rows:
         print(
             f"| {how} | {rounds} | {t.streams} | {t.whole} | "
             f"{pct(t.pauses, 50):.2f} / {pct(t.pauses, 99):.2f} | "
             f"{pct(t.to_next, 50):.2f} / {pct(t.to_next, 99):.2f} | "
-            f"{statistics.mean(t.reprefilled) if t.reprefilled else float('nan'):.0f} | 0 |"
+            f"{t.reprefilled / max(1, t.streams):.0f} | {t.regenerated:.0f} |"
         )
 
 

@@ -66,11 +66,14 @@ def _until(ms: int) -> str:
 async def list_jobs(store: Store) -> None:
     queued = await store.records.queued_jobs()
     running = await store.records.running_jobs()
-    models = sorted({j.model for j in queued} | {r[3] for r in running})
+    moving = await store.records.migrating_jobs()
+    models = sorted({j.model for j in queued} | {r[3] for r in running} | {m[1] for m in moving})
     for model in models:
         mq = [j for j in queued if j.model == model]
         mr = [r for r in running if r[3] == model]
-        print(f"model {model or '?'}: {len(mq)} queued, {len(mr)} running")
+        mm = [m for m in moving if m[1] == model]
+        more = f", {len(mm)} migrating" if mm else ""
+        print(f"model {model or '?'}: {len(mq)} queued, {len(mr)} running{more}")
         for j in mq:
             print(
                 f"  {j.id}  queued   band={j.band.value} key={j.tenant} "
@@ -78,6 +81,8 @@ async def list_jobs(store: Store) -> None:
             )
         for job_id, worker, tenant, _ in mr:
             print(f"  {job_id}  running  worker={worker} key={tenant}")
+        for job_id, _, tenant, since in mm:  # handed over, waiting for a worker to resume it
+            print(f"  {job_id}  migrating  key={tenant} waiting={_age(since)}")
     print(f"{len(queued)} queued, {len(running)} running", file=sys.stderr)
 
 

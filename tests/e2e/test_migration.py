@@ -1,6 +1,6 @@
 """In-flight migration on the real vLLM CPU build: a greedy answer whose worker is killed
 mid-stream goes on on a second worker (the same engine continues the partial answer as a
-final assistant message) and reads as one answer."""
+final assistant message) and reads as one answer: the one vLLM gives undisturbed."""
 
 from __future__ import annotations
 
@@ -87,10 +87,13 @@ def test_a_greedy_answer_whose_worker_dies_goes_on_on_another(
     print(f"vLLM directly:   {direct.choices[0].message.content!r}")
     assert text.startswith(before)
     assert len(text) > len(before)
+    # Greedy, cut at a fixed delta: the continuation is the answer vLLM gives undisturbed
+    # (measured: the same text; the cut falls on a token boundary of the answer).
+    assert text == direct.choices[0].message.content
     assert ids == list(range(ids[0], ids[0] + len(ids))), "event ids without a gap"
     usage = next(c["usage"] for c in reversed(chunks) if c.get("usage"))
     assert usage["prompt_tokens"] == direct.usage.prompt_tokens, "the prompt as first sent"
-    assert usage["completion_tokens"] <= ASK["max_tokens"]
+    assert usage["completion_tokens"] == direct.usage.completion_tokens, "each token once"
     survivor = next(w for w in workers if w is not killed[0])
     assert "resumed here after its migration (worker_lost)" in survivor.output()
     assert_drained(rdb, within=15)

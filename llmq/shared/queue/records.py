@@ -171,6 +171,17 @@ class JobRecords:
                     ]
         return sorted(out, key=lambda j: (models.index(j.model), p.BANDS.index(j.band), j.due_ms))
 
+    async def migrating_jobs(self) -> list[tuple[str, str, str, int]]:
+        """(job id, model, tenant, when handed over: Redis ms) of every migrated job waiting
+        for a worker (``queue.migration``), by model, oldest first."""
+        out = []
+        for model in sorted(await self.models()):
+            rows = await self.redis.zrange(names.model_resume_key(model), 0, -1, withscores=True)
+            for raw, at in rows:
+                _, tenant, job_id = raw.decode().split(names.BAND_QUEUE_SEP, 2)
+                out.append((job_id, model, tenant, int(at)))
+        return out
+
     async def running_jobs(self) -> list[tuple[str, str, str, str]]:
         """(job id, worker id, tenant, model) of every job a worker started and has not
         ended."""
