@@ -56,14 +56,15 @@ class Outbox:
     def put(self, job_id: str, event: bytes, log_seq: int = 0, keep_ms: int = 0) -> Generation:
         """Queue one encoded event of ``job_id``; returns the flush that will carry it.
         ``log_seq``: the event's number, to append it to the job's log (0: not logged);
-        ``keep_ms``: the log's expiry (0: STORE_TTL_S, a stored job's)."""
+        ``keep_ms``: the log's expiry (0: STORE_TTL_S, a stored job's; -1: left as it is,
+        a progress log whose expiry its first event set)."""
         if self._generation is None:
             self._generation = asyncio.get_running_loop().create_future()
         self._pending.setdefault(job_id, []).append(event)
         if log_seq:
             self._logged.setdefault(job_id, []).append((log_seq, event))
             if keep_ms:
-                self._keep[job_id] = keep_ms
+                self._keep.setdefault(job_id, keep_ms)  # (a flush's first event sets it)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_all())
         return self._generation

@@ -45,6 +45,7 @@ class Publisher:
         self._stored = stored
         self._unheard = unheard and stored
         self._progress_ms = 0 if stored else progress_ms
+        self._expiry_set = False  # a progress log's expiry: set with its first event
         self._seq = 0
         self._silent_since: float | None = None
         self._gone = False
@@ -75,7 +76,8 @@ class Publisher:
         # logged once, however often it is published
         log_seq = 1 if self._stored or self._progress_ms else 0
         while True:
-            generation = self._outbox.put(self._job_id, event, log_seq, self._progress_ms)
+            keep = self._log_expiry() if log_seq else 0
+            generation = self._outbox.put(self._job_id, event, log_seq, keep)
             log_seq = 0
             await asyncio.wait([generation])
             heard = _receivers(generation, self._job_id)
@@ -87,6 +89,17 @@ class Publisher:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
+
+    def _log_expiry(self) -> int:
+        """A logged event's ``keep_ms`` (``Outbox.put``): a stored job's log is kept
+        STORE_TTL_S from its latest event (0); a progress log's expiry is set once, with
+        the first event this worker logs (-1 after that: one command less per flush)."""
+        if not self._progress_ms:
+            return 0
+        if self._expiry_set:
+            return -1
+        self._expiry_set = True
+        return self._progress_ms
 
     def events(self) -> int:
         """The events published so far (the last one's number)."""
@@ -117,7 +130,7 @@ class Publisher:
             self._job_id,
             Event(self._seq, kind, raw).encode(),
             self._seq if logged else 0,
-            self._progress_ms,
+            self._log_expiry() if logged else 0,
         )
         if generation is not self._watched:
             self._watched = generation

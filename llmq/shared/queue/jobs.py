@@ -728,7 +728,8 @@ class Jobs:
         message per job, in one round trip; returns each message's subscriber count.
         ``logged``: events to log (job id -> (seq, event)), appended to the jobs' logs
         first, in the same round trip (so a published event is always in the log); a log
-        expires STORE_TTL_S from now, or ``keep[job id]`` ms (a progress log)."""
+        expires STORE_TTL_S from now, or ``keep[job id]`` ms (a progress log; -1: its
+        expiry is left as it is)."""
         if len(batch) == 1 and not logged:  # the usual case at low load: a plain PUBLISH
             ((job_id, events),) = batch.items()  # is cheaper than a pipeline of one
             return [
@@ -741,7 +742,9 @@ class Jobs:
                 key = names.log_key(job_id)
                 for seq, event in entries:
                     pipe.xadd(key, {"e": event}, id=names.log_entry_id(seq))
-                pipe.pexpire(key, (keep or {}).get(job_id) or self.store_ttl_ms)
+                ttl = (keep or {}).get(job_id, 0)
+                if ttl >= 0:
+                    pipe.pexpire(key, ttl or self.store_ttl_ms)
             for job_id, events in batch.items():
                 pipe.publish(names.events_channel(job_id), p.encode_message(events))
             out = await pipe.execute(raise_on_error=False)
