@@ -90,8 +90,9 @@ def test_every_dashboard_and_alert_query_works_on_real_data(
 ) -> None:
     worker_port = free_port()
     stack.worker(max_active=1, worker_metrics_port=worker_port)
-    # (A fallback pair: the fallbacks panel has its series from the start.)
-    fallbacks = json.dumps({MODEL: ["smol-second"]})
+    # A fallback pair, so that the fallbacks panel has its series from the start; from the
+    # second served name, which the load does not ask for (the burst must still be refused).
+    fallbacks = json.dumps({"smol-second": [MODEL]})
     gw = stack.gateway(queue_mode="reject", model_fallbacks=fallbacks)
     prom = start_compose_prometheus(
         logdir,
