@@ -29,7 +29,7 @@ from tests.support.clients import (
 )
 from tests.support.stack import Proc, Stack, free_port, start_sim, wait_for
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
 
 TOKENS, CUT_AT = 30, 10  # each answer's tokens; the first engine holds them after CUT_AT
 STREAMS = 8
@@ -148,6 +148,25 @@ def ready_slots(gw: Proc) -> int:
     return int(httpx.get(gw.url + "/health").json()["models"].get("sim-model", 0))
 
 
+def after_a_second_worker(
+    stack: Stack,
+    gw: Proc,
+    engine: Proc,
+    failure: Callable[[], None],
+    slots: int = STREAMS,
+    **settings: object,
+) -> Callable[[], None]:
+    """The cut: a second worker (on ``engine``, as many slots as the first) joins and is
+    ready, then ``failure`` strikes the first."""
+
+    def cut() -> None:
+        stack.worker(vllm_url=engine.url, max_active=slots, **settings)
+        wait_for(lambda: ready_slots(gw) == 2 * slots, 30, "the second worker")
+        failure()
+
+    return cut
+
+
 def test_streams_of_a_killed_worker_continue_on_another(
     stack: Stack, rdb: redis.Redis, sim: Proc, other: Proc
 ) -> None:
@@ -155,12 +174,9 @@ def test_streams_of_a_killed_worker_continue_on_another(
     gw = stack.gateway()
     expected = undisturbed(gw)
     port = free_port()
-
-    def kill() -> None:
-        stack.worker(vllm_url=other.url, max_active=STREAMS, worker_metrics_port=port)
-        wait_for(lambda: ready_slots(gw) == 2 * STREAMS, 30, "the second worker")
-        victim.signal(signal.SIGKILL)
-
+    kill = after_a_second_worker(
+        stack, gw, other, lambda: victim.signal(signal.SIGKILL), worker_metrics_port=port
+    )
     results = run_cut(gw, sim, STREAMS, kill)
     for frames in results:
         check_whole(frames, expected)
@@ -179,12 +195,7 @@ def test_streams_continue_when_the_engine_dies_under_a_live_worker(
         gw = stack.gateway()
         expected = undisturbed(gw)
 
-        def kill_engine() -> None:
-            stack.worker(vllm_url=other.url, max_active=STREAMS)
-            wait_for(lambda: ready_slots(gw) == 2 * STREAMS, 30, "the second worker")
-            own.kill()
-
-        results = run_cut(gw, own, STREAMS, kill_engine)
+        results = run_cut(gw, own, STREAMS, after_a_second_worker(stack, gw, other, own.kill))
     finally:
         own.kill()
     for frames in results:
@@ -202,11 +213,7 @@ def test_a_worker_drained_past_its_limit_hands_its_streams_over(
     gw = stack.gateway()
     expected = undisturbed(gw)
 
-    def drain() -> None:
-        stack.worker(vllm_url=other.url, max_active=STREAMS)
-        wait_for(lambda: ready_slots(gw) == 2 * STREAMS, 30, "the second worker")
-        draining.signal(signal.SIGTERM)
-
+    drain = after_a_second_worker(stack, gw, other, lambda: draining.signal(signal.SIGTERM))
     results = run_cut(gw, sim, STREAMS, drain)
     for frames in results:
         check_whole(frames, expected)
@@ -224,10 +231,9 @@ def test_a_job_that_moved_migrate_max_times_ends_worker_lost(
         first = stack.worker(migrate_max=1, max_active=1)
         gw = stack.gateway(migrate_max=1)
 
-        def kill_first() -> None:
-            stack.worker(vllm_url=second.url, migrate_max=1, max_active=1)
-            wait_for(lambda: ready_slots(gw) == 2, 30, "the second worker")
-            first.signal(signal.SIGKILL)
+        kill_first = after_a_second_worker(
+            stack, gw, second, lambda: first.signal(signal.SIGKILL), slots=1, migrate_max=1
+        )
 
         async def run() -> Frames:
             async with httpx.AsyncClient(timeout=120) as c:
@@ -260,11 +266,7 @@ def test_a_stored_completion_migrated_reads_whole_and_resumes(
     gw = stack.gateway()
     expected = undisturbed(gw)
 
-    def kill() -> None:
-        stack.worker(vllm_url=other.url, max_active=1)
-        wait_for(lambda: ready_slots(gw) == 2, 30, "the second worker")
-        victim.signal(signal.SIGKILL)
-
+    kill = after_a_second_worker(stack, gw, other, lambda: victim.signal(signal.SIGKILL), slots=1)
     (frames,) = run_cut(gw, sim, 1, kill, lambda i: request(i, store=True))
     check_whole(frames, expected)
     job_id = frames.chunks[0]["id"]
@@ -300,10 +302,10 @@ def test_an_engine_that_stalls_or_fails_hands_its_streams_over(
     gw = stack.gateway()
     expected = undisturbed(gw)
 
-    def second_worker() -> None:
-        stack.worker(vllm_url=other.url, max_active=4)
-        wait_for(lambda: ready_slots(gw) == 8, 30, "the second worker")
+    def nothing() -> None:
+        """(The stall comes by itself: the held streams send nothing.)"""
 
+    second_worker = after_a_second_worker(stack, gw, other, nothing, slots=4)
     for frames in run_cut(gw, sim, 2, second_worker):  # held: nothing comes for 10 s
         check_whole(frames, expected)
     assert "engine stalled" in stalled.output()
