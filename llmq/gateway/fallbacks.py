@@ -71,11 +71,8 @@ def candidates(
         try:
             capacity = check(job)
         except (EngineUnavailable, ModelNotFound) as exc:
-            if model == spec.model and (isinstance(exc, EngineUnavailable) or fallbacks):
+            if model == spec.model:  # its fallbacks may take it; else this is the answer
                 refusal = exc
-                continue
-            if model == spec.model:
-                raise
             continue
         except ServiceError:
             if model == spec.model:

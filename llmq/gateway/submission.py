@@ -161,14 +161,13 @@ async def _admit(
     """Admitted by the first candidate that takes the job (``gateway.fallbacks``: a busy
     model's refusal sends it on to the next); none: the first one's refusal."""
     first: tuple[AdmitResult, Candidate] | None = None
-    for n, c in enumerate(ready):
+    for c in ready:
         result = await st.admission.admit(c.spec, c.capacity, tenant, c.record, idempotency, kept)
-        if result.status not in BUSY or n == len(ready) - 1:
-            if not result.admitted and first is not None and result.status in BUSY:
-                return first
+        if result.status not in BUSY:
             return result, c
         first = first or (result, c)
-    raise AssertionError("unreachable: there is always a candidate")
+    assert first is not None, "there is always a candidate"
+    return first
 
 
 def _fell_back(
